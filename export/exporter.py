@@ -1,0 +1,165 @@
+"""Trace `LlamaDecoder` to ONNX and bind checkpoint tensors to its initializers, in bounded memory.
+
+The model is traced on PyTorch's meta device, so tracing a 405B graph allocates no weights. Each
+initializer then gets a lazy tensor that reads its one checkpoint tensor when the model is saved;
+onnx-ir's saver streams them to external data one at a time, so peak memory is about the largest
+single tensor whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from plugins.attention.torch_op import TRANSLATION_TABLE
+
+from .config import ModelConfig
+from .model import LlamaDecoder, input_names, output_names
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPSET = 23  # RMSNormalization is standard from 23; ORT 1.31 runs it on CPU
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class WeightSource(Protocol):
+    """What the exporter needs from a checkpoint (see `export.checkpoint.Checkpoint`)."""
+
+    def load(self, name: str) -> torch.Tensor: ...
+
+
+def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=name)
+    return ir.Tensor(t.numpy(), name=name)
+
+
+def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
+    """The decoder graph with every weight a (data-less) initializer. Shapes are symbolic in
+    batch, sequence and cache capacity."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"PRECISION={precision!r} is not one of {sorted(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    with torch.device("meta"):
+        model = LlamaDecoder(config).to(dtype).eval()
+        batch, seq, capacity = 2, 3, 8
+        args: list[torch.Tensor] = [
+            torch.zeros(batch, seq, dtype=torch.int64),
+            torch.zeros(batch, dtype=torch.int32),
+        ]
+        for _ in range(2 * config.num_layers):
+            args.append(torch.zeros(batch, config.num_kv_heads, capacity, config.head_dim, dtype=dtype))
+    b, s, c = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("capacity")
+    kv_dims = {0: b, 2: c}
+    # `forward(input_ids, past_lengths, *past)`: torch.export sees the varargs as one tuple.
+    dynamic_shapes = ({0: b, 1: s}, {0: b}, tuple([kv_dims] * (2 * config.num_layers)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # torch.onnx logs its own step banners; keep the user's console to our progress lines.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            model,
+            tuple(args),
+            dynamo=True,
+            optimize=False,
+            opset_version=OPSET,
+            input_names=input_names(config),
+            output_names=output_names(config),
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table=TRANSLATION_TABLE,
+            verbose=False,
+        )
+    assert program is not None
+    ir_model = program.model
+    ir_model.producer_name = "llama-forge"
+    # Give symbolic dims stable, documented names regardless of what torch.export called them.
+    graph = ir_model.graph
+    kv_shape = ir.Shape(["batch", config.num_kv_heads, "capacity", config.head_dim])
+    graph.inputs[0].shape = ir.Shape(["batch", "seq"])
+    graph.inputs[1].shape = ir.Shape(["batch"])
+    for v in list(graph.inputs[2:]) + list(graph.outputs[1:]):
+        v.shape = kv_shape
+    graph.outputs[0].shape = ir.Shape(["batch", "seq", config.vocab_size])
+    return ir_model
+
+
+def bind_weights(model: ir.Model, source: WeightSource, dtype: torch.dtype) -> None:
+    """Point every initializer at its checkpoint tensor; nothing is read until the model is saved."""
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        assert const is not None, name
+
+        def load(name: str = name) -> ir.Tensor:
+            return torch_to_ir(source.load(name).to(dtype), name)
+
+        value.const_value = ir.LazyTensor(load, dtype=const.dtype, shape=const.shape, name=name)
+
+
+def bind_placeholder_weights(model: ir.Model, data_path: Path) -> None:
+    """WEIGHTS=none: reference a sparse external-data file of the right size that holds no data.
+
+    The graph is complete and valid (every initializer has a location, offset and length), but no
+    weight bytes are read or written, so the graph of any model size can be built and checked.
+    """
+    offset = 0
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        assert const is not None
+        length = const.dtype.itemsize * int(np.prod(const.shape.numpy())) if const.shape.rank() else const.dtype.itemsize
+        value.const_value = ir.ExternalTensor(
+            data_path.name, offset, length, const.dtype, shape=const.shape, name=name, base_dir=str(data_path.parent)
+        )
+        offset += length
+    with open(data_path, "wb") as f:
+        f.truncate(offset)
+
+
+def save_streaming(model: ir.Model, path: Path, progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Write `path` and `<path>.data`, materialising one tensor at a time."""
+
+    def callback(tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+        if progress:
+            progress(info.index + 1, info.total, tensor.name or "")
+
+    ir.save(model, path, external_data=path.name + ".data", callback=callback, size_threshold_bytes=1024)
+
+
+def tqdm_progress(desc: str) -> Callable[[int, int, str], None]:
+    from tqdm import tqdm
+
+    bar: dict[str, tqdm] = {}
+
+    def update(done: int, total: int, name: str) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, unit="tensor", disable=os.environ.get("LLAMAFORGE_QUIET") == "1")
+        bar["bar"].set_postfix_str(name[-40:], refresh=False)
+        bar["bar"].update(1)
+        if done == total:
+            bar["bar"].close()
+
+    return update
+
+
+def timed(msg: str) -> Callable[[], None]:
+    start = time.perf_counter()
+    print(f"{msg} ...", flush=True)
+
+    def done() -> None:
+        print(f"{msg}: {time.perf_counter() - start:.1f}s", flush=True)
+
+    return done

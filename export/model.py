@@ -1,0 +1,137 @@
+"""An export-friendly LLaMA decoder: plain nn.Modules driven by `ModelConfig`.
+
+Parameter names match the HF checkpoint layout (`model.layers.0.self_attn.q_proj.weight`, ...) so
+checkpoint tensors bind to graph initializers by name. Everything RoPE/cache/mask related lives in
+the attention plugin op, so the traced graph is: embedding, then per layer RMSNorm -> Q/K/V
+projections -> `LlamaAttention` -> output projection -> RMSNorm -> SwiGLU MLP, then the LM head.
+
+Graph interface (names are part of the engine manifest):
+  inputs   input_ids [batch, seq] int64, past_lengths [batch] int32,
+           past_key.{i} / past_value.{i} [batch, kv_heads, capacity, head_dim] per layer
+  outputs  logits [batch, seq, vocab], present_key.{i} / present_value.{i} (same shape as past)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plugins.attention.schema import AttentionAttrs
+from plugins.attention.torch_op import attention
+
+from .config import ModelConfig
+
+
+def attention_attrs(config: ModelConfig) -> AttentionAttrs:
+    rs = config.rope_scaling
+    return AttentionAttrs(
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rope_theta=config.rope_theta,
+        rope_scaling_type="llama3" if rs else "none",
+        rope_scaling_factor=rs.factor if rs else 1.0,
+        rope_low_freq_factor=rs.low_freq_factor if rs else 1.0,
+        rope_high_freq_factor=rs.high_freq_factor if rs else 1.0,
+        rope_original_max_positions=rs.original_max_position_embeddings if rs else 0,
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference implementation does.
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attrs = attention_attrs(config)
+        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+                past_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, present_key, present_value = attention(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), past_key, past_value, past_lengths, self.attrs
+        )
+        return self.o_proj(out), present_key, present_value
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+                past_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, present_key, present_value = self.self_attn(self.input_layernorm(x), past_key, past_value, past_lengths)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present_key, present_value
+
+
+class Body(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+class LlamaDecoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, past_lengths: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.model.embed_tokens(input_ids)
+        presents: list[torch.Tensor] = []
+        for i, layer in enumerate(self.model.layers):
+            x, present_key, present_value = layer(x, past[2 * i], past[2 * i + 1], past_lengths)
+            presents += [present_key, present_value]
+        logits = self.lm_head(self.model.norm(x))
+        return (logits, *presents)
+
+
+def input_names(config: ModelConfig) -> list[str]:
+    names = ["input_ids", "past_lengths"]
+    for i in range(config.num_layers):
+        names += [f"past_key.{i}", f"past_value.{i}"]
+    return names
+
+
+def output_names(config: ModelConfig) -> list[str]:
+    names = ["logits"]
+    for i in range(config.num_layers):
+        names += [f"present_key.{i}", f"present_value.{i}"]
+    return names

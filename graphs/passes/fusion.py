@@ -1,0 +1,74 @@
+"""Fusions that ONNX Runtime has kernels for: RMSNorm (+ residual add) and packed QKV."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+from plugins.attention.schema import DOMAIN, OP_TYPE
+
+from .weights import constant_input, lazy_weight
+
+
+class FuseRMSNorm(ir.passes.InPlacePass):
+    """x * rsqrt(mean(x^2) + eps) * w -> one normalisation node, and the residual Add feeding it
+    -> com.microsoft SkipSimplifiedLayerNormalization.
+
+    onnxscript's rule emits ORT's `SimplifiedLayerNormalization`, which ORT registers in the ONNX
+    domain where the checker cannot see it; the remainder become the standard opset-23
+    `RMSNormalization` (same maths, float32 stash), which ORT runs natively.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count = fuse_rms_normalization(model)
+        count += fuse_skip_rms_normalization(model)
+        for node in list(model.graph):
+            if node.op_type == "SimplifiedLayerNormalization" and node.domain == "":
+                tape = ir.tape.Tape()
+                out = tape.op(
+                    "RMSNormalization", list(node.inputs[:2]),
+                    {"axis": node.attributes.get_int("axis", -1), "epsilon": node.attributes.get_float("epsilon", 1e-5),
+                     "stash_type": 1},
+                )
+                model.graph.insert_before(node, tape.nodes)
+                ir.convenience.replace_all_uses_with(node.outputs[0], out)
+                model.graph.remove(node, safe=True)
+        return ir.passes.PassResult(model, count > 0)
+
+
+class FuseQKV(ir.passes.InPlacePass):
+    """Three projections of the same input feeding one attention op -> one MatMul on a packed
+    [hidden, q + 2 kv] weight, then Split. One pass over the activations instead of three."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type != OP_TYPE or node.domain != DOMAIN:
+                continue
+            producers = [v.producer() if v is not None else None for v in node.inputs[:3]]
+            if any(p is None or p.op_type != "MatMul" for p in producers):
+                continue
+            x = producers[0].inputs[0]  # type: ignore[union-attr]
+            weights = [constant_input(p.inputs[1]) for p in producers]  # type: ignore[union-attr]
+            if any(p.inputs[0] is not x for p in producers) or any(w is None or w.shape.rank() != 2 for w in weights):  # type: ignore[union-attr]
+                continue
+            widths = [int(w.shape[1]) for w in weights]  # type: ignore[union-attr]
+            base = weights[0].name.replace(".q_proj.", ".qkv_proj.")  # type: ignore[union-attr]
+            packed = lazy_weight(base, weights, lambda *ws: np.concatenate(ws, axis=1),  # type: ignore[arg-type]
+                                 weights[0].dtype, [int(weights[0].shape[0]), sum(widths)])  # type: ignore[union-attr]
+            graph.register_initializer(packed)
+            tape = ir.tape.Tape()
+            qkv = tape.op("MatMul", [x, packed])
+            split = tape.op("Constant", [], {"value": ir.tensor(np.array(widths, dtype=np.int64), name="qkv_split")})
+            parts = tape.op_multi_out("Split", [qkv, split], {"axis": -1}, num_outputs=3)
+            graph.insert_before(producers[0], tape.nodes)  # type: ignore[arg-type]
+            for old, new in zip(node.inputs[:3], parts):
+                assert old is not None
+                ir.convenience.replace_all_uses_with(old, new)
+            for p in producers:
+                graph.remove(p, safe=True)  # type: ignore[arg-type]
+            modified = True
+        return ir.passes.PassResult(model, modified)

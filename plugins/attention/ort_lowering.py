@@ -1,0 +1,123 @@
+"""Lowering of `llamaforge::LlamaAttention` for ONNX Runtime, as standard ONNX ops.
+
+Every intermediate is float32 whatever the activation dtype (as in the reference), and the op's
+contract is kept exactly: per-row positions from `past_lengths`, rows of different lengths in one
+call, a fixed-capacity cache per row.
+
+The KV-cache update is a one-hot matmul rather than a scatter: `onehot[b, c, s] = (c == past_b + s)`
+picks the new token that lands at cache position `c` (exact: every product is x*1 or x*0), so
+padding rows and positions past `capacity` need no special casing and no index tensor the size
+of the cache is built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .reference import rope_inv_freq
+from .schema import AttentionAttrs
+
+FLOAT = ir.DataType.FLOAT
+
+
+def _const(tape: ir.tape.Tape, array: np.ndarray, name: str) -> ir.Value:
+    return tape.op("Constant", [], {"value": ir.tensor(array, name=name)})
+
+
+def _ints(tape: ir.tape.Tape, *values: int) -> ir.Value:
+    return _const(tape, np.array(values, dtype=np.int64), "ints")
+
+
+def _rope(tape: ir.tape.Tape, x: ir.Value, cos: ir.Value, sin: ir.Value, attrs: AttentionAttrs) -> ir.Value:
+    """x [B, H, S, D] float32; cos/sin [B, 1, S, D/2]."""
+    d = attrs.head_dim
+    if attrs.rope_interleaved:
+        pairs = tape.op("Reshape", [x, _ints(tape, 0, 0, 0, d // 2, 2)])
+        x1, x2 = tape.op_multi_out("Split", [pairs], {"axis": -1, "num_outputs": 2}, num_outputs=2)
+        x1 = tape.op("Squeeze", [x1, _ints(tape, -1)])
+        x2 = tape.op("Squeeze", [x2, _ints(tape, -1)])
+    else:
+        x1, x2 = tape.op_multi_out("Split", [x], {"axis": -1, "num_outputs": 2}, num_outputs=2)
+    r1 = tape.op("Sub", [tape.op("Mul", [x1, cos]), tape.op("Mul", [x2, sin])])
+    r2 = tape.op("Add", [tape.op("Mul", [x2, cos]), tape.op("Mul", [x1, sin])])
+    if attrs.rope_interleaved:
+        r1 = tape.op("Unsqueeze", [r1, _ints(tape, -1)])
+        r2 = tape.op("Unsqueeze", [r2, _ints(tape, -1)])
+        return tape.op("Reshape", [tape.op("Concat", [r1, r2], {"axis": -1}), _ints(tape, 0, 0, 0, d)])
+    return tape.op("Concat", [r1, r2], {"axis": -1})
+
+
+def decompose(node: ir.Node, attrs: AttentionAttrs) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Standard-op subgraph equivalent to `node`; returns (nodes, [output, present_key, present_value])."""
+    tape = ir.tape.Tape()
+    query, key, value, past_key, past_value, past_lengths = node.inputs
+    assert query is not None and key is not None and value is not None
+    assert past_key is not None and past_value is not None and past_lengths is not None
+    act_type = query.dtype or FLOAT
+    cache_type = past_key.dtype or FLOAT
+    h, kvh, d, g = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim, attrs.group_size
+
+    def to_float(v: ir.Value, from_type: ir.DataType) -> ir.Value:
+        return v if from_type == FLOAT else tape.op("Cast", [v], {"to": FLOAT})
+
+    zero, one = _ints(tape, 0), _ints(tape, 1)
+    seq = tape.op("Shape", [query], {"start": 1, "end": 2})  # [1]
+    capacity = tape.op("Shape", [past_key], {"start": 2, "end": 3})  # [1]
+    seq_scalar = tape.op("Squeeze", [seq, zero])
+    cap_scalar = tape.op("Squeeze", [capacity, zero])
+    scalar0 = _const(tape, np.array(0, dtype=np.int64), "zero")
+    scalar1 = _const(tape, np.array(1, dtype=np.int64), "one")
+    new_index = tape.op("Range", [scalar0, seq_scalar, scalar1])  # [S]
+    cache_index = tape.op("Range", [scalar0, cap_scalar, scalar1])  # [C]
+    past = tape.op("Unsqueeze", [tape.op("Cast", [past_lengths], {"to": ir.DataType.INT64}), one])  # [B, 1]
+    positions = tape.op("Add", [past, tape.op("Unsqueeze", [new_index, zero])])  # [B, S]
+
+    # RoPE angles exactly as the reference: float32 position times float32 inv_freq.
+    inv_freq = _const(tape, rope_inv_freq(attrs).numpy(), "inv_freq")
+    angles = tape.op("Mul", [tape.op("Unsqueeze", [tape.op("Cast", [positions], {"to": FLOAT}), _ints(tape, 2)]), inv_freq])
+    cos, sin = tape.op("Cos", [angles]), tape.op("Sin", [angles])
+    if act_type != FLOAT:  # the reference rounds cos/sin to the activation dtype, as HF does
+        cos = tape.op("Cast", [tape.op("Cast", [cos], {"to": act_type})], {"to": FLOAT})
+        sin = tape.op("Cast", [tape.op("Cast", [sin], {"to": act_type})], {"to": FLOAT})
+    cos = tape.op("Unsqueeze", [cos, one])  # [B, 1, S, D/2]
+    sin = tape.op("Unsqueeze", [sin, one])
+
+    def heads(x: ir.Value, n: int) -> ir.Value:  # [B, S, n*D] -> [B, n, S, D]
+        return tape.op("Transpose", [tape.op("Reshape", [x, _ints(tape, 0, 0, n, d)])], {"perm": [0, 2, 1, 3]})
+
+    q = _rope(tape, to_float(heads(query, h), act_type), cos, sin, attrs)
+    k = _rope(tape, to_float(heads(key, kvh), act_type), cos, sin, attrs)
+    v = heads(value, kvh)
+    if act_type != FLOAT:  # the reference rounds rotated q/k back to the activation dtype
+        q = tape.op("Cast", [tape.op("Cast", [q], {"to": act_type})], {"to": FLOAT})
+        k = tape.op("Cast", [k], {"to": act_type})
+    if act_type != cache_type:
+        k = tape.op("Cast", [k], {"to": cache_type})
+        v = tape.op("Cast", [v], {"to": cache_type})
+
+    # Cache update: present[b, :, c] = new[b, :, c - past_b] where 0 <= c - past_b < S, else past.
+    target = tape.op("Sub", [tape.op("Unsqueeze", [cache_index, zero]), past])  # [B, C]
+    onehot = tape.op("Equal", [tape.op("Unsqueeze", [target, _ints(tape, 2)]), tape.op("Unsqueeze", [new_index, _ints(tape, 0, 1)])])
+    written = tape.op("Unsqueeze", [tape.op("ReduceMax", [tape.op("Cast", [onehot], {"to": ir.DataType.INT32}), _ints(tape, 2)], {"keepdims": 1}), one])
+    written = tape.op("Cast", [written], {"to": ir.DataType.BOOL})  # [B, 1, C, 1]
+    select = tape.op("Unsqueeze", [tape.op("Cast", [onehot], {"to": cache_type}), one])  # [B, 1, C, S]
+    present_key = tape.op("Where", [written, tape.op("MatMul", [select, k]), past_key])
+    present_value = tape.op("Where", [written, tape.op("MatMul", [select, v]), past_value])
+
+    # Grouped-query attention over the whole cache, causal by absolute position.
+    qg = tape.op("Reshape", [q, _ints(tape, 0, kvh, g, -1, d)])  # [B, KVH, G, S, D]
+    keys_t = tape.op("Unsqueeze", [tape.op("Transpose", [to_float(present_key, cache_type)], {"perm": [0, 1, 3, 2]}), _ints(tape, 2)])
+    scores = tape.op("MatMul", [qg, keys_t])  # [B, KVH, G, S, C]
+    scores = tape.op("Mul", [scores, _const(tape, np.array(attrs.scale, dtype=np.float32), "scale")])
+    visible = tape.op("LessOrEqual", [tape.op("Unsqueeze", [cache_index, _ints(tape, 0, 1)]), tape.op("Unsqueeze", [positions, _ints(tape, 2)])])  # [B, S, C]
+    visible = tape.op("Unsqueeze", [visible, _ints(tape, 1, 2)])
+    scores = tape.op("Where", [visible, scores, _const(tape, np.array(-np.inf, dtype=np.float32), "neg_inf")])
+    probs = tape.op("Softmax", [scores], {"axis": -1})
+    values = tape.op("Unsqueeze", [to_float(present_value, cache_type), _ints(tape, 2)])
+    out = tape.op("MatMul", [probs, values])  # [B, KVH, G, S, D]
+    out = tape.op("Transpose", [tape.op("Reshape", [out, _ints(tape, 0, h, -1, d)])], {"perm": [0, 2, 1, 3]})
+    out = tape.op("Reshape", [out, _ints(tape, 0, 0, h * d)])
+    if act_type != FLOAT:
+        out = tape.op("Cast", [out], {"to": act_type})
+    return list(tape.nodes), [out, present_key, present_value]

@@ -1,0 +1,82 @@
+"""The op as PyTorch sees it while tracing: a `torch.library` custom op plus its ONNX translation.
+
+The exporter's model calls `attention(...)`; `torch.onnx.export` sees one opaque node per layer
+and `TRANSLATION_TABLE` turns it into one `llamaforge::LlamaAttention` ONNX node.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+
+from . import reference
+from .schema import DOMAIN, OP_TYPE, OPSET_VERSION, AttentionAttrs, register_schema
+
+register_schema()  # the exporter validates emitted nodes against registered schemas
+
+
+@torch.library.custom_op("llamaforge::llama_attention", mutates_args=())
+def _llama_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    past_lengths: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+    rope_theta: float,
+    rope_interleaved: int,
+    rope_scaling_type: str,
+    rope_scaling_factor: float,
+    rope_low_freq_factor: float,
+    rope_high_freq_factor: float,
+    rope_original_max_positions: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attrs = AttentionAttrs(
+        num_heads, num_kv_heads, head_dim, scale, rope_theta, rope_interleaved, rope_scaling_type,
+        rope_scaling_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_positions,
+    )
+    return reference.llama_attention(query, key, value, past_key, past_value, past_lengths, attrs)
+
+
+@_llama_attention.register_fake
+def _(query, key, value, past_key, past_value, past_lengths, *attrs):  # type: ignore[no-untyped-def]
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    past_lengths: torch.Tensor,
+    attrs: AttentionAttrs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _llama_attention(
+        query, key, value, past_key, past_value, past_lengths,
+        attrs.num_heads, attrs.num_kv_heads, attrs.head_dim, attrs.scale, attrs.rope_theta,
+        attrs.rope_interleaved, attrs.rope_scaling_type, attrs.rope_scaling_factor,
+        attrs.rope_low_freq_factor, attrs.rope_high_freq_factor, attrs.rope_original_max_positions,
+    )
+
+
+_opset = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+
+
+def _to_onnx(query, key, value, past_key, past_value, past_lengths,  # type: ignore[no-untyped-def]
+             num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
+             rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
+             rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int):
+    attrs = AttentionAttrs(
+        num_heads, num_kv_heads, head_dim, scale, rope_theta, rope_interleaved, rope_scaling_type,
+        rope_scaling_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_positions,
+    )
+    op = getattr(_opset, OP_TYPE)
+    return op(query, key, value, past_key, past_value, past_lengths, **attrs.onnx_attributes(), _outputs=3)
+
+
+TRANSLATION_TABLE = {torch.ops.llamaforge.llama_attention.default: _to_onnx}
