@@ -87,6 +87,8 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
     assert program is not None
     ir_model = program.model
     ir_model.producer_name = "llama-forge"
+    # Backend lowerings size position tables (RoPE caches) from this.
+    ir_model.metadata_props["llamaforge.max_positions"] = str(config.max_position_embeddings)
     # Give symbolic dims stable, documented names regardless of what torch.export called them.
     graph = ir_model.graph
     kv_shape = ir.Shape(["batch", config.num_kv_heads, "capacity", config.head_dim])

@@ -16,14 +16,36 @@ def node_attrs(node: ir.Node) -> AttentionAttrs:
     return AttentionAttrs.from_onnx_attributes({k: a.value for k, a in node.attributes.items()})
 
 
+MAX_POSITIONS_KEY = "llamaforge.max_positions"
+
+
 class LowerAttentionForORT(ir.passes.InPlacePass):
-    """Replace the plugin op by standard ONNX ops (see `plugins/attention/ort_lowering.py`)."""
+    """Replace the plugin op for ONNX Runtime (see `plugins/attention/ort_lowering.py`): an `If`
+    between ORT's GroupQueryAttention kernel and a standard-op decomposition, or the decomposition
+    alone where GQA has no kernel (bf16) or `use_gqa=False`."""
+
+    def __init__(self, use_gqa: bool = True) -> None:
+        super().__init__()
+        self.use_gqa = use_gqa
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = attention_nodes(graph)
+        max_positions = int(model.metadata_props.get(MAX_POSITIONS_KEY, "0"))
         for node in nodes:
-            new_nodes, outputs = ort_lowering.decompose(node, node_attrs(node))
+            attrs = node_attrs(node)
+            dtype, _ = ort_lowering.activation_and_cache_types(node)
+            if self.use_gqa and max_positions and dtype in ort_lowering.GQA_DTYPES:
+                cos = ort_lowering.rope_cache(attrs, max_positions, dtype, "cos")
+                sin = ort_lowering.rope_cache(attrs, max_positions, dtype, "sin")
+                for table in (cos, sin):
+                    if table.name not in graph.initializers:
+                        graph.register_initializer(table)
+                new_nodes, outputs = ort_lowering.lower_with_gqa(
+                    node, attrs, graph.initializers[cos.name], graph.initializers[sin.name])  # type: ignore[index]
+            else:
+                new_nodes, outputs = ort_lowering.decompose(node, attrs)
+            ort_lowering.name_values(node.name or f"attention_{nodes.index(node)}", new_nodes)
             graph.insert_before(node, new_nodes)
             for old, new in zip(node.outputs, outputs):
                 new.shape, new.type = old.shape, old.type
@@ -35,4 +57,6 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
             graph.remove(node, safe=True)
         if nodes and DOMAIN in model.opset_imports:
             del model.opset_imports[DOMAIN]
+        if nodes and self.use_gqa:
+            model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, bool(nodes))

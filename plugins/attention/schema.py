@@ -20,7 +20,10 @@ KV layout ("bhcd-slots"): each batch row owns one cache slot of `capacity` posit
 token `s` sits at position `past_lengths[b] + s`, so rows at different points of their generation
 can share one call; rows shorter than `seq` are right-padded. Padding writes harmless values past
 the row's true length (they are overwritten by the next real token and never attended to, since
-attention is causal) and writes beyond `capacity` are dropped.
+attention is causal) and writes beyond `capacity` are dropped. In `present_*`, positions below
+`past_lengths[b]` are copied from `past_*`, positions `past_lengths[b] .. past_lengths[b] + seq - 1`
+hold the new tokens, and later positions are unspecified: backends may zero them (ORT's GQA kernel
+does) since nothing reads them.
 
 TensorRT maps the node to its plugin by op type, `plugin_version` and `plugin_namespace`.
 """
@@ -137,3 +140,19 @@ def register_schema() -> None:
 
 def opset_import() -> onnx.OperatorSetIdProto:
     return onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION)
+
+
+def single_op_model(attrs: AttentionAttrs, elem_type: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """A model holding one op with symbolic batch/seq/capacity: for tests, benchmarks and lowerings."""
+    register_schema()
+    h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
+    vi = onnx.helper.make_tensor_value_info
+    cache = ["batch", kvh, "capacity", d]
+    inputs = [vi("query", elem_type, ["batch", "seq", h * d]), vi("key", elem_type, ["batch", "seq", kvh * d]),
+              vi("value", elem_type, ["batch", "seq", kvh * d]), vi("past_key", elem_type, cache),
+              vi("past_value", elem_type, cache), vi("past_lengths", onnx.TensorProto.INT32, ["batch"])]
+    outputs = [vi("output", elem_type, ["batch", "seq", h * d]), vi("present_key", elem_type, cache),
+               vi("present_value", elem_type, cache)]
+    node = onnx.helper.make_node(OP_TYPE, list(INPUTS), list(OUTPUTS), domain=DOMAIN, **attrs.onnx_attributes())
+    graph = onnx.helper.make_graph([node], OP_TYPE, inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23), opset_import()], ir_version=10)

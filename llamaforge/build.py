@@ -1,0 +1,218 @@
+"""The build stage: checkpoint -> traced graph -> pass pipeline -> engine directory.
+
+An engine directory holds `model.onnx` + `model.onnx.data`, the tokenizer, and `manifest.json`.
+It is assembled in a temporary sibling directory and renamed into place, so a failed build
+never leaves a partial engine behind and never clobbers a previous good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from export.config import ModelConfig
+from plugins.attention.schema import KV_LAYOUT
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+FORMAT_VERSION = 1
+BACKENDS = ("ort", "trt")
+
+
+class BuildError(RuntimeError):
+    """A build cannot proceed; the message names the offending input."""
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None
+    checkpoint: Path | None = None
+    out: Path | None = None
+    precision: str = "fp32"
+    backend: str = "ort"
+    weights: bool = True
+    dump_after: Sequence[str] = ()
+    dump_dir: Path | None = None
+
+
+def tensorrt_available() -> bool:
+    """True only for the real TensorRT library: `tensorrt-stubs` makes the import succeed too."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("llama-forge", "torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def io_spec(proto_graph: onnx.GraphProto) -> dict[str, list[dict[str, Any]]]:
+    def spec(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    return {"inputs": [spec(v) for v in proto_graph.input], "outputs": [spec(v) for v in proto_graph.output]}
+
+
+def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
+                 passes: list[str], source: dict[str, Any]) -> dict[str, Any]:
+    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[opts.precision]
+    return {
+        "format": "llama-forge-engine",
+        "format_version": FORMAT_VERSION,
+        "variant": config.name,
+        "config": config.to_dict(),
+        "precision": opts.precision,
+        "backend": opts.backend,
+        "weights": "checkpoint" if opts.weights else "none",
+        "model_file": MODEL_FILE,
+        "external_data": MODEL_FILE + ".data",
+        **io_spec(graph),
+        "kv_cache": {
+            "layout": KV_LAYOUT,
+            "dtype": kv_dtype,
+            "num_layers": config.num_layers,
+            "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "max_capacity": config.max_position_embeddings,
+            "past_inputs": ["past_key.{layer}", "past_value.{layer}"],
+            "present_outputs": ["present_key.{layer}", "present_value.{layer}"],
+            "lengths_input": "past_lengths",
+        },
+        "special_tokens": {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": list(config.eos_token_id),
+            "pad_token_id": config.pad_token_id,
+        },
+        "tokenizer": tokenizer,
+        "passes": passes,
+        "source": source,
+        "tools": tool_versions(),
+    }
+
+
+def _check_out_dir(out: Path) -> None:
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"OUT={out}: cannot create parent directory {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"OUT={out}: directory {parent} is not writable")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"OUT={out}: exists and is not a directory")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished engine into place; an existing engine is replaced only once the new one is whole."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def build_engine(opts: BuildOptions) -> Path:
+    # Imports that pull torch are here so that `llamaforge generate` on a serving host never needs them.
+    import torch  # noqa: F401
+
+    from export.checkpoint import CheckpointError, open_checkpoint
+    from export.exporter import PRECISIONS, bind_placeholder_weights, bind_weights, save_streaming, timed, tqdm_progress, trace
+    from export.tokenizer_files import copy_tokenizer
+    from export.variants import UnknownVariantError, get_variant
+    from graphs.pipeline import PIPELINES, run_pipeline
+
+    if opts.backend not in BACKENDS:
+        raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
+    if opts.backend == "trt" and not tensorrt_available():
+        raise BuildError(
+            "BACKEND=trt needs NVIDIA TensorRT (the Python package with tensorrt.Builder), which is not "
+            "installed here (an importable 'tensorrt' with no Builder is only the type stubs). Install it with "
+            "`pip install .[tensorrt]` on a machine with a GPU, or use BACKEND=ort."
+        )
+    if opts.backend == "trt":
+        raise BuildError("BACKEND=trt: the TensorRT engine builder is not part of this build yet; use BACKEND=ort")
+    if opts.precision not in PRECISIONS:
+        raise BuildError(f"PRECISION={opts.precision!r} is not one of {sorted(PRECISIONS)}")
+
+    ckpt = None
+    source: dict[str, Any] = {}
+    try:
+        if opts.checkpoint is not None:
+            ckpt = open_checkpoint(opts.checkpoint, opts.model)
+            for w in ckpt.warnings:
+                print(f"warning: {opts.checkpoint}: {w}")
+            ckpt.validate()
+            config = ckpt.config
+            source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
+        elif not opts.weights:
+            if not opts.model:
+                raise BuildError("MODEL= is required with WEIGHTS=none")
+            config = get_variant(opts.model).config
+            source = {"checkpoint": None, "registry": opts.model}
+        else:
+            raise BuildError("CHECKPOINT= is required (or WEIGHTS=none to build the graph alone)")
+    except UnknownVariantError as e:
+        raise BuildError(f"MODEL: {e.args[0] if e.args else e}") from None
+    except CheckpointError as e:
+        raise BuildError(str(e)) from None
+
+    out = opts.out or Path("engines") / (opts.model or config.name)
+    _check_out_dir(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
+        model = trace(config, opts.precision)
+        done()
+        if ckpt is not None:
+            bind_weights(model, ckpt, PRECISIONS[opts.precision])
+        else:
+            bind_placeholder_weights(model, tmp / "scratch.data")
+        passes = PIPELINES[opts.backend]
+        done = timed(f"pass pipeline ({opts.backend})")
+        run_pipeline(model, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"))
+        done()
+        path = tmp / MODEL_FILE
+        if ckpt is not None:
+            save_streaming(model, path, tqdm_progress("write weights"))
+        else:
+            bind_placeholder_weights(model, tmp / (MODEL_FILE + ".data"))
+            import onnx_ir as ir
+
+            ir.save(model, path)
+            (tmp / "scratch.data").unlink()
+        done = timed("onnx.checker (full_check)")
+        onnx.checker.check_model(str(path), full_check=True)
+        done()
+        tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
+        graph = onnx.load(str(path), load_external_data=False).graph
+        manifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"engine: {out}")
+    return out
+

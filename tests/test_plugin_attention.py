@@ -1,0 +1,146 @@
+"""The attention plugin op: schema, shape inference, and the ORT lowering against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from plugins.attention import reference
+from plugins.attention.schema import DOMAIN, AttentionAttrs, register_schema, single_op_model
+from graphs.passes.lower_attention import LowerAttentionForORT
+
+register_schema()
+T = onnx.TensorProto
+
+
+def lowered_session(attrs: AttentionAttrs, elem: int = T.FLOAT) -> ort.InferenceSession:
+    model = ir.serde.deserialize_model(single_op_model(attrs, elem))
+    model.metadata_props["llamaforge.max_positions"] = "64"
+    LowerAttentionForORT()(model)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert all(n.domain != DOMAIN for n in proto.graph.node)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def random_inputs(attrs: AttentionAttrs, batch: int, seq: int, capacity: int, past: list[int], seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
+    return {
+        "query": torch.randn(batch, seq, h * d, generator=g).to(dtype),
+        "key": torch.randn(batch, seq, kvh * d, generator=g).to(dtype),
+        "value": torch.randn(batch, seq, kvh * d, generator=g).to(dtype),
+        "past_key": torch.randn(batch, kvh, capacity, d, generator=g).to(dtype),
+        "past_value": torch.randn(batch, kvh, capacity, d, generator=g).to(dtype),
+        "past_lengths": torch.tensor(past, dtype=torch.int32),
+    }
+
+
+def assert_cache_close(got: np.ndarray, want: torch.Tensor, past: list[int], seq: int, **tol: float) -> None:
+    """Compare caches where the contract defines them: below past_lengths[b] + seq (clipped to capacity)."""
+    for b, p in enumerate(past):
+        n = min(p + seq, got.shape[2])
+        np.testing.assert_allclose(got[b, :, :n], want[b, :, :n].numpy(), **tol)
+
+
+def run_both(attrs: AttentionAttrs, feeds: dict[str, torch.Tensor], elem: int = T.FLOAT) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    session = lowered_session(attrs, elem)
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    want = reference.llama_attention(*feeds.values(), attrs)
+    return got, list(want)
+
+
+CASES = [
+    pytest.param(AttentionAttrs(4, 4, 16), id="mha"),
+    pytest.param(AttentionAttrs(8, 2, 16), id="gqa4"),
+    pytest.param(AttentionAttrs(8, 1, 32, rope_theta=1e6), id="mqa-theta1e6"),
+    pytest.param(AttentionAttrs(4, 2, 16, rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                                rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_positions=16), id="llama3-scaling"),
+    pytest.param(AttentionAttrs(4, 2, 16, rope_interleaved=1), id="interleaved"),
+]
+
+
+@pytest.mark.parametrize("attrs", CASES)
+def test_lowering_matches_reference_mixed_rows(attrs: AttentionAttrs) -> None:
+    # Rows at different cache positions in one call, including one whose new tokens overflow capacity.
+    feeds = random_inputs(attrs, batch=3, seq=5, capacity=24, past=[0, 7, 21])
+    got, want = run_both(attrs, feeds)
+    out_valid = [5, 5, 3]  # row 2 has room for 3 of its 5 tokens
+    for b, n in enumerate(out_valid):
+        np.testing.assert_allclose(got[0][b, :n], want[0][b, :n].numpy(), atol=1e-5, rtol=1e-5)
+    assert_cache_close(got[1], want[1], [0, 7, 21], 5, atol=1e-5, rtol=1e-5)
+    assert_cache_close(got[2], want[2], [0, 7, 21], 5, atol=0, rtol=0)  # values are copied, never computed
+
+
+@pytest.mark.parametrize("attrs", CASES[:2])
+def test_lowering_decode_step(attrs: AttentionAttrs) -> None:
+    feeds = random_inputs(attrs, batch=4, seq=1, capacity=40, past=[0, 1, 17, 39], seed=3)
+    got, want = run_both(attrs, feeds)
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-5, rtol=1e-5)
+    for i in (1, 2):
+        assert_cache_close(got[i], want[i], [0, 1, 17, 39], 1, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_prefix_untouched() -> None:
+    attrs = AttentionAttrs(4, 2, 8)
+    feeds = random_inputs(attrs, batch=2, seq=3, capacity=10, past=[2, 5])
+    got, _ = run_both(attrs, feeds)
+    past_key = feeds["past_key"].numpy()
+    np.testing.assert_array_equal(got[1][0, :, :2], past_key[0, :, :2])
+    np.testing.assert_array_equal(got[1][1, :, :5], past_key[1, :, :5])
+    assert not np.array_equal(got[1][1, :, 5:8], past_key[1, :, 5:8])
+
+
+def test_reference_attends_causally_over_cache() -> None:
+    # Changing a cached key after a query's position must not change that query's output.
+    attrs = AttentionAttrs(2, 1, 8)
+    feeds = random_inputs(attrs, batch=1, seq=1, capacity=12, past=[4])
+    out1, *_ = reference.llama_attention(*feeds.values(), attrs)
+    feeds["past_key"][0, :, 6:] += 100.0
+    out2, *_ = reference.llama_attention(*feeds.values(), attrs)
+    torch.testing.assert_close(out1, out2, rtol=0, atol=0)
+    feeds["past_key"][0, :, 2] += 1.0
+    out3, *_ = reference.llama_attention(*feeds.values(), attrs)
+    assert not torch.equal(out1, out3)
+
+
+def test_shape_inference_and_checker() -> None:
+    model = onnx.shape_inference.infer_shapes(single_op_model(AttentionAttrs(8, 2, 16)), strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert outs["present_key"] == ["batch", 2, "capacity", 16]
+
+
+def test_rejects_unknown_plugin_version() -> None:
+    with pytest.raises(ValueError, match="plugin_version"):
+        AttentionAttrs.from_onnx_attributes({"num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "plugin_version": "9"})
+
+
+def test_rejects_bad_head_grouping() -> None:
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        AttentionAttrs(6, 4, 8)
+
+
+@pytest.mark.parametrize("batch,seq,past,branch", [
+    (3, 1, [0, 5, 9], "gqa"),  # decode step
+    (1, 4, [6], "gqa"),  # single row continuing
+    (2, 4, [0, 0], "gqa"),  # fresh prefill
+    (2, 4, [0, 6], "decomposed"),  # rows continuing a prefill: GQA cannot
+])
+def test_both_if_branches_match_reference(batch: int, seq: int, past: list[int], branch: str) -> None:
+    attrs = AttentionAttrs(8, 2, 16, rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                           rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_positions=8)
+    feeds = random_inputs(attrs, batch=batch, seq=seq, capacity=16, past=past, seed=7)
+    got, want = run_both(attrs, feeds)
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-5, rtol=1e-5)
+    for i in (1, 2):
+        assert_cache_close(got[i], want[i], past, seq, atol=1e-5, rtol=1e-5)
+    # Which branch ran shows in the unspecified cache region: GQA zeroes it, the decomposition keeps past values.
+    row = int(np.argmin(past))
+    tail = got[1][row, :, past[row] + seq:]
+    assert (np.all(tail == 0) if branch == "gqa" else np.array_equal(tail, feeds["past_key"][row, :, past[row] + seq:].numpy()))
