@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -105,7 +105,10 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing field '{key}'")
             return hf[key]
 
+        # transformers < 5 writes `rope_scaling`; 5.x writes `rope_parameters` (with rope_theta inside).
         rs = hf.get("rope_scaling") or None
+        if rs is None and (hf.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+            rs = hf["rope_parameters"]
         scaling = None
         if rs:
             rtype = rs.get("rope_type", rs.get("type"))

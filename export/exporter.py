@@ -9,6 +9,7 @@ single tensor whatever the model size.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -100,14 +101,19 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
     return ir_model
 
 
-def bind_weights(model: ir.Model, source: WeightSource, dtype: torch.dtype) -> None:
+# Tied embeddings: torch.export names the one shared parameter after the module it meets last.
+TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def bind_weights(model: ir.Model, source: WeightSource, dtype: torch.dtype, tied: bool = False) -> None:
     """Point every initializer at its checkpoint tensor; nothing is read until the model is saved."""
     for name, value in model.graph.initializers.items():
         const = value.const_value
         assert const is not None, name
+        source_name = TIED_ALIASES.get(name, name) if tied else name
 
-        def load(name: str = name) -> ir.Tensor:
-            return torch_to_ir(source.load(name).to(dtype), name)
+        def load(name: str = name, source_name: str = source_name) -> ir.Tensor:
+            return torch_to_ir(source.load(source_name).to(dtype), name)
 
         value.const_value = ir.LazyTensor(load, dtype=const.dtype, shape=const.shape, name=name)
 
@@ -122,7 +128,7 @@ def bind_placeholder_weights(model: ir.Model, data_path: Path) -> None:
     for name, value in model.graph.initializers.items():
         const = value.const_value
         assert const is not None
-        length = const.dtype.itemsize * int(np.prod(const.shape.numpy())) if const.shape.rank() else const.dtype.itemsize
+        length = int(const.dtype.itemsize * math.prod(const.shape.numpy()))
         value.const_value = ir.ExternalTensor(
             data_path.name, offset, length, const.dtype, shape=const.shape, name=name, base_dir=str(data_path.parent)
         )

@@ -186,7 +186,7 @@ def build_engine(opts: BuildOptions) -> Path:
         model = trace(config, opts.precision)
         done()
         if ckpt is not None:
-            bind_weights(model, ckpt, PRECISIONS[opts.precision])
+            bind_weights(model, ckpt, PRECISIONS[opts.precision], tied=config.tie_word_embeddings)
         else:
             bind_placeholder_weights(model, tmp / "scratch.data")
         passes = PIPELINES[opts.backend]

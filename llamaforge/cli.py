@@ -55,7 +55,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         # Graph only: initializers become graph inputs, so nothing the size of the weights is written.
         proto_graph_only(model, out)
     else:
-        bind_weights(model, ckpt, PRECISIONS[args.precision])
+        bind_weights(model, ckpt, PRECISIONS[args.precision], tied=config.tie_word_embeddings)
         save_streaming(model, out, tqdm_progress("write weights"))
     del ir
     print(f"exported: {out}")

@@ -35,7 +35,7 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
         for node in nodes:
             attrs = node_attrs(node)
             dtype, _ = ort_lowering.activation_and_cache_types(node)
-            if self.use_gqa and max_positions and dtype in ort_lowering.GQA_DTYPES:
+            if self.use_gqa and max_positions and ort_lowering.gqa_supports(attrs, dtype):
                 cos = ort_lowering.rope_cache(attrs, max_positions, dtype, "cos")
                 sin = ort_lowering.rope_cache(attrs, max_positions, dtype, "sin")
                 for table in (cos, sin):

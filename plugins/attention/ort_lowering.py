@@ -158,6 +158,11 @@ def decompose(node: ir.Node, attrs: AttentionAttrs) -> tuple[list[ir.Node], list
 GQA_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
+def gqa_supports(attrs: AttentionAttrs, dtype: ir.DataType) -> bool:
+    """What ORT 1.31's CPU GroupQueryAttention kernel accepts (it rejects other head sizes at run time)."""
+    return dtype in GQA_DTYPES and attrs.head_dim % 16 == 0
+
+
 def rope_cache(attrs: AttentionAttrs, max_positions: int, dtype: ir.DataType, which: str) -> ir.Value:
     """cos or sin of every position's angles [max_positions, head_dim / 2], computed at save time."""
     name = f"rope_{which}_cache_{attrs.head_dim}_{attrs.rope_theta:g}_{attrs.rope_scaling_type}_{dtype.name.lower()}"

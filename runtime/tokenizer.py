@@ -1,0 +1,378 @@
+"""Tokenizers for serving: HF `tokenizer.json`, SentencePiece, and Llama 3 tiktoken.
+
+Runs on serving hosts, so it imports neither torch nor transformers nor anything from the export
+side; each backend library (`tokenizers`, `sentencepiece`, `tiktoken`) is imported only when a
+tokenizer of that kind is loaded.
+
+`info` is the manifest entry written by `export.tokenizer_files.copy_tokenizer`.
+
+Streaming: `id_to_bytes(i)` gives the raw bytes one token stands for (special tokens: their text,
+check `is_special`). Concatenating the bytes of the non-special tokens of a sequence and decoding as
+UTF-8 gives `decode(ids)`, except that when `strip_leading_space` is true (SentencePiece-style
+tokenizers that add a dummy prefix) the decoder drops one leading space of the whole text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "load_tiktoken_ranks"]
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Common interface; see the backends below."""
+
+    kind: str = ""
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    strip_leading_space: bool = False
+
+    def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, preceded by `bos_id` when `add_bos`. Special-token text in `text`
+        (e.g. "</s>") is tokenised as plain text unless `allow_special`."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        raise NotImplementedError
+
+    def is_special(self, token_id: int) -> bool:
+        raise NotImplementedError
+
+    def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
+        if add_bos and self.bos_id is not None:
+            return [self.bos_id, *ids]
+        return ids
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+
+
+def _eos_tuple(v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, int):
+        return (v,)
+    return tuple(int(x) for x in v)
+
+
+# -- HF tokenizer.json --------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable-unicode table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _flatten(component: Any) -> list[dict[str, Any]]:
+    if not isinstance(component, dict):
+        return []
+    if component.get("type") == "Sequence":
+        out: list[dict[str, Any]] = []
+        for key in ("decoders", "pretokenizers", "normalizers"):
+            for c in component.get(key) or []:
+                out.extend(_flatten(c))
+        return out
+    return [component]
+
+
+class HFTokenizer(Tokenizer):
+    kind = "hf"
+
+    def __init__(self, path: Path, info: dict[str, Any], config_path: Path | None = None) -> None:
+        import tokenizers
+
+        self._json = path.read_text(encoding="utf-8")
+        spec = json.loads(self._json)
+        self._tok = tokenizers.Tokenizer.from_str(self._json)
+        self._tok.encode_special_tokens = True  # special-token text is plain text by default
+        self._tok_special: Any = None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        added = self._tok.get_added_tokens_decoder()
+        self._added = {int(i): t.content for i, t in added.items()}
+        self._special = {int(i) for i, t in added.items() if t.special}
+        decoders = _flatten(spec.get("decoder"))
+        types = [d.get("type") for d in decoders]
+        if "ByteLevel" in types:
+            self._mode = "bytelevel"
+        elif "ByteFallback" in types or any(d.get("type") == "Replace" for d in decoders):
+            self._mode = "sentencepiece"
+        else:
+            self._mode = "plain"
+        self.strip_leading_space = any(d.get("type") == "Strip" and int(d.get("start", 0)) > 0 for d in decoders)
+        tok_cfg: dict[str, Any] = {}
+        if config_path is not None and config_path.is_file():
+            tok_cfg = json.loads(config_path.read_text(encoding="utf-8"))
+
+        def token_id(key: str, default: str) -> int | None:
+            t = tok_cfg.get(key, default)
+            if isinstance(t, dict):
+                t = t.get("content")
+            return self._tok.token_to_id(t) if isinstance(t, str) else None
+
+        self.bos_id = info["bos_id"] if "bos_id" in info else token_id("bos_token", "<s>")
+        if "eos_ids" in info:
+            self.eos_ids = _eos_tuple(info["eos_ids"])
+        else:
+            e = token_id("eos_token", "</s>")
+            self.eos_ids = (e,) if e is not None else ()
+        self._bytes_cache: dict[int, bytes] = {}
+
+    def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
+        tok = self._tok
+        if allow_special:
+            if self._tok_special is None:
+                import tokenizers
+
+                self._tok_special = tokenizers.Tokenizer.from_str(self._json)
+            tok = self._tok_special
+        return self._with_bos(list(tok.encode(text, add_special_tokens=False).ids), add_bos)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        b = self._bytes_cache.get(token_id)
+        if b is not None:
+            return b
+        self._check_id(token_id)
+        if token_id in self._added:
+            b = self._added[token_id].encode("utf-8")
+        else:
+            piece = self._tok.id_to_token(token_id)
+            if piece is None:
+                raise TokenizerError(f"token id {token_id} has no token in tokenizer.json")
+            if self._mode == "bytelevel":
+                b = bytes(_BYTE_DECODER[c] for c in piece) if all(c in _BYTE_DECODER for c in piece) \
+                    else piece.encode("utf-8")
+            elif self._mode == "sentencepiece":
+                m = _SP_BYTE.fullmatch(piece)
+                b = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
+            else:
+                b = piece.encode("utf-8")
+        self._bytes_cache[token_id] = b
+        return b
+
+
+# -- SentencePiece ------------------------------------------------------------------------------
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, path: Path, info: dict[str, Any]) -> None:
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:
+            raise TokenizerError(f"{path.name}: cannot load SentencePiece model ({e})") from None
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+        self.bos_id = info["bos_id"] if "bos_id" in info else (sp.bos_id() if sp.bos_id() >= 0 else None)
+        self.eos_ids = _eos_tuple(info["eos_ids"]) if "eos_ids" in info else \
+            ((sp.eos_id(),) if sp.eos_id() >= 0 else ())
+        self._control = {i for i in range(self.vocab_size) if sp.is_control(i)}
+        probe = sp.encode("a", out_type=str)
+        self.strip_leading_space = bool(probe) and probe[0].startswith("\u2581")
+        pieces = sorted((sp.id_to_piece(i) for i in self._control), key=len, reverse=True)
+        self._control_re = re.compile("|".join(re.escape(p) for p in pieces if p)) if pieces else None
+
+    def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
+        if not allow_special or self._control_re is None:
+            return self._with_bos(list(self._sp.encode(text)), add_bos)
+        ids: list[int] = []
+        pos = 0
+        for m in self._control_re.finditer(text):
+            if m.start() > pos:
+                ids.extend(self._sp.encode(text[pos:m.start()]))
+            ids.append(self._sp.piece_to_id(m.group(0)))
+            pos = m.end()
+        if pos < len(text):
+            ids.extend(self._sp.encode(text[pos:]))
+        return self._with_bos(ids, add_bos)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        if skip_special_tokens or not any(i in self._control for i in ids):
+            return self._sp.decode([i for i in ids if i not in self._control])
+        data = b"".join(self.id_to_bytes(i) for i in ids)
+        text = data.decode("utf-8", errors="replace")
+        first = next((i for i in ids if i not in self._control), None)
+        if self.strip_leading_space and first is not None:
+            lead = b"".join(self.id_to_bytes(i) for i in ids[: ids.index(first)]).decode("utf-8", "replace")
+            if text[len(lead):].startswith(" "):
+                text = lead + text[len(lead) + 1:]
+        return text
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._control
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        self._check_id(token_id)
+        sp = self._sp
+        piece = sp.id_to_piece(token_id)
+        if sp.is_byte(token_id):
+            m = _SP_BYTE.fullmatch(piece)
+            assert m is not None, piece
+            return bytes([int(m.group(1), 16)])
+        if sp.is_unknown(token_id):
+            return " \u2047 ".encode("utf-8")  # what sp.decode renders for <unk>
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+
+# -- tiktoken (Llama 3) -------------------------------------------------------------------------
+
+# Meta's workaround for tiktoken's slow path on very long runs (llama-models tokenizer.py).
+_TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+_MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file ("<base64 token> <rank>" per line).
+
+    Same format as `tiktoken.load.load_tiktoken_bpe`, which however also copies every local file
+    into a cache keyed by its *path* (so a changed file at the same path can be served stale)."""
+    path = Path(path)
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except Exception:
+                raise TokenizerError(f"{path.name}: line {lineno} is not '<base64> <rank>'") from None
+    return ranks
+
+
+def _split_long_runs(s: str, max_len: int) -> Iterator[str]:
+    """Split `s` so that no run of only-whitespace or only-non-whitespace exceeds `max_len`."""
+    if len(s) <= max_len:
+        yield s
+        return
+    run_len = 0
+    run_is_space = s[0].isspace() if s else False
+    start = 0
+    for i, ch in enumerate(s):
+        is_space = ch.isspace()
+        if run_is_space ^ is_space:
+            run_len = 1
+            run_is_space = is_space
+        else:
+            run_len += 1
+            if run_len > max_len:
+                yield s[start:i]
+                start = i
+                run_len = 1
+    yield s[start:]
+
+
+class TiktokenTokenizer(Tokenizer):
+    kind = "tiktoken"
+
+    def __init__(self, path: Path, info: dict[str, Any]) -> None:
+        import tiktoken
+
+        ranks = load_tiktoken_ranks(path)
+        specials = info.get("special_tokens")
+        if specials is None:
+            from_id = len(ranks)
+            names = [
+                "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+            ]
+            names += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(names))]
+            specials = {t: from_id + i for i, t in enumerate(names)}
+        self._specials = {str(k): int(v) for k, v in specials.items()}
+        self._special_ids = set(self._specials.values())
+        self._num_base = len(ranks)
+        pattern = info.get("pattern")
+        if not pattern:
+            raise TokenizerError(f"{path.name}: tiktoken tokenizer info has no 'pattern'")
+        self._enc = tiktoken.Encoding(
+            name=f"llama-forge:{path.name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self._specials
+        )
+        self.vocab_size = self._enc.n_vocab
+        self.bos_id = info["bos_id"] if "bos_id" in info else self._specials.get("<|begin_of_text|>")
+        if "eos_ids" in info:
+            self.eos_ids = _eos_tuple(info["eos_ids"])
+        else:
+            e = self._specials.get("<|end_of_text|>")
+            self.eos_ids = (e,) if e is not None else ()
+
+    def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
+        allowed: Any = "all" if allow_special else set()
+        ids: list[int] = []
+        for i in range(0, max(len(text), 1), _TIKTOKEN_MAX_ENCODE_CHARS):
+            for part in _split_long_runs(text[i:i + _TIKTOKEN_MAX_ENCODE_CHARS], _MAX_NO_WHITESPACES_CHARS):
+                ids.extend(self._enc.encode(part, allowed_special=allowed, disallowed_special=()))
+        return self._with_bos(ids, add_bos)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self._enc.decode(ids)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        self._check_id(token_id)
+        try:
+            return self._enc.decode_single_token_bytes(token_id)
+        except KeyError:
+            raise TokenizerError(f"token id {token_id} is not in the tiktoken vocabulary") from None
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def load_tokenizer(engine_dir: str | Path, info: dict[str, Any]) -> Tokenizer:
+    """Load the tokenizer described by the manifest entry `info` from `engine_dir`."""
+    d = Path(engine_dir)
+    kind = info.get("kind")
+    file = info.get("file") or ("tokenizer.json" if kind == "hf" else "tokenizer.model")
+    path = d / file
+    if not path.is_file():
+        raise TokenizerError(f"{file}: tokenizer file not found in {d}")
+    if kind == "hf":
+        cfg = info.get("config_file")
+        return HFTokenizer(path, info, d / cfg if cfg else None)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path, info)
+    if kind == "tiktoken":
+        return TiktokenTokenizer(path, info)
+    raise TokenizerError(f"{file}: unknown tokenizer kind {kind!r} (expected hf, sentencepiece or tiktoken)")
