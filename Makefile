@@ -21,12 +21,14 @@ ifeq ($(MODEL)$(CHECKPOINT),demo-tiny)
 CHECKPOINT := checkpoints/demo-tiny
 DEMO_DEP   := checkpoints/demo-tiny/config.json
 endif
+# demo-tiny is not a released model, so it is not in the registry: its checkpoint alone defines it.
+MODEL_ARG := $(if $(filter demo-tiny,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export generate variants passes test lint bench-export clean help
+.PHONY: venv engine export generate variants passes test bench-export bench-attention clean help
 
+## make help: this list
 help:
-	@sed -n 's/^## //p' README.md | head -40 || true
-	@echo "targets: venv engine export generate variants passes test lint bench-export clean"
+	@grep -E '^## ' Makefile | sed 's/^## //'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $@
 
+## make venv: create/refresh the virtualenv (.venv) from pyproject.toml
 venv: $(VENV)/.installed
 
 checkpoints/demo-tiny/config.json: | $(VENV)/.installed
@@ -45,7 +48,7 @@ checkpoints/demo-tiny/config.json: | $(VENV)/.installed
 
 ## make engine [MODEL=demo-tiny] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
 engine: $(VENV)/.installed $(DEMO_DEP)
-	$(BIN)/llamaforge build --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+	$(BIN)/llamaforge build $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --out $(OUT) \
 		$(foreach p,$(DUMP_AFTER),--dump-after $(p))
 	@if [ "$(WEIGHTS)" != "none" ] && [ "$(BACKEND)" = "ort" ]; then \
@@ -54,7 +57,7 @@ engine: $(VENV)/.installed $(DEMO_DEP)
 
 ## make export MODEL=... [CHECKPOINT=dir] OUT=file.onnx: the traced graph with the plugin op, before any pass
 export: $(VENV)/.installed $(DEMO_DEP)
-	$(BIN)/llamaforge export --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+	$(BIN)/llamaforge export $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--precision $(PRECISION) --out $(if $(filter engines/%,$(OUT)),exported/$(MODEL).onnx,$(OUT))
 
 ## make generate [ENGINE=engines/demo-tiny] [PROMPT=...]
@@ -66,6 +69,7 @@ generate: $(VENV)/.installed
 variants: $(VENV)/.installed
 	$(BIN)/llamaforge variants
 
+## make passes: the pass pipeline of each backend
 passes: $(VENV)/.installed
 	$(BIN)/llamaforge passes
 
@@ -77,5 +81,10 @@ test: $(VENV)/.installed
 bench-export: $(VENV)/.installed
 	$(PY) bench/export_memory.py
 
+## make bench-attention: time the two ORT lowerings of the attention op (decomposed vs GroupQueryAttention)
+bench-attention: $(VENV)/.installed
+	$(PY) bench/attention_lowering.py
+
+## make clean: remove engines, exported graphs and the demo checkpoint
 clean:
 	rm -rf engines exported checkpoints/demo-tiny .pytest_cache

@@ -160,10 +160,9 @@ def build_engine(opts: BuildOptions) -> Path:
     source: dict[str, Any] = {}
     try:
         if opts.checkpoint is not None:
-            ckpt = open_checkpoint(opts.checkpoint, opts.model)
+            ckpt = open_checkpoint(opts.checkpoint, opts.model)  # validates every header
             for w in ckpt.warnings:
                 print(f"warning: {opts.checkpoint}: {w}")
-            ckpt.validate()
             config = ckpt.config
             source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
         elif not opts.weights:
@@ -181,6 +180,9 @@ def build_engine(opts: BuildOptions) -> Path:
     out = opts.out or Path("engines") / (opts.model or config.name)
     _check_out_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engine from a server running as another user
     try:
         done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
         model = trace(config, opts.precision)

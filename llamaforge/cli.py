@@ -36,37 +36,30 @@ def cmd_passes(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import onnx_ir as ir
+    import onnx
 
     from export.checkpoint import open_checkpoint
     from export.exporter import PRECISIONS, bind_weights, save_streaming, tqdm_progress, trace
     from export.variants import get_variant
+    from graphs.verify import skeleton_proto
 
     if args.checkpoint:
         ckpt = open_checkpoint(args.checkpoint, args.model)
-        ckpt.validate()
         config = ckpt.config
-    else:
+    elif args.model:
         ckpt, config = None, get_variant(args.model).config
+    else:
+        raise ValueError("--model or --checkpoint is required")
     model = trace(config, args.precision)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
-        # Graph only: initializers become graph inputs, so nothing the size of the weights is written.
-        proto_graph_only(model, out)
+        # Graph only: weights become graph inputs, so nothing the size of the model is written.
+        onnx.save(skeleton_proto(model), str(out))
     else:
         bind_weights(model, ckpt, PRECISIONS[args.precision], tied=config.tie_word_embeddings)
         save_streaming(model, out, tqdm_progress("write weights"))
-    del ir
     print(f"exported: {out}")
-
-
-def proto_graph_only(model: "object", out: Path) -> None:
-    import onnx
-
-    from graphs.verify import skeleton_proto
-
-    onnx.save(skeleton_proto(model), str(out))  # type: ignore[arg-type]
 
 
 def cmd_build(args: argparse.Namespace) -> None:
