@@ -49,7 +49,7 @@ def generate_ids(engine: Engine, prompts: Sequence[Sequence[int]], max_new_token
             if done[b]:
                 continue
             seen = np.array(g.prompt_ids + g.output_ids, dtype=np.int64)
-            token = sample(last[b], params, rngs[b], seen)
+            token, _ = sample(last[b], params, rngs[b], seen)
             g.output_ids.append(token)
             next_ids[b, 0] = token
             if stop_at_eos and token in engine.eos_ids:

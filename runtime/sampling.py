@@ -46,13 +46,17 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           seen: np.ndarray | None = None) -> int:
-    """Pick the next token from one row of logits [V]."""
+           seen: np.ndarray | None = None, banned: list[int] | None = None) -> tuple[int, float]:
+    """Pick the next token from one row of logits [V]; returns (token, its log probability under
+    the distribution it was drawn from: after penalties and bans, and temperature if sampling)."""
     logits = logits.astype(np.float64)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if banned:
+        logits[banned] = -np.inf
     if params.greedy:
-        return int(np.argmax(logits))
+        token = int(np.argmax(logits))
+        return token, float(logits[token] - _logsumexp(logits))
     logits = logits / params.temperature
     if params.top_k:
         kth = np.partition(logits, -params.top_k)[-params.top_k]
@@ -67,4 +71,10 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    token = int(rng.choice(probs.size, p=probs))
+    return token, float(np.log(probs[token]))
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    return m + float(np.log(np.sum(np.exp(x - m))))

@@ -1,0 +1,350 @@
+"""The engine core: one step loop that owns the scheduler, the KV cache and the ONNX Runtime
+engine, shared by every front end (the standalone gRPC server and the Triton Python backend).
+
+Each step:
+  1. takes in new requests and cancellations (a cancelled sequence's KV blocks are freed here,
+     within one step of the cancel);
+  2. asks the scheduler for this step's decodes and prefill chunks;
+  3. runs the decodes as one batched engine call (S=1: ORT's GQA kernel path), reusing the last
+     call's cache arrays when the batch is unchanged, and each prefill chunk as its own call
+     (fresh prompts batched together), both paths the attention op's fast `If` branch takes;
+  4. samples per sequence with the sequence's own RNG (so a seed's output does not depend on the
+     batch), applies stops, and hands each request's news to its `RequestHandle`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .detokenizer import IncrementalDetokenizer
+from .engine import Engine
+from .kv_cache import KVCacheManager
+from .requests import GenerationOutput, GenerationRequest, QueueFullError, RequestError, RequestHandle
+from .sampling import sample
+from .scheduler import Chunk, Scheduler, SchedulerConfig, Sequence
+
+
+@dataclass
+class CoreConfig:
+    kv_budget_tokens: int | None = None  # one of the two budgets; default: 16 full-context sequences
+    kv_budget_bytes: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_queue: int = 64
+    threads: int | None = None
+
+
+class CoreObserver(Protocol):
+    def on_first_token(self, request_id: str, ttft_s: float) -> None: ...
+    def on_token(self, request_id: str, itl_s: float) -> None: ...
+    def on_finished(self, request_id: str, reason: str, num_output_tokens: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Live:
+    """Everything about a request beyond its scheduling state."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    seq: Sequence
+    rng: np.random.Generator
+    detok: IncrementalDetokenizer | None
+    end_ids: frozenset[int]
+    arrived: float
+    generated: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # pieces not yet sent (unary: everything)
+    pending_ids: list[int] = field(default_factory=list)
+    pending_log_probs: list[float] = field(default_factory=list)
+    last_token_at: float = 0.0
+
+
+class EngineCore:
+    def __init__(self, engine_dir: str | os.PathLike[str], config: CoreConfig | None = None,
+                 observer: CoreObserver | None = None) -> None:
+        self.config = config or CoreConfig()
+        self.engine = Engine(engine_dir, threads=self.config.threads)
+        self.manifest = self.engine.manifest
+        self.model_name = str(self.manifest.get("variant", "llama"))
+        self.tokenizer = self.engine.tokenizer
+        self.context_length = self.engine.kv.max_capacity
+        self.eos_ids = self.engine.eos_ids
+        spec = self.engine.kv
+        if self.config.kv_budget_tokens is not None:
+            budget = self.config.kv_budget_tokens
+        elif self.config.kv_budget_bytes is not None:
+            budget = self.config.kv_budget_bytes // KVCacheManager.bytes_per_token(spec)
+        else:
+            budget = min(self.context_length, 2048) * self.config.max_num_seqs
+        self.kv = KVCacheManager(spec, budget, self.config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                                   self.config.max_queue), self.kv)
+        self.observer = observer
+        self._lock = threading.Condition()
+        self._inbox: list[_Live] = []
+        self._cancels: set[str] = set()
+        self._live: dict[str, _Live] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._batch_cache: tuple[tuple[str, ...], int, list[np.ndarray]] | None = None
+        self.generated_tokens = 0
+        self.steps = 0
+
+    # -- front-end API --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        self._validate(request)
+        handle = RequestHandle(request.request_id, self.cancel)
+        end_ids = frozenset(request.end_ids if request.end_ids is not None else self.eos_ids)
+        detok = None
+        if request.detokenize and self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, request.stop_words)
+        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids),
+                       len(request.prompt_ids) + request.max_tokens)
+        live = _Live(request, handle, seq, np.random.default_rng(request.sampling.seed), detok, end_ids,
+                     time.perf_counter())
+        with self._lock:
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
+                raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); retry later")
+            if request.request_id in self._live or any(x.request.request_id == request.request_id for x in self._inbox):
+                raise RequestError("id", f"request id {request.request_id!r} is already in flight")
+            self._inbox.append(live)
+            self._lock.notify_all()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+            self._lock.notify_all()
+
+    def stats(self) -> dict[str, float]:
+        usage = self.kv.usage()
+        with self._lock:
+            waiting = len(self.scheduler.waiting) + len(self._inbox)
+        return {
+            "waiting": waiting,
+            "running": len(self.scheduler.running),
+            "kv_total_tokens": usage.total_tokens,
+            "kv_used_tokens": usage.used_tokens,
+            "kv_free_tokens": usage.free_tokens,
+            "kv_free_fraction": usage.free_fraction,
+            "generated_tokens": self.generated_tokens,
+        }
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._inbox and not self._live and not self._cancels
+
+    def _validate(self, request: GenerationRequest) -> None:
+        if not request.prompt_ids:
+            raise RequestError("text_input", "the prompt is empty")
+        if request.max_tokens <= 0:
+            raise RequestError("max_tokens", f"must be > 0, got {request.max_tokens}")
+        total = len(request.prompt_ids) + request.max_tokens
+        if total > self.context_length:
+            raise RequestError("max_tokens", f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
+                                             f"({request.max_tokens}) = {total} exceeds the context length {self.context_length}")
+        if self.kv.blocks_for(total) > self.kv.num_blocks:
+            raise RequestError("max_tokens", f"prompt + max_tokens = {total} tokens exceeds the whole KV cache budget "
+                                             f"({self.kv.num_blocks * self.kv.block_size} tokens)")
+        bad = [i for i in request.prompt_ids if not 0 <= i < self.engine.vocab_size]
+        if bad:
+            raise RequestError("input_ids", f"token id {bad[0]} is outside the vocabulary [0, {self.engine.vocab_size})")
+
+    # -- the step loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._inbox and not self._cancels and not self.scheduler.has_work():
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, set()
+            for live in inbox:
+                self._live[live.request.request_id] = live
+                self.scheduler.add(live.seq)
+            for request_id in cancels:
+                self._finish_id(request_id, "cancelled")
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - one failed step must not take the server down
+                traceback.print_exc()
+                for request_id in list(self._live):
+                    self._finish_id(request_id, "error", error=f"engine step failed: {e}")
+        for request_id in list(self._live):
+            self._finish_id(request_id, "cancelled")
+
+    def step(self) -> None:
+        out = self.scheduler.schedule()
+        if out.preempted:
+            self._batch_cache = None
+        if out.empty:
+            return
+        self.steps += 1
+        if out.decode:
+            self._run_decode(out.decode)
+        fresh = [c for c in out.prefill if c.start == 0]
+        if fresh:
+            self._run_prefill(fresh)
+        for chunk in out.prefill:
+            if chunk.start != 0:
+                self._run_prefill([chunk])
+
+    def _capacity(self, needed: int) -> int:
+        """Round up so the decode batch keeps its shape (and its cached arrays) for many steps."""
+        bucket = max(self.kv.block_size, 64)
+        return min(-(-needed // bucket) * bucket, -(-self.context_length // self.kv.block_size) * self.kv.block_size)
+
+    def _run_decode(self, seqs: list[Sequence]) -> None:
+        ids = tuple(s.seq_id for s in seqs)
+        lengths = [s.num_computed for s in seqs]
+        capacity = self._capacity(max(lengths) + 1)
+        cached = self._batch_cache
+        if cached is not None and cached[0] == ids and cached[1] >= max(lengths) + 1:
+            capacity, past = cached[1], cached[2]
+        else:
+            past = self.kv.gather(list(ids), capacity)
+        input_ids = np.array([[s.tokens[s.num_computed]] for s in seqs], dtype=np.int64)
+        logits, present = self.engine.step(input_ids, np.array(lengths, np.int32), past)
+        self.kv.scatter(list(ids), lengths, [1] * len(seqs), present)
+        self._batch_cache = (ids, capacity, present)
+        for row, seq in enumerate(seqs):
+            seq.num_computed += 1
+            self._sample(seq, logits[row, 0])
+
+    def _run_prefill(self, chunks: list[Chunk]) -> None:
+        width = max(c.count for c in chunks)
+        capacity = -(-max(c.start + c.count for c in chunks) // self.kv.block_size) * self.kv.block_size
+        input_ids = np.zeros((len(chunks), width), dtype=np.int64)
+        for row, c in enumerate(chunks):
+            input_ids[row, : c.count] = c.seq.tokens[c.start : c.start + c.count]
+        ids = [c.seq.seq_id for c in chunks]
+        past = self.kv.gather(ids, capacity)
+        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past)
+        self.kv.scatter(ids, [c.start for c in chunks], [c.count for c in chunks], present)
+        for row, c in enumerate(chunks):
+            c.seq.num_computed += c.count
+            if c.completes_prompt:
+                self._sample(c.seq, logits[row, c.count - 1])
+
+    # -- per-request token handling -----------------------------------------------------------------
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        live = self._live.get(seq.seq_id)
+        if live is None:
+            return
+        req = live.request
+        banned = self._banned(live)
+        token, log_prob = sample(logits, req.sampling, live.rng, np.array(seq.tokens, np.int64), banned)
+        now = time.perf_counter()
+        if self.observer:
+            if not live.generated:
+                self.observer.on_first_token(req.request_id, now - live.arrived)
+            else:
+                self.observer.on_token(req.request_id, now - live.last_token_at)
+        live.last_token_at = now
+        self.generated_tokens += 1
+        if token in live.end_ids:
+            self._finish(live, "stop")
+            return
+        seq.tokens.append(token)
+        live.generated.append(token)
+        live.log_probs.append(log_prob)
+        live.pending_ids.append(token)
+        live.pending_log_probs.append(log_prob)
+        if live.detok is not None:
+            piece = live.detok.add([token])
+            if piece:
+                live.text.append(piece)
+            if live.detok.stopped:
+                self._finish(live, "stop")
+                return
+        if len(live.generated) >= req.max_tokens or len(seq.tokens) >= self.context_length:
+            self._finish(live, "length")
+        elif req.stream and (live.detok is None or live.text):
+            self._emit(live)
+
+    def _banned(self, live: _Live) -> list[int]:
+        banned: list[int] = []
+        if len(live.generated) < live.request.min_tokens:
+            banned.extend(live.end_ids)
+        for words in live.request.bad_words:
+            # Ban the last token of a sequence whose other tokens were just generated.
+            if len(words) == 1 or live.generated[-(len(words) - 1):] == list(words[:-1]):
+                banned.append(words[-1])
+        return banned
+
+    def _emit(self, live: _Live, finished: bool = False, reason: str | None = None, error: str | None = None) -> None:
+        out = GenerationOutput(
+            request_id=live.request.request_id, token_ids=live.pending_ids, text="".join(live.text),
+            log_probs=live.pending_log_probs, finished=finished, finish_reason=reason, error=error,
+            num_input_tokens=live.seq.num_prompt, num_output_tokens=len(live.generated),
+            cum_log_prob=float(sum(live.log_probs)),
+        )
+        live.pending_ids, live.pending_log_probs, live.text = [], [], []
+        live.handle.put(out)
+
+    def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
+        if live.detok is not None and reason != "cancelled":
+            tail = live.detok.finish()
+            if tail:
+                live.text.append(tail)
+        self.scheduler.finish(live.seq)
+        self._live.pop(live.request.request_id, None)
+        if self._batch_cache is not None and live.seq.seq_id in self._batch_cache[0]:
+            self._batch_cache = None
+        self._emit(live, finished=True, reason=reason, error=error)
+        if self.observer:
+            self.observer.on_finished(live.request.request_id, reason, len(live.generated))
+
+    def _finish_id(self, request_id: str, reason: str, error: str | None = None) -> None:
+        live = self._live.get(request_id)
+        if live is not None:
+            self.scheduler.remove(request_id)
+            self._finish(live, reason, error)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Wait until every submitted request has finished (for tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() > deadline:
+                raise TimeoutError("engine core did not drain")
+            time.sleep(0.005)
+
+
+def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -> list[GenerationOutput]:
+    """Submit requests and collect each one's outputs merged into one (token ids, text, log probs)."""
+    handles = [core.submit(r) for r in requests]
+    merged = []
+    for handle in handles:
+        parts = list(handle)
+        last = parts[-1]
+        merged.append(GenerationOutput(
+            request_id=last.request_id, token_ids=[t for p in parts for t in p.token_ids],
+            text="".join(p.text for p in parts), log_probs=[x for p in parts for x in p.log_probs],
+            finished=True, finish_reason=last.finish_reason, error=last.error,
+            num_input_tokens=last.num_input_tokens, num_output_tokens=last.num_output_tokens,
+            cum_log_prob=last.cum_log_prob,
+        ))
+    return merged
