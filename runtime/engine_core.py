@@ -98,6 +98,10 @@ class EngineCore:
         self._batch_cache: tuple[tuple[str, ...], int, list[np.ndarray]] | None = None
         self.generated_tokens = 0
         self.steps = 0
+        # Where decode time goes; bench/kv_layout.py reads these to weigh the block gathers.
+        self.timings = {"gather": 0.0, "engine": 0.0, "scatter": 0.0}
+        self.decode_steps = 0
+        self.decode_gathers = 0
 
     # -- front-end API --------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,13 +226,39 @@ class EngineCore:
         lengths = [s.num_computed for s in seqs]
         capacity = self._capacity(max(lengths) + 1)
         cached = self._batch_cache
+        t0 = time.perf_counter()
+        self.decode_steps += 1
         if cached is not None and cached[0] == ids and cached[1] >= max(lengths) + 1:
             capacity, past = cached[1], cached[2]
+        elif cached is not None and cached[1] >= max(lengths) + 1:
+            # The batch changed: rows that carry on come from the last call's arrays (a row copy),
+            # only newcomers are gathered from their blocks.
+            capacity = cached[1]
+            previous = {sid: row for row, sid in enumerate(cached[0])}
+            kept = [row for row, sid in enumerate(ids) if sid in previous]
+            fresh = [row for row, sid in enumerate(ids) if sid not in previous]
+            source = np.array([previous[ids[row]] for row in kept], dtype=np.int64)
+            gathered = self.kv.gather([ids[row] for row in fresh], capacity) if fresh else None
+            past = []
+            for i, old in enumerate(cached[2]):
+                arr = np.empty((len(ids), *old.shape[1:]), old.dtype)
+                arr[kept] = old[source]
+                if gathered is not None:
+                    arr[fresh] = gathered[i]
+                past.append(arr)
+            self.decode_gathers += bool(fresh)
         else:
             past = self.kv.gather(list(ids), capacity)
+            self.decode_gathers += 1
         input_ids = np.array([[s.tokens[s.num_computed]] for s in seqs], dtype=np.int64)
+        t1 = time.perf_counter()
         logits, present = self.engine.step(input_ids, np.array(lengths, np.int32), past)
+        t2 = time.perf_counter()
         self.kv.scatter(list(ids), lengths, [1] * len(seqs), present)
+        t3 = time.perf_counter()
+        self.timings["gather"] += t1 - t0
+        self.timings["engine"] += t2 - t1
+        self.timings["scatter"] += t3 - t2
         self._batch_cache = (ids, capacity, present)
         for row, seq in enumerate(seqs):
             seq.num_computed += 1
@@ -312,8 +342,6 @@ class EngineCore:
                 live.text.append(tail)
         self.scheduler.finish(live.seq)
         self._live.pop(live.request.request_id, None)
-        if self._batch_cache is not None and live.seq.seq_id in self._batch_cache[0]:
-            self._batch_cache = None
         self._emit(live, finished=True, reason=reason, error=error)
         if self.observer:
             self.observer.on_finished(live.request.request_id, reason, len(live.generated))
