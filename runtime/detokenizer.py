@@ -35,19 +35,6 @@ from typing import Any
 __all__ = ["IncrementalDetokenizer", "decode_all"]
 
 
-def _consumes_leading_space(tokenizer: Any, token_id: int) -> bool:
-    """Whether `decode` would drop a leading space of this token when it starts the text.
-
-    SentencePiece's decoder consumes the dummy-prefix "▁" of the first normal piece only; a
-    `<0x20>` byte piece or `<unk>` (" ⁇ ") keeps its space. HF `Strip` decoders and others work on
-    the decoded text, so any leading space goes."""
-    if getattr(tokenizer, "kind", "") == "sentencepiece":
-        sp = getattr(tokenizer, "_sp", None)
-        if sp is not None:
-            return not (sp.is_byte(token_id) or sp.is_unknown(token_id))
-    return True
-
-
 class IncrementalDetokenizer:
     """Streaming detokenizer for one request; see the module docstring."""
 
@@ -118,7 +105,7 @@ class IncrementalDetokenizer:
                 continue
             if not self._seen_text:
                 self._seen_text = True
-                if self._strip and b[:1] == b" " and _consumes_leading_space(tok, tid):
+                if self._strip and b[:1] == b" " and tok.consumes_leading_space(tid):
                     b = b[1:]
             parts.append(b)
         if not parts:

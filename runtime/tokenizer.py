@@ -48,6 +48,11 @@ class Tokenizer:
     def id_to_bytes(self, token_id: int) -> bytes:
         raise NotImplementedError
 
+    def consumes_leading_space(self, token_id: int) -> bool:
+        """Whether `decode` drops a leading space of this token when it starts the text (only
+        meaningful where `strip_leading_space`): decoders that strip the decoded text drop any."""
+        return True
+
     def is_special(self, token_id: int) -> bool:
         raise NotImplementedError
 
@@ -120,11 +125,14 @@ class HFTokenizer(Tokenizer):
         types = [d.get("type") for d in decoders]
         if "ByteLevel" in types:
             self._mode = "bytelevel"
-        elif "ByteFallback" in types or any(d.get("type") == "Replace" for d in decoders):
+        elif "ByteFallback" in types or "Metaspace" in types or any(d.get("type") == "Replace" for d in decoders):
             self._mode = "sentencepiece"
         else:
             self._mode = "plain"
         self.strip_leading_space = any(d.get("type") == "Strip" and int(d.get("start", 0)) > 0 for d in decoders)
+        # Metaspace (Mistral, newer Llama tokenizer.json) drops the dummy prefix per token, like SentencePiece.
+        self._metaspace = any(d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never" for d in decoders)
+        self.strip_leading_space = self.strip_leading_space or self._metaspace
         tok_cfg: dict[str, Any] = {}
         if config_path is not None and config_path.is_file():
             tok_cfg = json.loads(config_path.read_text(encoding="utf-8"))
@@ -155,6 +163,12 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def consumes_leading_space(self, token_id: int) -> bool:
+        if not self._metaspace:
+            return True
+        piece = self._tok.id_to_token(token_id) or ""
+        return not (piece.startswith("<0x") and piece.endswith(">")) and piece != "<unk>"
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
@@ -232,6 +246,11 @@ class SentencePieceTokenizer(Tokenizer):
             if text[len(lead):].startswith(" "):
                 text = lead + text[len(lead) + 1:]
         return text
+
+    def consumes_leading_space(self, token_id: int) -> bool:
+        # SentencePiece consumes the dummy-prefix "▁" of the first normal piece only; a <0x20>
+        # byte piece or <unk> (" ⁇ ") keeps its space.
+        return not (self._sp.is_byte(token_id) or self._sp.is_unknown(token_id))
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._control

@@ -409,3 +409,25 @@ def test_runtime_detokenizer_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
+
+
+def test_hf_metaspace_decoder_stream_equals_decode(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """tokenizer.json files with a Metaspace decoder (Mistral, newer Llama) drop the leading
+    space in `decode`; the stream must too."""
+    import json
+
+    from tokenizers import SentencePieceBPETokenizer
+
+    from runtime.tokenizer import load_tokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(["Hello world, hello there. " * 20, "world of words " * 20], vocab_size=120,
+                           special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    assert json.loads(sp.to_str())["decoder"]["type"] == "Metaspace"
+    sp.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, {"kind": "hf", "file": "tokenizer.json", "bos_id": 1, "eos_ids": [2]})
+    ids = tok.encode("Hello world hello", add_bos=False)
+    assert tok.strip_leading_space
+    streamed = IncrementalDetokenizer(tok)
+    text = "".join(streamed.add([i]) for i in ids) + streamed.finish()
+    assert text == tok.decode(ids) == "Hello world hello"
