@@ -41,6 +41,7 @@ class CoreConfig:
     max_num_batched_tokens: int = 512
     max_queue: int = 64
     threads: int | None = None
+    policy: str = "inflight"  # or "static": a batch drains before the next starts (benchmark baseline)
 
 
 class CoreObserver(Protocol):
@@ -87,7 +88,7 @@ class EngineCore:
             budget = min(self.context_length, 2048) * self.config.max_num_seqs
         self.kv = KVCacheManager(spec, budget, self.config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                                   self.config.max_queue), self.kv)
+                                                   self.config.max_queue, self.config.policy), self.kv)
         self.observer = observer
         self._lock = threading.Condition()
         self._inbox: list[_Live] = []

@@ -30,6 +30,9 @@ class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     max_queue: int = 64
+    # "inflight": admit at every step. "static": admit only into an empty batch, so a batch must
+    # drain before the next starts (the baseline `make bench-serve` compares against).
+    policy: str = "inflight"
 
 
 @dataclass(eq=False)
@@ -149,7 +152,9 @@ class Scheduler:
 
         # 3. admit from the queue, strictly first come first served; not in a step that had to
         #    preempt (memory is short, and the victim would be readmitted at once: thrashing).
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        #    Static batching forms a batch only when the previous one has drained.
+        admitting = not out.preempted and (self.config.policy == "inflight" or not self.running)
+        while admitting and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             chunk = self._chunk(seq, budget)
             if chunk is None:

@@ -134,3 +134,20 @@ def test_remove_frees_blocks_wherever_the_sequence_is() -> None:
     assert sched.remove("run") is not None and sched.remove("wait") is not None
     assert sched.remove("nope") is None
     assert kv.all_free() and not sched.has_work()
+
+
+def test_static_policy_drains_the_batch_before_admitting() -> None:
+    kv = KVCacheManager(SPEC, budget_tokens=4096, block_size=16)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1000, policy="static"), kv)
+    sched.add(seq("a", 10))
+    sched.add(seq("b", 10))
+    out = sched.schedule()
+    assert [c.seq.seq_id for c in out.prefill] == ["a", "b"]
+    run_prefills(out)
+    sched.add(seq("late", 5))
+    out = sched.schedule()
+    assert not out.prefill and {s.seq_id for s in out.decode} == {"a", "b"}, "static: late waits"
+    sched.finish(sched.running[0])
+    assert not sched.schedule().prefill, "still waits while one of the batch runs"
+    sched.finish(sched.running[0])
+    assert [c.seq.seq_id for c in sched.schedule().prefill] == ["late"]
