@@ -265,22 +265,12 @@ def detect_tokenizer_model(path: Path) -> str:
 
 
 def _tiktoken_num_ranks(path: Path) -> int:
-    import base64
+    from runtime.tokenizer import TokenizerError, load_tiktoken_ranks
 
-    n = 0
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                tok, rank = line.split()
-                base64.b64decode(tok, validate=True)
-                int(rank)
-            except Exception:
-                raise CheckpointError(f"{path.name}: line {lineno} is not '<base64> <rank>'") from None
-            n += 1
-    return n
+    try:
+        return len(load_tiktoken_ranks(path))
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def tokenizer_vocab_size(kind: str, path: Path) -> int:

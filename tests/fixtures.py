@@ -152,15 +152,9 @@ def train_tiny_sentencepiece(vocab_size: int = TINY_VOCAB) -> bytes:
 
 
 def _byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    from runtime.tokenizer import _bytes_to_unicode
+
+    return {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def tiny_tiktoken_ranks(vocab_size: int = TINY_VOCAB) -> dict[bytes, int]:

@@ -6,6 +6,8 @@ and `TRANSLATION_TABLE` turns it into one `llamaforge::LlamaAttention` ONNX node
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnxscript
 import torch
 
@@ -56,12 +58,8 @@ def attention(
     past_lengths: torch.Tensor,
     attrs: AttentionAttrs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _llama_attention(
-        query, key, value, past_key, past_value, past_lengths,
-        attrs.num_heads, attrs.num_kv_heads, attrs.head_dim, attrs.scale, attrs.rope_theta,
-        attrs.rope_interleaved, attrs.rope_scaling_type, attrs.rope_scaling_factor,
-        attrs.rope_low_freq_factor, attrs.rope_high_freq_factor, attrs.rope_original_max_positions,
-    )
+    # The custom op's schema needs each attribute as its own typed argument, in field order.
+    return _llama_attention(query, key, value, past_key, past_value, past_lengths, *dataclasses.astuple(attrs))
 
 
 _opset = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
