@@ -6,6 +6,7 @@
   llamaforge generate ENGINE PROMPT...     make generate
   llamaforge passes                        the pass pipelines per backend
   llamaforge demo-checkpoint DIR           the default model's checkpoint
+  llamaforge serve ENGINE [--port ...]     make serve (Triton-protocol gRPC server + /metrics)
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("-" * 40)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from runtime.engine_core import CoreConfig
+    from runtime.server import serve
+
+    serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+          core_config=CoreConfig(kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs,
+                                 max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue),
+          max_message_bytes=args.max_message_mb * 1024 * 1024)
+
+
 def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
     from llamaforge.demo import make_demo_checkpoint
 
@@ -126,6 +137,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve an engine over Triton's gRPC protocol (make serve)")
+    s.add_argument("engine")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
+    s.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus /metrics port (default 8002; 0: a free one; -1: none)")
+    s.add_argument("--kv-budget-tokens", type=int, default=None, help="KV cache size in tokens")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-message-mb", type=int, default=64, help="largest request message accepted")
+    s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo-checkpoint", help="write the default demo checkpoint (HF layout)")
     d.add_argument("dir")
