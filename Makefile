@@ -14,6 +14,8 @@ OUT         ?= engines/$(MODEL)
 PROMPT      ?= def main(
 MAX_NEW_TOKENS ?= 32
 DUMP_AFTER  ?=
+PORT        ?= 8001
+METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 # The demo model needs no download: its checkpoint is generated on first use.
@@ -24,7 +26,7 @@ endif
 # demo-tiny is not a released model, so it is not in the registry: its checkpoint alone defines it.
 MODEL_ARG := $(if $(filter demo-tiny,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export generate variants passes test bench-export bench-attention clean help
+.PHONY: venv engine export generate serve variants passes test bench-export bench-attention bench-serve clean help
 
 ## make help: this list
 help:
@@ -65,6 +67,10 @@ ENGINE ?= engines/$(MODEL)
 generate: $(VENV)/.installed
 	$(BIN)/llamaforge generate $(ENGINE) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
 
+## make serve [ENGINE=engines/demo-tiny] [PORT=8001] [METRICS_PORT=8002]: Triton-protocol gRPC server (+ /metrics)
+serve: $(VENV)/.installed
+	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --metrics-port $(METRICS_PORT)
+
 ## make variants: the registry with parameter counts
 variants: $(VENV)/.installed
 	$(BIN)/llamaforge variants
@@ -84,6 +90,15 @@ bench-export: $(VENV)/.installed
 ## make bench-attention: time the two ORT lowerings of the attention op (decomposed vs GroupQueryAttention)
 bench-attention: $(VENV)/.installed
 	$(PY) bench/attention_lowering.py
+
+# The peer of bench-serve (onnxruntime-genai) is an optional extra, installed here only.
+$(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+## make bench-serve: in-flight vs static batching vs onnxruntime-genai over gRPC (tok/s, TTFT, ITL), single-stream decode vs roofline
+bench-serve: $(VENV)/.installed $(VENV)/.bench-installed
+	$(PY) bench/serve.py
 
 ## make clean: remove engines, exported graphs and the demo checkpoint
 clean:

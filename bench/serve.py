@@ -1,0 +1,462 @@
+"""make bench-serve: serving throughput and latency over Triton's gRPC protocol, against peers.
+
+Model: a random-weight LLaMA-3-shaped HF checkpoint (hidden 768, 12 layers, GQA 12/4, head_dim 64,
+FFN 2048, vocab 32000, untied, fp32: 125M parameters, 0.5 GB, so decode is weight-bound) with a
+32000-token byte-level BPE tokenizer. Checkpoint, our engine (build_engine, fp32, ORT) and the
+onnxruntime-genai model (its builder, `-p fp32 -e cpu`) are cached under --workdir (bench/.work/).
+
+Load: N requests (default 48), Poisson arrivals at --rate req/s (default 4, faster than the server
+drains them, so a queue builds), prompts of U[16, 256] tokens of Python source, U[16, 128] new
+tokens, greedy, min_tokens = max_tokens (nothing stops early). The same requests and arrival times
+are replayed against:
+  (a) our server, in-flight batching: `runtime.server` in a subprocess on 127.0.0.1, EngineCore
+      policy "inflight", driven by the real `tritonclient.grpc` client over one stream (model
+      "ensemble", stream=true); TTFT and inter-token latency (ITL) are measured client-side (a
+      response carries num_output_tokens; one that brings k tokens counts k ITL samples of gap/k);
+  (b) the same with policy "static" (a batch drains before the next one starts);
+  (c) onnxruntime-genai 0.18's request engine `og.Engine`, in-process (no gRPC: this favours it),
+      timed at the same points. Its continuous batching needs a PagedAttention model, which its
+      builder makes only for CUDA fp16/bf16; for a CPU fp32 model the Engine runs static batches
+      of up to 4 (the largest batch seen is printed). A batched `og.Generator` loop, the other
+      option its API has, measured about the same while this script was written.
+Throughput = generated tokens / (last token - first arrival).
+
+Single-stream decode: one request, 128-token prompt, --decode-tokens new tokens, batch 1, tokens/s
+from first to last token, best of 2: ours through EngineCore (with ORT's default thread count, and
+with 1 thread: onnxruntime-genai 0.18 ran its CPU compute on one thread here), onnxruntime-genai
+through og.Generator, plus how many greedy tokens agree (same weights and precision). Roofline: weight
+bytes read per decode step (model.onnx.data minus the embedding rows not gathered) x steps/s,
+over the copy bandwidth measured in the same run (numpy copy of 1 GiB, a thread per core, best
+of 5, bytes read + written).
+
+Targets: in-flight >= 2x static throughput at no worse p99 TTFT; single-stream decode >= 1.0x
+onnxruntime-genai at the same precision.
+
+  python bench/serve.py [--requests 48] [--rate 4] [--workdir DIR] [--skip-genai] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VOCAB = 32000
+GENAI = "onnxruntime-genai og.Engine"
+SHAPES = {  # --tiny is for developing this script, not for numbers
+    "bench": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64, intermediate_size=2048),
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256),
+}
+
+
+# -- artefacts (cached) ----------------------------------------------------------------------------
+
+def make_checkpoint(dest: Path, shape: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from export.config import ModelConfig
+    from export.model import LlamaDecoder
+    from llamaforge.demo import train_tokenizer
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(vocab_size=VOCAB, files=1000)  # every stdlib file: reaches exactly 32000 tokens
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    tok.save(str(tmp / "tokenizer.json"))
+    config = ModelConfig(name=f"bench-{shape}", family="llama3", vocab_size=VOCAB, norm_eps=1e-5,
+                         rope_theta=500000.0, max_position_embeddings=1024, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=(1,), pad_token_id=1, **SHAPES[shape])
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32", **config.to_hf()}
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    torch.manual_seed(0)
+    model = LlamaDecoder(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    tmp.rename(dest)
+    print(f"checkpoint: {dest} ({config.num_parameters() / 1e6:.0f}M params, fp32, random weights)")
+
+
+def prepare(work: Path, shape: str, genai: bool) -> tuple[Path, Path, Path | None, str | None]:
+    ckpt, engine, oga = work / f"ckpt-{shape}", work / f"engine-{shape}", work / f"genai-{shape}"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / "config.json").exists():
+        make_checkpoint(ckpt, shape)
+    if not (engine / "manifest.json").exists():
+        from llamaforge.build import BuildOptions, build_engine
+
+        build_engine(BuildOptions(checkpoint=ckpt, out=engine, precision="fp32", backend="ort"))
+    if not genai:
+        return ckpt, engine, None, "skipped (--skip-genai)"
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as e:
+        return ckpt, engine, None, f"not installed ({e}); `pip install -e .[bench]`"
+    if not (oga / "genai_config.json").exists():
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(oga),
+               "-p", "fp32", "-e", "cpu", "-c", str(work / "genai-cache")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode or not (oga / "genai_config.json").exists():
+            return ckpt, engine, None, f"model builder failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}"
+    return ckpt, engine, oga, None
+
+
+# -- workload --------------------------------------------------------------------------------------
+
+@dataclass
+class Req:
+    idx: int
+    arrival: float  # seconds after the start
+    text: str
+    ids: list[int]  # as our tokenizer encodes `text` (BOS included): what both engines see
+    max_tokens: int
+
+
+def workload(engine: Path, n: int, rate: float, seed: int) -> list[Req]:
+    from runtime.engine import read_manifest
+    from runtime.tokenizer import load_tokenizer
+    from llamaforge.demo import stdlib_files
+
+    tok = load_tokenizer(engine, read_manifest(engine)["tokenizer"])
+    corpus = tok.encode("".join(p.read_text(errors="replace") for p in stdlib_files(40)), add_bos=False)
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    arrivals -= arrivals[0]
+    reqs = []
+    for i in range(n):
+        length, start = int(rng.integers(16, 257)), int(rng.integers(0, len(corpus) - 300))
+        text = tok.decode(corpus[start:start + length])
+        reqs.append(Req(i, float(arrivals[i]), text, tok.encode(text, add_bos=True), int(rng.integers(16, 129))))
+    return reqs
+
+
+@dataclass
+class Trace:
+    """Client-side timings of one request: when it was sent, and each response's time and count."""
+    sent: float = 0.0
+    times: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # cumulative generated tokens at each response
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def summarize(traces: list[Trace]) -> dict[str, float]:
+    ttft = [t.times[0] - t.sent for t in traces if t.times]
+    itl: list[float] = []
+    for t in traces:
+        for a, b, ca, cb in zip(t.times, t.times[1:], t.counts, t.counts[1:]):
+            itl += [(b - a) / (cb - ca)] * (cb - ca) if cb > ca else []
+    tokens = sum(t.counts[-1] for t in traces if t.counts)
+    span = max(t.times[-1] for t in traces if t.times) - min(t.sent for t in traces)
+    p = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    return {"tok_s": tokens / span, "tokens": tokens, "span": span, "ttft50": p(ttft, 50), "ttft99": p(ttft, 99),
+            "itl50": p(itl, 50), "itl99": p(itl, 99)}
+
+
+# -- (a), (b): our server over gRPC ----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVER = """
+import sys; sys.path.insert(0, {root!r})
+from runtime.engine_core import CoreConfig
+from runtime.server import serve
+serve({engine!r}, port={port}, metrics_port=None, core_config=CoreConfig(kv_budget_tokens={kv}, max_num_seqs={seqs},
+      max_num_batched_tokens=512, max_queue={queue}, policy={policy!r}))
+"""
+
+
+def ready(client) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return bool(client.is_server_ready())
+    except Exception:  # noqa: BLE001 - not listening yet
+        return False
+
+
+def run_server(engine: Path, reqs: list[Req], policy: str, seqs: int, log: Path) -> dict[str, float]:
+    import tritonclient.grpc as grpcclient
+
+    port = free_port()
+    code = SERVER.format(root=str(ROOT), engine=str(engine), port=port, kv=seqs * 512, seqs=seqs,
+                         queue=max(64, len(reqs) + 8), policy=policy)
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 300
+        while not ready(client):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start; see {log}")
+            time.sleep(0.2)
+        traces: dict[str, Trace] = {}
+        errors: list[str] = []
+
+        def on_response(result, error) -> None:  # type: ignore[no-untyped-def]
+            now = time.perf_counter()
+            if error is not None:  # a stream error does not say which request: stop the run
+                errors.append(str(error))
+                return
+            resp = result.get_response()
+            t = traces[resp.id]
+            n = int(result.as_numpy("num_output_tokens")[0])
+            if n > (t.counts[-1] if t.counts else 0):
+                t.times.append(now)
+                t.counts.append(n)
+            if resp.parameters["triton_final_response"].bool_param:
+                t.done.set()
+
+        def send(rid: str, r: Req) -> None:
+            def tensor(name: str, dtype: str, value: object, np_dtype: object) -> grpcclient.InferInput:
+                x = grpcclient.InferInput(name, [1], dtype)
+                x.set_data_from_numpy(np.array([value], dtype=np_dtype))
+                return x
+            inputs = [tensor("text_input", "BYTES", r.text.encode(), np.object_),
+                      tensor("max_tokens", "INT32", r.max_tokens, np.int32),
+                      tensor("min_tokens", "INT32", r.max_tokens, np.int32),
+                      tensor("stream", "BOOL", True, np.bool_), tensor("temperature", "FP32", 0.0, np.float32)]
+            outputs = [grpcclient.InferRequestedOutput(o) for o in ("text_output", "num_output_tokens")]
+            traces[rid] = Trace(sent=time.perf_counter())
+            client.async_stream_infer("ensemble", inputs, request_id=rid, outputs=outputs)
+
+        client.start_stream(callback=on_response)
+        send("warmup", Req(-1, 0.0, reqs[0].text, reqs[0].ids, 8))  # first ORT runs allocate: not measured
+        while not errors and not traces["warmup"].done.wait(0.1):
+            pass
+        traces.clear()
+        start = time.perf_counter()
+        for r in reqs:
+            time.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+            send(str(r.idx), r)
+        while not errors and not all(t.done.wait(0.1) for t in list(traces.values())):
+            pass
+        client.stop_stream()
+        if errors:
+            raise RuntimeError(f"server answered an error: {errors[0]}")
+        return summarize(list(traces.values()))
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- (c): onnxruntime-genai's own request engine -------------------------------------------------------
+
+def run_genai_engine(oga: Path, reqs: list[Req]) -> dict[str, float]:
+    import onnxruntime_genai as og
+
+    engine = og.Engine(og.Model(str(oga)))
+    events = engine.create_event_buffer(1024)
+    live: dict[int, tuple[object, Trace]] = {}  # id(og.Request) -> (request, trace)
+    batch_max = 0
+
+    def submit(r: Req, trace: Trace) -> None:
+        request = engine.create_request()
+        opts = og.TurnOptions(request)
+        opts.set_max_generated_tokens(r.max_tokens)
+        opts.set_min_generated_tokens(r.max_tokens)
+        opts.set_temperature(0.0)
+        request.begin_turn(np.array(r.ids, np.int32), opts)
+        live[id(request)] = (request, trace)
+
+    def drain() -> None:
+        nonlocal batch_max
+        engine.run(events)
+        now = time.perf_counter()
+        batch_max = max(batch_max, len(events))
+        for i in range(len(events)):
+            ev = events[i]
+            _, trace = live[id(ev.request)]
+            if ev.flags.value & og.EngineEventFlags.FAILED.value:
+                raise RuntimeError(f"onnxruntime-genai Engine: request failed ({ev.error_code})")
+            if ev.flags.value & og.EngineEventFlags.TOKEN.value:
+                trace.times.append(now)
+                trace.counts.append(len(trace.counts) + 1)
+            if ev.flags.value & og.EngineEventFlags.TURN_FINISHED.value:
+                trace.done.set()
+                live.pop(id(ev.request))
+
+    submit(Req(-1, 0.0, "", reqs[0].ids, 8), Trace())  # warm-up
+    while engine.has_pending_requests():
+        drain()
+    traces = [Trace() for _ in reqs]
+    pending = sorted(reqs, key=lambda r: r.arrival)
+    start = time.perf_counter()
+    while pending or engine.has_pending_requests():
+        now = time.perf_counter() - start
+        while pending and pending[0].arrival <= now:
+            r = pending.pop(0)
+            traces[r.idx].sent = start + r.arrival
+            submit(r, traces[r.idx])
+        if engine.has_pending_requests():
+            drain()
+        elif pending:
+            time.sleep(max(0.0, pending[0].arrival - now))
+    return {**summarize(traces), "batch_max": batch_max}
+
+
+# -- single stream and roofline ----------------------------------------------------------------------
+
+def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) -> tuple[float, list[int]]:
+    from runtime.engine_core import CoreConfig, EngineCore
+    from runtime.requests import GenerationRequest
+    from runtime.sampling import SamplingParams
+
+    core = EngineCore(engine, CoreConfig(kv_budget_tokens=2048, max_num_seqs=1, threads=threads))
+    core.start()
+    try:
+        best, tokens = 0.0, []
+        for rep in range(2):  # the first run is the warm-up
+            req = GenerationRequest(f"single-{rep}", prompt, n, SamplingParams(temperature=0.0), min_tokens=n,
+                                    stream=True, detokenize=False)
+            times, tokens = [], []
+            for out in core.submit(req):
+                times += [time.perf_counter()] * len(out.token_ids)
+                tokens += out.token_ids
+            best = max(best, (len(times) - 1) / (times[-1] - times[0]))
+        return best, tokens
+    finally:
+        core.stop()
+
+
+def decode_genai(oga: Path, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(oga))
+    best, tokens = 0.0, []
+    for _ in range(2):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array([prompt], np.int32))
+        times, tokens = [], []
+        while not gen.is_done():
+            gen.generate_next_token()
+            times.append(time.perf_counter())
+            tokens.append(int(gen.get_next_tokens()[0]))
+        best = max(best, (len(times) - 1) / (times[-1] - times[0]))
+    return best, tokens
+
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Bytes read + written per second by a numpy copy, one thread per core, best of 5."""
+    src = np.ones(int(gib * (1 << 30)) // 8)
+    dst, k = np.empty_like(src), os.cpu_count() or 1
+    best = float("inf")
+    for _ in range(5):
+        threads = [threading.Thread(target=np.copyto, args=pair) for pair in zip(np.array_split(dst, k), np.array_split(src, k))]
+        t0 = time.perf_counter()
+        [t.start() for t in threads]  # noqa: B018
+        [t.join() for t in threads]  # noqa: B018
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def weight_bytes_per_step(engine: Path) -> int:
+    cfg = json.loads((engine / "manifest.json").read_text())["config"]
+    return (engine / "model.onnx.data").stat().st_size - (cfg["vocab_size"] - 1) * cfg["hidden_size"] * 4
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / ".work")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model: for developing this script")
+    ap.add_argument("--skip-genai", action="store_true")
+    args = ap.parse_args()
+    shape = "tiny" if args.tiny else "bench"
+    ckpt, engine, oga, why = prepare(args.workdir, shape, not args.skip_genai)
+    reqs = workload(engine, args.requests, args.rate, args.seed)
+    lens, outs = [len(r.ids) for r in reqs], [r.max_tokens for r in reqs]
+    print(f"\nworkload: {len(reqs)} requests, Poisson {args.rate} req/s (last arrival {reqs[-1].arrival:.1f}s), "
+          f"prompt {min(lens)}-{max(lens)} tokens (mean {np.mean(lens):.0f}), max_tokens {min(outs)}-{max(outs)} "
+          f"(mean {np.mean(outs):.0f}), greedy, max {args.max_num_seqs} sequences per batch; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    rows: dict[str, dict[str, float]] = {}
+    for policy in ("inflight", "static"):
+        print(f"running our server, policy {policy} ...", flush=True)
+        rows[f"llama-forge in-flight" if policy == "inflight" else "llama-forge static"] = run_server(
+            engine, reqs, policy, args.max_num_seqs, args.workdir / f"server-{policy}.log")
+    if oga is not None:
+        print("running onnxruntime-genai (og.Engine) ...", flush=True)
+        try:
+            rows[GENAI] = run_genai_engine(oga, reqs)
+        except Exception as e:  # noqa: BLE001
+            why, oga = f"failed: {type(e).__name__}: {e}", None
+    print("single-stream decode ...", flush=True)
+    prompt = max(reqs, key=lambda r: len(r.ids)).ids[:128]
+    ours_tps, ours_tokens = decode_ours(engine, prompt, args.decode_tokens, None)
+    ours1_tps, _ = decode_ours(engine, prompt, args.decode_tokens, 1)
+    genai_tps, genai_tokens = float("nan"), []
+    if oga is not None:
+        try:
+            genai_tps, genai_tokens = decode_genai(oga, prompt, args.decode_tokens)
+        except Exception as e:  # noqa: BLE001
+            why, oga = f"failed: {type(e).__name__}: {e}", None
+    bw = copy_bandwidth()
+    wbytes = weight_bytes_per_step(engine)
+
+    print(f"\n{'':<44}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'span s':>8}")
+    for name, m in rows.items():
+        name += f" (batches <= {m['batch_max']:.0f})" if "batch_max" in m else ""
+        print(f"{name:<44}{m['tok_s']:>8.1f}{m['ttft50']:>8.0f}ms{m['ttft99']:>8.0f}ms{m['itl50']:>7.0f}ms"
+              f"{m['itl99']:>7.0f}ms{m['tokens']:>8.0f}{m['span']:>8.1f}")
+    if why:
+        print(f"onnxruntime-genai: {why}")
+    print(f"\nsingle-stream decode (batch 1, fp32, {len(prompt)}-token prompt, {args.decode_tokens} new tokens):")
+    print(f"  weights read per step: {wbytes / 1e6:.0f} MB (model.onnx.data minus {VOCAB - 1} unread embedding rows); "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s (numpy, read+write, best of 5)")
+    for name, tps in (("llama-forge EngineCore, ORT default threads", ours_tps), ("llama-forge EngineCore, 1 thread", ours1_tps),
+                      ("onnxruntime-genai og.Generator", genai_tps)):
+        print(f"  {name:<44}{tps:>7.1f} tok/s  {1e3 / tps:>6.1f} ms/step  "
+              f"{wbytes * tps / 1e9:>5.1f} GB/s = {wbytes * tps / bw:>5.1%} of copy bandwidth")
+    if genai_tokens:
+        agree = next((i for i, (a, b) in enumerate(zip(ours_tokens, genai_tokens)) if a != b), len(genai_tokens))
+        print(f"  greedy tokens identical for the first {agree}/{len(genai_tokens)} (same weights, fp32)")
+
+    inflight, static = rows["llama-forge in-flight"], rows["llama-forge static"]
+    ratio = inflight["tok_s"] / static["tok_s"]
+    ok1 = ratio >= 2.0 and inflight["ttft99"] <= static["ttft99"]
+    print(f"\nin-flight / static throughput: {ratio:.2f}x; p99 TTFT in-flight {inflight['ttft99']:.0f} ms vs static "
+          f"{static['ttft99']:.0f} ms ({inflight['ttft99'] / static['ttft99']:.2f}x)")
+    if GENAI in rows:
+        g = rows[GENAI]
+        print(f"in-flight / onnxruntime-genai throughput: {inflight['tok_s'] / g['tok_s']:.2f}x; p99 TTFT "
+              f"{inflight['ttft99'] / g['ttft99']:.2f}x")
+    print(f"single-stream decode ours / onnxruntime-genai: {ours_tps / genai_tps:.2f}x (ours with 1 ORT thread: "
+          f"{ours1_tps / genai_tps:.2f}x); load average at the end {os.getloadavg()[0]:.2f} (shared machine?)")
+    ok2 = ours_tps >= genai_tps
+    print(f"target: in-flight >= 2x static throughput at no worse p99 TTFT -> {'PASS' if ok1 else 'FAIL'}")
+    print(f"target: single-stream decode >= 1.0x onnxruntime-genai (fp32) -> "
+          f"{'PASS' if ok2 else 'FAIL' if oga is not None else 'NOT MEASURED'}")
+    return 0 if ok1 and ok2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
