@@ -26,7 +26,7 @@ endif
 # demo-tiny is not a released model, so it is not in the registry: its checkpoint alone defines it.
 MODEL_ARG := $(if $(filter demo-tiny,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export generate serve variants passes test bench-export bench-attention bench-serve clean help
+.PHONY: venv engine export generate serve variants passes test bench-export bench-attention bench-kernels bench-serve clean help
 
 ## make help: this list
 help:
@@ -90,6 +90,10 @@ bench-export: $(VENV)/.installed
 ## make bench-attention: time the two ORT lowerings of the attention op (decomposed vs GroupQueryAttention)
 bench-attention: $(VENV)/.installed
 	$(PY) bench/attention_lowering.py
+
+## make bench-kernels: Triton attention kernels on a CUDA GPU: decode HBM bandwidth vs peak, prefill TFLOP/s vs SDPA
+bench-kernels: $(VENV)/.installed
+	$(PY) bench/kernels.py
 
 # The peer of bench-serve (onnxruntime-genai) is an optional extra, installed here only.
 $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed

@@ -1,0 +1,204 @@
+"""`llamaforge::LlamaAttention` as a TensorRT plugin: TensorRT's Python plugin API
+(`tensorrt.plugin`, "quickly deployable plugins") with an ahead-of-time implementation.
+
+* `@trtp.register` describes the op: the six inputs and the op's attributes (the fields of
+  `AttentionAttrs`) in, three outputs out, `output` shaped like `query` and `present_*` like
+  `past_*`.
+* `@trtp.autotune` offers the supported type combinations (fp32 / fp16 / bf16 activations and
+  cache, int32 `past_lengths`, linear layouts) and, as tactics, the tile configurations of
+  `triton_kernels.OP_CONFIGS`; TensorRT times them while building and keeps the fastest.
+* `@trtp.aot_impl` compiles the single-launch Triton kernel (`triton_kernels._attention_kernel`,
+  FUSED) for the build GPU and returns its PTX with symbolic launch parameters. The engine embeds
+  the PTX, so running it needs neither Python nor Triton.
+
+The ONNX parser finds the plugin from the node's op type (`LlamaAttention` = the plugin name),
+its `plugin_namespace` and `plugin_version` attributes (see `schema.py`), and reads the plugin's
+fields from the node's attributes by name. For the parser to pick the AOT implementation the node
+may also carry `aot=1` (`AOT_ATTRIBUTE`); this module registers no other implementation.
+
+Kernel calling convention of a TensorRT AOT plugin: input pointers, then the int32 scalars returned
+as extra arguments, then output pointers -- `_attention_kernel`'s parameter order. Triton >= 3.3
+appends two hidden pointer parameters (global and profile scratch); TensorRT does not pass them, so
+`aot_binary` removes them from the PTX after checking the kernel needs no scratch and never reads
+them.
+
+Importing this module needs neither TensorRT nor Triton; `register()` needs both and says so.
+"""
+
+import re
+from typing import Any, List, Sequence, Tuple, Union
+
+from .schema import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
+
+# NB: no `from __future__ import annotations` here: tensorrt.plugin checks the decorated
+# functions' annotations against its own classes, so they must be real objects, not strings.
+
+PLUGIN_NAME = OP_TYPE
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+QDP_PLUGIN_VERSION = "1"  # tensorrt.plugin registers every plugin creator with version "1"
+AOT_ATTRIBUTE = "aot"
+ATTRIBUTE_NAMES = ("num_heads", "num_kv_heads", "head_dim", "scale", "rope_theta", "rope_interleaved",
+                   "rope_scaling_type", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                   "rope_original_max_positions")
+
+_registered = False
+
+
+class TensorRTUnavailable(RuntimeError):
+    """The plugin cannot be registered in this environment."""
+
+
+def tensorrt_modules() -> Tuple[Any, Any]:
+    """(tensorrt, tensorrt.plugin), or TensorRTUnavailable. Detects the real library the way
+    `llamaforge.build.tensorrt_available` does: `tensorrt-stubs` makes `import tensorrt` succeed."""
+    try:
+        import tensorrt
+    except ImportError:
+        tensorrt = None
+    if tensorrt is None or not hasattr(tensorrt, "Builder"):
+        raise TensorRTUnavailable(
+            f"cannot register the TensorRT plugin {PLUGIN_ID}: TensorRT is not installed "
+            "(install the 'tensorrt' extra on a machine with an NVIDIA GPU; the tensorrt-stubs type stubs are not enough)")
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError as exc:
+        raise TensorRTUnavailable(
+            f"cannot register {PLUGIN_ID}: this TensorRT ({getattr(tensorrt, '__version__', '?')}) has no "
+            "tensorrt.plugin module; Python plugins with AOT implementations need TensorRT >= 10.9") from exc
+    return tensorrt, trtp
+
+
+def _triton_kernels() -> Any:
+    try:
+        from . import triton_kernels
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"cannot register {PLUGIN_ID}: OpenAI Triton is not installed ({exc})") from exc
+    if triton_kernels.interpreting():
+        raise TensorRTUnavailable(f"cannot register {PLUGIN_ID}: TRITON_INTERPRET is set, and the interpreter "
+                                  "cannot compile kernels to PTX")
+    return triton_kernels
+
+
+def is_registered() -> bool:
+    return _registered
+
+
+def op_scalar_args(seq: Any, capacity: Any, attrs: AttentionAttrs) -> List[Any]:
+    """The int32 scalars of `_attention_kernel` (in `OP_SCALAR_ARGS` order) for contiguous tensors,
+    from the dynamic dims: `seq` and `capacity` are ints or TensorRT shape expressions."""
+    h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
+    return [
+        seq, capacity,
+        seq * (h * d), h * d,  # query [B, S, H*D]
+        seq * (kvh * d), kvh * d,  # key
+        seq * (kvh * d), kvh * d,  # value
+        capacity * (kvh * d), capacity * d, d,  # past_* / present_* [B, KVH, C, D]
+        seq * (h * d), h * d,  # output
+    ]
+
+
+def aot_binary(compiled: Any, num_args: int) -> Tuple[str, str]:
+    """(kernel name, PTX) of a compiled Triton kernel, its hidden trailing scratch parameters removed.
+
+    `num_args` is the number of arguments TensorRT passes (inputs + extra scalars + outputs).
+    """
+    meta = compiled.metadata
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        raise RuntimeError(f"{meta.name} needs Triton scratch memory, which a TensorRT AOT plugin cannot provide")
+    ptx = compiled.asm["ptx"]
+    match = re.search(r"\.entry\s+" + re.escape(meta.name) + r"\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise RuntimeError(f"no .entry {meta.name} in the compiled PTX")
+    params = [p.strip() for p in match.group(1).split(",") if p.strip()]
+    if len(params) < num_args:
+        raise RuntimeError(f"{meta.name} has {len(params)} parameters, TensorRT passes {num_args}")
+    hidden = params[num_args:]
+    if len(hidden) > 2:
+        raise RuntimeError(f"{meta.name} has {len(hidden)} parameters beyond TensorRT's {num_args} arguments")
+    body = ptx[match.end():]
+    for param in hidden:
+        name = param.split()[-1]
+        if re.search(r"\b" + re.escape(name) + r"\b", body):
+            raise RuntimeError(f"{meta.name} reads its hidden parameter {name}; TensorRT would not pass it")
+    kept = ",\n\t".join(params[:num_args])
+    ptx = ptx[:match.start(1)] + "\n\t" + kept + "\n" + ptx[match.end(1):]
+    return meta.name, ptx
+
+
+def register() -> None:
+    """Register the plugin with TensorRT's plugin registry (idempotent). Raises TensorRTUnavailable
+    when TensorRT (the real library) or Triton is missing."""
+    global _registered
+    if _registered:
+        return
+    trt, trtp = tensorrt_modules()
+    tk = _triton_kernels()
+    if PLUGIN_VERSION != QDP_PLUGIN_VERSION:
+        raise TensorRTUnavailable(f"schema.PLUGIN_VERSION is {PLUGIN_VERSION!r} but tensorrt.plugin registers "
+                                  f"version {QDP_PLUGIN_VERSION!r}: the ONNX parser would not find the plugin")
+    _define(trt, trtp, tk)
+    _registered = True
+
+
+def _define(trt: Any, trtp: Any, tk: Any) -> None:
+    import torch
+
+    torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+    num_args = len(tk.OP_INPUT_ARGS) + len(tk.OP_SCALAR_ARGS) + len(tk.OP_OUTPUT_ARGS)
+
+    @trtp.register(PLUGIN_ID)
+    def llama_attention_desc(
+        query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+        past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, past_lengths: trtp.TensorDesc,
+        num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
+        rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
+        rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
+    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return query.like(), past_key.like(), past_value.like()
+
+    @trtp.autotune(PLUGIN_ID)
+    def llama_attention_autotune(
+        query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+        past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, past_lengths: trtp.TensorDesc,
+        outputs: Tuple[trtp.TensorDesc],
+    ) -> List[trtp.AutoTuneCombination]:
+        # Positions: 5 float inputs, past_lengths, 3 float outputs; one dtype across the floats.
+        half = trtp.AutoTuneCombination(", ".join(["FP16|BF16"] * 5 + ["INT32"] + ["FP16|BF16"] * 3), "LINEAR")
+        half.tactics(list(tk.FP16_TACTICS))
+        full = trtp.AutoTuneCombination(", ".join(["FP32"] * 5 + ["INT32"] + ["FP32"] * 3), "LINEAR")
+        full.tactics(list(tk.FP32_TACTICS))
+        return [half, full]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def llama_attention_aot_impl(
+        query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+        past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, past_lengths: trtp.TensorDesc,
+        num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
+        rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
+        rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
+        outputs: Tuple[trtp.TensorDesc], tactic: int,
+    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        attrs = AttentionAttrs(
+            int(num_heads), int(num_kv_heads), int(head_dim), float(scale), float(rope_theta), int(rope_interleaved),
+            str(rope_scaling_type), float(rope_scaling_factor), float(rope_low_freq_factor),
+            float(rope_high_freq_factor), int(rope_original_max_positions))
+        config = tk.OP_CONFIGS[int(tactic)]
+        compiled = tk.compile_op_kernel(attrs, torch_dtype[query.dtype], config)
+        name, ptx = aot_binary(compiled, num_args)
+
+        batch, seq = query.shape_expr[0], query.shape_expr[1]
+        capacity = past_key.shape_expr[2]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(seq * attrs.group_size, config.block_m)
+        launch.grid_y = batch * attrs.num_kv_heads
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in op_scalar_args(seq, capacity, attrs)])
+        return name.encode(), ptx.encode(), launch, extra_args
+
+
+def unregistered_attribute_names() -> Sequence[str]:
+    """AttentionAttrs fields missing from the plugin's fields (empty while the two agree)."""
+    from dataclasses import fields
+
+    return [f.name for f in fields(AttentionAttrs) if f.name not in ATTRIBUTE_NAMES]
