@@ -631,14 +631,19 @@ def _find_tokenizer_hf(path: Path) -> tuple[str, Path]:
     raise CheckpointError(f"{HF_TOKENIZER}: tokenizer file not found in {path} (nor {META_TOKENIZER})")
 
 
+def _json_object(path: Path, file: str) -> dict[str, Any]:
+    try:
+        data = load_json(path / file)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {str(e).split(': ', 1)[-1]}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
 def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
     warnings: list[str] = []
-    try:
-        hf = load_json(path / HF_CONFIG)
-    except ConfigError as e:
-        raise CheckpointError(f"{HF_CONFIG}: {str(e).split(': ', 1)[-1]}") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{HF_CONFIG}: expected a JSON object")
+    hf = _json_object(path, HF_CONFIG)
     if hf.get("model_type") not in (None, "llama"):
         warnings.append(f"{HF_CONFIG}: model_type={hf.get('model_type')!r}, loading it as a LLaMA model")
     try:
@@ -721,12 +726,7 @@ def _default_context(params: dict[str, Any], tok_kind: str) -> int:
 
 def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
     warnings: list[str] = []
-    try:
-        params = load_json(path / META_PARAMS)
-    except ConfigError as e:
-        raise CheckpointError(f"{META_PARAMS}: {str(e).split(': ', 1)[-1]}") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{META_PARAMS}: expected a JSON object")
+    params = _json_object(path, META_PARAMS)
     tok_path = path / META_TOKENIZER
     if not tok_path.is_file():
         raise CheckpointError(f"{META_TOKENIZER}: tokenizer file not found in {path}")

@@ -51,6 +51,16 @@ class CoreObserver(Protocol):
 
 
 @dataclass(eq=False)
+class _DecodeBatch:
+    """The decode call's cache arrays (key.0, value.0, ...) [rows, kv_heads, capacity, head_dim],
+    and which sequence owns each row (None: dead)."""
+
+    capacity: int
+    rows: list[str | None]
+    arrays: list[np.ndarray]
+
+
+@dataclass(eq=False)
 class _Live:
     """Everything about a request beyond its scheduling state."""
 
@@ -96,7 +106,7 @@ class EngineCore:
         self._live: dict[str, _Live] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._batch_cache: tuple[tuple[str, ...], int, list[np.ndarray]] | None = None
+        self._batch: _DecodeBatch | None = None
         self.generated_tokens = 0
         self.steps = 0
         # Where decode time goes; bench/kv_layout.py reads these to weigh the block gathers.
@@ -204,7 +214,7 @@ class EngineCore:
     def step(self) -> None:
         out = self.scheduler.schedule()
         if out.preempted:
-            self._batch_cache = None
+            self._batch = None
         if out.empty:
             return
         self.steps += 1
@@ -223,47 +233,60 @@ class EngineCore:
         return min(-(-needed // bucket) * bucket, -(-self.context_length // self.kv.block_size) * self.kv.block_size)
 
     def _run_decode(self, seqs: list[Sequence]) -> None:
-        ids = tuple(s.seq_id for s in seqs)
-        lengths = [s.num_computed for s in seqs]
-        capacity = self._capacity(max(lengths) + 1)
-        cached = self._batch_cache
+        """One decode call. Each sequence keeps a stable row in the batch cache arrays (the last
+        call's outputs): a finished sequence leaves a dead row (fed past length 0, so it costs
+        almost nothing) and a newcomer takes a dead row, gathering only its own KV from blocks.
+        Only a capacity change or a preemption rebuilds the arrays from blocks."""
         t0 = time.perf_counter()
         self.decode_steps += 1
-        if cached is not None and cached[0] == ids and cached[1] >= max(lengths) + 1:
-            capacity, past = cached[1], cached[2]
-        elif cached is not None and cached[1] >= max(lengths) + 1:
-            # The batch changed: rows that carry on come from the last call's arrays (a row copy),
-            # only newcomers are gathered from their blocks.
-            capacity = cached[1]
-            previous = {sid: row for row, sid in enumerate(cached[0])}
-            kept = [row for row, sid in enumerate(ids) if sid in previous]
-            fresh = [row for row, sid in enumerate(ids) if sid not in previous]
-            source = np.array([previous[ids[row]] for row in kept], dtype=np.int64)
-            gathered = self.kv.gather([ids[row] for row in fresh], capacity) if fresh else None
-            past = []
-            for i, old in enumerate(cached[2]):
-                arr = np.empty((len(ids), *old.shape[1:]), old.dtype)
-                arr[kept] = old[source]
-                if gathered is not None:
-                    arr[fresh] = gathered[i]
-                past.append(arr)
-            self.decode_gathers += bool(fresh)
-        else:
-            past = self.kv.gather(list(ids), capacity)
+        needed = max(s.num_computed for s in seqs) + 1
+        live = {s.seq_id for s in seqs}
+        batch = self._batch
+        if batch is None or batch.capacity < needed:
+            ids = [s.seq_id for s in seqs]
+            batch = _DecodeBatch(self._capacity(needed), ids, self.kv.gather(ids, self._capacity(needed)))
             self.decode_gathers += 1
-        input_ids = np.array([[s.tokens[s.num_computed]] for s in seqs], dtype=np.int64)
+        else:
+            batch.rows = [sid if sid in live else None for sid in batch.rows]
+            newcomers = [s.seq_id for s in seqs if s.seq_id not in batch.rows]
+            if newcomers:
+                self.decode_gathers += 1
+                gathered = self.kv.gather(newcomers, batch.capacity)
+                free = [row for row, sid in enumerate(batch.rows) if sid is None]
+                grow = len(newcomers) - len(free)
+                if grow > 0:  # more sequences than rows: add rows (a copy, as rare as batch growth)
+                    batch.arrays = [np.concatenate([a, np.zeros((grow, *a.shape[1:]), a.dtype)]) for a in batch.arrays]
+                    free += list(range(len(batch.rows), len(batch.rows) + grow))
+                    batch.rows += [None] * grow
+                for j, (sid, row) in enumerate(zip(newcomers, free)):
+                    batch.rows[row] = sid
+                    for a, g in zip(batch.arrays, gathered):
+                        a[row] = g[j]
+            used = max(row for row, sid in enumerate(batch.rows) if sid is not None) + 1  # trailing dead rows dropped
+            batch.rows = batch.rows[:used]
+            batch.arrays = [a[:used] for a in batch.arrays]
+        by_id = {s.seq_id: s for s in seqs}
+        row_of = {sid: row for row, sid in enumerate(batch.rows) if sid is not None}
+        input_ids = np.zeros((len(batch.rows), 1), dtype=np.int64)
+        past_lengths = np.zeros(len(batch.rows), dtype=np.int32)
+        for sid, row in row_of.items():
+            input_ids[row, 0] = by_id[sid].tokens[by_id[sid].num_computed]
+            past_lengths[row] = by_id[sid].num_computed
         t1 = time.perf_counter()
-        logits, present = self.engine.step(input_ids, np.array(lengths, np.int32), past)
+        logits, present = self.engine.step(input_ids, past_lengths, [np.ascontiguousarray(a) for a in batch.arrays])
         t2 = time.perf_counter()
-        self.kv.scatter(list(ids), lengths, [1] * len(seqs), present)
+        ids = list(row_of)
+        rows = [row_of[sid] for sid in ids]
+        self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present, rows=rows)
         t3 = time.perf_counter()
         self.timings["gather"] += t1 - t0
         self.timings["engine"] += t2 - t1
         self.timings["scatter"] += t3 - t2
-        self._batch_cache = (ids, capacity, present)
-        for row, seq in enumerate(seqs):
+        batch.arrays = present
+        self._batch = batch
+        for seq in seqs:
             seq.num_computed += 1
-            self._sample(seq, logits[row, 0])
+            self._sample(seq, logits[row_of[seq.seq_id], 0])
 
     def _run_prefill(self, chunks: list[Chunk]) -> None:
         width = max(c.count for c in chunks)

@@ -107,10 +107,13 @@ class KVCacheManager:
                     len(seq_ids), self.spec.num_kv_heads, capacity, self.spec.head_dim))
         return batch
 
-    def scatter(self, seq_ids: list[str], starts: list[int], counts: list[int], presents: list[np.ndarray]) -> None:
-        """Write positions [start, start + count) of each row of `presents` back into its blocks."""
+    def scatter(self, seq_ids: list[str], starts: list[int], counts: list[int], presents: list[np.ndarray],
+                rows: list[int] | None = None) -> None:
+        """Write positions [start, start + count) of each sequence's row of `presents` (row i, or
+        `rows[i]`) back into its blocks."""
         bs = self.block_size
-        for row, (seq_id, start, count) in enumerate(zip(seq_ids, starts, counts)):
+        rows = rows if rows is not None else list(range(len(seq_ids)))
+        for row, seq_id, start, count in zip(rows, seq_ids, starts, counts):
             if count <= 0:
                 continue
             table = self.tables[seq_id]

@@ -90,6 +90,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._admissions = 0
+        self._static_batch: set[str] = set()  # policy "static": the batch being served
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -152,10 +153,16 @@ class Scheduler:
 
         # 3. admit from the queue, strictly first come first served; not in a step that had to
         #    preempt (memory is short, and the victim would be readmitted at once: thrashing).
-        #    Static batching forms a batch only when the previous one has drained.
-        admitting = not out.preempted and (self.config.policy == "inflight" or not self.running)
-        while admitting and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        #    Static batching: when the previous batch has drained, the next is the first
+        #    `max_num_seqs` waiting requests; they are admitted (and prefilled) over as many steps as
+        #    the token budget needs, and nobody else joins until all of them have finished.
+        static = self.config.policy == "static"
+        if static and not self.running and not (self._static_batch & {s.seq_id for s in self.waiting}):
+            self._static_batch = {s.seq_id for s in list(self.waiting)[: self.config.max_num_seqs]}
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if static and seq.seq_id not in self._static_batch:
+                break
             chunk = self._chunk(seq, budget)
             if chunk is None:
                 break

@@ -151,3 +151,20 @@ def test_static_policy_drains_the_batch_before_admitting() -> None:
     assert not sched.schedule().prefill, "still waits while one of the batch runs"
     sched.finish(sched.running[0])
     assert [c.seq.seq_id for c in sched.schedule().prefill] == ["late"]
+
+
+def test_static_batch_takes_max_num_seqs_and_prefills_over_several_steps() -> None:
+    kv = KVCacheManager(SPEC, budget_tokens=4096, block_size=16)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=40, policy="static"), kv)
+    for i in range(5):
+        sched.add(seq(f"s{i}", 30))
+    admitted: list[str] = []
+    for _ in range(4):
+        out = sched.schedule()
+        admitted += [c.seq.seq_id for c in out.prefill if c.start == 0]
+        run_prefills(out)
+        run_decodes(out)
+    assert admitted == ["s0", "s1", "s2"], "the batch is the first max_num_seqs requests, whatever the token budget"
+    for s in list(sched.running):
+        sched.finish(s)
+    assert [c.seq.seq_id for c in sched.schedule().prefill] == ["s3", "s4"], "then the next batch"
