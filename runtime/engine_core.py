@@ -5,9 +5,9 @@ Each step:
   1. takes in new requests and cancellations (a cancelled sequence's KV blocks are freed here,
      within one step of the cancel);
   2. asks the scheduler for this step's decodes and prefill chunks;
-  3. runs the decodes as one batched engine call (S=1: ORT's GQA kernel path), reusing the last
-     call's cache arrays when the batch is unchanged, and each prefill chunk as its own call
-     (fresh prompts batched together), both paths the attention op's fast `If` branch takes;
+  3. runs the decodes as one batched engine call (S=1: ORT's GQA kernel path) on the last call's
+     cache arrays, each sequence keeping its row (see `_run_decode`), and each prefill chunk as its
+     own call (fresh prompts batched together), both paths the attention op's fast `If` branch takes;
   4. samples per sequence with the sequence's own RNG (so a seed's output does not depend on the
      batch), applies stops, and hands each request's news to its `RequestHandle`.
 """
@@ -243,8 +243,8 @@ class EngineCore:
         live = {s.seq_id for s in seqs}
         batch = self._batch
         if batch is None or batch.capacity < needed:
-            ids = [s.seq_id for s in seqs]
-            batch = _DecodeBatch(self._capacity(needed), ids, self.kv.gather(ids, self._capacity(needed)))
+            ids, capacity = [s.seq_id for s in seqs], self._capacity(needed)
+            batch = _DecodeBatch(capacity, ids, self.kv.gather(ids, capacity))
             self.decode_gathers += 1
         else:
             batch.rows = [sid if sid in live else None for sid in batch.rows]
