@@ -5,7 +5,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 PY          := $(BIN)/python
-MODEL       ?= demo-tiny
+MODEL       ?= stdlib-5m
 CHECKPOINT  ?=
 PRECISION   ?= fp32
 BACKEND     ?= ort
@@ -14,19 +14,33 @@ OUT         ?= engines/$(MODEL)
 PROMPT      ?= def main(
 MAX_NEW_TOKENS ?= 32
 DUMP_AFTER  ?=
+KV_CACHE    ?=
+CALIB       ?=
 PORT        ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# BACKEND=trt: engine limits and build settings (README "TensorRT engines"); empty = the CLI's defaults
+# (MAX_BATCH 8, MAX_INPUT_LEN 512, MAX_KV_TOKENS 2048, timing cache OUT/timing.cache).
+MAX_BATCH     ?=
+MAX_INPUT_LEN ?=
+MAX_KV_TOKENS ?=
+TIMING_CACHE  ?=
+TRT_ARGS := $(if $(MAX_BATCH),--max-batch $(MAX_BATCH)) $(if $(MAX_INPUT_LEN),--max-input-len $(MAX_INPUT_LEN)) \
+	$(if $(MAX_KV_TOKENS),--max-kv-tokens $(MAX_KV_TOKENS)) $(if $(TIMING_CACHE),--timing-cache $(TIMING_CACHE))
 
-# The demo model needs no download: its checkpoint is generated on first use.
+# The default model, stdlib-5m, is a small trained checkpoint committed to the repo (make demo-model
+# retrains it). demo-tiny (random weights) needs no download either: it is generated on first use.
+ifeq ($(MODEL)$(CHECKPOINT),stdlib-5m)
+CHECKPOINT := checkpoints/stdlib-5m
+endif
 ifeq ($(MODEL)$(CHECKPOINT),demo-tiny)
 CHECKPOINT := checkpoints/demo-tiny
 DEMO_DEP   := checkpoints/demo-tiny/config.json
 endif
-# demo-tiny is not a released model, so it is not in the registry: its checkpoint alone defines it.
-MODEL_ARG := $(if $(filter demo-tiny,$(MODEL)),,--model $(MODEL))
+# The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
+MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export generate serve variants passes test bench-export bench-attention bench-kernels bench-serve clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-quant bench-moe clean help
 
 ## make help: this list
 help:
@@ -48,11 +62,12 @@ venv: $(VENV)/.installed
 checkpoints/demo-tiny/config.json: | $(VENV)/.installed
 	$(BIN)/llamaforge demo-checkpoint checkpoints/demo-tiny
 
-## make engine [MODEL=demo-tiny] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
+## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
 engine: $(VENV)/.installed $(DEMO_DEP)
 	$(BIN)/llamaforge build $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --out $(OUT) \
-		$(foreach p,$(DUMP_AFTER),--dump-after $(p))
+		$(foreach p,$(DUMP_AFTER),--dump-after $(p)) $(TRT_ARGS) \
+		$(if $(KV_CACHE),--kv-cache $(KV_CACHE)) $(if $(CALIB),--calib "$(CALIB)")
 	@if [ "$(WEIGHTS)" != "none" ] && [ "$(BACKEND)" = "ort" ]; then \
 		echo "sample (greedy, $(MAX_NEW_TOKENS) tokens):"; \
 		$(BIN)/llamaforge generate $(OUT) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS); fi
@@ -70,6 +85,33 @@ generate: $(VENV)/.installed
 ## make serve [ENGINE=engines/demo-tiny] [PORT=8001] [METRICS_PORT=8002]: Triton-protocol gRPC server (+ /metrics)
 serve: $(VENV)/.installed
 	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+NAME        ?=
+DEVICE      ?= gpu
+GPUS        ?= 0
+ENGINE_PATH ?=
+# OUT defaults to the engine directory for `make engine`; for `make repo` only an OUT given by the user counts.
+REPO_OUT    := $(if $(filter command line environment,$(origin OUT)),$(OUT))
+
+## make repo ENGINE=dir [NAME=variant] [OUT=triton_repo/NAME] [DEVICE=gpu|cpu] [GPUS=0,1] [ENGINE_PATH=dir as the server sees it]: Triton model repository (triton_repo/README.md)
+repo: $(VENV)/.installed
+	$(BIN)/llamaforge repo $(ENGINE) $(if $(NAME),--name $(NAME)) $(if $(REPO_OUT),--out $(REPO_OUT)) \
+		--device $(DEVICE) --gpus $(GPUS) $(if $(ENGINE_PATH),--engine-path $(ENGINE_PATH))
+
+## make demo-model: retrain the default model (checkpoints/stdlib-5m) on this Python's stdlib sources (~15-20 min, 2 cores)
+demo-model: $(VENV)/.installed
+	$(BIN)/llamaforge train-demo --out checkpoints/stdlib-5m
+
+## make compare-trt [ENGINE=engines/MODEL] [ORT_ENGINE=ENGINE.ort]: polygraphy, TensorRT plan vs ONNX Runtime on the same inputs (GPU + TensorRT)
+ORT_ENGINE  ?= $(ENGINE).ort
+COMPARE_TOL ?= --atol 1e-2 --rtol 1e-2
+compare-trt: $(VENV)/.installed
+	@$(PY) -c "import sys, tensorrt; sys.exit(0 if hasattr(tensorrt, 'Builder') else 1)" 2>/dev/null || \
+		{ echo "compare-trt needs NVIDIA TensorRT (tensorrt.Builder): pip install '.[tensorrt]' on a machine with a GPU" >&2; exit 2; }
+	LLAMAFORGE_ENGINE=$(ORT_ENGINE) $(BIN)/polygraphy run $(ORT_ENGINE)/model.onnx --onnxrt \
+		--data-loader-script llamaforge/compare_data.py --save-outputs $(ENGINE).ort-outputs.json
+	LLAMAFORGE_ENGINE=$(ENGINE) $(BIN)/polygraphy run $(ENGINE)/engine.plan --model-type engine --trt \
+		--data-loader-script llamaforge/compare_data.py --load-outputs $(ENGINE).ort-outputs.json $(COMPARE_TOL)
 
 ## make variants: the registry with parameter counts
 variants: $(VENV)/.installed
@@ -90,6 +132,14 @@ bench-export: $(VENV)/.installed
 ## make bench-attention: time the two ORT lowerings of the attention op (decomposed vs GroupQueryAttention)
 bench-attention: $(VENV)/.installed
 	$(PY) bench/attention_lowering.py
+
+## make bench-quant: held-out perplexity, top-1 agreement, weight bytes, decode tok/s of fp32/fp16/fp8/int8-sq/int8-wo/fp8-KV vs fp32
+bench-quant: $(VENV)/.installed
+	$(PY) bench/quant.py
+
+## make bench-moe: MoE decode ms/token as experts grow 16->128 at top-1 (active-expert Loop vs every-expert peer)
+bench-moe: $(VENV)/.installed
+	$(PY) bench/moe.py
 
 ## make bench-kernels: Triton attention kernels on a CUDA GPU: decode HBM bandwidth vs peak, prefill TFLOP/s vs SDPA
 bench-kernels: $(VENV)/.installed

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import llama4
 from .config import ConfigError, ModelConfig, RopeScaling, load_json, meta_ffn_size
 
 __all__ = [
@@ -127,9 +128,12 @@ def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[p + "self_attn.k_proj.weight"] = (config.kv_size, h)
         out[p + "self_attn.v_proj.weight"] = (config.kv_size, h)
         out[p + "self_attn.o_proj.weight"] = (h, config.q_size)
-        out[p + "mlp.gate_proj.weight"] = (i, h)
-        out[p + "mlp.up_proj.weight"] = (i, h)
-        out[p + "mlp.down_proj.weight"] = (h, i)
+        if config.architecture == "llama4":
+            out.update({p + k: shape for k, shape in llama4.ffn_tensor_shapes(config, layer).items()})
+        else:
+            out[p + "mlp.gate_proj.weight"] = (i, h)
+            out[p + "mlp.up_proj.weight"] = (i, h)
+            out[p + "mlp.down_proj.weight"] = (h, i)
         out[p + "input_layernorm.weight"] = (h,)
         out[p + "post_attention_layernorm.weight"] = (h,)
     out["model.norm.weight"] = (h,)
@@ -361,9 +365,11 @@ class HFCheckpoint(Checkpoint):
     layout = "hf"
 
     def __init__(self, path: Path, config: ModelConfig, tokenizer_kind: str, tokenizer_path: Path,
-                 warnings: list[str], weight_map: dict[str, str], index_file: str | None) -> None:
+                 warnings: list[str], weight_map: dict[str, str], index_file: str | None,
+                 stored_names: dict[str, str] | None = None) -> None:
         super().__init__(path, config, tokenizer_kind, tokenizer_path, warnings)
         self._weight_map = weight_map  # tensor name -> shard file name
+        self._stored = stored_names or {}  # tensor name -> name in the file, where they differ
         self._index_file = index_file
         self._headers: dict[str, dict[str, TensorInfo]] = {}
         cfg = path / HF_TOKENIZER_CONFIG
@@ -388,9 +394,10 @@ class HFCheckpoint(Checkpoint):
         if file is None:
             src = self._index_file or HF_SINGLE
             raise CheckpointError(f"{src}: no tensor '{name}' in the checkpoint")
-        info = self._header(file).get(name)
+        info = self._header(file).get(self._stored.get(name, name))
         if info is None:
-            raise CheckpointError(f"{file}: tensor '{name}' listed in {self._index_file} is missing from this shard")
+            raise CheckpointError(f"{file}: tensor '{self._stored.get(name, name)}' listed in {self._index_file} "
+                                  "is missing from this shard")
         return info
 
     def shape_of(self, name: str) -> tuple[int, ...]:
@@ -421,7 +428,7 @@ class HFCheckpoint(Checkpoint):
                 continue
             if shard in bad_files:
                 continue
-            info = self._headers[shard].get(name)
+            info = self._headers[shard].get(self._stored.get(name, name))
             if info is None:
                 problems.append(f"{shard}: tensor '{name}' listed in {src} is missing from this shard")
             elif info.shape != shape:
@@ -644,7 +651,7 @@ def _json_object(path: Path, file: str) -> dict[str, Any]:
 def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
     warnings: list[str] = []
     hf = _json_object(path, HF_CONFIG)
-    if hf.get("model_type") not in (None, "llama"):
+    if hf.get("model_type") not in (None, "llama", "llama4", "llama4_text"):
         warnings.append(f"{HF_CONFIG}: model_type={hf.get('model_type')!r}, loading it as a LLaMA model")
     try:
         config = ModelConfig.from_hf(hf, source=HF_CONFIG, name=name)
@@ -678,8 +685,15 @@ def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
             for t in read_safetensors_header(path / f):
                 weight_map.setdefault(t, f)
 
+    # Llama 4's published (multimodal) checkpoints prefix the text model with `language_model.`.
+    text_names, other = llama4.strip_multimodal_prefix(list(weight_map))
+    stored = {name: s for name, s in text_names.items() if name != s}
+    if other:
+        warnings.append(f"{len(other)} tensor(s) outside `{llama4.MULTIMODAL_TEXT_PREFIX}` (vision tower) ignored")
+    weight_map = {name: weight_map[s] for name, s in text_names.items()}
+
     tok_kind, tok_path = _find_tokenizer_hf(path)
-    ckpt = HFCheckpoint(path, config, tok_kind, tok_path, warnings, weight_map, index_file)
+    ckpt = HFCheckpoint(path, config, tok_kind, tok_path, warnings, weight_map, index_file, stored)
     expected = ckpt.expected_shapes()
     extra = [t for t in weight_map if t not in expected and not _IGNORED_HF.fullmatch(t)]
     if extra:
@@ -727,6 +741,9 @@ def _default_context(params: dict[str, Any], tok_kind: str) -> int:
 def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
     warnings: list[str] = []
     params = _json_object(path, META_PARAMS)
+    if "moe_args" in params:
+        raise CheckpointError(f"{META_PARAMS}: field 'moe_args': Llama 4's original Meta layout is not supported; "
+                              "use the HF checkpoint (meta-llama/Llama-4-*-17B-*E)")
     tok_path = path / META_TOKENIZER
     if not tok_path.is_file():
         raise CheckpointError(f"{META_TOKENIZER}: tokenizer file not found in {path}")

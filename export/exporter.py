@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from plugins.attention.torch_op import TRANSLATION_TABLE
+from plugins.moe.torch_op import TRANSLATION_TABLE as MOE_TRANSLATION_TABLE
 
 from .config import ModelConfig
 from .model import LlamaDecoder, input_names, output_names
@@ -82,7 +83,7 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
             input_names=input_names(config),
             output_names=output_names(config),
             dynamic_shapes=dynamic_shapes,
-            custom_translation_table=TRANSLATION_TABLE,
+            custom_translation_table={**TRANSLATION_TABLE, **MOE_TRANSLATION_TABLE},
             verbose=False,
         )
     assert program is not None

@@ -4,6 +4,8 @@ Parameter names match the HF checkpoint layout (`model.layers.0.self_attn.q_proj
 checkpoint tensors bind to graph initializers by name. Everything RoPE/cache/mask related lives in
 the attention plugin op, so the traced graph is: embedding, then per layer RMSNorm -> Q/K/V
 projections -> `LlamaAttention` -> output projection -> RMSNorm -> SwiGLU MLP, then the LM head.
+Llama 4 layers differ in their attention attributes (NoPE, QK norm, chunking) and, on MoE layers,
+in the FFN: one `llamaforge::MoE` node plus a shared-expert MLP (`export/llama4.py`).
 
 Graph interface (names are part of the engine manifest):
   inputs   input_ids [batch, seq] int64, past_lengths [batch] int32,
@@ -21,10 +23,12 @@ from plugins.attention.schema import AttentionAttrs
 from plugins.attention.torch_op import attention
 
 from .config import ModelConfig
+from .llama4 import MoEFeedForward
 
 
-def attention_attrs(config: ModelConfig) -> AttentionAttrs:
+def attention_attrs(config: ModelConfig, layer: int = 0) -> AttentionAttrs:
     rs = config.rope_scaling
+    rope = config.layer_uses_rope(layer)
     return AttentionAttrs(
         num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads,
@@ -35,6 +39,15 @@ def attention_attrs(config: ModelConfig) -> AttentionAttrs:
         rope_low_freq_factor=rs.low_freq_factor if rs else 1.0,
         rope_high_freq_factor=rs.high_freq_factor if rs else 1.0,
         rope_original_max_positions=rs.original_max_position_embeddings if rs else 0,
+        rope_interleaved=int(config.rope_interleaved),
+        # Llama 4: NoPE layers get the query temperature; RoPE layers QK norm and chunked attention.
+        use_rope=int(rope),
+        qk_norm=int(config.use_qk_norm and rope),
+        qk_norm_eps=config.norm_eps,
+        attn_chunk_size=config.attention_chunk_size if rope else 0,
+        temperature_tuning=int(config.attn_temperature_tuning and not rope),
+        temperature_floor=config.floor_scale,
+        temperature_scale=config.attn_scale,
     )
 
 
@@ -52,9 +65,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
-        self.attrs = attention_attrs(config)
+        self.attrs = attention_attrs(config, layer)
         self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
@@ -69,29 +82,37 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int = 0) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config)
+        # The FFN's attribute name is its checkpoint prefix: `mlp` (LLaMA 1-3) or `feed_forward` (Llama 4).
+        self.ffn_name = "feed_forward" if config.architecture == "llama4" else "mlp"
+        ffn: nn.Module
+        if layer in config.moe_layer_indices():
+            ffn = MoEFeedForward(config, shared_expert=MLP(config, config.intermediate_size))
+        else:
+            ffn = MLP(config, config.dense_intermediate_size)
+        self.add_module(self.ffn_name, ffn)
 
     def forward(self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
                 past_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, present_key, present_value = self.self_attn(self.input_layernorm(x), past_key, past_value, past_lengths)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
         return x, present_key, present_value
 
 
@@ -99,7 +120,7 @@ class Body(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
 

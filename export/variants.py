@@ -39,6 +39,11 @@ class Variant:
     tokenizer: str  # "sentencepiece" or "tiktoken"
     hf_repo: str  # the Hugging Face repo these numbers describe (documentation only)
     notes: str = ""
+    published_active_params: int | None = None  # MoE models: parameters one token runs through
+
+    @property
+    def computed_active_params(self) -> int:
+        return self.config.num_parameters(active=True)
 
     @property
     def name(self) -> str:
@@ -155,8 +160,34 @@ def _llama3(name: str, family: str, size: str, *, eos: tuple[int, ...] = _LLAMA3
     )
 
 
-def _v(config: ModelConfig, published: int, tokenizer: str, hf_repo: str, notes: str = "") -> Variant:
-    return Variant(config=config, published_params=published, tokenizer=tokenizer, hf_repo=hf_repo, notes=notes)
+def _llama4(name: str, experts: int) -> ModelConfig:
+    """Llama 4 text models (Apr 2025), from `text_config` of the HF repos' config.json. Both have
+    hidden 5120, 48 layers, 40/8 heads of 128, expert FFN 8192 and dense FFN 16384, one routed
+    expert per token plus a shared expert, chunked attention (8192) on the RoPE layers and a NoPE
+    layer every 4th layer (Scout lists `no_rope_layers` = [1, 1, 1, 0] * 12; Maverick gives no list,
+    so transformers' default interval 4 makes the same pattern)."""
+    scout = experts == 16
+    return ModelConfig(
+        name=name, family="llama4", architecture="llama4",
+        hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+        intermediate_size=8192, intermediate_size_mlp=16384, vocab_size=202048, norm_eps=1e-5,
+        rope_theta=500000.0, rope_interleaved=True,
+        # Scout: llama3 scaling with factor 16 and both band factors 1 (10M-token context); Maverick: none (1M).
+        rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192) if scout else None,
+        max_position_embeddings=10485760 if scout else 1048576,
+        num_local_experts=experts, num_experts_per_tok=1,
+        interleave_moe_layer_step=1 if scout else 2,  # Maverick: odd layers MoE, even layers dense
+        no_rope_layer_interval=4, no_rope_layers=tuple(int((i + 1) % 4 != 0) for i in range(48)),
+        attention_chunk_size=8192, use_qk_norm=scout,  # Maverick has no QK norm
+        attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1,
+        bos_token_id=200000, eos_token_id=(200001, 200007, 200008), pad_token_id=200018,
+    )
+
+
+def _v(config: ModelConfig, published: int, tokenizer: str, hf_repo: str, notes: str = "",
+       published_active: int | None = None) -> Variant:
+    return Variant(config=config, published_params=published, tokenizer=tokenizer, hf_repo=hf_repo, notes=notes,
+                   published_active_params=published_active)
 
 
 _ALL: list[Variant] = [
@@ -202,6 +233,16 @@ _ALL: list[Variant] = [
     _v(_llama3("llama3.3-70b", "llama3.3", "70b", eos=_LLAMA3_EOS_INSTRUCT), 70_553_706_496, _TIK,
        "meta-llama/Llama-3.3-70B-Instruct",
        "Released only as an instruct model, so eos is the instruct list (128001, 128008, 128009)."),
+    # -- Llama 4 (Apr 2025): the text decoders of the multimodal releases. Meta publishes rounded
+    #    totals for the whole checkpoint, vision encoder included (~1.9B for Scout), so the text-only
+    #    count computed here is 107.77B against 109B (Scout) and 400.71B against 400B (Maverick);
+    #    active: 17.17B / 17.18B against 17B. --
+    _v(_llama4("llama4-scout-17b-16e", 16), 109_000_000_000, _TIK, "meta-llama/Llama-4-Scout-17B-16E",
+       "16 experts in every layer, QK norm, llama3 RoPE scaling 16x; published 109B total / 17B active "
+       "(whole multimodal checkpoint, rounded).", published_active=17_000_000_000),
+    _v(_llama4("llama4-maverick-17b-128e", 128), 400_000_000_000, _TIK, "meta-llama/Llama-4-Maverick-17B-128E",
+       "128 experts on odd layers, dense FFN 16384 on even layers, no QK norm; published 400B total / 17B "
+       "active (rounded).", published_active=17_000_000_000),
 ]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
@@ -223,7 +264,7 @@ def get_variant(name: str) -> Variant:
 def format_table() -> str:
     """A fixed-width table of every variant's shape and parameter count."""
     headers = ["name", "layers", "hidden", "heads", "kv", "head_dim", "ffn", "vocab", "context",
-               "rope_theta", "rope_scale", "tied", "params(B)", "published(B)", "delta%"]
+               "rope_theta", "rope_scale", "tied", "experts", "params(B)", "published(B)", "delta%", "active(B)"]
     rows: list[list[str]] = []
     for v in VARIANTS.values():
         c = v.config
@@ -240,9 +281,11 @@ def format_table() -> str:
             f"{c.rope_theta:.0f}",
             f"{c.rope_scaling.factor:g}" if c.rope_scaling else "-",
             "yes" if c.tie_word_embeddings else "no",
+            f"{c.num_experts_per_tok}/{c.num_local_experts}" if c.is_moe else "-",
             f"{v.computed_params / 1e9:.2f}",
             f"{v.published_params / 1e9:.2f}",
             f"{v.params_delta_pct:+.3f}",
+            f"{v.computed_active_params / 1e9:.2f}" if c.is_moe else "-",
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 

@@ -16,7 +16,12 @@ import onnx_ir as ir
 from .passes.cleanup import Clean
 from .passes.fusion import FuseQKV, FuseRMSNorm
 from .passes.lower_attention import LowerAttentionForORT
+from .passes.lower_moe import LowerMoEForORT
+from .passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
+from .passes.validate_quant import ValidateQuantization
 from .passes.weights import FoldWeightTransposes
+from .quantization import QuantConfig, QuantContext
+from .trt_ops import CheckTensorRTOps
 from .verify import verify
 
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
@@ -25,12 +30,65 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fuse-rmsnorm": FuseRMSNorm,
     "fuse-qkv": FuseQKV,
     "lower-attention-ort": LowerAttentionForORT,
+    "lower-moe-ort": LowerMoEForORT,
+    "check-trt-ops": CheckTensorRTOps,
 }
 
 # Per backend: what runs, in order. The plugin op stays intact until the backend's lowering.
 PIPELINES: dict[str, list[str]] = {
-    "ort": ["fold-weight-transposes", "clean", "fuse-qkv", "fuse-rmsnorm", "lower-attention-ort", "clean"],
+    "ort": ["fold-weight-transposes", "clean", "fuse-qkv", "fuse-rmsnorm", "lower-moe-ort", "lower-attention-ort",
+            "clean"],
 }
+
+# Quantization passes need the build's calibration statistics: made from a `QuantContext`.
+QUANT_PASSES: dict[str, Callable[[QuantContext], ir.passes.PassBase]] = {
+    "quantize-kv-fp8": QuantizeKVCache,
+    "smooth-int8": SmoothQuant,
+    "quantize-fp8": lambda ctx: QuantizeMatMuls(ctx, "fp8"),
+    "quantize-int8-sq": lambda ctx: QuantizeMatMuls(ctx, "int8-sq"),
+    "quantize-int8-wo": lambda ctx: QuantizeMatMuls(ctx, "int8-wo"),
+    "validate-quantization": ValidateQuantization,
+}
+WEIGHT_QUANT_PASSES = {"fp8": ["quantize-fp8"], "int8-sq": ["smooth-int8", "quantize-int8-sq"],
+                       "int8-wo": ["quantize-int8-wo"]}
+
+
+def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
+    """The pass list for a backend and (optional) quantization; what `build` runs and what a
+    backend builder (e.g. TensorRT's) should reuse so every backend gets the same Q/DQ graph.
+
+    Quantization runs after the fusions and before the backend's lowering (`lower-attention-*`):
+    the KV-cache pass sets scales on the attention op, which the lowering implements, and the
+    validator checks the backend-neutral Q/DQ graph, the one TensorRT parses. (`clean` never folds
+    Q/DQ: onnxscript's constant folding keeps them by design.)
+    """
+    if backend == "trt" and "trt" in PIPELINES:  # the ORT graph of this precision, minus ORT-only passes
+        return trt_passes(pipeline("ort", quant))
+    if backend not in PIPELINES:
+        raise PipelineError(f"no pass pipeline for backend {backend!r}; known: {sorted(PIPELINES)}")
+    names = list(PIPELINES[backend])
+    if quant is None or not quant.active:
+        return names
+    lowering = next((i for i, n in enumerate(names) if n.startswith("lower-attention")), len(names))
+    kv = ["quantize-kv-fp8"] if quant.kv_cache == "fp8" else []
+    weights = WEIGHT_QUANT_PASSES.get(quant.precision or "", [])
+    return names[:lowering] + kv + weights + ["validate-quantization"] + names[lowering:]
+
+
+# Passes that only make sense for ONNX Runtime: its com.microsoft fusions/kernels and the plugin
+# op's lowering. TensorRT keeps the plugin node (plugins/attention/trt_plugin.py implements it).
+ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort"})
+
+
+def trt_passes(ort_passes: Sequence[str]) -> list[str]:
+    """The TensorRT pipeline for a precision: the ORT pipeline of that precision (its quantization
+    passes included) without the ORT-only passes, ending with the TensorRT op-support check."""
+    kept = [p for p in ort_passes if p not in ORT_ONLY_PASSES]
+    kept = [p for i, p in enumerate(kept) if not (p == "clean" and i and kept[i - 1] == "clean")]  # no clean twice
+    return [*kept, "check-trt-ops"]
+
+
+PIPELINES["trt"] = trt_passes(PIPELINES["ort"])
 
 
 class PipelineError(ValueError):
@@ -53,10 +111,14 @@ class PipelineReport:
 
 
 def run_pipeline(model: ir.Model, passes: Sequence[str], dump_after: Sequence[str] = (),
-                 dump_dir: Path | None = None, log: Callable[[str], None] = print) -> PipelineReport:
-    unknown = [p for p in [*passes, *dump_after] if p not in PASSES]
+                 dump_dir: Path | None = None, log: Callable[[str], None] = print,
+                 quant: QuantContext | None = None) -> PipelineReport:
+    unknown = [p for p in [*passes, *dump_after] if p not in PASSES and p not in QUANT_PASSES]
     if unknown:
-        raise PipelineError(f"unknown pass(es) {unknown}; known: {sorted(PASSES)}")
+        raise PipelineError(f"unknown pass(es) {unknown}; known: {sorted([*PASSES, *QUANT_PASSES])}")
+    needs_stats = [p for p in passes if p in QUANT_PASSES]
+    if needs_stats and quant is None:
+        raise PipelineError(f"pass(es) {needs_stats} need calibration statistics (a QuantContext)")
     missing = [p for p in dump_after if p not in passes]
     if missing:
         raise PipelineError(f"--dump-after {missing}: not in this pipeline ({list(passes)})")
@@ -64,7 +126,7 @@ def run_pipeline(model: ir.Model, passes: Sequence[str], dump_after: Sequence[st
     verify(model, "export")
     for name in passes:
         start = time.perf_counter()
-        result = PASSES[name]()(model)
+        result = (QUANT_PASSES[name](quant) if name in QUANT_PASSES else PASSES[name]())(model)  # type: ignore[arg-type]
         model = result.model
         verify(model, f"pass '{name}'")
         seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from plugins.attention.schema import register_schema
+from plugins.moe.schema import register_schema as register_moe_schema
 
 
 class VerificationError(RuntimeError):
@@ -45,6 +46,7 @@ def skeleton_proto(model: ir.Model) -> onnx.ModelProto:
 
 def verify(model: ir.Model, where: str) -> None:
     register_schema()
+    register_moe_schema()
     proto = skeleton_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=True)

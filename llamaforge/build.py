@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,11 @@ import onnx
 from export.config import ModelConfig
 from plugins.attention.schema import KV_LAYOUT
 
+from .trt_build import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+CALIBRATION_FILE = "calibration.safetensors"
 FORMAT_VERSION = 1
 BACKENDS = ("ort", "trt")
 
@@ -43,6 +46,13 @@ class BuildOptions:
     weights: bool = True
     dump_after: Sequence[str] = ()
     dump_dir: Path | None = None
+    # Quantization (PRECISION=fp8|int8-sq|int8-wo, KV_CACHE=fp8): calibrated on CALIB (default: the
+    # demo model's held-out text); see graphs/quantization.py.
+    kv_cache: str | None = None
+    calib: Path | None = None
+    smoothquant_alpha: float = 0.5
+    quantize_lm_head: bool = False
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # BACKEND=trt only
 
 
 def tensorrt_available() -> bool:
@@ -75,7 +85,7 @@ def io_spec(proto_graph: onnx.GraphProto) -> dict[str, list[dict[str, Any]]]:
 
 def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
                  passes: list[str], source: dict[str, Any]) -> dict[str, Any]:
-    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[opts.precision]
+    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[activation_precision(opts.precision)]
     return {
         "format": "llama-forge-engine",
         "format_version": FORMAT_VERSION,
@@ -133,6 +143,60 @@ def _install(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+def _build_tensorrt_plan(model_path: Path, plan_path: Path, config: ModelConfig, opts: BuildOptions,
+                         out: Path) -> dict[str, Any]:
+    from .trt_build import build_plan
+
+    previous_cache = out / TIMING_CACHE_FILE  # the engine being replaced carries the last build's timings
+    try:
+        return build_plan(model_path, plan_path, config.num_layers, config.num_kv_heads, config.head_dim,
+                          opts.tensorrt, previous_cache if previous_cache.exists() else None)
+    except TensorRTBuildError as e:
+        raise BuildError(str(e)) from None
+
+
+def activation_precision(precision: str) -> str:
+    """The traced graph's dtype: quantized precisions quantize an fp32 graph."""
+    from graphs.quantization import QUANT_PRECISIONS
+
+    return "fp32" if precision in QUANT_PRECISIONS else precision
+
+
+def _calibration_text(opts: BuildOptions) -> Any:
+    from llamaforge.calibrate import CalibrationError, read_calibration_text
+
+    try:
+        return read_calibration_text(opts.calib)
+    except CalibrationError as e:
+        raise BuildError(str(e)) from None
+
+
+def _calibrate(ckpt: Any, text: Any, tmp: Path) -> Any:
+    """Calibration statistics for a quantized build (PyTorch, one decoder layer in memory at a time)."""
+    from export.tokenizer_files import copy_tokenizer
+    from llamaforge.calibrate import CalibrationError, calibrate, calibration_batch
+    from runtime.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(tmp, copy_tokenizer(ckpt, tmp))
+        tokens = calibration_batch(tokenizer, text, seq_len=min(256, ckpt.config.max_position_embeddings))
+    except CalibrationError as e:
+        raise BuildError(str(e)) from None
+    print(f"calibration data: {text.source}")
+    stats = calibrate(ckpt, tokens)
+    stats.source = text.source
+    return stats
+
+
+def quantization_manifest(quant: Any, stats: Any) -> dict[str, Any]:
+    """Manifest fields of a quantized engine: what was quantized, on which data, and the ONNX Runtime
+    session settings it needs (applied by runtime/engine.py; see graphs.quantization.ort_session_config)."""
+    from graphs.quantization import ort_session_config
+
+    return {"quantization": {**quant.describe(), "calibration": stats.source, "statistics": CALIBRATION_FILE},
+            "ort_session_config": ort_session_config(quant.precision, quant.kv_cache)}
+
+
 def build_engine(opts: BuildOptions) -> Path:
     # Imports that pull torch are here so that `llamaforge generate` on a serving host never needs them.
     import torch  # noqa: F401
@@ -141,7 +205,8 @@ def build_engine(opts: BuildOptions) -> Path:
     from export.exporter import PRECISIONS, bind_placeholder_weights, bind_weights, save_streaming, timed, tqdm_progress, trace
     from export.tokenizer_files import copy_tokenizer
     from export.variants import UnknownVariantError, get_variant
-    from graphs.pipeline import PIPELINES, run_pipeline
+    from graphs.pipeline import pipeline, run_pipeline
+    from graphs.quantization import QUANT_PRECISIONS, QuantConfig, QuantContext, QuantizationError
 
     if opts.backend not in BACKENDS:
         raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
@@ -151,10 +216,22 @@ def build_engine(opts: BuildOptions) -> Path:
             "installed here (an importable 'tensorrt' with no Builder is only the type stubs). Install it with "
             "`pip install .[tensorrt]` on a machine with a GPU, or use BACKEND=ort."
         )
-    if opts.backend == "trt":
-        raise BuildError("BACKEND=trt: the TensorRT engine builder is not part of this build yet; use BACKEND=ort")
-    if opts.precision not in PRECISIONS:
-        raise BuildError(f"PRECISION={opts.precision!r} is not one of {sorted(PRECISIONS)}")
+    if opts.backend == "trt" and not opts.weights:
+        raise BuildError("BACKEND=trt needs the checkpoint's weights (WEIGHTS=none builds ONNX graphs only)")
+    if opts.precision not in PRECISIONS and opts.precision not in QUANT_PRECISIONS:
+        raise BuildError(f"PRECISION={opts.precision!r} is not one of {sorted(PRECISIONS) + list(QUANT_PRECISIONS)}")
+    try:
+        quant = QuantConfig(opts.precision if opts.precision in QUANT_PRECISIONS else None, opts.kv_cache,
+                            opts.smoothquant_alpha, opts.quantize_lm_head)
+    except QuantizationError as e:
+        raise BuildError(str(e)) from None
+    if quant.active and opts.checkpoint is None:
+        raise BuildError(f"PRECISION={opts.precision} KV_CACHE={opts.kv_cache}: quantization is calibrated on the "
+                         "checkpoint's weights; CHECKPOINT= is required")
+    if opts.calib is not None and not quant.active:
+        raise BuildError(f"CALIB={opts.calib}: calibration data is only used by PRECISION=fp8|int8-sq|int8-wo or KV_CACHE=fp8")
+    base_precision = activation_precision(opts.precision)
+    calib_text = _calibration_text(opts) if quant.active else None  # bad CALIB fails before the export
 
     ckpt = None
     source: dict[str, Any] = {}
@@ -176,6 +253,11 @@ def build_engine(opts: BuildOptions) -> Path:
         raise BuildError(f"MODEL: {e.args[0] if e.args else e}") from None
     except CheckpointError as e:
         raise BuildError(str(e)) from None
+    if opts.backend == "trt":
+        try:  # before the (long) export: bad profile limits fail at once
+            opts.tensorrt.limits.validate(config.max_position_embeddings)
+        except TensorRTBuildError as e:
+            raise BuildError(str(e)) from None
 
     out = opts.out or Path("engines") / (opts.model or config.name)
     _check_out_dir(out)
@@ -185,15 +267,20 @@ def build_engine(opts: BuildOptions) -> Path:
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engine from a server running as another user
     try:
         done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
-        model = trace(config, opts.precision)
+        model = trace(config, base_precision)
         done()
         if ckpt is not None:
-            bind_weights(model, ckpt, PRECISIONS[opts.precision], tied=config.tie_word_embeddings)
+            bind_weights(model, ckpt, PRECISIONS[base_precision], tied=config.tie_word_embeddings)
         else:
             bind_placeholder_weights(model, tmp / "scratch.data")
-        passes = PIPELINES[opts.backend]
+        stats = _calibrate(ckpt, calib_text, tmp) if quant.active else None
+        context = QuantContext(quant, stats.copy()) if stats is not None else None  # passes update their copy
+        passes = pipeline(opts.backend, quant)
         done = timed(f"pass pipeline ({opts.backend})")
-        run_pipeline(model, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"))
+        try:
+            run_pipeline(model, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"), quant=context)
+        except QuantizationError as e:
+            raise BuildError(str(e)) from None
         done()
         path = tmp / MODEL_FILE
         if ckpt is not None:
@@ -210,6 +297,13 @@ def build_engine(opts: BuildOptions) -> Path:
         tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
         graph = onnx.load(str(path), load_external_data=False).graph
         manifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
+        if stats is not None:
+            stats.save(tmp / CALIBRATION_FILE)  # as measured, before smoothing: reusable by another build
+            manifest.update(quantization_manifest(quant, stats))
+            if quant.kv_cache == "fp8":  # the runtime allocates `dtype`; values are rounded to fp8 scales
+                manifest["kv_cache"]["quantization"] = {"dtype": "float8e4m3fn", "simulated": opts.backend == "ort"}
+        if opts.backend == "trt":
+            manifest["tensorrt"] = _build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _install(tmp, out)
     except BaseException:

@@ -5,8 +5,10 @@
   llamaforge build   --model M ...         make engine
   llamaforge generate ENGINE PROMPT...     make generate
   llamaforge passes                        the pass pipelines per backend
-  llamaforge demo-checkpoint DIR           the default model's checkpoint
+  llamaforge demo-checkpoint DIR           a random-weight tiny checkpoint (no training)
+  llamaforge train-demo [--out DIR]        make demo-model (trains the default model, stdlib-5m)
   llamaforge serve ENGINE [--port ...]     make serve (Triton-protocol gRPC server + /metrics)
+  llamaforge repo ENGINE [--name ...]      make repo (Triton model repository, triton_repo/README.md)
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llamaforge.trt_build import TensorRTOptions
 
 
 def _weights(value: str) -> bool:
@@ -29,11 +35,15 @@ def cmd_variants(args: argparse.Namespace) -> None:
 
 
 def cmd_passes(args: argparse.Namespace) -> None:
-    from graphs.pipeline import PASSES, PIPELINES
+    from graphs.pipeline import PASSES, PIPELINES, QUANT_PASSES, pipeline
+    from graphs.quantization import QUANT_PRECISIONS, QuantConfig
 
     for backend, names in PIPELINES.items():
         print(f"{backend}: {' -> '.join(names)}")
-    print("passes:", ", ".join(sorted(PASSES)))
+    for precision in QUANT_PRECISIONS:
+        print(f"ort {precision}: {' -> '.join(pipeline('ort', QuantConfig(precision)))}")
+    print(f"ort KV_CACHE=fp8: {' -> '.join(pipeline('ort', QuantConfig(kv_cache='fp8')))}")
+    print("passes:", ", ".join(sorted([*PASSES, *QUANT_PASSES])))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -70,7 +80,20 @@ def cmd_build(args: argparse.Namespace) -> None:
         model=args.model, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         out=Path(args.out) if args.out else None, precision=args.precision, backend=args.backend,
         weights=args.weights, dump_after=args.dump_after, dump_dir=Path(args.dump_dir) if args.dump_dir else None,
+        kv_cache=args.kv_cache, calib=Path(args.calib) if args.calib else None,
+        smoothquant_alpha=args.smoothquant_alpha, quantize_lm_head=args.quantize_lm_head,
+        tensorrt=_tensorrt_options(args),
     ))
+
+
+def _tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
+    from llamaforge.trt_build import ProfileLimits, TensorRTOptions
+
+    return TensorRTOptions(
+        limits=ProfileLimits(args.max_batch, args.max_input_len, args.max_kv_tokens),
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        workspace_bytes=int(args.trt_workspace_gib * (1 << 30)) if args.trt_workspace_gib else None,
+        optimization_level=args.trt_opt_level, verbose=args.trt_verbose)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -96,10 +119,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_message_bytes=args.max_message_mb * 1024 * 1024)
 
 
+def cmd_repo(args: argparse.Namespace) -> None:
+    from llamaforge.repo import RepoOptions, write_repo
+
+    gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
+    write_repo(RepoOptions(
+        engine=Path(args.engine), name=args.name, out=Path(args.out) if args.out else None,
+        engine_path=args.engine_path, device=args.device, gpus=gpus, instances=args.instances,
+        text_instances=args.text_instances, kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
+        scheduling_policy=args.scheduling_policy,
+    ))
+
+
 def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
     from llamaforge.demo import make_demo_checkpoint
 
     make_demo_checkpoint(Path(args.dir))
+
+
+def cmd_train_demo(args: argparse.Namespace) -> None:
+    from llamaforge.train_demo import TrainOptions, train
+
+    train(TrainOptions(out=Path(args.out), steps=args.steps, seed=args.seed))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,10 +150,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("variants", help="list registered variants with their parameter counts").set_defaults(fn=cmd_variants)
     sub.add_parser("passes", help="list pass pipelines").set_defaults(fn=cmd_passes)
 
-    def model_args(sp: argparse.ArgumentParser) -> None:
+    def model_args(sp: argparse.ArgumentParser, quantized: bool = False) -> None:
         sp.add_argument("--model", help="registered variant name (see `llamaforge variants`)")
         sp.add_argument("--checkpoint", help="HF or Meta checkpoint directory")
-        sp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+        sp.add_argument("--precision", default="fp32",
+                        choices=["fp32", "fp16", "bf16", *(["fp8", "int8-sq", "int8-wo"] if quantized else [])])
 
     e = sub.add_parser("export", help="trace a checkpoint to ONNX with the attention plugin op (no passes)")
     model_args(e)
@@ -119,12 +162,33 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build", help="export + pass pipeline + engine directory (make engine)")
-    model_args(b)
+    model_args(b, quantized=True)
     b.add_argument("--backend", default="ort", help="ort | trt")
     b.add_argument("--weights", default=True, type=_weights, help="checkpoint (default) | none: graph only")
     b.add_argument("--out", help="engine directory (default engines/MODEL)")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="write the model after PASS")
     b.add_argument("--dump-dir", help="where --dump-after writes (default OUT.dump)")
+    q = b.add_argument_group("quantization (--precision fp8|int8-sq|int8-wo, --kv-cache fp8)")
+    q.add_argument("--kv-cache", choices=["fp8"], help="FP8 E4M3 KV cache with per-layer K/V scales (KV_CACHE)")
+    q.add_argument("--calib", help="calibration text: a UTF-8 file or a directory of them (CALIB; default: "
+                                   "the demo model's held-out split)")
+    q.add_argument("--smoothquant-alpha", type=float, default=0.5, help="int8-sq migration strength (default 0.5)")
+    q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (kept in fp32 by default)")
+    from llamaforge.trt_build import ProfileLimits
+
+    limits = ProfileLimits()
+    trt = b.add_argument_group("TensorRT (--backend trt)")
+    trt.add_argument("--max-batch", type=int, default=limits.max_batch,
+                     help=f"rows per call, both profiles (MAX_BATCH, default {limits.max_batch})")
+    trt.add_argument("--max-input-len", type=int, default=limits.max_input_len,
+                     help=f"tokens per row in a context/prefill call (MAX_INPUT_LEN, default {limits.max_input_len})")
+    trt.add_argument("--max-kv-tokens", type=int, default=limits.max_kv_tokens,
+                     help=f"KV-cache capacity per row (MAX_KV_TOKENS, default {limits.max_kv_tokens})")
+    trt.add_argument("--timing-cache", help="timing cache file to load and update (default: OUT/timing.cache, "
+                                            "carried over from the engine being replaced)")
+    trt.add_argument("--trt-workspace-gib", type=float, default=None, help="workspace memory-pool limit (GiB)")
+    trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
+    trt.add_argument("--trt-verbose", action="store_true", help="TensorRT's verbose log")
     b.set_defaults(fn=cmd_build)
 
     g = sub.add_parser("generate", help="generate text from an engine directory")
@@ -151,9 +215,34 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-message-mb", type=int, default=64, help="largest request message accepted")
     s.set_defaults(fn=cmd_serve)
 
+    r = sub.add_parser("repo", help="a Triton model repository for an engine (make repo)")
+    r.add_argument("engine")
+    r.add_argument("--name", help="repository name (default: the engine's variant)")
+    r.add_argument("--out", help="output directory (default triton_repo/NAME)")
+    r.add_argument("--engine-path", help="the engine directory as the Triton server sees it (default: ENGINE, "
+                                         "absolute); e.g. where `docker run -v` mounts it")
+    r.add_argument("--device", default="gpu", choices=["gpu", "cpu"], help="llama's instance_group kind")
+    r.add_argument("--gpus", default="0", help="GPU ids for KIND_GPU, comma-separated (default 0)")
+    r.add_argument("--instances", type=int, default=1, help="llama instances per GPU (each its own batch and KV)")
+    r.add_argument("--text-instances", type=int, default=1, help="CPU instances of preprocessing/postprocessing/bls")
+    r.add_argument("--kv-budget-tokens", type=int, default=None, help="KV cache size in tokens per llama instance")
+    r.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
+    r.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    r.add_argument("--max-queue", type=int, default=64, help="waiting requests before UNAVAILABLE")
+    r.add_argument("--scheduling-policy", default="inflight", choices=["inflight", "static"])
+    r.set_defaults(fn=cmd_repo)
+
     d = sub.add_parser("demo-checkpoint", help="write the default demo checkpoint (HF layout)")
     d.add_argument("dir")
     d.set_defaults(fn=cmd_demo_checkpoint)
+
+    from llamaforge.train_demo import DEFAULT_DIR, TrainOptions
+
+    t = sub.add_parser("train-demo", help="train the default model (stdlib-5m) on this Python's stdlib sources")
+    t.add_argument("--out", default=str(DEFAULT_DIR))
+    t.add_argument("--steps", type=int, default=TrainOptions.steps)
+    t.add_argument("--seed", type=int, default=TrainOptions.seed)
+    t.set_defaults(fn=cmd_train_demo)
     return p
 
 
@@ -161,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from export.config import ConfigError
     from llamaforge.build import BuildError
+    from llamaforge.repo import RepoError
 
-    known: tuple[type[BaseException], ...] = (BuildError, ConfigError, ValueError, KeyError, FileNotFoundError)
+    known: tuple[type[BaseException], ...] = (BuildError, ConfigError, RepoError, ValueError, KeyError,
+                                              FileNotFoundError)
     try:
         args.fn(args)
     except known as e:

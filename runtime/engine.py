@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,48 @@ def read_manifest(engine_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_runnable(manifest: dict[str, Any], engine_dir: Path) -> None:
+    """How an engine is picked: the manifest's `backend` says what built it. "ort" engines run here
+    under ONNX Runtime. "trt" engines (engine.plan) need a TensorRT runner in the engine core, which
+    this runtime does not have yet, so they are refused with this message rather than failing
+    somewhere inside ONNX Runtime."""
+    backend = manifest.get("backend")
+    if backend == "trt":
+        raise EngineError(f"{engine_dir}: manifest.json field 'backend' is 'trt', but this runtime has no TensorRT "
+                          "runner yet (its engine core runs ONNX Runtime engines only); serve an engine built with BACKEND=ort")
+    if backend != "ort":
+        raise EngineError(f"{engine_dir}: manifest.json field 'backend' is {backend!r}, which cannot run under "
+                          "ONNX Runtime (expected 'ort')")
+
+
+def ort_providers(device: str, device_id: int = 0) -> list[Any]:
+    """ONNX Runtime execution providers for a device: "cpu", or "gpu" on CUDA device `device_id`
+    (which needs the onnxruntime-gpu build; the CPU-only wheel is refused with a message saying so)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "gpu":
+        raise EngineError(f"device {device!r} is not 'cpu' or 'gpu'")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise EngineError(f"a GPU instance needs ONNX Runtime's CUDAExecutionProvider, but this onnxruntime "
+                          f"{ort.__version__} has only {available}: install onnxruntime-gpu (built for the "
+                          "container's CUDA major version) instead of onnxruntime")
+    return [("CUDAExecutionProvider", {"device_id": int(device_id)}), "CPUExecutionProvider"]
+
+
 class Engine:
     """One ONNX Runtime session over an engine directory, plus its tokenizer and KV-cache spec."""
 
-    def __init__(self, engine_dir: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, engine_dir: str | os.PathLike[str], threads: int | None = None,
+                 providers: Sequence[Any] | None = None) -> None:
+        """`providers`: ONNX Runtime execution providers (default CPU; see `ort_providers`)."""
         import onnxruntime as ort
 
         self.dir = Path(engine_dir)
         self.manifest = read_manifest(self.dir)
-        if self.manifest["backend"] != "ort":
-            raise EngineError(f"{self.dir}: backend {self.manifest['backend']!r} cannot run under ONNX Runtime")
+        check_runnable(self.manifest, self.dir)
         if self.manifest["weights"] == "none":
             raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
         kv = self.manifest["kv_cache"]
@@ -76,8 +109,13 @@ class Engine:
         if threads:
             options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Quantized engines name the session settings their Q/DQ graph needs to run as written (e.g.
+        # no approximate int8 MatMulNBits); see graphs/quantization.py `ort_session_config`.
+        self.session_config: dict[str, str] = dict(self.manifest.get("ort_session_config", {}))
+        for key, value in self.session_config.items():
+            options.add_session_config_entry(str(key), str(value))
         self.session = ort.InferenceSession(str(self.dir / self.manifest["model_file"]), options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=list(providers or ["CPUExecutionProvider"]))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def step(self, input_ids: np.ndarray, past_lengths: np.ndarray,

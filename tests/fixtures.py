@@ -37,6 +37,9 @@ __all__ = [
     "make_meta_checkpoint",
     "meta_to_hf_permute",
     "SAMPLE_TEXTS",
+    "tiny_llama4_config",
+    "make_llama4_checkpoint",
+    "load_llama4_oracle",
 ]
 
 TINY_VOCAB = 640
@@ -350,3 +353,61 @@ def make_meta_checkpoint(dest: str | Path, hf_dir: str | Path, mp: int = 2, toke
         torch.save(shard, dest / f"consolidated.{r:02d}.pth")
     return dest
 
+
+
+# -- Llama 4 (MoE) checkpoints --------------------------------------------------------------------
+
+
+def tiny_llama4_config(**overrides: Any) -> ModelConfig:
+    """A tiny Scout-shaped text model: 4 layers, every layer MoE (4 experts, top-1) with a shared
+    expert, QK norm and chunked attention (chunk 8) on RoPE layers, a NoPE layer every 2nd layer
+    with the query temperature (floor 4, so it changes within a short prompt), llama3 RoPE scaling
+    with Scout's band factors (both 1), interleaved RoPE. Override for Maverick-like shapes."""
+    from export.config import RopeScaling
+
+    d: dict[str, Any] = dict(
+        architecture="llama4", family="llama4", rope_interleaved=True,
+        hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=32, intermediate_size_mlp=96, vocab_size=TINY_VOCAB, norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=RopeScaling(16.0, 1.0, 1.0, 16), max_position_embeddings=512,
+        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layer_interval=2,
+        attention_chunk_size=8, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4.0, attn_scale=0.1,
+        bos_token_id=1, eos_token_id=(2,), name="tiny-llama4",
+    )
+    d.update(overrides)
+    return ModelConfig(**d)
+
+
+def make_llama4_checkpoint(dest: str | Path, config: ModelConfig, seed: int = 0, init_std: float = 0.1) -> Path:
+    """Random-weight transformers `Llama4ForCausalLM` (fp32) saved with `save_pretrained` (2+ shards),
+    plus the tiny byte-level BPE tokenizer.json. Weights as in `make_hf_checkpoint`."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers.utils import logging as hf_logging
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    hf_logging.set_verbosity_error()
+    gen = torch.Generator().manual_seed(seed)
+    model = Llama4ForCausalLM(Llama4TextConfig(**config.to_hf()))
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+    sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
+    model.save_pretrained(dest, max_shard_size=max(max(sizes), sum(sizes) // 3))
+    train_tiny_tokenizer(config.vocab_size).save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_position_embeddings}, indent=2))
+    return dest
+
+
+def load_llama4_oracle(dest: str | Path):
+    """The checkpoint as transformers' `Llama4ForCausalLM`: fp32, eager attention, eval mode."""
+    from transformers import Llama4ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return Llama4ForCausalLM.from_pretrained(str(dest), dtype=torch.float32, attn_implementation="eager").eval()

@@ -144,3 +144,74 @@ def test_both_if_branches_match_reference(batch: int, seq: int, past: list[int],
     row = int(np.argmin(past))
     tail = got[1][row, :, past[row] + seq:]
     assert (np.all(tail == 0) if branch == "gqa" else np.array_equal(tail, feeds["past_key"][row, :, past[row] + seq:].numpy()))
+
+
+# -- Llama 4 flags: NoPE, QK norm, query temperature, chunked attention -------------------------
+LLAMA4_CASES = [
+    pytest.param(AttentionAttrs(8, 2, 16, rope_interleaved=1, qk_norm=1, attn_chunk_size=4), id="rope-qknorm-chunked"),
+    pytest.param(AttentionAttrs(8, 2, 16, rope_interleaved=1, attn_chunk_size=3), id="rope-chunked"),
+    # floor 2 makes the temperature change every other position at these tiny lengths.
+    pytest.param(AttentionAttrs(8, 2, 16, use_rope=0, temperature_tuning=1, temperature_floor=2.0, temperature_scale=0.5),
+                 id="nope-temperature"),
+    pytest.param(AttentionAttrs(4, 4, 16, use_rope=0, qk_norm=1, qk_norm_eps=1e-5), id="nope-qknorm"),
+]
+
+
+@pytest.mark.parametrize("attrs", LLAMA4_CASES)
+@pytest.mark.parametrize("seq,past", [(5, [0, 7, 13]), (1, [0, 4, 19])])
+def test_llama4_flags_lowering_matches_reference(attrs: AttentionAttrs, seq: int, past: list[int]) -> None:
+    feeds = random_inputs(attrs, batch=3, seq=seq, capacity=24, past=past, seed=11)
+    got, want = run_both(attrs, feeds)
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-5, rtol=1e-5)
+    for i in (1, 2):
+        assert_cache_close(got[i], want[i], past, seq, atol=1e-5, rtol=1e-5)
+
+
+def test_llama4_flags_never_take_the_gqa_kernel() -> None:
+    for param in LLAMA4_CASES:
+        model = ir.serde.deserialize_model(single_op_model(param.values[0]))
+        model.metadata_props["llamaforge.max_positions"] = "64"
+        LowerAttentionForORT()(model)
+        assert not any(n.op_type in ("If", "GroupQueryAttention") for n in model.graph), param.id
+
+
+def test_chunked_attention_is_not_a_sliding_window() -> None:
+    # The first token of a chunk sees only itself, however many tokens precede it.
+    attrs = AttentionAttrs(2, 1, 8, attn_chunk_size=4)
+    dense = AttentionAttrs(2, 1, 8)
+    feeds = random_inputs(attrs, batch=1, seq=1, capacity=12, past=[8])  # position 8 starts chunk 2
+    own, *_ = reference.llama_attention(*feeds.values(), attrs)
+    full, *_ = reference.llama_attention(*feeds.values(), dense)
+    v = feeds["value"].view(1, 1, 1, 8)  # softmax over one key returns its value
+    torch.testing.assert_close(own.view(1, 2, 8), v.expand(1, 1, 2, 8).reshape(1, 2, 8))
+    assert not torch.allclose(own, full)
+    feeds["past_key"][0, :, :8] += 50.0  # earlier chunks are invisible
+    again, *_ = reference.llama_attention(*feeds.values(), attrs)
+    torch.testing.assert_close(own, again, rtol=0, atol=0)
+
+
+def test_temperature_matches_llama4_formula() -> None:
+    attrs = AttentionAttrs(2, 1, 8, use_rope=0, temperature_tuning=1, temperature_floor=8192.0, temperature_scale=0.1)
+    positions = torch.tensor([[0, 8190, 8191, 3 * 8192 - 1]])
+    got = reference.query_temperature(positions, attrs)
+    want = torch.tensor([[1.0, 1.0, 1.0 + 0.1 * np.log(2.0), 1.0 + 0.1 * np.log(4.0)]])
+    torch.testing.assert_close(got, want.float())
+
+
+def test_triton_kernels_refuse_llama4_flags_by_name() -> None:
+    tk = pytest.importorskip("plugins.attention.triton_kernels")
+    for attrs, name in [(AttentionAttrs(2, 1, 16, use_rope=0), "use_rope=0"), (AttentionAttrs(2, 1, 16, qk_norm=1), "qk_norm=1"),
+                        (AttentionAttrs(2, 1, 16, attn_chunk_size=8), "attn_chunk_size=8")]:
+        feeds = random_inputs(attrs, batch=1, seq=2, capacity=4, past=[0])
+        with pytest.raises(NotImplementedError, match=name):
+            tk.prefill_attention(*feeds.values(), attrs)
+
+
+def test_tensorrt_graph_check_names_llama4_flags() -> None:
+    from graphs.trt_ops import tensorrt_problems
+
+    model = ir.serde.deserialize_model(single_op_model(AttentionAttrs(8, 2, 16, attn_chunk_size=8, qk_norm=1)))
+    problems = [p for p in tensorrt_problems(model) if "Llama 4" in p]
+    assert len(problems) == 2 and "qk_norm=1" in problems[0] and "attn_chunk_size=8" in problems[1]
+    dense = ir.serde.deserialize_model(single_op_model(AttentionAttrs(8, 2, 16)))
+    assert not [p for p in tensorrt_problems(dense) if "Llama 4" in p]

@@ -18,15 +18,16 @@ REQUIRED_NAMES = [
     "llama3.1-8b", "llama3.1-70b", "llama3.1-405b",
     "llama3.2-1b", "llama3.2-3b",
     "llama3.3-70b",
+    "llama4-scout-17b-16e", "llama4-maverick-17b-128e",
 ]
 
-FAMILIES = {"llama1", "alpaca", "vicuna", "llama2", "codellama", "llama3", "llama3.1", "llama3.2", "llama3.3"}
+FAMILIES = {"llama1", "alpaca", "vicuna", "llama2", "codellama", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4"}
 
 MHA = [
     "llama-7b", "llama-13b", "llama-33b", "llama-65b", "alpaca-7b", "vicuna-7b", "vicuna-13b", "vicuna-33b",
     "llama2-7b", "llama2-13b", "llama2-7b-chat", "llama2-13b-chat", "codellama-7b", "codellama-13b",
 ]
-GQA = ["llama2-70b", "llama2-70b-chat", "codellama-34b", "codellama-70b"] + [n for n in REQUIRED_NAMES if n.startswith("llama3")]
+GQA = ["llama2-70b", "llama2-70b-chat", "codellama-34b", "codellama-70b"] + [n for n in REQUIRED_NAMES if n.startswith(("llama3", "llama4"))]
 
 
 def test_registered_names_are_exactly_the_required_list():
@@ -40,7 +41,7 @@ def test_entry_is_well_formed(name):
     assert isinstance(v, Variant) and isinstance(v.config, ModelConfig)
     assert v.config.name == name
     assert v.config.family in FAMILIES
-    assert v.tokenizer == ("tiktoken" if name.startswith("llama3") else "sentencepiece")
+    assert v.tokenizer == ("tiktoken" if name.startswith(("llama3", "llama4")) else "sentencepiece")
     assert "/" in v.hf_repo
     assert v.config.num_heads * v.config.head_dim == v.config.hidden_size
     assert v.config.num_heads % v.config.num_kv_heads == 0
@@ -171,3 +172,50 @@ def test_format_table_lists_every_variant():
     assert first_cells == set(REQUIRED_NAMES)
     for header in ("layers", "hidden", "kv", "head_dim", "ffn", "vocab", "context", "rope_theta", "delta%"):
         assert header in lines[0]
+
+
+# -- Llama 4 (MoE): total and active parameters -------------------------------------------------
+LLAMA4 = ["llama4-scout-17b-16e", "llama4-maverick-17b-128e"]
+
+
+@pytest.mark.parametrize("name", LLAMA4)
+def test_llama4_active_params_within_3pct_of_published(name):
+    v = get_variant(name)
+    assert v.published_active_params is not None
+    active = v.config.num_parameters(active=True)
+    assert abs(active - v.published_active_params) / v.published_active_params < 0.03, (active, v.published_active_params)
+    assert v.computed_active_params == active < v.computed_params
+
+
+@pytest.mark.parametrize("name, total, active", [
+    # Counted by hand from the published config.json text_config (see export/variants.py).
+    ("llama4-scout-17b-16e", 107_769_861_120, 17_172_894_720),
+    ("llama4-maverick-17b-128e", 400_711_848_960, 17_184_691_200),
+])
+def test_llama4_exact_counts(name, total, active):
+    c = get_variant(name).config
+    assert (c.num_parameters(), c.num_parameters(active=True)) == (total, active)
+
+
+def test_llama4_layer_structure():
+    scout, maverick = (get_variant(n).config for n in LLAMA4)
+    assert scout.moe_layer_indices() == tuple(range(48))
+    assert maverick.moe_layer_indices() == tuple(range(1, 48, 2))  # interleave_moe_layer_step 2
+    for c in (scout, maverick):
+        assert [i for i in range(48) if not c.layer_uses_rope(i)] == list(range(3, 48, 4))
+        assert (c.attention_chunk_size, c.num_experts_per_tok, c.dense_intermediate_size) == (8192, 1, 16384)
+        assert c.rope_interleaved and c.attn_temperature_tuning
+    assert scout.use_qk_norm and not maverick.use_qk_norm
+    assert scout.rope_scaling is not None and scout.rope_scaling.factor == 16.0 and maverick.rope_scaling is None
+
+
+def test_llama4_config_round_trips_through_hf_and_dict():
+    for name in LLAMA4:
+        c = get_variant(name).config
+        hf = c.to_hf() | {"model_type": "llama4_text"}
+        back = ModelConfig.from_hf(hf, name=name)
+        assert back.describe_mismatch(c) == []
+        assert back.moe_layer_indices() == c.moe_layer_indices() and back.no_rope_layers == c.no_rope_layers
+        assert ModelConfig.from_dict(c.to_dict()) == c
+        nested = ModelConfig.from_hf({"model_type": "llama4", "text_config": hf}, name=name)  # multimodal config.json
+        assert nested.num_parameters() == c.num_parameters()

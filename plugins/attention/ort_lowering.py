@@ -75,6 +75,42 @@ def activation_and_cache_types(node: ir.Node) -> tuple[ir.DataType, ir.DataType]
     return act, cache
 
 
+def _llama4_query_key(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, positions: ir.Value, attrs: AttentionAttrs,
+                      act_type: ir.DataType) -> tuple[ir.Value, ir.Value]:
+    """QK norm and query temperature (float32 [B, H, S, D] in and out), rounding to the activation
+    dtype where the reference does."""
+
+    def rounded(x: ir.Value) -> ir.Value:
+        return x if act_type == FLOAT else tape.op("Cast", [tape.op("Cast", [x], {"to": act_type})], {"to": FLOAT})
+
+    if attrs.qk_norm:
+        ones = _const(tape, np.ones(attrs.head_dim, dtype=np.float32), "qk_norm_scale")
+        norm = {"axis": -1, "epsilon": attrs.qk_norm_eps, "stash_type": 1}
+        q = tape.op("RMSNormalization", [rounded(q), ones], norm)
+        k = tape.op("RMSNormalization", [rounded(k), ones], norm)
+    if attrs.temperature_tuning:
+        def scalar(x: float) -> ir.Value:
+            return _const(tape, np.array(x, dtype=np.float32), "temperature")
+
+        pos1 = tape.op("Add", [tape.op("Cast", [positions], {"to": FLOAT}), scalar(1.0)])
+        steps = tape.op("Floor", [tape.op("Div", [pos1, scalar(attrs.temperature_floor)])])
+        # log1p(n) as log(1 + n): n is a whole number, so 1 + n is exact.
+        temperature = tape.op("Add", [tape.op("Mul", [tape.op("Log", [tape.op("Add", [steps, scalar(1.0)])]),
+                                                      scalar(attrs.temperature_scale)]), scalar(1.0)])  # [B, S]
+        q = tape.op("Mul", [rounded(q), tape.op("Unsqueeze", [temperature, _ints(tape, 1, 3)])])
+    return q, k
+
+
+def _fp8_qdq(tape: ir.tape.Tape, x: ir.Value, scale: float, dtype: ir.DataType) -> ir.Value:
+    """QuantizeLinear(float8e4m3fn, saturate) -> DequantizeLinear in float32 (the reference's
+    `fake_quant_fp8`); x and the result have type `dtype`."""
+    x = x if dtype == FLOAT else tape.op("Cast", [x], {"to": FLOAT})
+    s = _const(tape, np.array(scale, dtype=np.float32), "kv_scale")
+    zero = _const(tape, np.array(0, dtype=ir.DataType.FLOAT8E4M3FN.numpy()), "kv_zero_point")
+    x = tape.op("DequantizeLinear", [tape.op("QuantizeLinear", [x, s, zero]), s, zero])
+    return x if dtype == FLOAT else tape.op("Cast", [x], {"to": dtype})
+
+
 def decompose(node: ir.Node, attrs: AttentionAttrs) -> tuple[list[ir.Node], list[ir.Value]]:
     """Standard-op subgraph equivalent to `node`; returns (nodes, [output, present_key, present_value])."""
     tape = ir.tape.Tape()
@@ -112,12 +148,19 @@ def decompose(node: ir.Node, attrs: AttentionAttrs) -> tuple[list[ir.Node], list
     def heads(x: ir.Value, n: int) -> ir.Value:  # [B, S, n*D] -> [B, n, S, D]
         return tape.op("Transpose", [tape.op("Reshape", [x, _ints(tape, 0, 0, n, d)])], {"perm": [0, 2, 1, 3]})
 
-    q = _rope(tape, to_float(heads(query, h), act_type), cos, sin, attrs)
-    k = _rope(tape, to_float(heads(key, kvh), act_type), cos, sin, attrs)
+    q = to_float(heads(query, h), act_type)
+    k = to_float(heads(key, kvh), act_type)
+    if attrs.use_rope:
+        q = _rope(tape, q, cos, sin, attrs)
+        k = _rope(tape, k, cos, sin, attrs)
+    q, k = _llama4_query_key(tape, q, k, positions, attrs, act_type)
     v = heads(value, kvh)
     if act_type != FLOAT:  # the reference rounds rotated q/k back to the activation dtype
         q = tape.op("Cast", [tape.op("Cast", [q], {"to": act_type})], {"to": FLOAT})
         k = tape.op("Cast", [k], {"to": act_type})
+    if attrs.kv_cache_quant == "fp8":  # Q/DQ of what enters the cache: K after RoPE, and V
+        k = _fp8_qdq(tape, k, attrs.k_scale, act_type)
+        v = _fp8_qdq(tape, v, attrs.v_scale, act_type)
     if act_type != cache_type:
         k = tape.op("Cast", [k], {"to": cache_type})
         v = tape.op("Cast", [v], {"to": cache_type})
@@ -137,6 +180,11 @@ def decompose(node: ir.Node, attrs: AttentionAttrs) -> tuple[list[ir.Node], list
     scores = tape.op("MatMul", [qg, keys_t])  # [B, KVH, G, S, C]
     scores = tape.op("Mul", [scores, _const(tape, np.array(attrs.scale, dtype=np.float32), "scale")])
     visible = tape.op("LessOrEqual", [tape.op("Unsqueeze", [cache_index, _ints(tape, 0, 1)]), tape.op("Unsqueeze", [positions, _ints(tape, 2)])])  # [B, S, C]
+    if attrs.attn_chunk_size:  # and in the query's own chunk
+        chunk = _const(tape, np.array(attrs.attn_chunk_size, dtype=np.int64), "chunk")
+        same_chunk = tape.op("Equal", [tape.op("Unsqueeze", [tape.op("Div", [cache_index, chunk]), _ints(tape, 0, 1)]),
+                                       tape.op("Unsqueeze", [tape.op("Div", [positions, chunk]), _ints(tape, 2)])])
+        visible = tape.op("And", [visible, same_chunk])
     visible = tape.op("Unsqueeze", [visible, _ints(tape, 1, 2)])
     scores = tape.op("Where", [visible, scores, _const(tape, np.array(-np.inf, dtype=np.float32), "neg_inf")])
     probs = tape.op("Softmax", [scores], {"axis": -1})
@@ -159,8 +207,12 @@ GQA_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
 def gqa_supports(attrs: AttentionAttrs, dtype: ir.DataType) -> bool:
-    """What ORT 1.31's CPU GroupQueryAttention kernel accepts (it rejects other head sizes at run time)."""
-    return dtype in GQA_DTYPES and attrs.head_dim % 16 == 0
+    """What ORT 1.31's CPU GroupQueryAttention kernel accepts (it rejects other head sizes at run time).
+    It has no chunked mask, QK norm or query temperature, so Llama 4 layers use the decomposition.
+    Nor an FP8 KV cache: the kernel rotates K and writes the cache in one call, so rotated K never
+    exists as a tensor to quantize; with kv_cache_quant the decomposition (which has it) runs."""
+    return (dtype in GQA_DTYPES and attrs.head_dim % 16 == 0 and not attrs.non_default_llama4_flags()
+            and attrs.kv_cache_quant == "none")
 
 
 def rope_cache(attrs: AttentionAttrs, max_positions: int, dtype: ir.DataType, which: str) -> ir.Value:

@@ -52,6 +52,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last axis (Llama 4's weightless QK norm)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def query_temperature(positions: torch.Tensor, attrs: AttentionAttrs) -> torch.Tensor:
+    """Llama 4's per-position query scale on NoPE layers, float32, shaped like `positions`."""
+    floor = torch.floor((positions.to(torch.float32) + 1.0) / attrs.temperature_floor)
+    return torch.log1p(floor) * attrs.temperature_scale + 1.0
+
+
+FP8_E4M3_MAX = 448.0
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """ONNX QuantizeLinear(float8e4m3fn, saturate) then DequantizeLinear, in float32: x / scale
+    saturated to +-448, rounded to e4m3fn (nearest even), times scale; back in x's dtype."""
+    q = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
 def llama_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -73,8 +94,16 @@ def llama_attention(
     q = query.view(batch, seq, h, d).transpose(1, 2).float()
     k = key.view(batch, seq, kvh, d).transpose(1, 2).float()
     v = value.view(batch, seq, kvh, d).transpose(1, 2)
-    q = apply_rope(q, cos, sin, bool(attrs.rope_interleaved)).to(dtype)
-    k = apply_rope(k, cos, sin, bool(attrs.rope_interleaved)).to(dtype)
+    if attrs.use_rope:
+        q = apply_rope(q, cos, sin, bool(attrs.rope_interleaved))
+        k = apply_rope(k, cos, sin, bool(attrs.rope_interleaved))
+    q, k = q.to(dtype), k.to(dtype)
+    if attrs.qk_norm:  # float32 statistics, rounded back to the activation dtype (as HF's L2Norm)
+        q, k = rms_normalize(q.float(), attrs.qk_norm_eps).to(dtype), rms_normalize(k.float(), attrs.qk_norm_eps).to(dtype)
+    if attrs.temperature_tuning:
+        q = (q.float() * query_temperature(positions, attrs)[:, None, :, None]).to(dtype)
+    if attrs.kv_cache_quant == "fp8":  # the cache holds what an fp8 cache would
+        k, v = fake_quant_fp8(k, attrs.k_scale), fake_quant_fp8(v, attrs.v_scale)
 
     present_key, present_value = past_key.clone(), past_value.clone()
     for b in range(batch):
@@ -88,6 +117,9 @@ def llama_attention(
     scores = qg @ present_key.float()[:, :, None].transpose(-1, -2) * attrs.scale  # [B, KVH, G, S, C]
     key_pos = torch.arange(capacity)
     visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, S, C] causal over the cache
+    if attrs.attn_chunk_size:
+        chunk = attrs.attn_chunk_size
+        visible &= (key_pos[None, None, :] // chunk) == (positions[:, :, None] // chunk)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = scores.softmax(dim=-1)
     out = probs @ present_value.float()[:, :, None]  # [B, KVH, G, S, D]

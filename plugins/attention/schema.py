@@ -25,6 +25,24 @@ attention is causal) and writes beyond `capacity` are dropped. In `present_*`, p
 hold the new tokens, and later positions are unspecified: backends may zero them (ORT's GQA kernel
 does) since nothing reads them.
 
+Llama 4 attributes (all optional; their defaults reproduce the dense op exactly). In order:
+  use_rope=0           NoPE layer: q and k are not rotated.
+  qk_norm=1            q and k (after RoPE) are scaled by rsqrt(mean(x^2) + qk_norm_eps) per head;
+                       no weight. The cache holds the normalised keys.
+  temperature_tuning=1 q (after the above) is multiplied by
+                       1 + temperature_scale * log1p(floor((position + 1) / temperature_floor)),
+                       position being the token's own (HF's attn_temperature_tuning / attn_scale /
+                       floor_scale, applied on NoPE layers).
+  attn_chunk_size=N    chunked attention: the token at position p attends to cache position c only
+                       if c <= p and c // N == p // N (not a sliding window: the first token of a
+                       chunk sees only itself).
+
+FP8 KV cache attributes (optional; the defaults leave the cache untouched):
+  kv_cache_quant="fp8", k_scale, v_scale   the new K (after RoPE and everything else applied to
+                       it) and V are quantized to float8 e4m3fn with their per-layer scale
+                       (x -> saturate(x / scale) -> e4m3fn -> * scale) before they are written to
+                       the cache, so attention reads exactly what an fp8 cache holds.
+
 TensorRT maps the node to its plugin by op type, `plugin_version` and `plugin_namespace`.
 """
 
@@ -63,6 +81,18 @@ class AttentionAttrs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 1.0
     rope_original_max_positions: int = 0
+    # Llama 4 (iRoPE). The defaults are the dense LLaMA behaviour; see the module docstring.
+    use_rope: int = 1  # 0: a NoPE layer (no rotation at all)
+    qk_norm: int = 0  # 1: weightless RMS ("L2") norm of q and k after RoPE
+    qk_norm_eps: float = 1e-6
+    attn_chunk_size: int = 0  # > 0: a token sees only earlier tokens of its own chunk
+    temperature_tuning: int = 0  # 1: q *= 1 + temperature_scale * log1p(floor((pos + 1) / temperature_floor))
+    temperature_floor: float = 8192.0
+    temperature_scale: float = 0.1
+    # FP8 KV cache (set by graphs/passes/quantize.py after calibration; defaults: cache as is).
+    kv_cache_quant: str = "none"  # "fp8": K (after RoPE) and V rounded to float8 e4m3fn before caching
+    k_scale: float = 1.0  # cached K = fp8(K / k_scale) * k_scale
+    v_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scale == 0.0:
@@ -73,6 +103,20 @@ class AttentionAttrs:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.rope_scaling_type not in ("none", "llama3"):
             raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r} is not one of 'none', 'llama3'")
+        if self.attn_chunk_size < 0:
+            raise ValueError(f"attn_chunk_size={self.attn_chunk_size} must be >= 0 (0: no chunking)")
+        if self.temperature_tuning and self.temperature_floor <= 0:
+            raise ValueError(f"temperature_floor={self.temperature_floor} must be > 0")
+        if self.kv_cache_quant not in ("none", "fp8"):
+            raise ValueError(f"kv_cache_quant={self.kv_cache_quant!r} is not one of 'none', 'fp8'")
+        if not (self.k_scale > 0 and self.v_scale > 0 and math.isfinite(self.k_scale) and math.isfinite(self.v_scale)):
+            raise ValueError(f"k_scale={self.k_scale}, v_scale={self.v_scale} must be finite and > 0")
+
+    def non_default_llama4_flags(self) -> list[str]:
+        """The Llama 4 attributes set away from their dense-LLaMA defaults (what a backend without
+        them must refuse)."""
+        defaults = {"use_rope": 1, "qk_norm": 0, "attn_chunk_size": 0, "temperature_tuning": 0}
+        return [f"{k}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
 
     @property
     def group_size(self) -> int:

@@ -470,6 +470,19 @@ def _check_device(*tensors: torch.Tensor) -> None:
             "before plugins.attention.triton_kernels is first imported")
 
 
+def require_dense_attrs(attrs: AttentionAttrs) -> None:
+    """These kernels implement the dense-LLaMA op; Llama 4's flags are not in them yet."""
+    flags = attrs.non_default_llama4_flags()
+    if flags:
+        raise NotImplementedError(
+            f"LlamaAttention attribute(s) {', '.join(flags)} are not implemented by the OpenAI Triton kernels "
+            "(Llama 4 NoPE / QK norm / chunked attention); use the ONNX Runtime lowering")
+    if attrs.kv_cache_quant != "none":
+        raise NotImplementedError(
+            f"LlamaAttention kv_cache_quant={attrs.kv_cache_quant!r} (KV_CACHE=fp8) is not wired into the op's "
+            "OpenAI Triton kernels yet; use the ONNX Runtime lowering")
+
+
 def inv_freq_constexpr(attrs: AttentionAttrs) -> tuple[float, ...]:
     """`reference.rope_inv_freq` as Python floats: each is the float32 value exactly."""
     return tuple(float(x) for x in rope_inv_freq(attrs).tolist())
@@ -513,6 +526,7 @@ def compile_op_kernel(attrs: AttentionAttrs, dtype: torch.dtype, config: KernelC
     are declared 16-byte aligned (TensorRT's allocations are 256-byte aligned); the int32 scalars
     carry no divisibility assumption, so any runtime shape is valid.
     """
+    require_dense_attrs(attrs)
     if interpreting():
         raise RuntimeError("compile_op_kernel needs the compiled Triton frontend: unset TRITON_INTERPRET")
     ty = TORCH_TO_TRITON[dtype]
@@ -566,6 +580,7 @@ def prefill_attention(
     exactly when one query tile covers all rows of a KV head (decode and short chunks), where
     nothing is rotated twice.
     """
+    require_dense_attrs(attrs)
     batch, seq, _ = query.shape
     h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
     capacity = past_key.shape[2]
@@ -665,6 +680,7 @@ def decode_attention(
     seq_lens: int32 [B], the number of valid cache positions per sequence (>= 1).
     Returns the attention output in q's shape and dtype.
     """
+    require_dense_attrs(attrs)
     h, kvh, d, group = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim, attrs.group_size
     batch = q.shape[0]
     if q.numel() != batch * h * d:

@@ -39,7 +39,9 @@ QDP_PLUGIN_VERSION = "1"  # tensorrt.plugin registers every plugin creator with 
 AOT_ATTRIBUTE = "aot"
 ATTRIBUTE_NAMES = ("num_heads", "num_kv_heads", "head_dim", "scale", "rope_theta", "rope_interleaved",
                    "rope_scaling_type", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                   "rope_original_max_positions")
+                   "rope_original_max_positions", "use_rope", "qk_norm", "qk_norm_eps", "attn_chunk_size",
+                   "temperature_tuning", "temperature_floor", "temperature_scale", "kv_cache_quant", "k_scale",
+                   "v_scale")
 
 _registered = False
 
@@ -53,9 +55,9 @@ def tensorrt_modules() -> Tuple[Any, Any]:
     `llamaforge.build.tensorrt_available` does: `tensorrt-stubs` makes `import tensorrt` succeed."""
     try:
         import tensorrt
-    except ImportError:
-        tensorrt = None
-    if tensorrt is None or not hasattr(tensorrt, "Builder"):
+    except ImportError as exc:
+        raise TensorRTUnavailable(f"cannot register the TensorRT plugin {PLUGIN_ID}: TensorRT is not installed") from exc
+    if not hasattr(tensorrt, "Builder"):
         raise TensorRTUnavailable(
             f"cannot register the TensorRT plugin {PLUGIN_ID}: TensorRT is not installed "
             "(install the 'tensorrt' extra on a machine with an NVIDIA GPU; the tensorrt-stubs type stubs are not enough)")
@@ -153,6 +155,8 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
         rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
         rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
+        use_rope: int, qk_norm: int, qk_norm_eps: float, attn_chunk_size: int, temperature_tuning: int,
+        temperature_floor: float, temperature_scale: float, kv_cache_quant: str, k_scale: float, v_scale: float,
     ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         return query.like(), past_key.like(), past_value.like()
 
@@ -176,13 +180,17 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
         rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
         rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
+        use_rope: int, qk_norm: int, qk_norm_eps: float, attn_chunk_size: int, temperature_tuning: int,
+        temperature_floor: float, temperature_scale: float, kv_cache_quant: str, k_scale: float, v_scale: float,
         outputs: Tuple[trtp.TensorDesc], tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         attrs = AttentionAttrs(
             int(num_heads), int(num_kv_heads), int(head_dim), float(scale), float(rope_theta), int(rope_interleaved),
             str(rope_scaling_type), float(rope_scaling_factor), float(rope_low_freq_factor),
-            float(rope_high_freq_factor), int(rope_original_max_positions))
-        config = tk.OP_CONFIGS[int(tactic)]
+            float(rope_high_freq_factor), int(rope_original_max_positions), int(use_rope), int(qk_norm),
+            float(qk_norm_eps), int(attn_chunk_size), int(temperature_tuning), float(temperature_floor),
+            float(temperature_scale), str(kv_cache_quant), float(k_scale), float(v_scale))
+        config = tk.OP_CONFIGS[int(tactic)]  # compile_op_kernel refuses the Llama 4 flags by name
         compiled = tk.compile_op_kernel(attrs, torch_dtype[query.dtype], config)
         name, ptx = aot_binary(compiled, num_args)
 

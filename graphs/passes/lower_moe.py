@@ -1,0 +1,58 @@
+"""Lower every `llamaforge::MoE` node for ONNX Runtime (see `plugins/moe/ort_lowering.py`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from plugins.attention.ort_lowering import name_values
+from plugins.moe import ort_lowering
+from plugins.moe.schema import DOMAIN, OP_TYPE, MoEAttrs
+
+from .weights import constant_input, lazy_weight
+
+
+def transposed_router(graph: ir.Graph, node: ir.Node) -> ir.Value | None:
+    """The router weight [E, H] as a lazily transposed initializer `<name>.T` [H, E], as
+    `fold-weight-transposes` makes for every nn.Linear (None when the router is not a constant)."""
+    source = constant_input(node.inputs[1])
+    if source is None:
+        return None
+    name = f"{source.name}.T"
+    if name not in graph.initializers:
+        experts, hidden = source.shape.numpy()
+        graph.register_initializer(lazy_weight(name, [source], np.transpose, source.dtype, [hidden, experts]))
+    return graph.initializers[name]
+
+
+def moe_nodes(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.op_type == OP_TYPE and n.domain == DOMAIN]
+
+
+class LowerMoEForORT(ir.passes.InPlacePass):
+    """Replace the MoE op by a Loop over the experts tokens were routed to (`dense=False`, the
+    build's choice), or by transformers' every-expert formulation (`dense=True`, the benchmark's peer)."""
+
+    def __init__(self, dense: bool = False) -> None:
+        super().__init__()
+        self.dense = dense
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = moe_nodes(graph)
+        for index, node in enumerate(nodes):
+            attrs = MoEAttrs.from_onnx_attributes({k: a.value for k, a in node.attributes.items()})
+            lower = ort_lowering.decompose_dense if self.dense else ort_lowering.decompose
+            new_nodes, (out,) = lower(node, attrs, transposed_router(graph, node))
+            name_values(node.name or f"moe_{index}", new_nodes)
+            graph.insert_before(node, new_nodes)
+            old = node.outputs[0]
+            out.shape, out.type = old.shape, old.type
+            if old.is_graph_output():  # a graph output keeps its public name
+                name, old.name = old.name, f"{old.name}.lowered"
+                out.name = name
+            ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+        if nodes and not any(n.domain == DOMAIN for n in graph) and DOMAIN in model.opset_imports:
+            del model.opset_imports[DOMAIN]
+        return ir.passes.PassResult(model, bool(nodes))

@@ -1,0 +1,170 @@
+"""`validate-quantization`: check a quantized graph against TensorRT's explicit-quantization rules.
+
+Rules (each failure names the node and tensor):
+  * only standard-domain QuantizeLinear / DequantizeLinear; no fused or integer ops
+    (QLinearMatMul, MatMulInteger, MatMulNBits, DynamicQuantizeLinear, ...), no block quantization;
+  * quantized types are the precision's own (int8 or float8e4m3fn);
+  * symmetric: every zero point is a constant of zeros of the quantized type;
+  * scales are constant float32, finite and > 0, scalar (per tensor) or [C] matching the axis dim;
+  * placement: a DequantizeLinear feeds only MatMul inputs; one reading a stored weight feeds the
+    MatMul's weight input; a QuantizeLinear feeds only DequantizeLinears with its own scale;
+  * coverage: every linear MatMul that the configuration quantizes reads a quantized weight through
+    DequantizeLinear, and with W8A8 a Q/DQ'd activation;
+  * KV cache: with KV_CACHE=fp8, every attention op still present carries positive K/V scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from plugins.attention.schema import DOMAIN, OP_TYPE
+
+from ..quantization import QuantContext, QuantizationError
+from .quantize import FORMATS, linears
+
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+FUSED_QUANT_OPS = {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeLinear",
+                   "DynamicQuantizeMatMul", "QGemm", "QAttention", "QLinearConv", "ConvInteger", "GatherBlockQuantized"}
+
+
+def _fail(node: ir.Node, message: str) -> QuantizationError:
+    return QuantizationError(f"validate-quantization: node {node.name!r} ({node.op_type}): {message}")
+
+
+class ValidateQuantization(ir.passes.InPlacePass):
+    """Fails with `QuantizationError` on the first rule broken; changes nothing."""
+
+    def __init__(self, ctx: QuantContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        precision = ctx.config.precision
+        self.allowed = {FORMATS[precision].weight_dtype} if precision else set()
+        if ctx.config.kv_cache == "fp8":
+            self.allowed.add(ir.DataType.FLOAT8E4M3FN)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for node in graph:
+            if node.op_type in FUSED_QUANT_OPS:
+                raise _fail(node, "fused/integer quantized op: explicit quantization allows only QuantizeLinear/DequantizeLinear")
+            if node.op_type in QDQ:
+                if node.domain != "":
+                    raise _fail(node, f"domain {node.domain!r}: only the standard ONNX {node.op_type} is allowed")
+                self._check_qdq(node)
+        self._check_coverage(graph)
+        self._check_kv(graph)
+        return ir.passes.PassResult(model, False)
+
+    # -- one Q or DQ node -----------------------------------------------------------------------------
+    def _check_qdq(self, node: ir.Node) -> None:
+        if node.attributes.get_int("block_size", 0):
+            raise _fail(node, "block quantization (block_size) is not part of explicit quantization")
+        data, scale_v, zero_v = (list(node.inputs) + [None, None])[:3]
+        if zero_v is None:
+            raise _fail(node, "no zero point: symmetric quantization needs an explicit zero point of 0 (it also sets the type)")
+        zero = self._const(node, zero_v, "zero point")
+        if zero.dtype not in self.allowed:
+            raise _fail(node, f"zero point {zero_v.name!r} has type {zero.dtype.name}; this precision allows "
+                              f"{sorted(d.name for d in self.allowed) or 'no quantized types'}")
+        if np.any(zero.numpy().astype(np.float32) != 0):
+            raise _fail(node, f"zero point {zero_v.name!r} is not 0 (asymmetric quantization)")
+        assert scale_v is not None
+        scale = self._const(node, scale_v, "scale")
+        values = scale.numpy()
+        if scale.dtype != ir.DataType.FLOAT:
+            raise _fail(node, f"scale {scale_v.name!r} has type {scale.dtype.name}, expected FLOAT")
+        if not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise _fail(node, f"scale {scale_v.name!r} has values that are not finite and > 0 (min {values.min()})")
+        if values.shape != zero.numpy().shape:
+            raise _fail(node, f"scale {scale_v.name!r} shape {values.shape} != zero point shape {zero.numpy().shape}")
+        if values.ndim > 1:
+            raise _fail(node, f"scale {scale_v.name!r} has rank {values.ndim}; expected a scalar or one scale per channel")
+        if node.op_type == "QuantizeLinear":
+            self._check_quantize(node)
+        else:
+            self._check_dequantize(node, values.shape)
+
+    @staticmethod
+    def _const(node: ir.Node, value: ir.Value, what: str) -> ir.TensorProtocol:
+        tensor = value.const_value if value.is_initializer() else None
+        if tensor is None:
+            producer = value.producer()
+            if producer is not None and producer.op_type == "Constant":
+                tensor = producer.attributes["value"].as_tensor()
+        if tensor is None:
+            raise _fail(node, f"{what} {value.name!r} is not a constant")
+        return tensor
+
+    def _check_quantize(self, node: ir.Node) -> None:
+        out = node.outputs[0]
+
+        def same(a: ir.Value | None, b: ir.Value | None, what: str) -> bool:
+            if a is b:
+                return True
+            if a is None or b is None:
+                return False
+            x, y = self._const(node, a, what), self._const(node, b, what)
+            return x.dtype == y.dtype and np.array_equal(x.numpy(), y.numpy())
+
+        for user, _ in out.uses():
+            if (user.op_type != "DequantizeLinear" or not same(user.inputs[1], node.inputs[1], "scale")
+                    or not same(user.inputs[2], node.inputs[2], "zero point")):
+                raise _fail(node, f"output {out.name!r} feeds {user.op_type} {user.name!r}; a QuantizeLinear must "
+                                  "feed only DequantizeLinears with the same scale and zero point")
+        if out.is_graph_output():
+            raise _fail(node, f"output {out.name!r} is a graph output")
+
+    def _check_dequantize(self, node: ir.Node, scale_shape: tuple[int, ...]) -> None:
+        data = node.inputs[0]
+        assert data is not None
+        weight = data.const_value if data.is_initializer() else None
+        source = data.producer()
+        if weight is None and (source is None or source.op_type != "QuantizeLinear"):
+            raise _fail(node, f"input {data.name!r} is neither a stored quantized weight nor a QuantizeLinear output")
+        if scale_shape:
+            axis = node.attributes.get_int("axis", 1)
+            shape = weight.shape if weight is not None else data.shape
+            if shape is None or not isinstance(shape[axis], int) or shape[axis] != scale_shape[0]:
+                raise _fail(node, f"per-channel scale of {scale_shape[0]} does not match axis {axis} of {data.name!r} (shape {shape})")
+        out = node.outputs[0]
+        if out.is_graph_output():
+            raise _fail(node, f"output {out.name!r} is a graph output")
+        for user, index in out.uses():
+            if user.op_type != "MatMul":
+                raise _fail(node, f"output {out.name!r} feeds {user.op_type} {user.name!r}: Q/DQ must sit right before MatMul inputs")
+            if weight is not None and index != 1:
+                raise _fail(node, f"stored weight {data.name!r} feeds input {index} of MatMul {user.name!r}, not its weight input")
+
+    # -- the graph as a whole -------------------------------------------------------------------------
+    def _check_coverage(self, graph: ir.Graph) -> None:
+        precision = self.ctx.config.precision
+        if precision is None:
+            return
+        for lin in linears(graph, self.ctx):  # an unquantized float weight still feeding a linear
+            raise _fail(lin.node, f"weight {lin.weight.name!r} of {lin.name!r} is stored unquantized; "
+                                  f"PRECISION={precision} needs it quantized and followed by DequantizeLinear")
+        for node in graph:
+            if node.op_type != "MatMul":
+                continue
+            dq = node.inputs[1].producer() if node.inputs[1] is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear" or not dq.inputs[0].is_initializer():  # type: ignore[union-attr]
+                continue
+            if FORMATS[precision].activations:
+                x = node.inputs[0].producer() if node.inputs[0] is not None else None
+                if x is None or x.op_type != "DequantizeLinear":
+                    raise _fail(node, f"PRECISION={precision} is W8A8 but activation input {node.inputs[0].name!r} "  # type: ignore[union-attr]
+                                      "has no QuantizeLinear/DequantizeLinear pair in front")
+
+    def _check_kv(self, graph: ir.Graph) -> None:
+        if self.ctx.config.kv_cache != "fp8":
+            return
+        for node in graph:
+            if node.op_type == OP_TYPE and node.domain == DOMAIN:
+                attrs = node.attributes
+                if attrs.get_string("kv_cache_quant", "none") != "fp8":
+                    raise _fail(node, "KV_CACHE=fp8 but the attention op has no kv_cache_quant=fp8")
+                for key in ("k_scale", "v_scale"):
+                    value = attrs.get_float(key, 0.0)
+                    if not np.isfinite(value) or value <= 0:
+                        raise _fail(node, f"attribute {key}={value} must be finite and > 0")
