@@ -24,6 +24,16 @@ ByteFallback may render a different number of U+FFFD).
 
 `decode_all` runs the same path in one go, so a unary response is byte-for-byte the concatenated
 stream of the same tokens.
+
+Stateless streaming (Triton ensembles run `postprocessing` once per response, with no memory of
+the request): the producer sends with each response's new ids a short window of the ids before
+them, from `resume_point`, and `decode_window` decodes the window then the new ids with a fresh
+detokenizer and returns only the new ids' text. A fresh detokenizer started at a token whose first
+byte is not a UTF-8 continuation byte decodes every later byte as the request's own detokenizer
+does (after such a byte Python's decoder is in a state that depends on that byte alone, invalid
+bytes before it included), and a window holding at least 4 * (longest stop word) + 4 bytes covers
+every held-back stop-word prefix and incomplete character, so the window's text ends in the same
+held-back state and the new ids give exactly the piece the request's own detokenizer gives.
 """
 
 from __future__ import annotations
@@ -32,13 +42,15 @@ import codecs
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["IncrementalDetokenizer", "decode_all"]
+__all__ = ["IncrementalDetokenizer", "decode_all", "resume_point", "decode_window"]
 
 
 class IncrementalDetokenizer:
     """Streaming detokenizer for one request; see the module docstring."""
 
-    def __init__(self, tokenizer: Any, stop_words: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop_words: Sequence[str] = (), continuing: bool = False) -> None:
+        """`continuing`: the tokens added start after generated text (a window resumed by
+        `decode_window`), so no leading space is dropped."""
         if isinstance(stop_words, (str, bytes)):
             raise TypeError("stop_words must be a sequence of strings, not a single string")
         words = []
@@ -54,7 +66,7 @@ class IncrementalDetokenizer:
         self._max_hold = max((len(w) - 1 for w in words), default=0)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._strip = bool(getattr(tokenizer, "strip_leading_space", False))
-        self._seen_text = False  # a non-special token with bytes has been added
+        self._seen_text = continuing  # a non-special token with bytes has been added
         self._pending = ""  # decoded text not yet emitted (a possible stop-word prefix)
         self._emitted: list[str] = []
         self._text_cache: str | None = ""
@@ -160,3 +172,35 @@ def decode_all(tokenizer: Any, ids: Iterable[int], stop_words: Sequence[str] = (
     d.add(list(ids))
     d.finish()
     return d.text, d.stopped
+
+
+def resume_point(tokenizer: Any, ids: Sequence[int], end: int, stop_words: Sequence[str] = ()) -> tuple[int, bool]:
+    """Where a fresh detokenizer must start so that after `ids[start:end]` it is in the state of one
+    that saw `ids[:end]`: ``(start, continuing)``, `continuing` meaning text was generated before
+    `start` (see the module docstring). Walks back only a few tokens."""
+    need = 4 * max((len(w) for w in stop_words), default=0) + 4
+    start, seen = end, 0
+    while start > 0 and seen < need:
+        start -= 1
+        tid = int(ids[start])
+        if tokenizer.is_special(tid):
+            continue
+        seen += len(tokenizer.id_to_bytes(tid))
+    while start > 0:  # back to a token that starts a character
+        tid = int(ids[start])
+        b = b"" if tokenizer.is_special(tid) else tokenizer.id_to_bytes(tid)
+        if b and b[0] & 0xC0 != 0x80:
+            break
+        start -= 1
+    continuing = any(not tokenizer.is_special(int(t)) and tokenizer.id_to_bytes(int(t)) for t in ids[:start])
+    return start, continuing
+
+
+def decode_window(tokenizer: Any, context_ids: Sequence[int], new_ids: Sequence[int], continuing: bool,
+                  stop_words: Sequence[str] = (), final: bool = False) -> str:
+    """The stream piece of `new_ids`, given the `context_ids` from `resume_point` before them; with
+    `final`, what `finish()` flushes is included."""
+    d = IncrementalDetokenizer(tokenizer, stop_words, continuing=continuing)
+    d.add(list(context_ids))
+    piece = d.add(list(new_ids))
+    return piece + d.finish() if final else piece

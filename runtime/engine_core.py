@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class CoreConfig:
     max_queue: int = 64
     threads: int | None = None
     policy: str = "inflight"  # or "static": a batch drains before the next starts (benchmark baseline)
+    providers: tuple[Any, ...] | None = None  # ONNX Runtime execution providers (None: CPU)
 
 
 class CoreObserver(Protocol):
@@ -83,7 +84,7 @@ class EngineCore:
     def __init__(self, engine_dir: str | os.PathLike[str], config: CoreConfig | None = None,
                  observer: CoreObserver | None = None) -> None:
         self.config = config or CoreConfig()
-        self.engine = Engine(engine_dir, threads=self.config.threads)
+        self.engine = Engine(engine_dir, threads=self.config.threads, providers=self.config.providers)
         self.manifest = self.engine.manifest
         self.model_name = str(self.manifest.get("variant", "llama"))
         self.tokenizer = self.engine.tokenizer

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHand
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["ServerMetrics", "METRIC_NAMES", "OUTCOMES"]
+__all__ = ["ServerMetrics", "METRIC_NAMES", "OUTCOMES", "PREFIX", "CORE_GAUGES", "TTFT_BUCKETS", "LATENCY_BUCKETS"]
 
 PREFIX = "llamaforge_"
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "invalid")
@@ -46,23 +46,28 @@ METRIC_NAMES = tuple(PREFIX + n for n in (
     "time_to_first_token_seconds", "inter_token_latency_seconds", "request_duration_seconds",
 ))
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    10.0)
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   10.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+# Gauges that mirror the engine core: (name after PREFIX, key of `core.stats()`, help). The Triton
+# backend (runtime/triton_models/metrics.py) publishes the same table through pb_utils.MetricFamily.
+CORE_GAUGES = (
+    ("queue_depth", "waiting", "Requests waiting for a slot in the running batch."),
+    ("running_sequences", "running", "Sequences in the running batch."),
+    ("kv_cache_total_tokens", "kv_total_tokens", "KV cache capacity in tokens."),
+    ("kv_cache_used_tokens", "kv_used_tokens", "KV cache positions in use."),
+    ("kv_cache_free_tokens", "kv_free_tokens", "KV cache positions free."),
+    ("kv_cache_free_fraction", "kv_free_fraction", "Free fraction of the KV cache."),
+)
 
 
 class _CoreCollector(Collector):
     """Gauges (and the generated-tokens counter) read from `core.stats()` at scrape time."""
 
-    _GAUGES = (
-        ("queue_depth", "waiting", "Requests waiting for a slot in the running batch."),
-        ("running_sequences", "running", "Sequences in the running batch."),
-        ("kv_cache_total_tokens", "kv_total_tokens", "KV cache capacity in tokens."),
-        ("kv_cache_used_tokens", "kv_used_tokens", "KV cache positions in use."),
-        ("kv_cache_free_tokens", "kv_free_tokens", "KV cache positions free."),
-        ("kv_cache_free_fraction", "kv_free_fraction", "Free fraction of the KV cache."),
-    )
+    _GAUGES = CORE_GAUGES
 
     def __init__(self, metrics: "ServerMetrics") -> None:
         self._metrics = metrics
@@ -93,9 +98,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of admitted requests.",
                                      registry=self.registry)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.",
-                              buckets=_TTFT_BUCKETS, registry=self.registry)
+                              buckets=TTFT_BUCKETS, registry=self.registry)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens.",
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.duration = Histogram(PREFIX + "request_duration_seconds", "Request duration at the server.",
                                   buckets=_DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_CoreCollector(self))

@@ -1,7 +1,9 @@
 """KServe v2 / Triton gRPC protocol for llama-forge: the tensor codec, the two model interfaces
 (text and token level, compatible with TensorRT-LLM's Triton models so their clients work
 unchanged), request parsing and validation, and response building. No gRPC server code here
-(that is `runtime/server.py`); everything works on `tritonclient.grpc.service_pb2` messages.
+(that is `runtime/server.py`); messages are `tritonclient.grpc.service_pb2`'s, and request parsing
+itself (`parse_inputs`) works on name -> NumPy tensors, so the Triton Python-backend models
+(`runtime/triton_models/`) validate requests with the same code.
 
 Tensor codec
 ------------
@@ -83,7 +85,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +98,8 @@ from .sampling import SamplingParams
 
 __all__ = [
     "TEXT_MODEL", "TOKEN_MODEL", "ModelSpec", "TensorSpec", "ModelContext", "ParsedRequest",
-    "serialize_bytes", "deserialize_bytes", "decode_inputs", "encode_output", "parse_request",
+    "serialize_bytes", "deserialize_bytes", "decode_inputs", "encode_output", "parse_request", "parse_inputs",
+    "encode_prompt", "encode_bad_words", "decode_words", "words_array", "output_tensors",
     "model_config", "model_metadata", "ResponseBuilder", "FINAL_PARAM", "EMPTY_FINAL_PARAM",
 ]
 
@@ -455,9 +458,23 @@ def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelCont
                   streaming_rpc: bool) -> ParsedRequest:
     """Validate a ModelInferRequest for `spec` and turn it into a `GenerationRequest` with id
     `request_id` (the engine-side id; the client's own `id` is echoed separately)."""
+    params = {key: _param_value(p) for key, p in request.parameters.items()}
+    _check_params(params)  # before decoding: a bad parameter is reported before any tensor problem
+    tensors = decode_inputs(request)
+    requested: list[str] = []
+    for o in request.outputs:
+        for key in o.parameters:
+            if key != "binary_data":
+                raise RequestError(f"outputs.{o.name}.parameters.{key}", "output parameter not supported")
+        requested.append(o.name)
+    return parse_inputs(tensors, spec, ctx, request_id, params=params, requested_outputs=requested,
+                        client_id=request.id, streaming_rpc=streaming_rpc)
+
+
+def _check_params(params: Mapping[str, Any]) -> bool:
+    """Request parameters; returns whether `triton_enable_empty_final_response` is set."""
     empty_final = False
-    for key, p in request.parameters.items():
-        value = _param_value(p)
+    for key, value in params.items():
         if key == EMPTY_FINAL_PARAM:
             empty_final = bool(value)
         elif key == "sequence_id":
@@ -466,8 +483,18 @@ def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelCont
                                                              "stateless per request)")
         elif key not in _IGNORED_PARAMS:
             raise RequestError(f"parameters.{key}", "unknown request parameter")
+    return empty_final
 
-    raw = decode_inputs(request)
+
+def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelContext, request_id: str, *,
+                 params: Mapping[str, Any] | None = None, requested_outputs: Sequence[str] | None = None,
+                 client_id: str = "", streaming_rpc: bool = True) -> ParsedRequest:
+    """Validate input tensors (name -> NumPy array, BYTES as object arrays of `bytes`) for `spec` and
+    turn them into a `GenerationRequest` with id `request_id`. Shared by the gRPC server (after
+    `decode_inputs`) and the Triton Python-backend models (from `pb_utils` tensors).
+    `requested_outputs`: the outputs the client asked for (None or empty: the model's defaults)."""
+    empty_final = _check_params(params or {})
+    raw = tensors
     values: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for name, arr in raw.items():
@@ -518,13 +545,7 @@ def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelCont
     if spec.kind == "text":
         if ctx.tokenizer is None:
             raise RequestError("text_input", "this engine has no tokenizer; use the token model 'tensorrt_llm'")
-        b = values["text_input"]
-        if not isinstance(b, (bytes, bytearray)):
-            raise RequestError("text_input", "expected BYTES")
-        prompt_text = _utf8("text_input", bytes(b))
-        prompt_ids = ctx.tokenizer.encode(prompt_text, add_bos=True, allow_special=True)
-        if not prompt_ids:
-            raise RequestError("text_input", "the prompt is empty (and the tokenizer adds no BOS)")
+        prompt_text, prompt_ids = encode_prompt(ctx.tokenizer, values["text_input"])
         prompt_field = "text_input"
     else:
         ids = _list("input_ids", arrays["input_ids"])
@@ -561,13 +582,13 @@ def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelCont
 
     stop_words: tuple[str, ...] = ()
     bad_words: tuple[tuple[int, ...], ...] = ()
+    if "stop_words" in arrays:  # text stop words (the token model of a Triton repository takes them too)
+        if ctx.tokenizer is None:
+            raise RequestError("stop_words", "this engine has no tokenizer, so text stop words cannot be matched")
+        stop_words = decode_words("stop_words", arrays["stop_words"])
     if spec.kind == "text":
-        if "stop_words" in arrays:
-            stop_words = tuple(w for w in (_utf8("stop_words", bytes(b)) for b in _list("stop_words", arrays["stop_words"]))
-                               if w)
         if "bad_words" in arrays:
-            words = [_utf8("bad_words", bytes(b)) for b in _list("bad_words", arrays["bad_words"])]
-            bad_words = tuple(tuple(ctx.tokenizer.encode(w, add_bos=False)) for w in words if w)
+            bad_words = encode_bad_words(ctx.tokenizer, arrays["bad_words"])
     else:
         if "bad_words_list" in arrays:
             bad_words = tuple(_words("bad_words_list", arrays["bad_words_list"]))
@@ -581,14 +602,51 @@ def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelCont
             if stops:
                 end_ids = tuple(dict.fromkeys((*(end_ids or ctx.eos_ids), *(s[0] for s in stops))))
 
-    outputs = _requested_outputs(request, spec, bool(values.get("return_log_probs", False)))
+    outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)))
     gen = GenerationRequest(
         request_id=request_id, prompt_ids=list(prompt_ids), max_tokens=int(max_tokens), sampling=sampling,
         min_tokens=int(min_tokens), end_ids=end_ids, stop_words=stop_words, bad_words=bad_words, stream=stream,
-        return_log_probs=bool(values.get("return_log_probs", False)), detokenize=spec.kind == "text",
+        return_log_probs=bool(values.get("return_log_probs", False)),
+        detokenize=spec.kind == "text" or bool(stop_words),
     )
-    return ParsedRequest(spec, gen, request.id, stream, bool(values.get("exclude_input_in_output", False)),
+    return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),
                          prompt_text, outputs, empty_final)
+
+
+def encode_prompt(tokenizer: Any, prompt: Any) -> tuple[str, list[int]]:
+    """`text_input` (UTF-8 bytes) -> (text, ids): BOS added and special-token text recognised, as
+    TensorRT-LLM's preprocessing (HF `encode`) does."""
+    if not isinstance(prompt, (bytes, bytearray)):
+        raise RequestError("text_input", "expected BYTES")
+    text = _utf8("text_input", bytes(prompt))
+    ids = tokenizer.encode(text, add_bos=True, allow_special=True)
+    if not ids:
+        raise RequestError("text_input", "the prompt is empty (and the tokenizer adds no BOS)")
+    return text, ids
+
+
+def decode_words(name: str, words: np.ndarray) -> tuple[str, ...]:
+    """A BYTES word list ([N] or [1, N], e.g. `stop_words`) as its non-empty UTF-8 strings."""
+    return tuple(w for w in (_utf8(name, bytes(b)) for b in _list(name, words)) if w)
+
+
+def encode_bad_words(tokenizer: Any, words: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """`bad_words` (BYTES [N] or [1, N]) -> one token sequence per non-empty word."""
+    texts = [_utf8("bad_words", bytes(b)) for b in _list("bad_words", words)]
+    return tuple(tuple(tokenizer.encode(w, add_bos=False)) for w in texts if w)
+
+
+def words_array(seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    """Token sequences in TensorRT-LLM's [2, L] word-list layout (row 0: the ids concatenated, row 1:
+    each sequence's end offset, -1 padded); no sequences is [[0], [-1]]. Inverse of `_words`."""
+    ids = [int(i) for s in seqs for i in s]
+    offsets = np.cumsum([len(s) for s in seqs]).tolist() if seqs else []
+    width = max(1, len(ids))
+    out = np.full((2, width), -1, dtype=np.int32)
+    out[0, :] = 0
+    out[0, : len(ids)] = ids
+    out[1, : len(offsets)] = offsets
+    return out
 
 
 def _check_ids(name: str, seqs: Sequence[tuple[int, ...]], vocab: int) -> None:
@@ -619,19 +677,16 @@ def _sampling(values: dict[str, Any], k_field: str, p_field: str) -> SamplingPar
                           repetition_penalty=penalty, seed=seed)
 
 
-def _requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec, log_probs: bool) -> tuple[str, ...]:
-    if not request.outputs:
+def _select_outputs(spec: ModelSpec, requested: Sequence[str] | None, log_probs: bool) -> tuple[str, ...]:
+    if not requested:
         return spec.default_outputs + (spec.log_prob_outputs if log_probs else ())
     names: list[str] = []
-    for o in request.outputs:
-        if o.name not in spec.output_names:
-            raise RequestError("outputs", f"unexpected output '{o.name}' for model '{spec.name}' (outputs: "
+    for name in requested:
+        if name not in spec.output_names:
+            raise RequestError("outputs", f"unexpected output '{name}' for model '{spec.name}' (outputs: "
                                           f"{', '.join(spec.output_names)})")
-        for key in o.parameters:
-            if key != "binary_data":
-                raise RequestError(f"outputs.{o.name}.parameters.{key}", "output parameter not supported")
-        if o.name not in names:
-            names.append(o.name)
+        if name not in names:
+            names.append(name)
     return tuple(names)
 
 
@@ -660,6 +715,10 @@ class ResponseBuilder:
 
     def whole(self) -> pb.ModelInferResponse:
         """The unary response: everything generated (after the prompt unless excluded)."""
+        return self._encode(self.whole_tensors())
+
+    def whole_tensors(self) -> dict[str, tuple[str, np.ndarray]]:
+        """`whole()`'s tensors, every output of either model: name -> (datatype, array)."""
         p, last = self.parsed, self.last
         assert last is not None
         text, ids = "".join(self._text), list(self._ids)
@@ -668,7 +727,7 @@ class ResponseBuilder:
                 text = (p.prompt_text or "") + text
             else:
                 ids = list(p.generation.prompt_ids) + ids
-        return self._response(text, ids, self._log_probs, last)
+        return output_tensors(text, ids, self._log_probs, last)
 
     def piece(self, out: GenerationOutput, final: bool | None) -> pb.ModelInferResponse | None:
         """A stream response with only what `out` brings; None if nothing new and not final.
@@ -676,7 +735,7 @@ class ResponseBuilder:
         self.last = out
         if not out.text and not out.token_ids and not final:
             return None
-        resp = self._response(out.text, list(out.token_ids), list(out.log_probs), out)
+        resp = self._encode(output_tensors(out.text, list(out.token_ids), list(out.log_probs), out))
         if final is not None:
             resp.parameters[FINAL_PARAM].bool_param = final
         return resp
@@ -686,21 +745,25 @@ class ResponseBuilder:
         resp.parameters[FINAL_PARAM].bool_param = True
         return resp
 
-    def _response(self, text: str, ids: list[int], log_probs: list[float],
-                  out: GenerationOutput) -> pb.ModelInferResponse:
+    def _encode(self, tensors: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
         resp = pb.ModelInferResponse(model_name=self.model_name, model_version="1", id=self.parsed.client_id)
-        tensors = {
-            "text_output": ("BYTES", np.array([text.encode("utf-8")], dtype=np.object_)),
-            "output_ids": ("INT32", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
-            "sequence_length": ("INT32", np.array([[len(ids)]], dtype=np.int32)),
-            "cum_log_probs": ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
-            "output_log_probs": ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
-            "num_input_tokens": ("INT32", np.array([out.num_input_tokens], dtype=np.int32)),
-            "num_output_tokens": ("INT32", np.array([out.num_output_tokens], dtype=np.int32)),
-        }
         for name in self.parsed.outputs:
             dtype, arr = tensors[name]
             tensor, data = encode_output(name, dtype, arr)
             resp.outputs.append(tensor)
             resp.raw_output_contents.append(data)
         return resp
+
+
+def output_tensors(text: str, ids: list[int], log_probs: list[float],
+                   out: GenerationOutput) -> dict[str, tuple[str, np.ndarray]]:
+    """Every output tensor of the text and token models for one response: name -> (datatype, array)."""
+    return {
+        "text_output": ("BYTES", np.array([text.encode("utf-8")], dtype=np.object_)),
+        "output_ids": ("INT32", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
+        "sequence_length": ("INT32", np.array([[len(ids)]], dtype=np.int32)),
+        "cum_log_probs": ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
+        "output_log_probs": ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
+        "num_input_tokens": ("INT32", np.array([out.num_input_tokens], dtype=np.int32)),
+        "num_output_tokens": ("INT32", np.array([out.num_output_tokens], dtype=np.int32)),
+    }
