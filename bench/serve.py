@@ -10,9 +10,7 @@ drains them, so a queue builds), prompts of U[16, 256] tokens of Python source, 
 max_tokens (nothing stops early). New tokens per request (--outputs): "chat" (default) draws them
 from an exponential distribution with mean 128, clipped to [8, 760] (the context is 1024): most
 answers short, a few long, the shape of chat-serving traces, and the case batching policy is
-about; "uniform" draws U[16, 128] (the workload of earlier runs). The script also prints what an
-ideal scheduler could reach for the workload on this machine (`ideal_times`), so the measured
-ratio can be read against what the hardware admits. The same requests and arrival times
+about; "uniform" draws U[16, 128] (the workload of earlier runs). The same requests and arrival times
 are replayed against:
   (a) our server, in-flight batching: `runtime.server` in a subprocess on 127.0.0.1, EngineCore
       policy "inflight", driven by the real `tritonclient.grpc` client over one stream (model
@@ -384,70 +382,6 @@ def weight_bytes_per_step(engine: Path) -> int:
     return (engine / "model.onnx.data").stat().st_size - (cfg["vocab_size"] - 1) * cfg["hidden_size"] * 4
 
 
-# -- what batching can buy on this machine ----------------------------------------------------------
-
-def step_costs(engine_dir: Path, seqs: int, capacity: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares fits of measured engine step time (seconds): decode = a + b*rows for 1..seqs
-    rows at `capacity`, prefill = c + d*tokens for one row of 32..512 tokens. Median of 3 each."""
-    from runtime.engine import Engine
-
-    eng = Engine(engine_dir)
-
-    def timed(ids: np.ndarray, past_len: int) -> float:
-        past = eng.kv.empty(ids.shape[0], capacity if ids.shape[1] == 1 else 512)
-        lengths = np.full(ids.shape[0], past_len, np.int32)
-        eng.step(ids, lengths, past)  # warm-up for this shape
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            eng.step(ids, lengths, past)
-            samples.append(time.perf_counter() - t0)
-        return float(np.median(samples))
-
-    rows = [r for r in (1, 2, 4, 8, 12, 16, 24, 32) if r <= seqs] or [1]
-    dec = [timed(np.ones((r, 1), np.int64), capacity // 2) for r in rows]
-    toks = [32, 64, 128, 256, 512]
-    pre = [timed(np.ones((1, t), np.int64), 0) for t in toks]
-    return np.polyfit(rows, dec, 1)[::-1], np.polyfit(toks, pre, 1)[::-1]
-
-
-def ideal_times(reqs: list[Req], seqs: int, budget: int, dec: np.ndarray, pre: np.ndarray) -> tuple[float, float]:
-    """Engine time for the whole workload, every request queued at t=0 (the saturated regime the
-    benchmark reaches), with no overhead beyond the fitted step costs: (static, in-flight).
-    Static: FCFS batches of `seqs`, prompts prefilled in `budget`-token steps, then decode until the
-    longest output is done (finished rows cost nothing but the step's fixed part still runs).
-    In-flight: each step decodes every running row and fills the rest of `budget` with prefill;
-    a finished row is replaced at once."""
-    d = lambda rows: dec[0] + dec[1] * rows if rows else 0.0  # noqa: E731
-    p = lambda toks: pre[0] + pre[1] * toks if toks else 0.0  # noqa: E731
-    static = 0.0
-    for i in range(0, len(reqs), seqs):
-        batch = reqs[i:i + seqs]
-        tokens = sum(len(r.ids) for r in batch)
-        static += sum(p(min(budget, tokens - j)) for j in range(0, tokens, budget))
-        for step in range(1, max(r.max_tokens for r in batch)):
-            static += d(sum(r.max_tokens > step for r in batch))
-    waiting = [[len(r.ids), r.max_tokens] for r in reqs]  # [prompt tokens left, tokens left to generate]
-    running: list[list[int]] = []
-    inflight = 0.0
-    while waiting or running:
-        while waiting and len(running) < seqs:
-            running.append(waiting.pop(0))
-        decoding = [r for r in running if r[0] == 0]
-        room, prefill = budget - len(decoding), 0
-        for r in running:
-            if r[0] and room > 0:
-                take = min(r[0], room)
-                r[0], room, prefill = r[0] - take, room - take, prefill + take
-                if r[0] == 0:
-                    r[1] -= 1  # the prompt's last chunk yields the first token
-        for r in decoding:
-            r[1] -= 1
-        inflight += d(len(decoding)) + p(prefill)
-        running = [r for r in running if r[1] > 0]
-    return static, inflight
-
-
 # -- main --------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -523,14 +457,6 @@ def main() -> int:
     print(f"single-stream decode ours / onnxruntime-genai: {ours_tps / genai_tps:.2f}x (ours with 1 ORT thread: "
           f"{ours1_tps / genai_tps:.2f}x); load average at the end {os.getloadavg()[0]:.2f} (shared machine?)")
     ok2 = ours_tps >= genai_tps
-    dec, pre = step_costs(engine, args.max_num_seqs)
-    t_static, t_inflight = ideal_times(reqs, args.max_num_seqs, 512, dec, pre)
-    print(f"step costs measured on this machine: decode {dec[0] * 1e3:.1f} ms + {dec[1] * 1e3:.2f} ms/row, "
-          f"prefill {pre[0] * 1e3:.1f} ms + {pre[1] * 1e3:.3f} ms/token")
-    print(f"ideal schedules of this workload on those costs (queue always full, no padding, no overhead): static "
-          f"{t_static:.1f} s (measured span {static['span']:.1f} s), in-flight {t_inflight:.1f} s (measured "
-          f"{inflight['span']:.1f} s) -> ideal in-flight / static = {t_static / t_inflight:.2f}x; a decode row costs "
-          f"{dec[1] / dec[0]:.0%} of a step's fixed part here, so batching amortises little")
     print(f"target: in-flight >= 2x static throughput at no worse p99 TTFT -> {'PASS' if ok1 else 'FAIL'}")
     print(f"target: single-stream decode >= 1.0x onnxruntime-genai (fp32) -> "
           f"{'PASS' if ok2 else 'FAIL' if oga is not None else 'NOT MEASURED'}")

@@ -24,6 +24,7 @@ from export.config import ModelConfig
 from plugins.attention.schema import KV_LAYOUT
 
 from .trt_build import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions
+from .atomic import install_dir
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -130,17 +131,6 @@ def _check_out_dir(out: Path) -> None:
         raise BuildError(f"OUT={out}: directory {parent} is not writable")
     if out.exists() and not out.is_dir():
         raise BuildError(f"OUT={out}: exists and is not a directory")
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished engine into place; an existing engine is replaced only once the new one is whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _build_tensorrt_plan(model_path: Path, plan_path: Path, config: ModelConfig, opts: BuildOptions,
@@ -305,7 +295,7 @@ def build_engine(opts: BuildOptions) -> Path:
         if opts.backend == "trt":
             manifest["tensorrt"] = _build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _install(tmp, out)
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

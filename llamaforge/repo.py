@@ -37,6 +37,8 @@ from runtime.triton_models.interfaces import (
     BLS, ENSEMBLE, ENSEMBLE_STEPS, INTERFACES, LLAMA, POSTPROCESSING, PREPROCESSING, ModelInterface,
 )
 
+from .atomic import install_dir
+
 __all__ = ["RepoOptions", "RepoError", "model_configs", "write_repo", "runtime_requirements", "PYTHON_MODELS"]
 
 PYTHON_MODELS = (PREPROCESSING, LLAMA, POSTPROCESSING, BLS)
@@ -161,17 +163,6 @@ from runtime.triton_models.{name} import TritonPythonModel  # noqa: F401
 '''
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished repository into place; an existing one is replaced only once the new one is whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def write_repo(opts: RepoOptions) -> Path:
     """Generate the repository; returns its path."""
     engine = Path(opts.engine)
@@ -215,7 +206,7 @@ def write_repo(opts: RepoOptions) -> Path:
                 shutil.copytree(runtime_src, version / "runtime",
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / LLAMA / "1" / "requirements.txt").write_text("\n".join(runtime_requirements(opts.device)) + "\n")
-        _install(tmp, out)
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

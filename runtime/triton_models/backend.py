@@ -77,3 +77,23 @@ def error_response(error: BaseException) -> Any:
                                                                      pb_utils.TritonError.UNAVAILABLE))
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error!r}",
                                                                  pb_utils.TritonError.INTERNAL))
+
+
+class TokenizerModel:
+    """preprocessing and postprocessing: stateless, one response per request, computed from the
+    request's tensors by `transform(tokenizer, tensors)` with the engine's tokenizer."""
+
+    transform: Any  # staticmethod(tokenizer, dict[str, np.ndarray]) -> dict[str, np.ndarray]
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.tokenizer = load_engine_tokenizer(engine_dir(parameters(args), args))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                outputs = self.transform(self.tokenizer, input_tensors(request))
+                responses.append(pb_utils.InferenceResponse(output_tensors=output_tensors(outputs)))
+            except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
+                responses.append(error_response(e))
+        return responses
