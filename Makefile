@@ -40,7 +40,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-quant bench-moe clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-quant bench-moe bench-moe-quant clean help
 
 ## make help: this list
 help:
@@ -140,6 +140,10 @@ bench-quant: $(VENV)/.installed
 ## make bench-moe: MoE decode ms/token as experts grow 16->128 at top-1 (active-expert Loop vs every-expert peer)
 bench-moe: $(VENV)/.installed
 	$(PY) bench/moe.py
+
+## make bench-moe-quant: quantized MoE experts (int8-wo, fp8; router fp32) vs fp32: logit KL, top-1 agreement
+bench-moe-quant: $(VENV)/.installed
+	$(PY) bench/moe.py --quality
 
 ## make bench-kernels: Triton attention kernels on a CUDA GPU: decode HBM bandwidth vs peak, prefill TFLOP/s vs SDPA
 bench-kernels: $(VENV)/.installed

@@ -14,6 +14,13 @@ both). Target: active decode at 128 experts within 1.5x of 16 experts. max|diff|
 formulations' logits (same weights).
 
   python bench/moe.py [--experts 16 32 64 128] [--repeat 20] [--rounds 3] [--threads 1]
+
+--quality (make bench-moe-quant) instead reports quantized experts' quality: the tiny random-weight
+Scout-like checkpoint of tests/test_moe_quant.py built fp32, int8-wo and fp8 (experts quantized, router
+fp32, calibrated on the default held-out text), and for each, against the fp32 engine (the peer) on
+the same prompts: KL(fp32 || quantized) of the next-token distributions (float64 softmax of the logits,
+mean over positions), top-1 agreement, max |logit diff| and weight bytes. Random weights: the numbers
+measure the arithmetic's error, not a trained model's quality loss.
 """
 
 from __future__ import annotations
@@ -103,6 +110,33 @@ def median_ms(session: ort.InferenceSession, f: dict[str, np.ndarray], repeat: i
     return 1e3 * statistics.median(times)
 
 
+def quality(prompts: int = 8, length: int = 64) -> None:
+    from llamaforge.build import BuildOptions, build_engine
+    from runtime.engine import Engine
+    from tests.fixtures import make_llama4_checkpoint, tiny_llama4_config
+
+    ids = torch.randint(3, 640, (prompts, length), generator=torch.Generator().manual_seed(0)).numpy()
+    logits, sizes = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-moe-quant-") as tmp:
+        ckpt = make_llama4_checkpoint(Path(tmp) / "ckpt", tiny_llama4_config(), seed=11)
+        for precision in tqdm(("fp32", "int8-wo", "fp8"), desc="build + run", unit="engine"):
+            engine_dir = build_engine(BuildOptions(checkpoint=ckpt, out=Path(tmp) / precision, precision=precision))
+            engine = Engine(engine_dir)
+            logits[precision] = engine.step(ids, np.zeros(prompts, np.int32), engine.kv.empty(prompts, length))[0]
+            sizes[precision] = (engine_dir / "model.onnx.data").stat().st_size
+    p = torch.log_softmax(torch.from_numpy(logits["fp32"]).double(), -1)
+    print(f"\ntiny Scout-like Llama 4 (random weights, 4 MoE layers, 4 experts, top-1), {prompts} prompts x {length} "
+          f"tokens, against the fp32 engine (peer)")
+    print(f"{'precision':>10}{'KL(fp32||q) mean':>18}{'top-1 agree':>13}{'max|dlogit|':>13}{'weight MB':>11}{'vs fp32':>9}")
+    for precision, got in logits.items():
+        q = torch.log_softmax(torch.from_numpy(got).double(), -1)
+        kl = float((p.exp() * (p - q)).sum(-1).mean())
+        agree = float((p.argmax(-1) == q.argmax(-1)).double().mean())
+        diff = float(np.abs(got - logits["fp32"]).max())
+        print(f"{precision:>10}{kl:>18.2e}{agree:>13.4f}{diff:>13.2e}{sizes[precision] / 2**20:>11.2f}"
+              f"{sizes[precision] / sizes['fp32']:>9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -111,7 +145,11 @@ def main() -> None:
     # One thread: on this shared 2-core machine a 2-thread pool's synchronisation made a ~3 ms step
     # take 3-8 ms at random; both formulations run under the same setting.
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for both formulations")
+    parser.add_argument("--quality", action="store_true", help="quantized experts' quality (int8-wo, fp8) vs fp32")
     args = parser.parse_args()
+    if args.quality:
+        quality()
+        return
 
     rows = {e: {"experts": e} for e in args.experts}
     with tempfile.TemporaryDirectory(prefix="bench-moe-") as tmp:

@@ -18,6 +18,7 @@ from .passes.fusion import FuseQKV, FuseRMSNorm
 from .passes.lower_attention import LowerAttentionForORT
 from .passes.lower_moe import LowerMoEForORT
 from .passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
+from .passes.quantize_experts import QuantizeExperts
 from .passes.validate_quant import ValidateQuantization
 from .passes.weights import FoldWeightTransposes
 from .quantization import QuantConfig, QuantContext
@@ -47,10 +48,12 @@ QUANT_PASSES: dict[str, Callable[[QuantContext], ir.passes.PassBase]] = {
     "quantize-fp8": lambda ctx: QuantizeMatMuls(ctx, "fp8"),
     "quantize-int8-sq": lambda ctx: QuantizeMatMuls(ctx, "int8-sq"),
     "quantize-int8-wo": lambda ctx: QuantizeMatMuls(ctx, "int8-wo"),
+    "quantize-experts-fp8": lambda ctx: QuantizeExperts(ctx, "fp8"),  # MoE experts, after lower-moe-ort
+    "quantize-experts-int8-wo": lambda ctx: QuantizeExperts(ctx, "int8-wo"),
     "validate-quantization": ValidateQuantization,
 }
-WEIGHT_QUANT_PASSES = {"fp8": ["quantize-fp8"], "int8-sq": ["smooth-int8", "quantize-int8-sq"],
-                       "int8-wo": ["quantize-int8-wo"]}
+WEIGHT_QUANT_PASSES = {"fp8": ["quantize-fp8", "quantize-experts-fp8"], "int8-sq": ["smooth-int8", "quantize-int8-sq"],
+                       "int8-wo": ["quantize-int8-wo", "quantize-experts-int8-wo"]}
 
 
 def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:

@@ -11,7 +11,10 @@ tensors through `torch.func.functional_call` on a weightless (meta) module.
 Recorded (see `graphs.quantization.CalibrationStats`): per-channel |x| max at every linear
 layer's input (SmoothQuant needs channels; per-tensor scales take the max), per-input- and
 per-output-channel |W| max of every linear weight (so the passes need not read weights again), and
-per layer |K| max after RoPE and |V| max (FP8 KV cache).
+per layer |K| max after RoPE and |V| max (FP8 KV cache). MoE layers add, under the expert weights'
+names (`...feed_forward.experts.gate_up_proj` / `.down_proj`), the per-channel max of the experts'
+inputs (router-score-scaled hidden states; SwiGLU output) and the [E, out] per-expert weight amax.
+Each layer gets its own module structure (Llama 4 mixes MoE/dense FFNs and RoPE/NoPE attention).
 
 Calibration data: CALIB= a UTF-8 text file or a directory of them; by default the held-out split
 of the demo model's training text (`llamaforge/train_demo.py`). The last `sequences * seq_len`
@@ -124,11 +127,17 @@ class _AmaxRecorder:
         self.values[key] = amax if old is None else torch.maximum(old, amax)
 
 
-def _layer_module(config: ModelConfig) -> nn.Module:
+    def update_amax(self, key: str, amax: torch.Tensor) -> None:
+        old = self.values.get(key)
+        self.values[key] = amax.float() if old is None else torch.maximum(old, amax.float())
+
+
+def _layer_module(config: ModelConfig, layer: int = 0) -> nn.Module:
+    """Layer `layer`'s structure (Llama 4's layers differ: MoE or dense FFN, RoPE or NoPE attention)."""
     from export.model import DecoderLayer
 
     with torch.device("meta"):  # structure only: weights come from the checkpoint per call
-        return DecoderLayer(config).eval()
+        return DecoderLayer(config, layer).eval()
 
 
 def _weights(ckpt: TensorSource, prefix: str) -> dict[str, torch.Tensor]:
@@ -141,6 +150,12 @@ def _record_weights(stats: CalibrationStats, module_prefix: str, weights: dict[s
         w = weights[f"{name}.weight"].abs()  # [out, in]
         stats.weight_in_amax[module_prefix + name] = w.amax(dim=0).numpy()
         stats.weight_out_amax[module_prefix + name] = w.amax(dim=1).numpy()
+    for name, w in weights.items():  # MoE experts, stored x @ W: [E, in, out] -> per expert and output channel
+        if name.endswith(EXPERT_WEIGHTS):
+            stats.weight_out_amax[module_prefix + name] = w.abs().amax(dim=1).numpy()
+
+
+EXPERT_WEIGHTS = (".experts.gate_up_proj", ".experts.down_proj")
 
 
 @torch.inference_mode()
@@ -158,8 +173,6 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
     hidden = F.embedding(tokens, embed)  # [n, seq, hidden], the only activations kept across layers
     del embed
 
-    layer = _layer_module(config)
-    linear_names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
     recorder = _AmaxRecorder()
     kv: dict[str, torch.Tensor] = {}
 
@@ -171,15 +184,34 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
         for key, cache in (("k", out[1]), ("v", out[2])):
             kv[key] = torch.maximum(kv.get(key, torch.zeros(())), cache.abs().amax().float())
 
-    hooks = [m.register_forward_pre_hook(on_linear_input(name)) for name, m in layer.named_modules()
-             if isinstance(m, nn.Linear)]
-    hooks.append(layer.get_submodule("self_attn").register_forward_hook(on_attention))
+    def on_moe_input(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any) -> None:  # the experts' inputs: score-scaled x, SwiGLU output
+            gate_up, down = expert_input_amax(args[0], module.router.weight, module.experts.gate_up_proj,
+                                              module.experts.down_proj, module.attrs)
+            recorder.update_amax(f"{name}.experts.gate_up_proj", gate_up)
+            recorder.update_amax(f"{name}.experts.down_proj", down)
+        return hook
+
+    def hooked(layer: nn.Module) -> list[Any]:
+        hooks = [m.register_forward_pre_hook(on_moe_input(name) if isinstance(m, MoEFeedForward)
+                                             else on_linear_input(name))
+                 for name, m in layer.named_modules() if isinstance(m, (nn.Linear, MoEFeedForward))]
+        hooks.append(layer.get_submodule("self_attn").register_forward_hook(on_attention))
+        return hooks
+
+    from export.llama4 import MoEFeedForward
+    from plugins.moe.reference import expert_input_amax
+
+    hooks: list[Any] = []
     past_lengths = torch.zeros(CHUNK, dtype=torch.int32)
     bar = tqdm(total=config.num_layers, desc="calibrate", unit="layer",
                disable=not progress or os.environ.get("LLAMAFORGE_QUIET") == "1")
     try:
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
+            layer = _layer_module(config, i)
+            linear_names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            hooks = hooked(layer)
             weights = _weights(ckpt, prefix)
             _record_weights(stats, prefix, weights, linear_names)
             for start in range(0, n, CHUNK):
@@ -188,6 +220,8 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
                 out, _, _ = torch.func.functional_call(layer, weights, (x, cache, cache, past_lengths[: x.shape[0]]))
                 hidden[start:start + CHUNK] = out
             del weights  # the layer's tensors go here; the next layer's are loaded after
+            for h in hooks:
+                h.remove()
             for name, amax in recorder.values.items():
                 stats.act_amax[prefix + name] = amax.numpy()
             recorder.values.clear()

@@ -11,6 +11,12 @@ Rules (each failure names the node and tensor):
   * coverage: every linear MatMul that the configuration quantizes reads a quantized weight through
     DequantizeLinear, and with W8A8 a Q/DQ'd activation;
   * KV cache: with KV_CACHE=fp8, every attention op still present carries positive K/V scales.
+  * MoE experts (inside the lowered MoE's Loop body, which is checked like the main graph): a
+    DequantizeLinear may read one expert's slice, `Gather(axis=0, e)` of a stored quantized weight
+    [E, ...], with its scale `Gather(axis=0, e)` of a constant table [E] or [E, C] and the same e;
+    no float expert weight may remain when the precision quantizes experts. fp8 experts (ONNX has
+    no float8 Gather) are dequantized whole instead: a DequantizeLinear with per-expert scales
+    (axis 0) of a stored [E, ...] weight may feed `Gather(axis=0)`s that feed MatMul weight inputs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from plugins.attention.schema import DOMAIN, OP_TYPE
 
 from ..quantization import QuantContext, QuantizationError
 from .quantize import FORMATS, linears
+from .quantize_experts import EXPERT_PRECISIONS, expert_weights
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FUSED_QUANT_OPS = {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeLinear",
@@ -45,7 +52,7 @@ class ValidateQuantization(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for node in graph:
+        for node in ir.traversal.RecursiveGraphIterator(graph):  # Loop bodies (lowered MoE) included
             if node.op_type in FUSED_QUANT_OPS:
                 raise _fail(node, "fused/integer quantized op: explicit quantization allows only QuantizeLinear/DequantizeLinear")
             if node.op_type in QDQ:
@@ -70,12 +77,13 @@ class ValidateQuantization(ir.passes.InPlacePass):
         if np.any(zero.numpy().astype(np.float32) != 0):
             raise _fail(node, f"zero point {zero_v.name!r} is not 0 (asymmetric quantization)")
         assert scale_v is not None
-        scale = self._const(node, scale_v, "scale")
-        values = scale.numpy()
+        gathered = self._gathered_pair(node)
+        scale = self._const(node, scale_v, "scale") if gathered is None else gathered[1]
+        values = scale.numpy() if gathered is None else scale.numpy()[0]  # one expert's row: the shape of each
         if scale.dtype != ir.DataType.FLOAT:
             raise _fail(node, f"scale {scale_v.name!r} has type {scale.dtype.name}, expected FLOAT")
-        if not np.all(np.isfinite(values)) or np.any(values <= 0):
-            raise _fail(node, f"scale {scale_v.name!r} has values that are not finite and > 0 (min {values.min()})")
+        if not np.all(np.isfinite(scale.numpy())) or np.any(scale.numpy() <= 0):
+            raise _fail(node, f"scale {scale_v.name!r} has values that are not finite and > 0 (min {scale.numpy().min()})")
         if values.shape != zero.numpy().shape:
             raise _fail(node, f"scale {scale_v.name!r} shape {values.shape} != zero point shape {zero.numpy().shape}")
         if values.ndim > 1:
@@ -84,6 +92,27 @@ class ValidateQuantization(ir.passes.InPlacePass):
             self._check_quantize(node)
         else:
             self._check_dequantize(node, values.shape)
+
+    def _gathered_pair(self, node: ir.Node) -> tuple[ir.TensorProtocol, ir.TensorProtocol] | None:
+        """(stored weight [E, ...], scale table [E] | [E, C]) when this DequantizeLinear reads one
+        expert's slice (data and scale both `Gather(axis=0)` of constants, with the same index);
+        None when its data is not a gathered slice."""
+        data, scale_v = node.inputs[0], node.inputs[1]
+        gather = data.producer() if data is not None else None
+        if node.op_type != "DequantizeLinear" or data is None or gather is None or gather.op_type != "Gather":
+            return None
+        table_gather = scale_v.producer() if scale_v is not None else None
+        stored = gather.inputs[0]
+        if stored is None or not stored.is_initializer() or stored.const_value is None:
+            raise _fail(node, f"input {data.name!r} gathers from {stored.name if stored else None!r}, not a stored weight")
+        if (table_gather is None or table_gather.op_type != "Gather" or table_gather.inputs[1] is not gather.inputs[1]
+                or gather.attributes.get_int("axis", 0) != 0 or table_gather.attributes.get_int("axis", 0) != 0):
+            raise _fail(node, f"gathered weight slice {data.name!r} needs its scale gathered (axis 0) with the same index")
+        table = self._const(node, table_gather.inputs[0], "scale table")  # type: ignore[arg-type]
+        if table.shape.numpy()[:1] != stored.const_value.shape.numpy()[:1]:
+            raise _fail(node, f"scale table {table_gather.inputs[0].name!r} has {table.shape.numpy()[:1]} rows, "  # type: ignore[union-attr]
+                              f"weight {stored.name!r} has {stored.const_value.shape.numpy()[:1]} experts")
+        return stored.const_value, table
 
     @staticmethod
     def _const(node: ir.Node, value: ir.Value, what: str) -> ir.TensorProtocol:
@@ -119,22 +148,36 @@ class ValidateQuantization(ir.passes.InPlacePass):
         data = node.inputs[0]
         assert data is not None
         weight = data.const_value if data.is_initializer() else None
+        gathered = self._gathered_pair(node)
+        shape = weight.shape if weight is not None else data.shape
+        if gathered is not None:  # one expert's slice of a stored weight: shaped like a weight row
+            weight, shape = gathered[0], ir.Shape(gathered[0].shape.numpy()[1:])
         source = data.producer()
         if weight is None and (source is None or source.op_type != "QuantizeLinear"):
             raise _fail(node, f"input {data.name!r} is neither a stored quantized weight nor a QuantizeLinear output")
         if scale_shape:
             axis = node.attributes.get_int("axis", 1)
-            shape = weight.shape if weight is not None else data.shape
             if shape is None or not isinstance(shape[axis], int) or shape[axis] != scale_shape[0]:
                 raise _fail(node, f"per-channel scale of {scale_shape[0]} does not match axis {axis} of {data.name!r} (shape {shape})")
         out = node.outputs[0]
         if out.is_graph_output():
             raise _fail(node, f"output {out.name!r} is a graph output")
         for user, index in out.uses():
+            if (user.op_type == "Gather" and weight is not None and len(weight.shape) == 3 and index == 0
+                    and node.attributes.get_int("axis", 1) == 0 and user.attributes.get_int("axis", 0) == 0):
+                user, index = self._expert_slice_reader(node, user)
             if user.op_type != "MatMul":
                 raise _fail(node, f"output {out.name!r} feeds {user.op_type} {user.name!r}: Q/DQ must sit right before MatMul inputs")
             if weight is not None and index != 1:
                 raise _fail(node, f"stored weight {data.name!r} feeds input {index} of MatMul {user.name!r}, not its weight input")
+
+    @staticmethod
+    def _expert_slice_reader(node: ir.Node, gather: ir.Node) -> tuple[ir.Node, int]:
+        """The one (MatMul, input index) that reads the expert slice `gather` takes from `node`'s output."""
+        uses = list(gather.outputs[0].uses())
+        if len(uses) != 1:
+            raise _fail(node, f"expert slice {gather.outputs[0].name!r} feeds {len(uses)} nodes; expected one MatMul")
+        return uses[0]
 
     # -- the graph as a whole -------------------------------------------------------------------------
     def _check_coverage(self, graph: ir.Graph) -> None:
@@ -144,11 +187,22 @@ class ValidateQuantization(ir.passes.InPlacePass):
         for lin in linears(graph, self.ctx):  # an unquantized float weight still feeding a linear
             raise _fail(lin.node, f"weight {lin.weight.name!r} of {lin.name!r} is stored unquantized; "
                                   f"PRECISION={precision} needs it quantized and followed by DequantizeLinear")
-        for node in graph:
+        if precision in EXPERT_PRECISIONS:
+            for value in expert_weights(graph):
+                reader = next((n for n, _ in value.uses()), None)
+                if reader is not None:
+                    raise _fail(reader, f"MoE expert weight {value.name!r} is stored unquantized; PRECISION={precision} "
+                                        "needs it quantized and followed by DequantizeLinear")
+        for node in ir.traversal.RecursiveGraphIterator(graph):
             if node.op_type != "MatMul":
                 continue
             dq = node.inputs[1].producer() if node.inputs[1] is not None else None
-            if dq is None or dq.op_type != "DequantizeLinear" or not dq.inputs[0].is_initializer():  # type: ignore[union-attr]
+            if dq is not None and dq.op_type == "Gather" and dq.inputs[0] is not None:  # fp8 experts: DQ -> Gather
+                dq = dq.inputs[0].producer()
+            data = dq.inputs[0] if dq is not None and dq.op_type == "DequantizeLinear" else None
+            gather = data.producer() if data is not None else None
+            stored = data is not None and (data.is_initializer() or (gather is not None and gather.op_type == "Gather"))
+            if not stored:
                 continue
             if FORMATS[precision].activations:
                 x = node.inputs[0].producer() if node.inputs[0] is not None else None

@@ -31,3 +31,21 @@ def moe(hidden: torch.Tensor, router_weight: torch.Tensor, gate_up_proj: torch.T
         gate, up = (routed @ gate_up_proj[e]).chunk(2, dim=-1)
         out.index_add_(0, tokens, (up * F.silu(gate)) @ down_proj[e])
     return out.reshape(hidden.shape)
+
+
+def expert_input_amax(hidden: torch.Tensor, router_weight: torch.Tensor, gate_up_proj: torch.Tensor,
+                      down_proj: torch.Tensor, attrs: MoEAttrs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel max |input| of the experts' two matmuls over every routed token, all experts
+    together: ([hidden] of the score-scaled hidden states, [intermediate] of the SwiGLU output).
+    Calibration records these for fp8 W8A8 experts (one activation scale per MoE layer and matmul)."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    experts, scores = route(x, router_weight, attrs)
+    gate_up_amax = x.new_zeros(x.shape[-1])
+    down_amax = x.new_zeros(down_proj.shape[1])
+    for e in torch.unique(experts).tolist():
+        tokens, slots = torch.nonzero(experts == e, as_tuple=True)
+        routed = x[tokens] * scores[tokens, slots, None]
+        gate, up = (routed @ gate_up_proj[e]).chunk(2, dim=-1)
+        gate_up_amax = torch.maximum(gate_up_amax, routed.abs().amax(dim=0))
+        down_amax = torch.maximum(down_amax, (up * F.silu(gate)).abs().amax(dim=0))
+    return gate_up_amax, down_amax
