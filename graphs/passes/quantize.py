@@ -262,14 +262,21 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
         for lin in group:
             scale = register(graph, const_value(f"{lin.name}.input_scale", scale_array))
             zero = register(graph, const_value(f"{lin.name}.input_zero_point", zero_array))
-            q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{lin.name}/input_quantize")
-            q.outputs[0].name = f"{lin.name}.input_quantized"
-            q.outputs[0].type, q.outputs[0].shape = ir.TensorType(fmt.weight_dtype), x.shape
-            dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{lin.name}/input_dequantize")
-            dq.outputs[0].name = f"{lin.name}.input_dequantized"
-            dq.outputs[0].type, dq.outputs[0].shape = x.type, x.shape
-            graph.insert_before(lin.node, [q, dq])
-            lin.node.replace_input_with(0, dq.outputs[0])
+            insert_input_qdq(graph, lin.node, x, scale, zero, fmt.weight_dtype, lin.name, lin.name)
+
+
+def insert_input_qdq(graph: ir.Graph, matmul: ir.Node, x: ir.Value, scale: ir.Value, zero: ir.Value,
+                     qtype: ir.DataType, node_prefix: str, value_prefix: str) -> None:
+    """QuantizeLinear -> DequantizeLinear of `x` right before `matmul`, which then reads the DQ output
+    (TensorRT's explicit-quantization placement: the pair sits directly on the MatMul input)."""
+    q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{node_prefix}/input_quantize")
+    q.outputs[0].name = f"{value_prefix}.input_quantized"
+    q.outputs[0].type, q.outputs[0].shape = ir.TensorType(qtype), x.shape
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{node_prefix}/input_dequantize")
+    dq.outputs[0].name = f"{value_prefix}.input_dequantized"
+    dq.outputs[0].type, dq.outputs[0].shape = x.type, x.shape
+    graph.insert_before(matmul, [q, dq])
+    matmul.replace_input_with(0, dq.outputs[0])
 
 
 def attention_layer(node: ir.Node) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..quantization import QuantContext, QuantizationError, scale_from_amax
-from .quantize import FORMATS, const_value, register, zero_point
+from .quantize import FORMATS, const_value, insert_input_qdq, register, zero_point
 from .weights import lazy_weight
 
 EXPERT_WEIGHT_SUFFIXES = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
@@ -159,11 +159,4 @@ class QuantizeExperts(ir.passes.InPlacePass):
                                     f"(PRECISION={fmt.name} quantizes the experts' inputs); recalibrate")
         scale = register(graph, const_value(f"{weight}.input_scale", scale_from_amax(float(amax.max()), fmt.qmax)))
         zero = register(graph, const_value(f"{weight}.input_zero_point", zero_point(fmt.weight_dtype, ())))
-        q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{matmul.name}/input_quantize")
-        q.outputs[0].name = f"{weight}.input_quantized"
-        q.outputs[0].type, q.outputs[0].shape = ir.TensorType(fmt.weight_dtype), x.shape
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{matmul.name}/input_dequantize")
-        dq.outputs[0].name = f"{weight}.input_dequantized"
-        dq.outputs[0].type, dq.outputs[0].shape = x.type, x.shape
-        body.insert_before(matmul, [q, dq])
-        matmul.replace_input_with(0, dq.outputs[0])
+        insert_input_qdq(body, matmul, x, scale, zero, fmt.weight_dtype, str(matmul.name), weight)
