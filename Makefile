@@ -40,7 +40,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-quant bench-moe bench-moe-quant clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-moe bench-moe-quant clean help
 
 ## make help: this list
 help:
@@ -77,12 +77,12 @@ export: $(VENV)/.installed $(DEMO_DEP)
 	$(BIN)/llamaforge export $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--precision $(PRECISION) --out $(if $(filter engines/%,$(OUT)),exported/$(MODEL).onnx,$(OUT))
 
-## make generate [ENGINE=engines/demo-tiny] [PROMPT=...]
+## make generate [ENGINE=engines/MODEL] [PROMPT=...]
 ENGINE ?= engines/$(MODEL)
 generate: $(VENV)/.installed
 	$(BIN)/llamaforge generate $(ENGINE) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
 
-## make serve [ENGINE=engines/demo-tiny] [PORT=8001] [METRICS_PORT=8002]: Triton-protocol gRPC server (+ /metrics)
+## make serve [ENGINE=engines/MODEL] [PORT=8001] [METRICS_PORT=8002]: Triton-protocol gRPC server (+ /metrics)
 serve: $(VENV)/.installed
 	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --metrics-port $(METRICS_PORT)
 
@@ -144,6 +144,10 @@ bench-moe: $(VENV)/.installed
 ## make bench-moe-quant: quantized MoE experts (int8-wo, fp8; router fp32) vs fp32: logit KL, top-1 agreement
 bench-moe-quant: $(VENV)/.installed
 	$(PY) bench/moe.py --quality
+
+## make bench-kv: KV cache layout: sequences a budget holds (blocks vs slots), block bookkeeping cost, in-place decode vs copy [ENGINE=engines/MODEL]
+bench-kv: $(VENV)/.installed
+	$(PY) bench/kv_layout.py $(ENGINE)
 
 ## make bench-kernels: Triton attention kernels on a CUDA GPU: decode HBM bandwidth vs peak, prefill TFLOP/s vs SDPA
 bench-kernels: $(VENV)/.installed

@@ -1,4 +1,5 @@
-"""Why the KV cache is paged (blocks) rather than one fixed slot per sequence: a measurement.
+"""How the KV cache is held, measured: paged blocks rather than one fixed slot per sequence, and a
+decode step that updates its cache arrays in place rather than copying them.
 
 1. Capacity: for the same token budget, how many sequences can hold their KV at once when every
    sequence reserves a full-context slot, versus when it holds only the blocks its tokens fill.
@@ -6,8 +7,13 @@
 2. Cost: blocks must be gathered into the attention op's per-row layout when a decode batch
    changes. Runs the engine core on a mixed workload and reports the time spent gathering and
    scattering against the time spent in the engine, and how often the batch had to be regathered.
+3. In place: one decode step of 16 rows, each with half the context cached, through `Engine.step`
+   (ORT gets the past caches and returns new present caches: a copy of every row's whole cache)
+   and through `Engine.decode_in_place_step` (past and present bound to one buffer, the GQA kernel
+   appends the new token); median of 7 after a warm-up, and the ratio.
 
-  python bench/kv_layout.py [ENGINE_DIR]      (default: engines/demo-tiny, built by `make engine`)
+  python bench/kv_layout.py [ENGINE_DIR]      (make bench-kv; default engines/stdlib-5m, built by
+                                               `make engine`; bench/.work/engine-bench after `make bench-serve`)
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.engine_core import CoreConfig, EngineCore  # noqa: E402
+from runtime.kv_cache import KVCacheManager  # noqa: E402
 from runtime.requests import GenerationRequest  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 
@@ -60,15 +67,44 @@ def cost(engine_dir: str, rng: np.random.Generator) -> None:
           f"-> block bookkeeping = {data / t['engine']:.1%} of engine time")
 
 
+def in_place(engine_dir: str, rows: int = 16, repeat: int = 7) -> None:
+    from runtime.engine import Engine
+
+    engine = Engine(engine_dir)
+    if not engine.decode_in_place:
+        print(f"in place: {engine_dir} cannot update its cache in place (manifest kv_cache.decode_in_place)")
+        return
+    capacity = min(engine.kv.max_capacity, 1024)
+    ids = np.ones((rows, 1), np.int64)
+    lengths = np.full(rows, capacity // 2, np.int32)
+    caches = engine.kv.empty(rows, capacity)
+
+    def median_ms(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    copied = median_ms(lambda: engine.step(ids, lengths, caches))
+    in_place_ms = median_ms(lambda: engine.decode_in_place_step(ids, lengths, caches))
+    mb = rows * capacity * KVCacheManager.bytes_per_token(engine.kv) / 1e6
+    print(f"in place, decode step of {rows} rows at {capacity // 2}/{capacity} cached tokens ({mb:.0f} MB of cache):")
+    print(f"  copying past -> present: {copied:7.1f} ms   in place: {in_place_ms:7.1f} ms   -> {copied / in_place_ms:.2f}x")
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     capacity_table(budget=131072, context=8192, block=16, rng=rng)
     capacity_table(budget=32768, context=2048, block=16, rng=rng)
-    engine_dir = sys.argv[1] if len(sys.argv) > 1 else "engines/demo-tiny"
+    engine_dir = sys.argv[1] if len(sys.argv) > 1 else "engines/stdlib-5m"
     if Path(engine_dir, "manifest.json").exists():
         cost(engine_dir, rng)
+        in_place(engine_dir)
     else:
-        print(f"(no engine at {engine_dir}: run `make engine` for the cost half)")
+        print(f"(no engine at {engine_dir}: run `make engine` for the cost and in-place parts)")
 
 
 if __name__ == "__main__":

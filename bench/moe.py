@@ -92,7 +92,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 def feeds(config: ModelConfig, tokens: int, past: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     f = {"input_ids": rng.integers(3, config.vocab_size, (1, tokens)).astype(np.int64),
-         "past_lengths": np.array([past], np.int32)}
+         "past_lengths": np.array([past], np.int32), "logits_index": np.array([[tokens - 1]], np.int64)}
     for i in range(config.num_layers):
         for kind in ("key", "value"):
             f[f"past_{kind}.{i}"] = rng.standard_normal((1, config.num_kv_heads, CAPACITY, config.head_dim)).astype(np.float32)

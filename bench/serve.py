@@ -32,6 +32,14 @@ bytes read per decode step (model.onnx.data minus the embedding rows not gathere
 over the copy bandwidth measured in the same run (numpy copy of 1 GiB, a thread per core, best
 of 5, bytes read + written).
 
+Bound on in-flight / static: what a perfect in-flight schedule would take for this workload on
+this machine, from step costs measured in the same run (in-process, no gRPC): every prompt
+prefilled once (a line fitted to prefill calls of 64/128/256 tokens, logits at the last token),
+and every generated token decoded in full batches of --max-num-seqs rows (a decode step with the
+cache updated in place, each row at the workload's token-weighted mean context), each the fastest
+of several runs.
+Measured static time over that ideal time is the most any in-flight scheduler could reach here.
+
 Targets: in-flight >= 2x static throughput at no worse p99 TTFT; single-stream decode >= 1.0x
 onnxruntime-genai at the same precision.
 
@@ -382,6 +390,39 @@ def weight_bytes_per_step(engine: Path) -> int:
     return (engine / "model.onnx.data").stat().st_size - (cfg["vocab_size"] - 1) * cfg["hidden_size"] * 4
 
 
+def ideal_inflight_seconds(engine_dir: Path, reqs: list[Req], rows: int) -> tuple[float, float, float]:
+    """(seconds, prefill seconds, decode step ms) of a perfect in-flight schedule; see the docstring."""
+    from runtime.engine import Engine
+
+    engine = Engine(engine_dir)
+
+    def best_s(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+        """Fastest of `repeat` runs after a warm-up: the ideal schedule gets every call at its best."""
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    widths = (64, 128, 256)
+    costs = [best_s(lambda w=w: engine.step(np.ones((1, w), np.int64), np.zeros(1, np.int32),
+                                             engine.kv.empty(1, w), np.array([[w - 1]])), 5) for w in widths]
+    slope, intercept = np.polyfit(widths, costs, 1)
+    prefill = sum(intercept + slope * len(r.ids) for r in reqs)
+    tokens = sum(r.max_tokens for r in reqs)
+    mean_context = sum(len(r.ids) * r.max_tokens + r.max_tokens * (r.max_tokens - 1) / 2 for r in reqs) / tokens
+    capacity = -(-int(mean_context + 1) // 64) * 64
+    caches = engine.kv.empty(rows, capacity)
+    ids, lengths = np.ones((rows, 1), np.int64), np.full(rows, int(mean_context), np.int32)
+    if engine.decode_in_place:
+        step = best_s(lambda: engine.decode_in_place_step(ids, lengths, caches), 9)
+    else:
+        step = best_s(lambda: engine.step(ids, lengths, caches), 9)
+    return prefill + -(-tokens // rows) * step, prefill, step * 1e3
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -426,6 +467,7 @@ def main() -> int:
             why, oga = f"failed: {type(e).__name__}: {e}", None
     bw = copy_bandwidth()
     wbytes = weight_bytes_per_step(engine)
+    ideal, ideal_prefill, ideal_step_ms = ideal_inflight_seconds(engine, reqs, args.max_num_seqs)
 
     print(f"\n{'':<44}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'span s':>8}")
     for name, m in rows.items():
@@ -450,6 +492,10 @@ def main() -> int:
     ok1 = ratio >= 2.0 and inflight["ttft99"] <= static["ttft99"]
     print(f"\nin-flight / static throughput: {ratio:.2f}x; p99 TTFT in-flight {inflight['ttft99']:.0f} ms vs static "
           f"{static['ttft99']:.0f} ms ({inflight['ttft99'] / static['ttft99']:.2f}x)")
+    print(f"bound: a perfect in-flight schedule would take {ideal:.1f}s (prefill {ideal_prefill:.1f}s + decode steps of "
+          f"{args.max_num_seqs} rows at {ideal_step_ms:.1f} ms); static took {static['span']:.1f}s, so no in-flight "
+          f"scheduler can beat static by more than {static['span'] / ideal:.2f}x on this machine and workload "
+          f"(ours: {inflight['span'] / ideal:.2f}x the ideal time)")
     if GENAI in rows:
         g = rows[GENAI]
         print(f"in-flight / onnxruntime-genai throughput: {inflight['tok_s'] / g['tok_s']:.2f}x; p99 TTFT "

@@ -59,17 +59,19 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
     dtype = PRECISIONS[precision]
     with torch.device("meta"):
         model = LlamaDecoder(config).to(dtype).eval()
-        batch, seq, capacity = 2, 3, 8
+        batch, seq, num_logits, capacity = 2, 5, 3, 8  # distinct sizes: no dims unified by accident
         args: list[torch.Tensor] = [
             torch.zeros(batch, seq, dtype=torch.int64),
             torch.zeros(batch, dtype=torch.int32),
+            torch.zeros(batch, num_logits, dtype=torch.int64),
         ]
         for _ in range(2 * config.num_layers):
             args.append(torch.zeros(batch, config.num_kv_heads, capacity, config.head_dim, dtype=dtype))
     b, s, c = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("capacity")
+    n = torch.export.Dim("num_logits")
     kv_dims = {0: b, 2: c}
-    # `forward(input_ids, past_lengths, *past)`: torch.export sees the varargs as one tuple.
-    dynamic_shapes = ({0: b, 1: s}, {0: b}, tuple([kv_dims] * (2 * config.num_layers)))
+    # `forward(input_ids, past_lengths, logits_index, *past)`: torch.export sees the varargs as one tuple.
+    dynamic_shapes = ({0: b, 1: s}, {0: b}, {0: b, 1: n}, tuple([kv_dims] * (2 * config.num_layers)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # torch.onnx logs its own step banners; keep the user's console to our progress lines.
@@ -96,9 +98,10 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
     kv_shape = ir.Shape(["batch", config.num_kv_heads, "capacity", config.head_dim])
     graph.inputs[0].shape = ir.Shape(["batch", "seq"])
     graph.inputs[1].shape = ir.Shape(["batch"])
-    for v in list(graph.inputs[2:]) + list(graph.outputs[1:]):
+    graph.inputs[2].shape = ir.Shape(["batch", "num_logits"])
+    for v in list(graph.inputs[3:]) + list(graph.outputs[1:]):
         v.shape = kv_shape
-    graph.outputs[0].shape = ir.Shape(["batch", "seq", config.vocab_size])
+    graph.outputs[0].shape = ir.Shape(["batch", "num_logits", config.vocab_size])
     return ir_model
 
 

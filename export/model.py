@@ -9,8 +9,9 @@ in the FFN: one `llamaforge::MoE` node plus a shared-expert MLP (`export/llama4.
 
 Graph interface (names are part of the engine manifest):
   inputs   input_ids [batch, seq] int64, past_lengths [batch] int32,
+           logits_index [batch, num_logits] int64: the positions (0..seq-1) whose logits are wanted,
            past_key.{i} / past_value.{i} [batch, kv_heads, capacity, head_dim] per layer
-  outputs  logits [batch, seq, vocab], present_key.{i} / present_value.{i} (same shape as past)
+  outputs  logits [batch, num_logits, vocab], present_key.{i} / present_value.{i} (same shape as past)
 """
 
 from __future__ import annotations
@@ -133,19 +134,23 @@ class LlamaDecoder(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, past_lengths: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, past_lengths: torch.Tensor, logits_index: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.model.embed_tokens(input_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             x, present_key, present_value = layer(x, past[2 * i], past[2 * i + 1], past_lengths)
             presents += [present_key, present_value]
+        # Only the positions asked for reach the final norm and the LM head (TensorRT-LLM's
+        # last_token_ids): a serving step samples from one position per row, and the LM head is a
+        # quarter of a prefill's FLOPs at vocab 32000. Scoring a whole text asks for every position.
+        x = torch.gather(x, 1, logits_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.model.norm(x))
         return (logits, *presents)
 
 
 def input_names(config: ModelConfig) -> list[str]:
-    names = ["input_ids", "past_lengths"]
+    names = ["input_ids", "past_lengths", "logits_index"]
     for i in range(config.num_layers):
         names += [f"past_key.{i}", f"past_value.{i}"]
     return names

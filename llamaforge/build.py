@@ -84,6 +84,24 @@ def io_spec(proto_graph: onnx.GraphProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [spec(v) for v in proto_graph.input], "outputs": [spec(v) for v in proto_graph.output]}
 
 
+def decode_writes_cache_in_place(graph: onnx.GraphProto) -> bool:
+    """Whether every layer's cache update, in a decode call (seq 1), is ORT's GroupQueryAttention:
+    the `If` lowering's then-branch (plugins/attention/ort_lowering.py), which decode calls always
+    take. That kernel writes the new token into the cache without copying the past when past and
+    present are one buffer, so the runtime may bind them together (runtime/engine.py)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    for output in graph.output:
+        if not output.name.startswith(("present_key.", "present_value.")):
+            continue
+        node = producers.get(output.name)
+        if node is None or node.op_type != "If":
+            return False
+        then = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+        if then is None or not any(n.op_type == "GroupQueryAttention" for n in then.node):
+            return False
+    return any(o.name.startswith("present_key.") for o in graph.output)
+
+
 def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
                  passes: list[str], source: dict[str, Any]) -> dict[str, Any]:
     kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[activation_precision(opts.precision)]
@@ -108,6 +126,7 @@ def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto
             "past_inputs": ["past_key.{layer}", "past_value.{layer}"],
             "present_outputs": ["present_key.{layer}", "present_value.{layer}"],
             "lengths_input": "past_lengths",
+            "decode_in_place": decode_writes_cache_in_place(graph),
         },
         "special_tokens": {
             "bos_token_id": config.bos_token_id,

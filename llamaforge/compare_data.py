@@ -35,6 +35,8 @@ def load_data() -> Iterator[dict[str, np.ndarray]]:
     for _ in range(_int("COMPARE_ITERATIONS", 1)):
         feed = {"input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64),
                 "past_lengths": np.full(batch, past, dtype=np.int32)}
+        if "logits_index" in dtypes:  # compare every position's logits
+            feed["logits_index"] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
         shape = (batch, kv["num_kv_heads"], past + seq, kv["head_dim"])
         for layer in range(kv["num_layers"]):
             for name in (f"past_key.{layer}", f"past_value.{layer}"):

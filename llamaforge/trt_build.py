@@ -69,7 +69,8 @@ class Profile:
 
 def optimization_profiles(num_layers: int, num_kv_heads: int, head_dim: int, limits: ProfileLimits) -> list[Profile]:
     """Profile 0 "context": input_ids [1..B, 1..S] (opt [1, S]: one long prompt is the latency-critical
-    prefill), past_lengths [1..B], caches [1..B, kv_heads, 1..C, head_dim] (opt capacity S).
+    prefill), past_lengths [1..B], logits_index [1..B, 1..S] (opt one per row), caches
+    [1..B, kv_heads, 1..C, head_dim] (opt capacity S).
     Profile 1 "generation": one new token per row, input_ids [1..B, 1] (opt [B, 1]: decode batches
     run full under in-flight batching), caches opt capacity C/2. B = MAX_BATCH, S = MAX_INPUT_LEN,
     C = MAX_KV_TOKENS; the KV cache is the plugin's bhcd-slots layout."""
@@ -77,7 +78,9 @@ def optimization_profiles(num_layers: int, num_kv_heads: int, head_dim: int, lim
 
     def shapes(ids: tuple[Shape, Shape, Shape], batch: tuple[int, int, int],
                capacity: tuple[int, int, int]) -> dict[str, tuple[Shape, Shape, Shape]]:
-        out = {"input_ids": ids, "past_lengths": ((batch[0],), (batch[1],), (batch[2],))}
+        # logits_index [B, N]: at most one position per input token; opt one per row (serving).
+        logits = ((ids[0][0], 1), (ids[1][0], 1), ids[2])
+        out = {"input_ids": ids, "past_lengths": ((batch[0],), (batch[1],), (batch[2],)), "logits_index": logits}
         lo, opt, hi = ((batch[i], num_kv_heads, capacity[i], head_dim) for i in range(3))
         for layer in range(num_layers):
             out[f"past_key.{layer}"] = out[f"past_value.{layer}"] = (lo, opt, hi)

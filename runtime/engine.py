@@ -117,16 +117,67 @@ class Engine:
         self.session = ort.InferenceSession(str(self.dir / self.manifest["model_file"]), options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.has_logits_index = any(i.name == "logits_index" for i in self.session.get_inputs())
+        # Decode calls may update the cache arrays in place (see `decode_in_place`): only on the
+        # CPU provider, where the arrays the engine core owns are the memory ORT reads and writes.
+        self.decode_in_place = bool(kv.get("decode_in_place")) and self.session.get_providers() == ["CPUExecutionProvider"]
 
-    def step(self, input_ids: np.ndarray, past_lengths: np.ndarray,
-             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward call: logits [B, S, V] and the updated caches."""
+    def _feeds(self, input_ids: np.ndarray, past_lengths: np.ndarray,
+               logits_index: np.ndarray | None) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "past_lengths": np.ascontiguousarray(past_lengths, dtype=np.int32),
         }
+        if self.has_logits_index:
+            if logits_index is None:  # every position
+                batch, seq = input_ids.shape
+                logits_index = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
+            feeds["logits_index"] = np.ascontiguousarray(logits_index, dtype=np.int64)
+        return feeds
+
+    def _select(self, logits: np.ndarray, logits_index: np.ndarray | None) -> np.ndarray:
+        """Engines built before `logits_index` return every position: pick the asked-for ones."""
+        if self.has_logits_index or logits_index is None:
+            return logits
+        return logits[np.arange(logits.shape[0])[:, None], logits_index]
+
+    def step(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray],
+             logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward call: logits [B, N, V] at positions `logits_index` [B, N] (default: all S
+        positions) and the updated caches."""
+        feeds = self._feeds(input_ids, past_lengths, logits_index)
         for layer in range(self.kv.num_layers):
             feeds[f"past_key.{layer}"] = past[2 * layer]
             feeds[f"past_value.{layer}"] = past[2 * layer + 1]
         outputs = self.session.run(self.output_names, feeds)
-        return outputs[0], outputs[1:]
+        return self._select(outputs[0], logits_index), outputs[1:]
+
+    def decode_in_place_step(self, input_ids: np.ndarray, past_lengths: np.ndarray, caches: list[np.ndarray]) -> np.ndarray:
+        """One decode call (input_ids [B, 1]) that writes each row's new key/value into `caches`
+        (C-contiguous, key.0, value.0, ...) at its past length, and returns the logits [B, 1, V].
+
+        `step` hands ORT the past and gets a fresh present back: a copy of every row's whole cache,
+        every step, which costs as much as the matmuls once contexts are long. Bound as one buffer
+        (input and output), ORT's GroupQueryAttention kernel appends in place instead. Only for
+        engines whose manifest says every layer's decode update is that kernel (`decode_in_place`)."""
+        import onnxruntime as ort
+
+        if not self.decode_in_place:
+            raise EngineError(f"{self.dir}: this engine cannot update its KV cache in place (manifest kv_cache."
+                              "decode_in_place is not true, or the provider is not the CPU)")
+        if input_ids.ndim != 2 or input_ids.shape[1] != 1:
+            raise EngineError(f"decode_in_place_step takes input_ids [batch, 1], got shape {list(input_ids.shape)}")
+        binding = self.session.io_binding()
+        binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]
+        feeds = self._feeds(input_ids, past_lengths, None)  # kept alive until the run is over
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for layer in range(self.kv.num_layers):
+            for kind, cache in (("key", caches[2 * layer]), ("value", caches[2 * layer + 1])):
+                if not cache.flags.c_contiguous or cache.dtype != self.kv.dtype:
+                    raise EngineError(f"past_{kind}.{layer}: in-place caches must be C-contiguous {self.kv.dtype}")
+                value = ort.OrtValue.ortvalue_from_numpy(cache)
+                binding.bind_ortvalue_input(f"past_{kind}.{layer}", value)
+                binding.bind_ortvalue_output(f"present_{kind}.{layer}", value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()

@@ -6,8 +6,9 @@ Each step:
      within one step of the cancel);
   2. asks the scheduler for this step's decodes and prefill chunks;
   3. runs the decodes as one batched engine call (S=1: ORT's GQA kernel path) on the last call's
-     cache arrays, each sequence keeping its row (see `_run_decode`), and each prefill chunk as its
-     own call (fresh prompts batched together), both paths the attention op's fast `If` branch takes;
+     cache arrays, updated in place where the engine allows it, each sequence keeping its row (see
+     `_run_decode`), and each prefill chunk as its own call (fresh prompts batched together), both
+     paths the attention op's fast `If` branch takes;
   4. samples per sequence with the sequence's own RNG (so a seed's output does not depend on the
      batch), applies stops, and hands each request's news to its `RequestHandle`.
 """
@@ -40,6 +41,10 @@ class CoreConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     max_queue: int = 64
+    # Padding a fresh prompt chunk may receive to share a prefill call with others. On a 2-core CPU
+    # a call's fixed cost (reading the weights, ~16 ms for 125M fp32 params) is worth about 8
+    # prefill tokens (~2 ms each, compute-bound); an accelerator would afford far more.
+    prefill_padding_tokens: int = 8
     threads: int | None = None
     policy: str = "inflight"  # or "static": a batch drains before the next starts (benchmark baseline)
     providers: tuple[Any, ...] | None = None  # ONNX Runtime execution providers (None: CPU)
@@ -221,9 +226,8 @@ class EngineCore:
         self.steps += 1
         if out.decode:
             self._run_decode(out.decode)
-        fresh = [c for c in out.prefill if c.start == 0]
-        if fresh:
-            self._run_prefill(fresh)
+        for group in padding_groups([c for c in out.prefill if c.start == 0], self.config.prefill_padding_tokens):
+            self._run_prefill(group)
         for chunk in out.prefill:
             if chunk.start != 0:
                 self._run_prefill([chunk])
@@ -274,7 +278,11 @@ class EngineCore:
             input_ids[row, 0] = by_id[sid].tokens[by_id[sid].num_computed]
             past_lengths[row] = by_id[sid].num_computed
         t1 = time.perf_counter()
-        logits, present = self.engine.step(input_ids, past_lengths, [np.ascontiguousarray(a) for a in batch.arrays])
+        arrays = [np.ascontiguousarray(a) for a in batch.arrays]
+        if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
+            logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays), arrays
+        else:
+            logits, present = self.engine.step(input_ids, past_lengths, arrays)
         t2 = time.perf_counter()
         ids = list(row_of)
         rows = [row_of[sid] for sid in ids]
@@ -297,12 +305,13 @@ class EngineCore:
             input_ids[row, : c.count] = c.seq.tokens[c.start : c.start + c.count]
         ids = [c.seq.seq_id for c in chunks]
         past = self.kv.gather(ids, capacity)
-        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past)
+        last = np.array([[c.count - 1] for c in chunks], np.int64)  # each row's last token: all it samples from
+        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past, last)
         self.kv.scatter(ids, [c.start for c in chunks], [c.count for c in chunks], present)
         for row, c in enumerate(chunks):
             c.seq.num_computed += c.count
             if c.completes_prompt:
-                self._sample(c.seq, logits[row, c.count - 1])
+                self._sample(c.seq, logits[row, 0])
 
     # -- per-request token handling -----------------------------------------------------------------
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
@@ -311,7 +320,8 @@ class EngineCore:
             return
         req = live.request
         banned = self._banned(live)
-        token, log_prob = sample(logits, req.sampling, live.rng, np.array(seq.tokens, np.int64), banned)
+        token, log_prob = sample(logits, req.sampling, live.rng, np.array(seq.tokens, np.int64), banned,
+                                 want_log_prob=req.return_log_probs)
         now = time.perf_counter()
         if self.observer:
             if not live.generated:
@@ -384,6 +394,21 @@ class EngineCore:
             if time.monotonic() > deadline:
                 raise TimeoutError("engine core did not drain")
             time.sleep(0.005)
+
+
+def padding_groups(chunks: list[Chunk], max_padding: int) -> list[list[Chunk]]:
+    """Fresh prompt chunks grouped into prefill calls. A call pads every row to its widest chunk
+    and padded tokens cost as much as real ones, so chunks share a call only while the padding
+    adds up to at most `max_padding` tokens (about what a separate call's fixed cost is worth)."""
+    groups: list[list[Chunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c.count):
+        group = groups[-1] if groups else None
+        # Sorted by width, so `chunk` is the group's new widest row: every other row pads up to it.
+        if group is not None and sum(chunk.count - c.count for c in group) <= max_padding:
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
 
 
 def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -> list[GenerationOutput]:

@@ -40,8 +40,9 @@ def generate_ids(engine: Engine, prompts: Sequence[Sequence[int]], max_new_token
     ids = np.zeros((batch, int(lengths.max())), dtype=np.int64)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
-    logits, past = engine.step(ids, np.zeros(batch, np.int32), engine.kv.empty(batch, capacity))
-    last = logits[np.arange(batch), lengths - 1]  # each row's final real prompt token
+    # Logits at each row's final real prompt token only.
+    logits, past = engine.step(ids, np.zeros(batch, np.int32), engine.kv.empty(batch, capacity), (lengths - 1)[:, None])
+    last = logits[:, 0]
     done = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
         next_ids = np.zeros((batch, 1), dtype=np.int64)

@@ -606,7 +606,8 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
     gen = GenerationRequest(
         request_id=request_id, prompt_ids=list(prompt_ids), max_tokens=int(max_tokens), sampling=sampling,
         min_tokens=int(min_tokens), end_ids=end_ids, stop_words=stop_words, bad_words=bad_words, stream=stream,
-        return_log_probs=bool(values.get("return_log_probs", False)),
+        # The core computes log probs only for requests that return them (asked by flag or by name).
+        return_log_probs=any(name in spec.log_prob_outputs for name in outputs),
         detokenize=spec.kind == "text" or bool(stop_words),
     )
     return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),

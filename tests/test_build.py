@@ -10,6 +10,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from safetensors.torch import load_file, save_file
@@ -62,9 +63,10 @@ def test_engine_directory_and_manifest(good_engine: Path) -> None:
     assert manifest["precision"] == "fp32" and manifest["backend"] == "ort" and manifest["weights"] == "checkpoint"
     assert manifest["config"]["num_layers"] == 2 and manifest["config"]["num_kv_heads"] == 2
     names = [i["name"] for i in manifest["inputs"]]
-    assert names == ["input_ids", "past_lengths", "past_key.0", "past_value.0", "past_key.1", "past_value.1"]
+    assert names == ["input_ids", "past_lengths", "logits_index", "past_key.0", "past_value.0", "past_key.1", "past_value.1"]
     assert [o["name"] for o in manifest["outputs"]][:2] == ["logits", "present_key.0"]
-    assert manifest["inputs"][2]["shape"] == ["batch", 2, "capacity", 16]
+    assert manifest["inputs"][2]["shape"] == ["batch", "num_logits"]
+    assert manifest["inputs"][3]["shape"] == ["batch", 2, "capacity", 16]
     assert manifest["kv_cache"]["layout"] == "bhcd-slots"
     assert manifest["special_tokens"] == {"bos_token_id": 1, "eos_token_id": [2], "pad_token_id": None}
     for tool in ("torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "python"):
@@ -86,6 +88,39 @@ def test_engine_generates_batch(good_engine: Path) -> None:
     sampled1 = generate_text(engine, ["class A:"], 8, SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3))
     sampled2 = generate_text(engine, ["class A:", "x = 1"], 8, SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=3))
     assert sampled1[0] == sampled2[0], "a seed must give the same text whatever else is in the batch"
+
+
+def test_logits_index_computes_only_the_positions_asked_for(good_engine: Path) -> None:
+    engine = Engine(good_engine)
+    ids = np.random.default_rng(0).integers(3, 500, (2, 7))
+    every, _ = engine.step(ids, np.zeros(2, np.int32), engine.kv.empty(2, 16))  # default: all positions
+    assert every.shape[:2] == (2, 7)
+    some, _ = engine.step(ids, np.zeros(2, np.int32), engine.kv.empty(2, 16), np.array([[6, 0], [2, 2]]))
+    assert some.shape[:2] == (2, 2)
+    np.testing.assert_allclose(some, every[[[0], [1]], [[6, 0], [2, 2]]], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_writes_the_new_token_into_the_cache_in_place(good_engine: Path) -> None:
+    """The decode fast path (past and present bound to one buffer) gives the copying path's logits
+    and cache, writes only each row's new token, and is what the manifest allows for this engine."""
+    engine = Engine(good_engine)
+    assert json.loads((good_engine / "manifest.json").read_text())["kv_cache"]["decode_in_place"] is True
+    assert engine.decode_in_place
+    rng = np.random.default_rng(1)
+    spec = engine.kv
+    past = [rng.standard_normal((4, spec.num_kv_heads, 64, spec.head_dim)).astype(spec.dtype)
+            for _ in range(2 * spec.num_layers)]
+    lengths = np.array([0, 5, 31, 63], np.int32)  # empty, mid, and a full slot's last position
+    ids = rng.integers(3, 500, (4, 1))
+    want_logits, want_present = engine.step(ids, lengths, past)
+    caches = [p.copy() for p in past]
+    np.testing.assert_array_equal(engine.decode_in_place_step(ids, lengths, caches), want_logits)
+    for got, want, before in zip(caches, want_present, past):
+        for row, n in enumerate(lengths):
+            np.testing.assert_array_equal(got[row, :, : n + 1], want[row, :, : n + 1])
+            np.testing.assert_array_equal(got[row, :, n + 1 :], before[row, :, n + 1 :])
+    with pytest.raises(EngineError, match=r"input_ids \[batch, 1\]"):
+        engine.decode_in_place_step(np.ones((4, 2), np.int64), lengths, caches)
 
 
 def test_rebuild_replaces_engine_atomically(good_ckpt: Path, good_engine: Path, tmp_path: Path) -> None:

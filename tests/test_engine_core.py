@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from llamaforge.build import BuildOptions, build_engine
-from runtime.engine_core import CoreConfig, EngineCore, run_to_completion
+from runtime.engine_core import CoreConfig, EngineCore, padding_groups, run_to_completion
 from runtime.requests import GenerationRequest, QueueFullError, RequestError
-from runtime.sampling import SamplingParams
+from runtime.sampling import SamplingParams, sample
+from runtime.scheduler import Chunk, Sequence
 from tests.fixtures import load_hf_oracle, make_hf_checkpoint, tiny_config
 
 
@@ -49,6 +51,7 @@ def test_greedy_matches_transformers_under_inflight_batching(built: tuple[Path, 
     try:
         ps = prompts(8, seed=1)
         outs = run_to_completion(core, [GenerationRequest(f"r{i}", p, 24, end_ids=()) for i, p in enumerate(ps)])
+        assert core.engine.decode_in_place and core.decode_steps > 0  # decodes updated the cache in place
         hf = load_hf_oracle(ckpt)
         for p, o in zip(ps, outs):
             assert o.finish_reason == "length"
@@ -173,3 +176,24 @@ def test_bounds_and_validation(built: tuple[Path, Path]) -> None:
     core.drain()
     core.stop()
     assert core.kv.all_free()
+
+
+def test_fresh_prompts_share_a_prefill_call_only_when_padding_is_small() -> None:
+    def chunk(i: int, n: int) -> Chunk:
+        return Chunk(Sequence(f"s{i}", list(range(n)), n, n + 1), 0, n)
+
+    groups = padding_groups([chunk(0, 100), chunk(1, 20), chunk(2, 103), chunk(3, 24), chunk(4, 250)], max_padding=8)
+    assert [[c.count for c in g] for g in groups] == [[20, 24], [100, 103], [250]]
+    # Padding adds up over the group: 3 + 6 > 8 starts a new call.
+    groups = padding_groups([chunk(0, 10), chunk(1, 13), chunk(2, 16)], max_padding=8)
+    assert [[c.count for c in g] for g in groups] == [[10, 13], [16]]
+    assert len(padding_groups([chunk(i, 50) for i in range(4)], max_padding=0)) == 1  # equal widths: one call
+
+
+def test_greedy_log_prob_only_when_asked() -> None:
+    logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    greedy = SamplingParams(temperature=0.0)
+    token, log_prob = sample(logits, greedy, np.random.default_rng(0))
+    assert token == int(np.argmax(logits))
+    assert log_prob == pytest.approx(float(torch.log_softmax(torch.from_numpy(logits).double(), -1)[token]))
+    assert sample(logits, greedy, np.random.default_rng(0), want_log_prob=False) == (token, 0.0)

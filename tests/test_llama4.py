@@ -56,6 +56,9 @@ def test_structure_is_what_the_case_says(built: tuple[ModelConfig, Path, Engine]
     assert [loaded.layer_uses_rope(i) for i in range(4)] == [config.layer_uses_rope(i) for i in range(4)]
     assert max(PROMPT_LENGTHS) >= 3 * config.attention_chunk_size
     assert engine.manifest["config"]["architecture"] == "llama4"
+    # Llama 4 layers lower to the decomposition (GQA has no chunked mask / QK norm / temperature):
+    # decode steps copy the cache rather than update it in place.
+    assert engine.manifest["kv_cache"]["decode_in_place"] is False and not engine.decode_in_place
     hf = load_llama4_oracle(ckpt)
     assert list(hf.config.moe_layers) == list(config.moe_layer_indices())
 

@@ -197,9 +197,14 @@ def test_unary_text_includes_prompt_unless_excluded(fake: Any) -> None:
     assert (s.temperature, s.top_k, s.top_p, s.seed, s.repetition_penalty) == \
         (0.5, 5, pytest.approx(0.5), 42, pytest.approx(1.1))
 
-    # Requested outputs only.
+    assert not req.return_log_probs  # nothing asked for log probs: the core skips computing them
+
+    # Requested outputs only; a log-prob output asked for by name makes the core compute log probs.
     r = client.infer("ensemble", text_inputs("abc", 8), outputs=[grpcclient.InferRequestedOutput("num_output_tokens")])
     assert r.as_numpy("text_output") is None and r.as_numpy("num_output_tokens").tolist() == [3]
+    assert not core.submitted[-1].return_log_probs
+    r = client.infer("ensemble", text_inputs("abc", 8), outputs=[grpcclient.InferRequestedOutput("cum_log_probs")])
+    assert core.submitted[-1].return_log_probs and r.as_numpy("cum_log_probs").shape == (1, 1)
 
 
 def test_stop_words_and_end_id_cut_the_text(fake: Any) -> None:
