@@ -38,7 +38,9 @@ prefilled once (a line fitted to prefill calls of 64/128/256 tokens, logits at t
 and every generated token decoded in full batches of --max-num-seqs rows (a decode step with the
 cache updated in place, each row at the workload's token-weighted mean context), each the fastest
 of several runs.
-Measured static time over that ideal time is the most any in-flight scheduler could reach here.
+Measured static time over that ideal time is the most any in-flight scheduler could reach here;
+an optimistic bound, since it ignores the run's tail (once the last requests are all that is
+left, no schedule can fill a batch) and the machine's speed drifts between its parts on a shared VM.
 
 Targets: in-flight >= 2x static throughput at no worse p99 TTFT; single-stream decode >= 1.0x
 onnxruntime-genai at the same precision.
