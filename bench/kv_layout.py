@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.engine_core import CoreConfig, EngineCore  # noqa: E402
 from runtime.kv_cache import KVCacheManager  # noqa: E402
+from bench.timing import call_times  # noqa: E402
 from runtime.requests import GenerationRequest  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 
@@ -79,17 +80,8 @@ def in_place(engine_dir: str, rows: int = 16, repeat: int = 7) -> None:
     lengths = np.full(rows, capacity // 2, np.int32)
     caches = engine.kv.empty(rows, capacity)
 
-    def median_ms(fn) -> float:  # type: ignore[no-untyped-def]
-        fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1e3 * float(np.median(times))
-
-    copied = median_ms(lambda: engine.step(ids, lengths, caches))
-    in_place_ms = median_ms(lambda: engine.decode_in_place_step(ids, lengths, caches))
+    copied = 1e3 * float(np.median(call_times(lambda: engine.step(ids, lengths, caches), repeat)))
+    in_place_ms = 1e3 * float(np.median(call_times(lambda: engine.decode_in_place_step(ids, lengths, caches), repeat)))
     mb = rows * capacity * KVCacheManager.bytes_per_token(engine.kv) / 1e6
     print(f"in place, decode step of {rows} rows at {capacity // 2}/{capacity} cached tokens ({mb:.0f} MB of cache):")
     print(f"  copying past -> present: {copied:7.1f} ms   in place: {in_place_ms:7.1f} ms   -> {copied / in_place_ms:.2f}x")

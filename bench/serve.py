@@ -394,19 +394,14 @@ def weight_bytes_per_step(engine: Path) -> int:
 
 def ideal_inflight_seconds(engine_dir: Path, reqs: list[Req], rows: int) -> tuple[float, float, float]:
     """(seconds, prefill seconds, decode step ms) of a perfect in-flight schedule; see the docstring."""
+    from bench.timing import call_times
     from runtime.engine import Engine
 
     engine = Engine(engine_dir)
 
     def best_s(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-        """Fastest of `repeat` runs after a warm-up: the ideal schedule gets every call at its best."""
-        fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        """The ideal schedule gets every call at its fastest."""
+        return min(call_times(fn, repeat))
 
     widths = (64, 128, 256)
     costs = [best_s(lambda w=w: engine.step(np.ones((1, w), np.int64), np.zeros(1, np.int32),
