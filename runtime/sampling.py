@@ -50,9 +50,9 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            want_log_prob: bool = True) -> tuple[int, float]:
     """Pick the next token from one row of logits [V]; returns (token, its log probability under
     the distribution it was drawn from: after penalties and bans, and temperature if sampling).
-    Greedy picks skip the log-sum-exp over the vocabulary (half a millisecond at vocab 32000, as
-    long as the rest of a token's host work) unless `want_log_prob`; the log prob is then 0.0, what
-    TensorRT-LLM's Triton models report when return_log_probs is false."""
+    Unless `want_log_prob` the log prob is 0.0, what TensorRT-LLM's Triton models report when
+    return_log_probs is false, and greedy picks skip the log-sum-exp over the vocabulary (half a
+    millisecond at vocab 32000, as long as the rest of a token's host work)."""
     logits = logits.astype(np.float64)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -76,7 +76,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
     token = int(rng.choice(probs.size, p=probs))
-    return token, float(np.log(probs[token]))
+    return token, float(np.log(probs[token])) if want_log_prob else 0.0
 
 
 def _logsumexp(x: np.ndarray) -> float:

@@ -197,3 +197,6 @@ def test_greedy_log_prob_only_when_asked() -> None:
     assert token == int(np.argmax(logits))
     assert log_prob == pytest.approx(float(torch.log_softmax(torch.from_numpy(logits).double(), -1)[token]))
     assert sample(logits, greedy, np.random.default_rng(0), want_log_prob=False) == (token, 0.0)
+    sampled = SamplingParams(temperature=0.7, top_k=50)
+    token, log_prob = sample(logits, sampled, np.random.default_rng(5))
+    assert log_prob < 0 and sample(logits, sampled, np.random.default_rng(5), want_log_prob=False) == (token, 0.0)
