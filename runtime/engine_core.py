@@ -6,9 +6,10 @@ Each step:
      within one step of the cancel);
   2. asks the scheduler for this step's decodes and prefill chunks;
   3. runs the decodes as one batched engine call (S=1: ORT's GQA kernel path) on the last call's
-     cache arrays, updated in place where the engine allows it, each sequence keeping its row (see
-     `_run_decode`), and each prefill chunk as its own call (fresh prompts batched together), both
-     paths the attention op's fast `If` branch takes;
+     cache arrays, updated in place where the engine allows it; a sequence keeps its row, and in
+     flight a finished sequence's row is refilled by moving the last row into it, so the call
+     computes live rows only (see `_run_decode`). Each prefill chunk is its own call (fresh
+     prompts batched together); both are paths the attention op's fast `If` branch takes;
   4. samples per sequence with the sequence's own RNG (so a seed's output does not depend on the
      batch), applies stops, and hands each request's news to its `RequestHandle`.
 """
@@ -47,6 +48,13 @@ class CoreConfig:
     prefill_padding_tokens: int = 8
     threads: int | None = None
     policy: str = "inflight"  # or "static": a batch drains before the next starts (benchmark baseline)
+    # What happens to a finished sequence's row of the decode batch. True: the last live row moves
+    # into it (a copy of one row's cache, vLLM v1's InputBatch.condense), so every decode call
+    # computes live rows only. False: the batch keeps its shape until all of it has finished, the
+    # way static batching engines run a batch (FasterTransformer, TensorRT-LLM's V1 GptSession);
+    # a finished row is fed past length 0, so it skips attention but not the matmuls.
+    # None: True for "inflight", False for "static".
+    condense_decode_rows: bool | None = None
     providers: tuple[Any, ...] | None = None  # ONNX Runtime execution providers (None: CPU)
 
 
@@ -58,12 +66,43 @@ class CoreObserver(Protocol):
 
 @dataclass(eq=False)
 class _DecodeBatch:
-    """The decode call's cache arrays (key.0, value.0, ...) [rows, kv_heads, capacity, head_dim],
-    and which sequence owns each row (None: dead)."""
+    """The decode call's cache arrays (key.0, value.0, ...) [allocated rows, kv_heads, capacity,
+    head_dim]; a call sees the first len(rows) rows, a contiguous view. rows[i] owns row i (None:
+    dead). Rows are allocated for the whole running set up front so that a newcomer's row, or a
+    view that shrinks and grows again, never copies the batch."""
 
     capacity: int
     rows: list[str | None]
     arrays: list[np.ndarray]
+    static_batch: int = 0  # policy "static": the scheduler's batch these rows belong to
+
+    def views(self) -> list[np.ndarray]:
+        return [a[: len(self.rows)] for a in self.arrays]
+
+    def reserve(self, num_rows: int, headroom: int) -> None:
+        if num_rows > self.arrays[0].shape[0]:
+            grow = max(num_rows, headroom) - self.arrays[0].shape[0]
+            self.arrays = [np.concatenate([a, np.zeros((grow, *a.shape[1:]), a.dtype)]) for a in self.arrays]
+
+    def condense(self, lengths: dict[str, int]) -> None:
+        """Move the last live rows into dead ones and drop the dead tail. Only a moved row's first
+        `lengths[sid]` positions are copied: attention never reads past a row's length."""
+        rows = self.rows
+        while rows and rows[-1] is None:
+            rows.pop()
+        for hole in range(len(rows)):
+            if hole >= len(rows):
+                break
+            if rows[hole] is None:
+                sid, last = rows[-1], len(rows) - 1
+                assert sid is not None
+                n = lengths[sid]
+                for a in self.arrays:
+                    a[hole, :, :n] = a[last, :, :n]
+                rows[hole] = sid
+                rows.pop()
+                while rows and rows[-1] is None:
+                    rows.pop()
 
 
 @dataclass(eq=False)
@@ -113,6 +152,8 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._batch: _DecodeBatch | None = None
+        condense = self.config.condense_decode_rows
+        self._condense = self.config.policy == "inflight" if condense is None else condense
         self.generated_tokens = 0
         self.steps = 0
         # Where decode time goes; bench/kv_layout.py reads these to weigh the block gathers.
@@ -233,44 +274,49 @@ class EngineCore:
                 self._run_prefill([chunk])
 
     def _capacity(self, needed: int) -> int:
-        """Round up so the decode batch keeps its shape (and its cached arrays) for many steps."""
-        bucket = max(self.kv.block_size, 64)
-        return min(-(-needed // bucket) * bucket, -(-self.context_length // self.kv.block_size) * self.kv.block_size)
+        """Double the decode batch's capacity as its longest row grows, so the arrays are rebuilt from
+        blocks a handful of times per batch, not every few dozen tokens. Spare capacity costs no
+        compute (attention reads each row's own length) and little memory (zero pages untouched)."""
+        bs = self.kv.block_size
+        capacity = -(-64 // bs) * bs
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, -(-self.context_length // bs) * bs)
 
     def _run_decode(self, seqs: list[Sequence]) -> None:
-        """One decode call. Each sequence keeps a stable row in the batch cache arrays (the last
-        call's outputs): a finished sequence leaves a dead row (fed past length 0, so it costs
-        almost nothing) and a newcomer takes a dead row, gathering only its own KV from blocks.
-        Only a capacity change or a preemption rebuilds the arrays from blocks."""
+        """One decode call. Each sequence keeps a row in the batch cache arrays (the last call's
+        outputs) from one step to the next. A newcomer takes a dead row, or a new one, gathering
+        only its own KV from blocks. A finished sequence leaves a dead row: with condensing (in-
+        flight), the last live row moves into it; without (static), it stays in the batch, fed past
+        length 0, until the whole batch has finished. Only a capacity change or a preemption
+        rebuilds the arrays from blocks."""
         t0 = time.perf_counter()
         self.decode_steps += 1
         needed = max(s.num_computed for s in seqs) + 1
-        live = {s.seq_id for s in seqs}
+        by_id = {s.seq_id: s for s in seqs}
         batch = self._batch
         if batch is None or batch.capacity < needed:
-            ids, capacity = [s.seq_id for s in seqs], self._capacity(needed)
-            batch = _DecodeBatch(capacity, ids, self.kv.gather(ids, capacity))
+            ids, capacity = list(by_id), self._capacity(needed)
+            batch = _DecodeBatch(capacity, list[str | None](ids), self.kv.gather(ids, capacity, self.config.max_num_seqs),
+                                 self.scheduler.static_batches)
             self.decode_gathers += 1
-        else:
-            batch.rows = [sid if sid in live else None for sid in batch.rows]
-            newcomers = [s.seq_id for s in seqs if s.seq_id not in batch.rows]
-            if newcomers:
-                self.decode_gathers += 1
-                gathered = self.kv.gather(newcomers, batch.capacity)
-                free = [row for row, sid in enumerate(batch.rows) if sid is None]
-                grow = len(newcomers) - len(free)
-                if grow > 0:  # more sequences than rows: add rows (a copy, as rare as batch growth)
-                    batch.arrays = [np.concatenate([a, np.zeros((grow, *a.shape[1:]), a.dtype)]) for a in batch.arrays]
-                    free += list(range(len(batch.rows), len(batch.rows) + grow))
-                    batch.rows += [None] * grow
-                for j, (sid, row) in enumerate(zip(newcomers, free)):
-                    batch.rows[row] = sid
-                    for a, g in zip(batch.arrays, gathered):
-                        a[row] = g[j]
-            used = max(row for row, sid in enumerate(batch.rows) if sid is not None) + 1  # trailing dead rows dropped
-            batch.rows = batch.rows[:used]
-            batch.arrays = [a[:used] for a in batch.arrays]
-        by_id = {s.seq_id: s for s in seqs}
+        rows = [sid if sid in by_id else None for sid in batch.rows]
+        if batch.static_batch != self.scheduler.static_batches:
+            rows, batch.static_batch = [], self.scheduler.static_batches  # a new static batch starts at row 0
+        taken = set(rows)
+        newcomers = [s.seq_id for s in seqs if s.seq_id not in taken]
+        if newcomers:
+            self.decode_gathers += 1
+            holes = [row for row, sid in enumerate(rows) if sid is None][: len(newcomers)]
+            slots = holes + list(range(len(rows), len(rows) + len(newcomers) - len(holes)))
+            rows += [None] * (len(newcomers) - len(holes))
+            batch.reserve(len(rows), self.config.max_num_seqs)
+            self.kv.gather_into(batch.arrays, slots, newcomers)
+            for sid, row in zip(newcomers, slots):
+                rows[row] = sid
+        batch.rows = rows
+        if self._condense:
+            batch.condense({sid: by_id[sid].num_computed for sid in by_id})
         row_of = {sid: row for row, sid in enumerate(batch.rows) if sid is not None}
         input_ids = np.zeros((len(batch.rows), 1), dtype=np.int64)
         past_lengths = np.zeros(len(batch.rows), dtype=np.int32)
@@ -278,20 +324,21 @@ class EngineCore:
             input_ids[row, 0] = by_id[sid].tokens[by_id[sid].num_computed]
             past_lengths[row] = by_id[sid].num_computed
         t1 = time.perf_counter()
-        arrays = [np.ascontiguousarray(a) for a in batch.arrays]
+        arrays = batch.views()  # leading-axis slices of C-contiguous arrays: contiguous, no copy
         if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
             logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays), arrays
         else:
             logits, present = self.engine.step(input_ids, past_lengths, arrays)
         t2 = time.perf_counter()
         ids = list(row_of)
-        rows = [row_of[sid] for sid in ids]
-        self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present, rows=rows)
+        self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present,
+                        rows=[row_of[sid] for sid in ids])
         t3 = time.perf_counter()
         self.timings["gather"] += t1 - t0
         self.timings["engine"] += t2 - t1
         self.timings["scatter"] += t3 - t2
-        batch.arrays = present
+        if present is not arrays:  # the copying path returned new arrays
+            batch.arrays = present
         self._batch = batch
         for seq in seqs:
             seq.num_computed += 1

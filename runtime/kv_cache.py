@@ -90,40 +90,53 @@ class KVCacheManager:
         return len(self._free) == self.num_blocks and not self.tables
 
     # -- data movement --------------------------------------------------------------------------
-    def gather(self, seq_ids: list[str], capacity: int) -> list[np.ndarray]:
-        """Batch caches [len(seq_ids), kv_heads, capacity, head_dim] per layer (key.0, value.0, ...)."""
+    def gather(self, seq_ids: list[str], capacity: int, num_rows: int | None = None) -> list[np.ndarray]:
+        """Batch caches [len(seq_ids), kv_heads, capacity, head_dim] per layer (key.0, value.0, ...);
+        with `num_rows`, that many rows, the ones after the sequences' zeroed."""
         if capacity % self.block_size:
             raise ValueError(f"capacity {capacity} must be a multiple of the block size {self.block_size}")
-        width = capacity // self.block_size
-        index = np.zeros((len(seq_ids), width), dtype=np.int64)  # zero block pads
-        for row, seq_id in enumerate(seq_ids):
-            table = self.tables.get(seq_id, [])[:width]
-            index[row, : len(table)] = table
-        batch = []
-        for layer in range(self.spec.num_layers):
-            for pool in (self.keys[layer], self.values[layer]):
-                blocks = pool[index]  # [B, width, H, bs, D]
-                batch.append(np.ascontiguousarray(blocks.transpose(0, 2, 1, 3, 4)).reshape(
-                    len(seq_ids), self.spec.num_kv_heads, capacity, self.spec.head_dim))
+        shape = (max(len(seq_ids), num_rows or 0), self.spec.num_kv_heads, capacity, self.spec.head_dim)
+        batch = [np.zeros(shape, self.spec.dtype) for _ in range(2 * self.spec.num_layers)]
+        self.gather_into(batch, list(range(len(seq_ids))), seq_ids)
         return batch
+
+    def gather_into(self, batch: list[np.ndarray], rows: list[int], seq_ids: list[str]) -> None:
+        """Overwrite row rows[i] of the batch caches with seq_ids[i]'s cache, zero past its blocks."""
+        capacity = batch[0].shape[2]
+        width = capacity // self.block_size
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        for row, seq_id in zip(rows, seq_ids):
+            index = np.zeros(width, dtype=np.int64)  # the zero block pads
+            table = self.tables.get(seq_id, [])[:width]
+            index[: len(table)] = table
+            for layer in range(self.spec.num_layers):
+                for k, pool in enumerate((self.keys[layer], self.values[layer])):
+                    # [width, H, bs, D] blocks into the row's [H, width * bs, D]: one copy
+                    batch[2 * layer + k][row].reshape(heads, width, self.block_size, dim)[...] = pool[index].transpose(1, 0, 2, 3)
 
     def scatter(self, seq_ids: list[str], starts: list[int], counts: list[int], presents: list[np.ndarray],
                 rows: list[int] | None = None) -> None:
         """Write positions [start, start + count) of each sequence's row of `presents` (row i, or
-        `rows[i]`) back into its blocks."""
+        `rows[i]`) back into its blocks: one fancy-indexed copy per layer array, whatever the number
+        of sequences (a decode step writes one token for each)."""
         bs = self.block_size
         rows = rows if rows is not None else list(range(len(seq_ids)))
+        src_rows, src_pos, dst_blocks = [], [], []
         for row, seq_id, start, count in zip(rows, seq_ids, starts, counts):
             if count <= 0:
                 continue
             table = self.tables[seq_id]
             if start + count > len(table) * bs:
                 raise KVCacheFull(f"{seq_id}: writing tokens {start}..{start + count} beyond its {len(table) * bs} slots")
-            pos = start
-            while pos < start + count:
-                block, offset = table[pos // bs], pos % bs
-                n = min(bs - offset, start + count - pos)
-                for layer in range(self.spec.num_layers):
-                    self.keys[layer][block, :, offset : offset + n] = presents[2 * layer][row, :, pos : pos + n]
-                    self.values[layer][block, :, offset : offset + n] = presents[2 * layer + 1][row, :, pos : pos + n]
-                pos += n
+            pos = np.arange(start, start + count)
+            src_rows.append(np.full(count, row))
+            src_pos.append(pos)
+            dst_blocks.append(np.asarray(table)[pos // bs])
+        if not src_rows:
+            return
+        row_idx, pos_idx, block_idx = np.concatenate(src_rows), np.concatenate(src_pos), np.concatenate(dst_blocks)
+        offset_idx = pos_idx % bs
+        for layer in range(self.spec.num_layers):
+            # [tokens, H, D] on both sides: the advanced indices, split by a slice, lead.
+            self.keys[layer][block_idx, :, offset_idx] = presents[2 * layer][row_idx, :, pos_idx]
+            self.values[layer][block_idx, :, offset_idx] = presents[2 * layer + 1][row_idx, :, pos_idx]

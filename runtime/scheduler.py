@@ -91,6 +91,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._admissions = 0
         self._static_batch: set[str] = set()  # policy "static": the batch being served
+        self.static_batches = 0  # how many static batches have started
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -159,6 +160,7 @@ class Scheduler:
         static = self.config.policy == "static"
         if static and not self.running and not (self._static_batch & {s.seq_id for s in self.waiting}):
             self._static_batch = {s.seq_id for s in list(self.waiting)[: self.config.max_num_seqs]}
+            self.static_batches += 1
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if static and seq.seq_id not in self._static_batch:

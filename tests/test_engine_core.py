@@ -61,6 +61,42 @@ def test_greedy_matches_transformers_under_inflight_batching(built: tuple[Path, 
         core.stop()
 
 
+@pytest.mark.parametrize("policy,in_place", [("inflight", True), ("inflight", False), ("static", True)],
+                         ids=["inflight", "inflight-copying", "static"])
+def test_finished_rows_leave_the_decode_batch_only_in_flight(built: tuple[Path, Path], policy: str, in_place: bool) -> None:
+    """Requests of different lengths, so rows finish while others decode. In flight, the last live
+    row moves into a finished one and every decode call computes live rows only; static keeps the
+    batch's shape until all of it has finished. Either way the tokens are transformers' greedy ones."""
+    ckpt, engine = built
+    core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, max_num_batched_tokens=64, policy=policy))
+    core.engine.decode_in_place = in_place
+    widths: list[tuple[int, int]] = []  # (live sequences, rows computed) per decode call
+    run_decode = core._run_decode
+
+    def spy(seqs: list[Sequence]) -> None:
+        run_decode(seqs)
+        assert core._batch is not None
+        widths.append((len(seqs), len(core._batch.rows)))
+
+    core._run_decode = spy  # type: ignore[method-assign]
+    ps, lengths = prompts(6, seed=7), [3, 17, 6, 25, 9, 12]
+    handles = [core.submit(GenerationRequest(f"m{i}", p, n, end_ids=())) for i, (p, n) in enumerate(zip(ps, lengths))]
+    core.start()  # after submitting: static batching takes all six as one batch
+    try:
+        hf = load_hf_oracle(ckpt)
+        for p, n, h in zip(ps, lengths, handles):
+            assert [t for out in h for t in out.token_ids] == hf_greedy(hf, p, n)
+        assert core.kv.all_free()
+    finally:
+        core.stop()
+    if policy == "inflight":
+        assert all(live == rows for live, rows in widths), widths
+        assert widths[-1] == (1, 1)
+    else:  # one batch: its rows never shrink, and the longest request finishes among dead rows
+        assert [rows for _, rows in widths] == sorted(rows for _, rows in widths), widths
+        assert widths[-1][0] == 1 and widths[-1][1] >= 5, widths
+
+
 def test_late_arrivals_join_the_running_batch(built: tuple[Path, Path]) -> None:
     _, engine = built
     core = make_core(engine)
