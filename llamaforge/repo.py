@@ -32,7 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 import runtime
 from runtime.engine import EngineError, read_manifest
-from runtime.protocol import TensorSpec
+from runtime.model_interface import TensorSpec
 from runtime.triton_models.interfaces import (
     BLS, ENSEMBLE, ENSEMBLE_STEPS, INTERFACES, LLAMA, POSTPROCESSING, PREPROCESSING, ModelInterface,
 )

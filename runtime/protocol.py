@@ -1,65 +1,9 @@
-"""KServe v2 / Triton gRPC protocol for llama-forge: the tensor codec, the two model interfaces
-(text and token level, compatible with TensorRT-LLM's Triton models so their clients work
-unchanged), request parsing and validation, and response building. No gRPC server code here
-(that is `runtime/server.py`); messages are `tritonclient.grpc.service_pb2`'s, and request parsing
-itself (`parse_inputs`) works on name -> NumPy tensors, so the Triton Python-backend models
-(`runtime/triton_models/`) validate requests with the same code.
-
-Tensor codec
-------------
-* BYTES tensors are Triton's serialisation: each element a 4-byte little-endian length then the
-  bytes, in `raw_input_contents`; in `contents.bytes_contents` each element is one entry (no prefix).
-* Numeric tensors come from `raw_input_contents` (little-endian, C order) or from the typed
-  `contents` field (`int_contents` for INT8/16/32, `uint64_contents` for UINT64, ...). If a request
-  uses `raw_input_contents` it must use it for every input (as in Triton).
-* Outputs are always written to `raw_output_contents` (what Triton does; tritonclient reads both).
-
-Models (max_batch_size 0: the declared dims are the whole shape; a leading batch dimension of 1 is
-also accepted, which is what TensorRT-LLM clients send: `[[prompt]]`, `[[64]]`, `[[ids...]]`)
-
-text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's variant name):
-
-    input                    dtype   dims  default / meaning
-    text_input               BYTES   [1]   required; UTF-8 prompt
-    max_tokens               INT32   [1]   required; > 0 new tokens
-    stream                   BOOL    [1]   false; true: one response per new piece of text
-    exclude_input_in_output  BOOL    [1]   false (TRT-LLM default): text_output = prompt + generated text
-    temperature              FP32    [1]   1.0 (see "Sampling")
-    top_k                    INT32   [1]   0 = off
-    top_p                    FP32    [1]   0 = off
-    repetition_penalty       FP32    [1]   1.0
-    min_tokens               INT32   [1]   0 (alias min_length)
-    seed                     UINT64  [1]   none (alias random_seed)
-    end_id                   INT32   [1]   the model's EOS ids
-    pad_id                   INT32   [1]   accepted, unused (outputs are never padded)
-    stop_words               BYTES   [-1]  generation ends before the first one; it is not returned
-    bad_words                BYTES   [-1]  token sequences (as tokenized) never generated
-    return_log_probs         BOOL    [1]   false; true adds the log-prob outputs to the default set
-    beam_width, num_return_sequences (must be 1), length_penalty (no effect without beam search),
-    presence_penalty, frequency_penalty (must be 0), return_context_logits,
-    return_generation_logits (must be false): accepted for TRT-LLM clients, which send them.
-
-    output            dtype  shape      meaning
-    text_output       BYTES  [1]        the text (streams: only the new text of this response)
-    cum_log_probs     FP32   [1, 1]     sum of the generated tokens' log probs so far
-    output_log_probs  FP32   [1, 1, N]  per generated token (streams: this response's tokens)
-    num_input_tokens  INT32  [1]        prompt tokens (BOS included)
-    num_output_tokens INT32  [1]        generated tokens so far (EOS not counted)
-
-token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names):
-
-    input_ids INT32 [-1] (required), input_lengths INT32 [1] (optional; must equal the ids' count),
-    request_output_len INT32 [1] (required; alias max_tokens), streaming BOOL [1] (alias stream),
-    runtime_top_k INT32 (alias top_k), runtime_top_p FP32 (alias top_p), temperature,
-    repetition_penalty, min_tokens, seed, end_id, pad_id, exclude_input_in_output, return_log_probs,
-    stop_words_list / bad_words_list INT32 [2, -1] in TRT-LLM's layout (row 0: the sequences'
-    ids concatenated, row 1: each sequence's end offset, -1 padded; a leading batch dim allowed),
-    plus the same accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
-    Stop sequences of the token model must be single tokens (they are added to the end ids).
-
-    output_ids INT32 [1, 1, N] (non-streaming with exclude_input_in_output false: prompt ids then
-    generated ids, as TRT-LLM), sequence_length INT32 [1, 1], cum_log_probs FP32 [1, 1],
-    output_log_probs FP32 [1, 1, N], num_input_tokens / num_output_tokens INT32 [1].
+"""KServe v2 / Triton gRPC requests and responses for the two model interfaces
+(`runtime/model_interface.py`): parsing and validation, and response building. Tensors are
+decoded and encoded by `runtime/tensor_codec.py`; the gRPC server itself is `runtime/server.py`.
+Messages are `tritonclient.grpc.service_pb2`'s, and request parsing itself (`parse_inputs`) works
+on name -> NumPy tensors, so the Triton Python-backend models (`runtime/triton_models/`) validate
+requests with the same code.
 
 Semantics
 ---------
@@ -84,283 +28,25 @@ stream error message, naming the field.
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
+from .model_interface import ModelSpec
 from .requests import GenerationOutput, GenerationRequest, RequestError
 from .sampling import SamplingParams
+from .tensor_codec import FLOAT_TYPES, INT_TYPES, NP_TYPES, decode_inputs, encode_output
 
 __all__ = [
-    "TEXT_MODEL", "TOKEN_MODEL", "ModelSpec", "TensorSpec", "ModelContext", "ParsedRequest",
-    "serialize_bytes", "deserialize_bytes", "decode_inputs", "encode_output", "parse_request", "parse_inputs",
-    "encode_prompt", "encode_bad_words", "decode_words", "words_array", "output_tensors",
-    "model_config", "model_metadata", "ResponseBuilder", "FINAL_PARAM", "EMPTY_FINAL_PARAM",
+    "ModelContext", "ParsedRequest", "parse_request", "parse_inputs", "encode_prompt", "encode_bad_words",
+    "decode_words", "words_array", "output_tensors", "ResponseBuilder", "FINAL_PARAM", "EMPTY_FINAL_PARAM",
 ]
 
 FINAL_PARAM = "triton_final_response"
 EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
-
-# -- datatypes -----------------------------------------------------------------------------------
-
-_NP: dict[str, Any] = {
-    "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
-}
-_CONTENTS = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-_CONFIG_TYPE = {
-    "BOOL": mc.TYPE_BOOL, "INT8": mc.TYPE_INT8, "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32,
-    "INT64": mc.TYPE_INT64, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16, "UINT32": mc.TYPE_UINT32,
-    "UINT64": mc.TYPE_UINT64, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64,
-    "BYTES": mc.TYPE_STRING,
-}
-_INTS = ("INT32", "INT64", "INT16", "INT8", "UINT32", "UINT64", "UINT16", "UINT8")
-_FLOATS = ("FP32", "FP64", "FP16")
-
-
-def serialize_bytes(elements: Iterable[bytes]) -> bytes:
-    """Triton's BYTES serialisation: each element as a 4-byte little-endian length + the bytes."""
-    out = bytearray()
-    for e in elements:
-        out += struct.pack("<I", len(e))
-        out += e
-    return bytes(out)
-
-
-def deserialize_bytes(buf: bytes, field_name: str) -> list[bytes]:
-    """Inverse of `serialize_bytes`; a truncated buffer is a `RequestError` naming `field_name`."""
-    out: list[bytes] = []
-    pos, n = 0, len(buf)
-    while pos < n:
-        if pos + 4 > n:
-            raise RequestError(field_name, f"BYTES data is truncated: {n - pos} byte(s) left where a 4-byte "
-                                           "length prefix was expected")
-        (length,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if pos + length > n:
-            raise RequestError(field_name, f"BYTES element of length {length} runs past the end of the data "
-                                           f"({n - pos} byte(s) left)")
-        out.append(bytes(buf[pos:pos + length]))
-        pos += length
-    return out
-
-
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Every input tensor of `request` as a NumPy array of its declared shape (BYTES: object array of
-    `bytes`), checking datatypes, shapes against the data, and the use of `raw_input_contents`."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise RequestError("raw_input_contents", f"{len(raw)} raw input buffer(s) for {len(request.inputs)} "
-                                                 "input(s): when raw_input_contents is used it must hold every input")
-    tensors: dict[str, np.ndarray] = {}
-    for i, t in enumerate(request.inputs):
-        name = t.name
-        if not name:
-            raise RequestError("inputs", f"input #{i} has no name")
-        if name in tensors:
-            raise RequestError(name, "input given more than once")
-        for key in t.parameters:
-            if key != "binary_data_size":
-                raise RequestError(f"{name}.parameters.{key}", "tensor parameter not supported by this server "
-                                                               "(no shared memory)")
-        dtype = t.datatype
-        if dtype not in _NP:
-            raise RequestError(name, f"unknown datatype {dtype!r}")
-        shape = tuple(int(d) for d in t.shape)
-        if any(d < 0 for d in shape):
-            raise RequestError(name, f"shape {list(shape)} has a negative dimension")
-        count = math.prod(shape)
-        if raw:
-            data = raw[i]
-            if dtype == "BYTES":
-                elems = deserialize_bytes(data, name)
-                if len(elems) != count:
-                    raise RequestError(name, f"shape {list(shape)} has {count} element(s) but the data holds {len(elems)}")
-                arr = np.empty(count, dtype=np.object_)
-                arr[:] = elems
-            else:
-                itemsize = np.dtype(_NP[dtype]).itemsize
-                if len(data) != count * itemsize:
-                    raise RequestError(name, f"shape {list(shape)} of {dtype} needs {count * itemsize} bytes, "
-                                             f"got {len(data)}")
-                arr = np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).astype(_NP[dtype])
-        else:
-            if dtype not in _CONTENTS:
-                raise RequestError(name, f"{dtype} data must be sent in raw_input_contents")
-            values = list(getattr(t.contents, _CONTENTS[dtype]))
-            if len(values) != count:
-                raise RequestError(name, f"shape {list(shape)} has {count} element(s) but contents hold {len(values)}")
-            if dtype == "BYTES":
-                arr = np.empty(count, dtype=np.object_)
-                arr[:] = [bytes(v) for v in values]
-            else:
-                try:
-                    arr = np.array(values, dtype=_NP[dtype])
-                except OverflowError:
-                    raise RequestError(name, f"a value does not fit {dtype}") from None
-        tensors[name] = arr.reshape(shape)
-    return tensors
-
-
-def encode_output(name: str, datatype: str, array: Any) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
-    """One output tensor and its raw contents."""
-    if datatype == "BYTES":
-        arr = np.asarray(array, dtype=np.object_)
-        data = serialize_bytes(e if isinstance(e, bytes) else str(e).encode("utf-8") for e in arr.reshape(-1))
-    else:
-        arr = np.ascontiguousarray(array, dtype=np.dtype(_NP[datatype]).newbyteorder("<"))
-        data = arr.tobytes()
-    tensor = pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(arr.shape))
-    return tensor, data
-
-
-# -- model interfaces --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-    optional: bool = True
-    kind: str = "scalar"  # scalar: one element; list: [N] or [1, N]; words: [2, N] or [1, 2, N]
-    neutral: Any = None  # for accepted-only inputs: the one value we can honour (None: anything)
-    doc: str = ""
-
-    def accepts(self, datatype: str) -> bool:
-        if datatype == self.datatype:
-            return True
-        if self.datatype in _INTS:
-            return datatype in _INTS  # old TRT-LLM ensembles declared UINT32; any integer type will do
-        if self.datatype in _FLOATS:
-            return datatype in _FLOATS
-        return False
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    kind: str  # "text" | "tokens"
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    aliases: dict[str, str] = field(default_factory=dict)  # legacy input name -> input name
-    default_outputs: tuple[str, ...] = ()
-    log_prob_outputs: tuple[str, ...] = ("cum_log_probs", "output_log_probs")
-
-    def input(self, name: str) -> TensorSpec | None:
-        name = self.aliases.get(name, name)
-        return next((t for t in self.inputs if t.name == name), None)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-
-def _s(name: str, dtype: str, **kw: Any) -> TensorSpec:
-    return TensorSpec(name, dtype, (1,), **kw)
-
-
-_SAMPLING = (
-    _s("temperature", "FP32", doc="1.0; 0 = greedy"),
-    _s("repetition_penalty", "FP32", doc="1.0 = off"),
-    _s("min_tokens", "INT32", doc="0"),
-    _s("seed", "UINT64", doc="per-request RNG seed"),
-    _s("end_id", "INT32", doc="end token (default: the model's EOS ids)"),
-    _s("pad_id", "INT32", doc="accepted, unused"),
-    _s("exclude_input_in_output", "BOOL", doc="false: non-streaming outputs start with the prompt"),
-    _s("return_log_probs", "BOOL", doc="false"),
-    _s("beam_width", "INT32", neutral=1),
-    _s("num_return_sequences", "INT32", neutral=1),
-    _s("presence_penalty", "FP32", neutral=0.0),
-    _s("frequency_penalty", "FP32", neutral=0.0),
-    _s("return_context_logits", "BOOL", neutral=False),
-    _s("return_generation_logits", "BOOL", neutral=False),
-)
-
-TEXT_MODEL = ModelSpec(
-    name="ensemble",
-    kind="text",
-    inputs=(
-        _s("text_input", "BYTES", optional=False, doc="UTF-8 prompt"),
-        _s("max_tokens", "INT32", optional=False, doc="new tokens, > 0"),
-        _s("stream", "BOOL", doc="false"),
-        _s("top_k", "INT32", doc="0 = off"),
-        _s("top_p", "FP32", doc="0 = off"),
-        *_SAMPLING,
-        _s("length_penalty", "FP32"),
-        TensorSpec("stop_words", "BYTES", (-1,), kind="list"),
-        TensorSpec("bad_words", "BYTES", (-1,), kind="list"),
-    ),
-    outputs=(
-        TensorSpec("text_output", "BYTES", (-1,)),
-        TensorSpec("cum_log_probs", "FP32", (-1, -1)),
-        TensorSpec("output_log_probs", "FP32", (-1, -1, -1)),
-        TensorSpec("num_input_tokens", "INT32", (1,)),
-        TensorSpec("num_output_tokens", "INT32", (1,)),
-    ),
-    aliases={"min_length": "min_tokens", "random_seed": "seed"},
-    default_outputs=("text_output", "num_input_tokens", "num_output_tokens"),
-)
-
-TOKEN_MODEL = ModelSpec(
-    name="tensorrt_llm",
-    kind="tokens",
-    inputs=(
-        TensorSpec("input_ids", "INT32", (-1,), optional=False, kind="list"),
-        _s("input_lengths", "INT32", doc="must equal the number of input_ids"),
-        _s("request_output_len", "INT32", optional=False, doc="new tokens, > 0"),
-        _s("streaming", "BOOL", doc="false"),
-        _s("runtime_top_k", "INT32", doc="0 = off"),
-        _s("runtime_top_p", "FP32", doc="0 = off"),
-        *_SAMPLING,
-        _s("len_penalty", "FP32"),
-        TensorSpec("stop_words_list", "INT32", (2, -1), kind="words"),
-        TensorSpec("bad_words_list", "INT32", (2, -1), kind="words"),
-    ),
-    outputs=(
-        TensorSpec("output_ids", "INT32", (-1, -1, -1)),
-        TensorSpec("sequence_length", "INT32", (-1, -1)),
-        TensorSpec("cum_log_probs", "FP32", (-1, -1)),
-        TensorSpec("output_log_probs", "FP32", (-1, -1, -1)),
-        TensorSpec("num_input_tokens", "INT32", (1,)),
-        TensorSpec("num_output_tokens", "INT32", (1,)),
-    ),
-    aliases={"max_tokens": "request_output_len", "stream": "streaming", "top_k": "runtime_top_k",
-             "top_p": "runtime_top_p", "min_length": "min_tokens", "random_seed": "seed"},
-    default_outputs=("output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"),
-)
-
-
-def model_config(spec: ModelSpec, served_name: str | None = None) -> mc.ModelConfig:
-    """The Triton `ModelConfig` of a model: max_batch_size 0, decoupled (it streams)."""
-    cfg = mc.ModelConfig(name=served_name or spec.name, backend="llama-forge", max_batch_size=0)
-    cfg.model_transaction_policy.decoupled = True
-    for t in spec.inputs:
-        cfg.input.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims), optional=t.optional)
-    for t in spec.outputs:
-        cfg.output.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims))
-    cfg.parameters["model_kind"].string_value = spec.kind
-    return cfg
-
-
-def model_metadata(spec: ModelSpec, served_name: str | None = None) -> pb.ModelMetadataResponse:
-    md = pb.ModelMetadataResponse(name=served_name or spec.name, versions=["1"], platform="llama-forge")
-    for t in spec.inputs:
-        md.inputs.add(name=t.name, datatype=t.datatype, shape=list(t.dims))
-    for t in spec.outputs:
-        md.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.dims))
-    return md
-
 
 # -- parsing -------------------------------------------------------------------------------------------
 
@@ -400,7 +86,7 @@ class ParsedRequest:
 _IGNORED_PARAMS = {"priority", "timeout", "sequence_start", "sequence_end"}
 
 
-_BY_NP = {np.dtype(v): k for k, v in _NP.items()}
+_BY_NP = {np.dtype(v): k for k, v in NP_TYPES.items()}
 
 
 def _datatype(arr: np.ndarray) -> str:
@@ -509,9 +195,9 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
             raise RequestError(name, f"datatype {dtype} given, {t.datatype} expected")
         if t.kind == "scalar":
             v = _scalar(name, arr)
-            if t.datatype in _INTS:
+            if t.datatype in INT_TYPES:
                 v = int(v)
-            elif t.datatype in _FLOATS:
+            elif t.datatype in FLOAT_TYPES:
                 v = float(v)
                 if not math.isfinite(v):
                     raise RequestError(name, f"must be finite, got {v}")

@@ -3,7 +3,7 @@ protocol) over one `EngineCore`, plus Prometheus metrics on a second port.
 
     llamaforge serve ENGINE [--port 8001] [--metrics-port 8002] ...      (make serve ENGINE=dir)
 
-Models (interfaces in `runtime/protocol.py`): the text model as "ensemble" (what TensorRT-LLM
+Models (interfaces in `runtime/model_interface.py`): the text model as "ensemble" (what TensorRT-LLM
 ensemble clients call), "tensorrt_llm_bls" and the engine's variant name; the token model as
 "tensorrt_llm". Version "" or "1".
 
@@ -52,10 +52,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from .metrics import ServerMetrics
-from .protocol import (
-    FINAL_PARAM, TEXT_MODEL, TOKEN_MODEL, ModelContext, ModelSpec, ParsedRequest, ResponseBuilder,
-    model_config, model_metadata, parse_request,
-)
+from .model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
+from .protocol import FINAL_PARAM, ModelContext, ParsedRequest, ResponseBuilder, parse_request
 from .requests import GenerationOutput, QueueFullError, RequestError, RequestHandle
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "DEFAULT_MAX_MESSAGE_BYTES"]

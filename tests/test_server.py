@@ -19,9 +19,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from runtime.metrics import METRIC_NAMES, ServerMetrics
-from runtime.protocol import (
-    TEXT_MODEL, ModelContext, _sampling, decode_inputs, deserialize_bytes, parse_request, serialize_bytes,
-)
+from runtime.model_interface import TEXT_MODEL
+from runtime.protocol import ModelContext, _sampling, parse_request
+from runtime.tensor_codec import decode_inputs, deserialize_bytes, serialize_bytes
 from runtime.requests import RequestError
 from tests.fake_core import EOS, FakeConfig, FakeCore
 from tests.server_utils import (

@@ -33,7 +33,7 @@ from llamaforge.repo import PYTHON_MODELS, RepoOptions, model_configs, write_rep
 from runtime.detokenizer import IncrementalDetokenizer, decode_window, resume_point
 from runtime.engine import EngineError
 from runtime.metrics import CORE_GAUGES, METRIC_NAMES, PREFIX
-from runtime.protocol import TEXT_MODEL
+from runtime.model_interface import TEXT_MODEL
 from runtime.tokenizer import load_tokenizer
 from tests import pb_utils_standin as pb
 from tests.fixtures import load_hf_oracle, make_hf_checkpoint, tiny_config, train_tiny_sentencepiece, train_tiny_tokenizer
@@ -144,7 +144,7 @@ def test_ensemble_interface_is_tensorrt_llms(repo: Path) -> None:
         inputs = {i.name: mc.DataType.Name(i.data_type) for i in cfg.input}
         outputs = {o.name: mc.DataType.Name(o.data_type) for o in cfg.output}
         assert trtllm_inputs.items() <= inputs.items() and trtllm_outputs.items() <= outputs.items()
-        assert [i.name for i in cfg.input] == [t.name for t in TEXT_MODEL.inputs]  # protocol.py is the source
+        assert [i.name for i in cfg.input] == [t.name for t in TEXT_MODEL.inputs]  # model_interface.py is the source
         assert [i.name for i in cfg.input if not i.optional] == ["text_input", "max_tokens"]
 
 

@@ -1,6 +1,6 @@
 """The tensors of each model in a generated Triton repository and how the ensemble wires them.
 
-Everything is derived from the `TensorSpec`s of `runtime/protocol.py` (the one source of truth for
+Everything is derived from the `TensorSpec`s of `runtime/model_interface.py` (the one source of truth for
 the TensorRT-LLM-compatible interfaces):
 
 * `ensemble` and `bls` expose `TEXT_MODEL` (text_input, max_tokens, stream, ... -> text_output, ...);
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..protocol import TEXT_MODEL, TOKEN_MODEL, ModelSpec, TensorSpec
+from ..model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, TensorSpec
 
 __all__ = [
     "PREPROCESSING", "LLAMA", "POSTPROCESSING", "ENSEMBLE", "BLS", "LLAMA_MODEL", "ENSEMBLE_TO_LLAMA",
