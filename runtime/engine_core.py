@@ -295,10 +295,13 @@ class EngineCore:
         needed = max(s.num_computed for s in seqs) + 1
         by_id = {s.seq_id: s for s in seqs}
         batch = self._batch
-        if batch is None or batch.capacity < needed:
-            ids, capacity = list(by_id), self._capacity(needed)
-            batch = _DecodeBatch(capacity, list[str | None](ids), self.kv.gather(ids, capacity, self.config.max_num_seqs),
-                                 self.scheduler.static_batches)
+        if batch is None or batch.capacity < needed:  # rebuilt from blocks, every row where it was
+            kept: list[str | None] = [sid if sid in by_id else None for sid in batch.rows] if batch else []
+            capacity = self._capacity(needed)
+            arrays = self.kv.gather([], capacity, max(len(kept), self.config.max_num_seqs))
+            placed = [(row, sid) for row, sid in enumerate(kept) if sid is not None]
+            self.kv.gather_into(arrays, [row for row, _ in placed], [sid for _, sid in placed])
+            batch = _DecodeBatch(capacity, kept, arrays, batch.static_batch if batch else self.scheduler.static_batches)
             self.decode_gathers += 1
         rows = [sid if sid in by_id else None for sid in batch.rows]
         if batch.static_batch != self.scheduler.static_batches:

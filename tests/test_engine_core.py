@@ -61,6 +61,20 @@ def test_greedy_matches_transformers_under_inflight_batching(built: tuple[Path, 
         core.stop()
 
 
+def record_decode_widths(core: EngineCore) -> list[tuple[int, int]]:
+    """(live sequences, rows computed) of each decode call the core makes from now on."""
+    widths: list[tuple[int, int]] = []
+    run_decode = core._run_decode
+
+    def spy(seqs: list[Sequence]) -> None:
+        run_decode(seqs)
+        assert core._batch is not None
+        widths.append((len(seqs), len(core._batch.rows)))
+
+    core._run_decode = spy  # type: ignore[method-assign]
+    return widths
+
+
 @pytest.mark.parametrize("policy,in_place", [("inflight", True), ("inflight", False), ("static", True)],
                          ids=["inflight", "inflight-copying", "static"])
 def test_finished_rows_leave_the_decode_batch_only_in_flight(built: tuple[Path, Path], policy: str, in_place: bool) -> None:
@@ -70,15 +84,7 @@ def test_finished_rows_leave_the_decode_batch_only_in_flight(built: tuple[Path, 
     ckpt, engine = built
     core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, max_num_batched_tokens=64, policy=policy))
     core.engine.decode_in_place = in_place
-    widths: list[tuple[int, int]] = []  # (live sequences, rows computed) per decode call
-    run_decode = core._run_decode
-
-    def spy(seqs: list[Sequence]) -> None:
-        run_decode(seqs)
-        assert core._batch is not None
-        widths.append((len(seqs), len(core._batch.rows)))
-
-    core._run_decode = spy  # type: ignore[method-assign]
+    widths = record_decode_widths(core)
     ps, lengths = prompts(6, seed=7), [3, 17, 6, 25, 9, 12]
     handles = [core.submit(GenerationRequest(f"m{i}", p, n, end_ids=())) for i, (p, n) in enumerate(zip(ps, lengths))]
     core.start()  # after submitting: static batching takes all six as one batch
@@ -95,6 +101,25 @@ def test_finished_rows_leave_the_decode_batch_only_in_flight(built: tuple[Path, 
     else:  # one batch: its rows never shrink, and the longest request finishes among dead rows
         assert [rows for _, rows in widths] == sorted(rows for _, rows in widths), widths
         assert widths[-1][0] == 1 and widths[-1][1] >= 5, widths
+
+
+def test_static_batch_keeps_its_rows_when_the_cache_grows(built: tuple[Path, Path]) -> None:
+    """The decode arrays are rebuilt from blocks when the longest row outgrows them (64 positions
+    here); a static batch's finished rows stay in it across that rebuild."""
+    ckpt, engine = built
+    core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, policy="static"))
+    widths = record_decode_widths(core)
+    ps = prompts(2, seed=8, lengths=(5, 40))
+    handles = [core.submit(GenerationRequest(f"g{i}", p, n, end_ids=())) for i, (p, n) in enumerate(zip(ps, (2, 40)))]
+    core.start()
+    try:
+        hf = load_hf_oracle(ckpt)
+        for p, n, h in zip(ps, (2, 40), handles):
+            assert [t for out in h for t in out.token_ids] == hf_greedy(hf, p, n)
+    finally:
+        core.stop()
+    assert core._batch is not None and core._batch.capacity > 64  # the arrays were rebuilt
+    assert widths[-1] == (1, 2), widths  # g0 finished after 2 tokens and kept its row to the end
 
 
 def test_late_arrivals_join_the_running_batch(built: tuple[Path, Path]) -> None:
