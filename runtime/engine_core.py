@@ -90,19 +90,15 @@ class _DecodeBatch:
         rows = self.rows
         while rows and rows[-1] is None:
             rows.pop()
-        for hole in range(len(rows)):
-            if hole >= len(rows):
-                break
-            if rows[hole] is None:
-                sid, last = rows[-1], len(rows) - 1
-                assert sid is not None
-                n = lengths[sid]
-                for a in self.arrays:
-                    a[hole, :, :n] = a[last, :, :n]
-                rows[hole] = sid
+        while None in rows:  # the last row is live: move it into the first hole
+            hole, sid = rows.index(None), rows.pop()
+            assert sid is not None
+            n = lengths[sid]
+            for a in self.arrays:
+                a[hole, :, :n] = a[len(rows), :, :n]
+            rows[hole] = sid
+            while rows[-1] is None:
                 rows.pop()
-                while rows and rows[-1] is None:
-                    rows.pop()
 
 
 @dataclass(eq=False)
@@ -298,7 +294,7 @@ class EngineCore:
         if batch is None or batch.capacity < needed:  # rebuilt from blocks, every row where it was
             kept: list[str | None] = [sid if sid in by_id else None for sid in batch.rows] if batch else []
             capacity = self._capacity(needed)
-            arrays = self.kv.gather([], capacity, max(len(kept), self.config.max_num_seqs))
+            arrays = self.kv.spec.empty(max(len(kept), self.config.max_num_seqs), capacity)
             placed = [(row, sid) for row, sid in enumerate(kept) if sid is not None]
             self.kv.gather_into(arrays, [row for row, _ in placed], [sid for _, sid in placed])
             batch = _DecodeBatch(capacity, kept, arrays, batch.static_batch if batch else self.scheduler.static_batches)

@@ -90,19 +90,17 @@ class KVCacheManager:
         return len(self._free) == self.num_blocks and not self.tables
 
     # -- data movement --------------------------------------------------------------------------
-    def gather(self, seq_ids: list[str], capacity: int, num_rows: int | None = None) -> list[np.ndarray]:
-        """Batch caches [len(seq_ids), kv_heads, capacity, head_dim] per layer (key.0, value.0, ...);
-        with `num_rows`, that many rows, the ones after the sequences' zeroed."""
-        if capacity % self.block_size:
-            raise ValueError(f"capacity {capacity} must be a multiple of the block size {self.block_size}")
-        shape = (max(len(seq_ids), num_rows or 0), self.spec.num_kv_heads, capacity, self.spec.head_dim)
-        batch = [np.zeros(shape, self.spec.dtype) for _ in range(2 * self.spec.num_layers)]
+    def gather(self, seq_ids: list[str], capacity: int) -> list[np.ndarray]:
+        """Batch caches [len(seq_ids), kv_heads, capacity, head_dim] per layer (key.0, value.0, ...)."""
+        batch = self.spec.empty(len(seq_ids), capacity)
         self.gather_into(batch, list(range(len(seq_ids))), seq_ids)
         return batch
 
     def gather_into(self, batch: list[np.ndarray], rows: list[int], seq_ids: list[str]) -> None:
         """Overwrite row rows[i] of the batch caches with seq_ids[i]'s cache, zero past its blocks."""
         capacity = batch[0].shape[2]
+        if capacity % self.block_size:
+            raise ValueError(f"capacity {capacity} must be a multiple of the block size {self.block_size}")
         width = capacity // self.block_size
         heads, dim = self.spec.num_kv_heads, self.spec.head_dim
         for row, seq_id in zip(rows, seq_ids):
