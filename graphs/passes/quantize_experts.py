@@ -128,8 +128,7 @@ class QuantizeExperts(ir.passes.InPlacePass):
                 self._quantize_activation(graph, gather.graph, matmul, name)  # type: ignore[arg-type]
             graph.initializers.pop(name)
             return
-        for gather in gathers:
-            matmul = gathered_matmul(old, gather)
+        for gather, matmul in zip(gathers, matmuls):
             body = gather.graph
             assert body is not None
             expert = gather.inputs[1]

@@ -79,11 +79,12 @@ class ValidateQuantization(ir.passes.InPlacePass):
         assert scale_v is not None
         gathered = self._gathered_pair(node)
         scale = self._const(node, scale_v, "scale") if gathered is None else gathered[1]
-        values = scale.numpy() if gathered is None else scale.numpy()[0]  # one expert's row: the shape of each
+        table = scale.numpy()
+        values = table if gathered is None else table[0]  # one expert's row: the shape of each
         if scale.dtype != ir.DataType.FLOAT:
             raise _fail(node, f"scale {scale_v.name!r} has type {scale.dtype.name}, expected FLOAT")
-        if not np.all(np.isfinite(scale.numpy())) or np.any(scale.numpy() <= 0):
-            raise _fail(node, f"scale {scale_v.name!r} has values that are not finite and > 0 (min {scale.numpy().min()})")
+        if not np.all(np.isfinite(table)) or np.any(table <= 0):
+            raise _fail(node, f"scale {scale_v.name!r} has values that are not finite and > 0 (min {table.min()})")
         if values.shape != zero.numpy().shape:
             raise _fail(node, f"scale {scale_v.name!r} shape {values.shape} != zero point shape {zero.numpy().shape}")
         if values.ndim > 1:
@@ -91,7 +92,7 @@ class ValidateQuantization(ir.passes.InPlacePass):
         if node.op_type == "QuantizeLinear":
             self._check_quantize(node)
         else:
-            self._check_dequantize(node, values.shape)
+            self._check_dequantize(node, values.shape, gathered)
 
     def _gathered_pair(self, node: ir.Node) -> tuple[ir.TensorProtocol, ir.TensorProtocol] | None:
         """(stored weight [E, ...], scale table [E] | [E, C]) when this DequantizeLinear reads one
@@ -144,11 +145,11 @@ class ValidateQuantization(ir.passes.InPlacePass):
         if out.is_graph_output():
             raise _fail(node, f"output {out.name!r} is a graph output")
 
-    def _check_dequantize(self, node: ir.Node, scale_shape: tuple[int, ...]) -> None:
+    def _check_dequantize(self, node: ir.Node, scale_shape: tuple[int, ...],
+                          gathered: tuple[ir.TensorProtocol, ir.TensorProtocol] | None) -> None:
         data = node.inputs[0]
         assert data is not None
         weight = data.const_value if data.is_initializer() else None
-        gathered = self._gathered_pair(node)
         shape = weight.shape if weight is not None else data.shape
         if gathered is not None:  # one expert's slice of a stored weight: shaped like a weight row
             weight, shape = gathered[0], ir.Shape(gathered[0].shape.numpy()[1:])
