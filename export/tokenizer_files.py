@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import TIKTOKEN_NUM_SPECIAL, Checkpoint, CheckpointError
+from .checkpoint import TIKTOKEN_NUM_SPECIAL, Checkpoint
+from .checkpoint_errors import CheckpointError
 
 __all__ = ["LLAMA3_PAT_STR", "llama3_special_tokens", "copy_tokenizer"]
 

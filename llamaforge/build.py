@@ -210,7 +210,8 @@ def build_engine(opts: BuildOptions) -> Path:
     # Imports that pull torch are here so that `llamaforge generate` on a serving host never needs them.
     import torch  # noqa: F401
 
-    from export.checkpoint import CheckpointError, open_checkpoint
+    from export.checkpoint import open_checkpoint
+    from export.checkpoint_errors import CheckpointError
     from export.exporter import PRECISIONS, bind_placeholder_weights, bind_weights, save_streaming, timed, tqdm_progress, trace
     from export.tokenizer_files import copy_tokenizer
     from export.variants import UnknownVariantError, get_variant

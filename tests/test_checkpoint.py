@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.checkpoint import CheckpointError, open_checkpoint
+from export.checkpoint import open_checkpoint
+from export.checkpoint_errors import CheckpointError
 from export.config import RopeScaling
 from export.tokenizer_files import LLAMA3_PAT_STR, copy_tokenizer
 from runtime.tokenizer import load_tokenizer
