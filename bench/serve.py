@@ -28,7 +28,10 @@ are replayed against:
       builder makes only for CUDA fp16/bf16; for a CPU fp32 model the Engine runs static batches
       of up to 4 (the largest batch seen is printed). A batched `og.Generator` loop, the other
       option its API has, measured about the same while this script was written.
-Throughput = generated tokens / (last token - first arrival).
+Throughput = generated tokens / (last token - first arrival). The in-flight run is repeated after
+(b) and (b'), and the ratios use the two runs' mean throughput and their worse p99 TTFT: this VM's
+speed drifts by tens of percent within an hour, and running in-flight on both sides of static keeps
+a steady drift from favouring either policy.
 
 Single-stream decode: one request, 128-token prompt, --decode-tokens new tokens, batch 1, tokens/s
 from first to last token, best of 2: ours through EngineCore (with ORT's default thread count, and
@@ -52,7 +55,11 @@ left, no schedule can fill a batch).
 Targets: in-flight >= 2x static throughput at no worse p99 TTFT; single-stream decode >= 1.0x
 onnxruntime-genai at the same precision.
 
-  python bench/serve.py [--requests 96] [--rate 4] [--outputs chat|uniform] [--workdir DIR] [--skip-genai] [--tiny]
+--in-process also replays the workload into an EngineCore in this process (in-flight, static,
+in-flight; no gRPC, no client, no server threads) and prints that ratio, and how much longer each
+server run took than its in-process twin (they run minutes apart: the VM's drift is in it too).
+
+  python bench/serve.py [--requests 96] [--rate 4] [--outputs chat|uniform] [--workdir DIR] [--skip-genai] [--in-process] [--tiny]
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ sys.path.insert(0, str(ROOT))
 
 VOCAB = 32000
 GENAI = "onnxruntime-genai og.Engine"
+INFLIGHT = ("llama-forge in-flight", "llama-forge in-flight, run 2")
+STATIC = "llama-forge static"
 STATIC_DROPPED = "llama-forge static, finished rows dropped"
 SHAPES = {  # --tiny is for developing this script, not for numbers
     "bench": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64, intermediate_size=2048),
@@ -341,6 +350,44 @@ def run_genai_engine(oga: Path, reqs: list[Req]) -> dict[str, float]:
 
 # -- single stream and roofline ----------------------------------------------------------------------
 
+def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dict[str, float]:
+    """(a)/(b) without gRPC: the same requests, arrival times and core settings, submitted to an
+    EngineCore in this process (token ids, not text), timed where its outputs arrive. What is left
+    between this and the server run is the serving stack's cost on this machine."""
+    from runtime.engine_core import CoreConfig, EngineCore
+    from runtime.requests import GenerationRequest
+    from runtime.sampling import SamplingParams
+
+    core = EngineCore(engine, CoreConfig(kv_budget_tokens=seqs * 1024, max_num_seqs=seqs, max_num_batched_tokens=512,
+                                         max_queue=max(64, len(reqs) + 8), policy=policy))
+
+    def request(rid: str, r: Req) -> GenerationRequest:
+        return GenerationRequest(rid, r.ids, r.max_tokens, SamplingParams(temperature=0.0), min_tokens=r.max_tokens,
+                                 stream=True, detokenize=True)
+
+    def collect(handle, trace: Trace) -> None:  # type: ignore[no-untyped-def]
+        for out in handle:
+            if out.num_output_tokens > (trace.counts[-1] if trace.counts else 0):
+                trace.times.append(time.perf_counter())
+                trace.counts.append(out.num_output_tokens)
+
+    core.start()
+    try:
+        list(core.submit(request("warmup", Req(-1, 0.0, reqs[0].text, reqs[0].ids, 8))))  # as the server run's
+        traces, threads = [], []
+        start = time.perf_counter()
+        for r in reqs:
+            time.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+            traces.append(Trace(sent=time.perf_counter()))
+            threads.append(threading.Thread(target=collect, args=(core.submit(request(str(r.idx), r)), traces[-1])))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+        return summarize(traces)
+    finally:
+        core.stop()
+
+
 def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) -> tuple[float, list[int]]:
     from runtime.engine_core import CoreConfig, EngineCore
     from runtime.requests import GenerationRequest
@@ -442,6 +489,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model: for developing this script")
     ap.add_argument("--skip-genai", action="store_true")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also replay the workload into an in-process EngineCore (in-flight, static, in-flight): "
+                         "the same ratio without gRPC, the client or the server's threads")
     args = ap.parse_args()
     shape = "tiny" if args.tiny else "bench"
     ckpt, engine, oga, why = prepare(args.workdir, shape, not args.skip_genai)
@@ -454,17 +504,24 @@ def main() -> int:
     # The bound's step costs, measured before and again after the server runs: the machine's speed
     # drifts on a shared VM, and the two show by how much during the runs.
     ideals = [ideal_inflight_seconds(engine, reqs, args.max_num_seqs)]
-    for name, policy, condense in (("llama-forge in-flight", "inflight", None), ("llama-forge static", "static", None),
-                                   (STATIC_DROPPED, "static", True)):
+    # In-flight runs before and after the static ones (A-B-B'-A), so a drift in the machine's speed
+    # over the runs weighs on both sides of the ratio alike; each in-flight run is printed.
+    for name, policy, condense in ((INFLIGHT[0], "inflight", None), (STATIC, "static", None),
+                                   (STATIC_DROPPED, "static", True), (INFLIGHT[1], "inflight", None)):
         print(f"running our server: {name} ...", flush=True)
-        rows[name] = run_server(engine, reqs, policy, args.max_num_seqs,
-                                args.workdir / f"server-{policy}{'-condensed' if condense else ''}.log", condense)
+        log = f"server-{policy}{'-condensed' if condense else ''}{'-2' if name == INFLIGHT[1] else ''}.log"
+        rows[name] = run_server(engine, reqs, policy, args.max_num_seqs, args.workdir / log, condense)
     if oga is not None:
         print("running onnxruntime-genai (og.Engine) ...", flush=True)
         try:
             rows[GENAI] = run_genai_engine(oga, reqs)
         except Exception as e:  # noqa: BLE001
             why, oga = f"failed: {type(e).__name__}: {e}", None
+    local: dict[str, dict[str, float]] = {}
+    if args.in_process:
+        for name, policy in ((INFLIGHT[0], "inflight"), (STATIC, "static"), (INFLIGHT[1], "inflight")):
+            print(f"running in process (no gRPC): {name} ...", flush=True)
+            local[name] = run_in_process(engine, reqs, policy, args.max_num_seqs)
     print("single-stream decode ...", flush=True)
     prompt = max(reqs, key=lambda r: len(r.ids)).ids[:128]
     ours_tps, ours_tokens = decode_ours(engine, prompt, args.decode_tokens, None)
@@ -497,10 +554,15 @@ def main() -> int:
         agree = next((i for i, (a, b) in enumerate(zip(ours_tokens, genai_tokens)) if a != b), len(genai_tokens))
         print(f"  greedy tokens identical for the first {agree}/{len(genai_tokens)} (same weights, fp32)")
 
-    inflight, static = rows["llama-forge in-flight"], rows["llama-forge static"]
+    # In-flight, for the ratios: the two runs' mean throughput and span, and the worse p99 TTFT.
+    first, second = rows[INFLIGHT[0]], rows[INFLIGHT[1]]
+    inflight = {"tok_s": (first["tok_s"] + second["tok_s"]) / 2, "span": (first["span"] + second["span"]) / 2,
+                "ttft99": max(first["ttft99"], second["ttft99"])}
+    static = rows[STATIC]
     ratio = inflight["tok_s"] / static["tok_s"]
     ok1 = ratio >= 2.0 and inflight["ttft99"] <= static["ttft99"]
-    print(f"\nin-flight / static throughput: {ratio:.2f}x; p99 TTFT in-flight {inflight['ttft99']:.0f} ms vs static "
+    print(f"\nin-flight (mean of the runs before and after static: {first['tok_s']:.1f} and {second['tok_s']:.1f} tok/s) / "
+          f"static throughput: {ratio:.2f}x; p99 TTFT in-flight (the worse run) {inflight['ttft99']:.0f} ms vs static "
           f"{static['ttft99']:.0f} ms ({inflight['ttft99'] / static['ttft99']:.2f}x)")
     dropped = rows[STATIC_DROPPED]
     print(f"in-flight / static with finished rows dropped: {inflight['tok_s'] / dropped['tok_s']:.2f}x throughput, "
@@ -513,6 +575,13 @@ def main() -> int:
           f"{static['span']:.1f}s, so no in-flight scheduler can beat static by more than {bounds[0]:.2f}-{bounds[1]:.2f}x "
           f"on this machine and workload (ours took {inflight['span'] / max(before, after):.2f}-"
           f"{inflight['span'] / min(before, after):.2f}x the ideal time)")
+    if local:
+        mean = (local[INFLIGHT[0]]["tok_s"] + local[INFLIGHT[1]]["tok_s"]) / 2
+        spans = " / ".join(f"{m['span']:.1f}" for m in local.values())
+        print(f"in process, no gRPC (spans in-flight / static / in-flight {spans} s): in-flight / static throughput "
+              f"{mean / local[STATIC]['tok_s']:.2f}x; over gRPC each in-flight run took "
+              f"{first['span'] / local[INFLIGHT[0]]['span']:.2f}x and {second['span'] / local[INFLIGHT[1]]['span']:.2f}x "
+              f"its in-process span, static {static['span'] / local[STATIC]['span']:.2f}x")
     if GENAI in rows:
         g = rows[GENAI]
         print(f"in-flight / onnxruntime-genai throughput: {inflight['tok_s'] / g['tok_s']:.2f}x; p99 TTFT "
