@@ -348,7 +348,7 @@ def run_genai_engine(oga: Path, reqs: list[Req]) -> dict[str, float]:
     return {**summarize(traces), "batch_max": batch_max}
 
 
-# -- single stream and roofline ----------------------------------------------------------------------
+# -- (a), (b) in process, without gRPC (--in-process) ------------------------------------------------
 
 def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dict[str, float]:
     """(a)/(b) without gRPC: the same requests, arrival times and core settings, submitted to an
@@ -387,6 +387,8 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
     finally:
         core.stop()
 
+
+# -- single stream and roofline ----------------------------------------------------------------------
 
 def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) -> tuple[float, list[int]]:
     from runtime.engine_core import CoreConfig, EngineCore
