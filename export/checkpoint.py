@@ -57,7 +57,6 @@ TIKTOKEN_NUM_SPECIAL = 256
 
 # Tensors that conversions sometimes carry but that are not weights.
 _IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-_IGNORED_META = {"rope.freqs"}
 
 
 # -- expected tensors ------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def detect_tokenizer_model(path: Path) -> str:
     return "sentencepiece"
 
 
-def _tiktoken_num_ranks(path: Path) -> int:
+def tiktoken_num_ranks(path: Path) -> int:
     from runtime.tokenizer import TokenizerError, load_tiktoken_ranks
 
     try:
@@ -133,7 +132,7 @@ def tokenizer_vocab_size(kind: str, path: Path) -> int:
     """Number of token ids the tokenizer can produce (tiktoken: ranks + Meta's 256 specials)."""
     path = Path(path)
     if kind == "tiktoken":
-        return _tiktoken_num_ranks(path) + TIKTOKEN_NUM_SPECIAL
+        return tiktoken_num_ranks(path) + TIKTOKEN_NUM_SPECIAL
     if kind == "sentencepiece":
         import sentencepiece as spm
 
@@ -293,7 +292,7 @@ class HFCheckpoint(Checkpoint):
 # -- opening ---------------------------------------------------------------------------------
 
 
-def _variant(variant: str | None):  # -> Variant | None
+def optional_variant(variant: str | None):  # -> Variant | None
     if variant is None:
         return None
     from .variants import get_variant  # lazy: the registry is optional for loading
@@ -311,7 +310,7 @@ def _find_tokenizer_hf(path: Path) -> tuple[str, Path]:
     raise CheckpointError(f"{HF_TOKENIZER}: tokenizer file not found in {path} (nor {META_TOKENIZER})")
 
 
-def _json_object(path: Path, file: str) -> dict[str, Any]:
+def read_json_object(path: Path, file: str) -> dict[str, Any]:
     try:
         data = load_json(path / file)
     except ConfigError as e:
@@ -323,7 +322,7 @@ def _json_object(path: Path, file: str) -> dict[str, Any]:
 
 def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
     warnings: list[str] = []
-    hf = _json_object(path, HF_CONFIG)
+    hf = read_json_object(path, HF_CONFIG)
     if hf.get("model_type") not in (None, "llama", "llama4", "llama4_text"):
         warnings.append(f"{HF_CONFIG}: model_type={hf.get('model_type')!r}, loading it as a LLaMA model")
     try:
@@ -404,7 +403,7 @@ def open_checkpoint(path: str | os.PathLike[str], variant: str | None = None, *,
             f"{p.name}: not a checkpoint directory: neither {HF_CONFIG} (HF layout) nor "
             f"{META_PARAMS} (Meta layout) found in {p}"
         )
-    v = _variant(variant)
+    v = optional_variant(variant)
     if v is not None:
         ckpt.config = ckpt.config.replace(family=v.config.family)
         for m in ckpt.config.describe_mismatch(v.config):

@@ -22,18 +22,20 @@ import torch
 from .checkpoint import (
     META_PARAMS,
     META_TOKENIZER,
-    _IGNORED_META,
     Checkpoint,
-    _json_object,
-    _tiktoken_num_ranks,
-    _variant,
     detect_tokenizer_model,
+    optional_variant,
+    read_json_object,
+    tiktoken_num_ranks,
     tokenizer_vocab_size,
 )
 from .checkpoint_errors import CheckpointError, fmt_shape, raise_problems
 from .config import ConfigError, ModelConfig, RopeScaling, meta_ffn_size
 
 __all__ = ["MetaCheckpoint"]
+
+# Tensors that conversions sometimes carry but that are not weights.
+_IGNORED_META = {"rope.freqs"}
 
 
 _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
@@ -250,7 +252,7 @@ def _default_context(params: dict[str, Any], tok_kind: str) -> int:
 
 def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
     warnings: list[str] = []
-    params = _json_object(path, META_PARAMS)
+    params = read_json_object(path, META_PARAMS)
     if "moe_args" in params:
         raise CheckpointError(f"{META_PARAMS}: field 'moe_args': Llama 4's original Meta layout is not supported; "
                               "use the HF checkpoint (meta-llama/Llama-4-*-17B-*E)")
@@ -264,7 +266,7 @@ def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
         sd = _torch_load(f)
         shard_index.append({k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
         del sd
-    v = _variant(variant)
+    v = optional_variant(variant)
     vc = v.config if v is not None else None
 
     def need(key: str) -> Any:
@@ -295,7 +297,7 @@ def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
             pad = None
             ctx = _default_context(params, tok_kind)
             if tok_kind == "tiktoken":
-                n_ranks = _tiktoken_num_ranks(tok_path)
+                n_ranks = tiktoken_num_ranks(tok_path)
                 bos, eos = n_ranks, (n_ranks + 1,)  # <|begin_of_text|>, <|end_of_text|>
             else:
                 import sentencepiece as spm
