@@ -292,10 +292,10 @@ class EngineCore:
         by_id = {s.seq_id: s for s in seqs}
         batch = self._batch
         if batch is None or batch.capacity < needed:  # rebuilt from blocks, every row where it was
-            kept: list[str | None] = [sid if sid in by_id else None for sid in batch.rows] if batch else []
+            kept: list[str | None] = batch.rows if batch else []  # finished rows are dropped below
             capacity = self._capacity(needed)
             arrays = self.kv.spec.empty(max(len(kept), self.config.max_num_seqs), capacity)
-            placed = [(row, sid) for row, sid in enumerate(kept) if sid is not None]
+            placed = [(row, sid) for row, sid in enumerate(kept) if sid in by_id]
             self.kv.gather_into(arrays, [row for row, _ in placed], [sid for _, sid in placed])
             batch = _DecodeBatch(capacity, kept, arrays, batch.static_batch if batch else self.scheduler.static_batches)
             self.decode_gathers += 1
