@@ -478,6 +478,13 @@ def ideal_inflight_seconds(engine_dir: Path, reqs: list[Req], rows: int) -> tupl
     return prefill + -(-tokens // rows) * step, prefill, step * 1e3
 
 
+def combine_inflight(runs: dict[str, dict[str, float]]) -> dict[str, float]:
+    """In-flight, for the ratios: its two runs' mean throughput and span, and the worse p99 TTFT."""
+    first, second = runs[INFLIGHT[0]], runs[INFLIGHT[1]]
+    return {"tok_s": (first["tok_s"] + second["tok_s"]) / 2, "span": (first["span"] + second["span"]) / 2,
+            "ttft99": max(first["ttft99"], second["ttft99"])}
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -556,11 +563,8 @@ def main() -> int:
         agree = next((i for i, (a, b) in enumerate(zip(ours_tokens, genai_tokens)) if a != b), len(genai_tokens))
         print(f"  greedy tokens identical for the first {agree}/{len(genai_tokens)} (same weights, fp32)")
 
-    # In-flight, for the ratios: the two runs' mean throughput and span, and the worse p99 TTFT.
     first, second = rows[INFLIGHT[0]], rows[INFLIGHT[1]]
-    inflight = {"tok_s": (first["tok_s"] + second["tok_s"]) / 2, "span": (first["span"] + second["span"]) / 2,
-                "ttft99": max(first["ttft99"], second["ttft99"])}
-    static = rows[STATIC]
+    inflight, static = combine_inflight(rows), rows[STATIC]
     ratio = inflight["tok_s"] / static["tok_s"]
     ok1 = ratio >= 2.0 and inflight["ttft99"] <= static["ttft99"]
     print(f"\nin-flight (mean of the runs before and after static: {first['tok_s']:.1f} and {second['tok_s']:.1f} tok/s) / "
@@ -578,10 +582,9 @@ def main() -> int:
           f"on this machine and workload (ours took {inflight['span'] / max(before, after):.2f}-"
           f"{inflight['span'] / min(before, after):.2f}x the ideal time)")
     if local:
-        mean = (local[INFLIGHT[0]]["tok_s"] + local[INFLIGHT[1]]["tok_s"]) / 2
         spans = " / ".join(f"{m['span']:.1f}" for m in local.values())
         print(f"in process, no gRPC (spans in-flight / static / in-flight {spans} s): in-flight / static throughput "
-              f"{mean / local[STATIC]['tok_s']:.2f}x; over gRPC each in-flight run took "
+              f"{combine_inflight(local)['tok_s'] / local[STATIC]['tok_s']:.2f}x; over gRPC each in-flight run took "
               f"{first['span'] / local[INFLIGHT[0]]['span']:.2f}x and {second['span'] / local[INFLIGHT[1]]['span']:.2f}x "
               f"its in-process span, static {static['span'] / local[STATIC]['span']:.2f}x")
     if GENAI in rows:
