@@ -29,7 +29,7 @@ import numpy as np
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine
 from .kv_cache import KVCacheManager
-from .requests import GenerationOutput, GenerationRequest, QueueFullError, RequestError, RequestHandle
+from .requests import GenerationOutput, GenerationRequest, OutputSink, QueueFullError, RequestError, RequestHandle
 from .sampling import sample
 from .scheduler import Chunk, Scheduler, SchedulerConfig, Sequence
 
@@ -171,9 +171,11 @@ class EngineCore:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request: GenerationRequest, sink: OutputSink | None = None) -> RequestHandle:
+        """Queue a request. Its outputs go to the returned handle, or to `sink` (see RequestHandle),
+        called from the step loop's thread."""
         self._validate(request)
-        handle = RequestHandle(request.request_id, self.cancel)
+        handle = RequestHandle(request.request_id, self.cancel, sink)
         end_ids = frozenset(request.end_ids if request.end_ids is not None else self.eos_ids)
         detok = None
         if request.detokenize and self.tokenizer is not None:

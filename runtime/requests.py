@@ -4,7 +4,7 @@ engine core: one `GenerationRequest` in, a stream of `GenerationOutput`s out."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams
@@ -54,19 +54,30 @@ class GenerationOutput:
     cum_log_prob: float = 0.0
 
 
-class RequestHandle:
-    """The caller's side of one request: iterate outputs as they come; `cancel()` at any time."""
+OutputSink = Callable[[GenerationOutput], None]
 
-    def __init__(self, request_id: str, cancel: "callable[[str], None]") -> None:  # type: ignore[valid-type]
+
+class RequestHandle:
+    """The caller's side of one request: iterate outputs as they come; `cancel()` at any time.
+
+    With a `sink`, the outputs are not queued here: the core calls `sink(output)` from its own
+    thread as each is produced, so a front end that serves many requests (one gRPC stream) needs
+    no thread per request to move them. A sink must be quick and must not raise."""
+
+    def __init__(self, request_id: str, cancel: Callable[[str], None], sink: OutputSink | None = None) -> None:
         import queue
 
         self.request_id = request_id
         self._queue: "queue.Queue[GenerationOutput]" = queue.Queue()
         self._cancel = cancel
+        self._sink = sink
         self.done = threading.Event()
 
     def put(self, output: GenerationOutput) -> None:
-        self._queue.put(output)
+        if self._sink is not None:
+            self._sink(output)
+        else:
+            self._queue.put(output)
         if output.finished:
             self.done.set()
 

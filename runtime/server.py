@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from .metrics import ServerMetrics
 from .model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
 from .protocol import FINAL_PARAM, ModelContext, ParsedRequest, ResponseBuilder, parse_request
-from .requests import GenerationOutput, QueueFullError, RequestError, RequestHandle
+from .requests import GenerationOutput, OutputSink, QueueFullError, RequestError, RequestHandle
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "DEFAULT_MAX_MESSAGE_BYTES"]
 
@@ -130,12 +131,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _new_id(self) -> str:
         return uuid.uuid4().hex
 
-    def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool) -> tuple[ParsedRequest, RequestHandle]:
-        """Resolve, parse and submit; raises _Refused with the status to answer."""
+    def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool,
+                sink: Callable[[ParsedRequest], OutputSink] | None = None) -> tuple[ParsedRequest, RequestHandle]:
+        """Resolve, parse and submit; raises _Refused with the status to answer. `sink`, given the
+        parsed request, makes the sink its outputs go to (see RequestHandle)."""
         spec = self._resolve(request.model_name, request.model_version)
         try:
             parsed = parse_request(request, spec, self.ctx, self._new_id(), streaming_rpc)
-            handle = self.core.submit(parsed.generation)
+            handle = self.core.submit(parsed.generation, sink(parsed) if sink else None)
         except RequestError as e:
             if self.metrics:
                 self.metrics.on_invalid()
@@ -252,19 +255,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 _READER_DONE = object()
-_REQUEST_DONE = object()
+
+
+@dataclass(eq=False)
+class _StreamRequest:
+    """One request on a stream, as the stream's sender sees it."""
+
+    request: pb.ModelInferRequest
+    parsed: ParsedRequest
+    t0: int
+    builder: ResponseBuilder
+    last: GenerationOutput | None = None
+    ended: bool = False
 
 
 class _Stream:
-    """One ModelStreamInfer call: a reader thread takes requests, a pump thread per request moves
-    its outputs into one queue, and the RPC's generator yields from that queue."""
+    """One ModelStreamInfer call. A reader thread takes requests and submits them; the core hands
+    every request's outputs to one queue (a sink called in the core's thread, not a thread per
+    request); the RPC's generator turns them into responses and yields them."""
 
     def __init__(self, servicer: InferenceServicer, context: Any) -> None:
         self.servicer = servicer
         self.context = context
-        self.out: "queue.Queue[Any]" = queue.Queue()
+        self.out: "queue.Queue[Any]" = queue.Queue()  # responses, (_StreamRequest, output), _READER_DONE
         self.lock = threading.Lock()
-        self.active: dict[str, RequestHandle] = {}
+        self.active: dict[str, _StreamRequest] = {}
+        self.started = 0  # requests admitted; with `ended`, tells the generator when all are done
+        self.ended = 0
         self.closed = False
 
     def read(self, request_iterator: Any) -> None:
@@ -278,8 +295,14 @@ class _Stream:
 
     def start(self, request: pb.ModelInferRequest) -> None:
         t0 = time.monotonic_ns()
+        entry: list[_StreamRequest] = []
+
+        def sink(parsed: ParsedRequest) -> Any:
+            entry.append(_StreamRequest(request, parsed, t0, ResponseBuilder(parsed, request.model_name)))
+            return lambda out, state=entry[0]: self.out.put((state, out))
+
         try:
-            parsed, handle = self.servicer._submit(request, streaming_rpc=True)
+            parsed, handle = self.servicer._submit(request, streaming_rpc=True, sink=sink)
         except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
             if request.model_name in self.servicer.stats:
                 self.servicer.stats[request.model_name].record(False, time.monotonic_ns() - t0)
@@ -288,12 +311,12 @@ class _Stream:
             return
         rid = parsed.generation.request_id
         with self.lock:
-            self.active[rid] = handle
+            self.started += 1
+            if not entry[0].ended:  # its last output may already have been sent
+                self.active[rid] = entry[0]
             closed = self.closed
         if closed:
             self.servicer.core.cancel(rid)
-        threading.Thread(target=self.pump, args=(request, parsed, handle, t0), name=f"grpc-stream-{rid[:8]}",
-                         daemon=True).start()
 
     def error(self, request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
         if request.id:  # tritonclient hands a stream callback only the message
@@ -301,44 +324,44 @@ class _Stream:
         return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version or "1", id=request.id))
 
-    def pump(self, request: pb.ModelInferRequest, parsed: ParsedRequest, handle: RequestHandle, t0: int) -> None:
-        rid = parsed.generation.request_id
-        builder = ResponseBuilder(parsed, request.model_name)
-        last: GenerationOutput | None = None
-        failure: str | None = None
+    def responses_for(self, st: _StreamRequest, out: GenerationOutput) -> list[pb.ModelStreamInferResponse]:
+        """The responses one core output makes: a piece of the stream (stream=true), the whole
+        answer (stream=false, at the end), an empty final response, or the error it ended with."""
+        if st.ended:  # failed while building an earlier response: already answered
+            return []
+        responses = []
+        parsed, failure = st.parsed, None
         try:
-            for out in handle:
-                last = out
-                if out.finished and out.finish_reason not in ("stop", "length"):
-                    break
-                final_flag = out.finished and not parsed.empty_final
-                if parsed.stream:
-                    resp = builder.piece(out, final_flag)
-                    if resp is not None:
-                        self.out.put(pb.ModelStreamInferResponse(infer_response=resp))
-                else:
-                    builder.add(out)
-                    if out.finished:
-                        resp = builder.whole()
-                        resp.parameters[FINAL_PARAM].bool_param = final_flag
-                        self.out.put(pb.ModelStreamInferResponse(infer_response=resp))
-                if out.finished and parsed.empty_final:
-                    self.out.put(pb.ModelStreamInferResponse(infer_response=builder.empty_final()))
+            st.last = out
+            if out.finished and out.finish_reason not in ("stop", "length"):
+                pass
+            elif parsed.stream:
+                resp = st.builder.piece(out, out.finished and not parsed.empty_final)
+                if resp is not None:
+                    responses.append(pb.ModelStreamInferResponse(infer_response=resp))
+            else:
+                st.builder.add(out)
+                if out.finished:
+                    resp = st.builder.whole()
+                    resp.parameters[FINAL_PARAM].bool_param = not parsed.empty_final
+                    responses.append(pb.ModelStreamInferResponse(infer_response=resp))
+            if out.finished and parsed.empty_final and out.finish_reason in ("stop", "length"):
+                responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
         except Exception as e:  # noqa: BLE001 - report it on the stream rather than leave the client waiting
-            self.servicer.core.cancel(rid)
+            self.servicer.core.cancel(parsed.generation.request_id)
             failure = f"internal error: {e!r}"
-        try:
-            ok = failure is None and last is not None and last.finish_reason in ("stop", "length")
-            self.servicer._record(request.model_name, ok, t0)
+        if out.finished or failure is not None:
+            ok = failure is None and out.finish_reason in ("stop", "length")
+            self.servicer._record(st.request.model_name, ok, st.t0)
             if not ok:
                 if failure is None:
-                    reason = last.finish_reason if last is not None else "error"
-                    failure = f"request {reason}" + (f": {last.error}" if last is not None and last.error else "")
-                self.out.put(self.error(request, failure))
-        finally:
+                    failure = f"request {out.finish_reason}" + (f": {out.error}" if out.error else "")
+                responses.append(self.error(st.request, failure))
             with self.lock:
-                self.active.pop(rid, None)
-            self.out.put(_REQUEST_DONE)
+                st.ended = True
+                self.ended += 1
+                self.active.pop(parsed.generation.request_id, None)
+        return responses
 
     def cancel_all(self) -> None:
         with self.lock:
@@ -359,11 +382,13 @@ class _Stream:
                 continue
             if item is _READER_DONE:
                 reader_done = True
-            elif item is not _REQUEST_DONE:
+            elif isinstance(item, tuple):
+                yield from self.responses_for(*item)
+            else:
                 yield item
             if reader_done:
                 with self.lock:
-                    idle = not self.active
+                    idle = self.ended == self.started
                 if idle and self.out.empty():
                     return
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.requests import GenerationOutput, GenerationRequest, QueueFullError, RequestError, RequestHandle
+from runtime.requests import GenerationOutput, GenerationRequest, OutputSink, QueueFullError, RequestError, RequestHandle
 from runtime.tokenizer import Tokenizer
 
 BOS, EOS = 256, 257
@@ -120,12 +120,12 @@ class FakeCore:
             self._finish(r, "cancelled")
         self._waiting, self._running = [], []
 
-    def submit(self, req: GenerationRequest) -> RequestHandle:
+    def submit(self, req: GenerationRequest, sink: OutputSink | None = None) -> RequestHandle:
         if req.max_tokens <= 0:
             raise RequestError("max_tokens", f"must be > 0, got {req.max_tokens}")
         if len(req.prompt_ids) + req.max_tokens > self.context_length:
             raise RequestError("max_tokens", "prompt + max_tokens exceeds the context length")
-        handle = RequestHandle(req.request_id, self.cancel)
+        handle = RequestHandle(req.request_id, self.cancel, sink)
         detok = IncrementalDetokenizer(self.tokenizer, req.stop_words) if req.detokenize else None
         end_ids = frozenset(req.end_ids if req.end_ids is not None else self.eos_ids)
         with self._cv:

@@ -281,6 +281,40 @@ def test_stream_many_requests_and_errors_keep_it_open(fake: Any) -> None:
     assert all(r.id == "ok" for r in ok) and ok[-1].parameters["triton_final_response"].bool_param
 
 
+def test_stream_serves_its_requests_without_a_thread_each(fake: Any) -> None:
+    """The core hands a stream's outputs to one queue (a sink), so eight requests on a stream
+    start no more threads than one does; all of them still complete."""
+    server, core, client = fake
+    core.hold()
+    texts: dict[str, list[bytes]] = {}
+    finals: set[str] = set()
+
+    def on_response(result: Any, error: Any) -> None:
+        assert error is None, error
+        rid = result.get_response().id
+        texts.setdefault(rid, []).append(result.as_numpy("text_output")[0])
+        if is_final(result):
+            finals.add(rid)
+
+    client.start_stream(callback=on_response)
+    try:
+        client.async_stream_infer("ensemble", text_inputs("req-0", 16, stream=True, exclude_input_in_output=True),
+                                  request_id="0")
+        wait_until(lambda: len(core.submitted) == 1)
+        threads = threading.active_count()
+        for i in range(1, 8):
+            client.async_stream_infer("ensemble", text_inputs(f"req-{i}", 16, stream=True, exclude_input_in_output=True),
+                                      request_id=str(i))
+        wait_until(lambda: len(core.submitted) == 8)
+        assert threading.active_count() == threads
+        core.release()
+        wait_until(lambda: len(finals) == 8)
+    finally:
+        core.release()
+        client.stop_stream()
+    assert {rid: b"".join(parts) for rid, parts in texts.items()} == {str(i): f"req-{i}".encode() for i in range(8)}
+
+
 def test_token_model(fake: Any) -> None:
     server, core, client = fake
     ids = list(b"tok")
