@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from . import llama4
 from .config import ConfigError, ModelConfig, load_json
 from .checkpoint_errors import CheckpointError, fmt_shape, raise_problems
 from .safetensors_header import TensorInfo, _read_tensor, read_safetensors_header
+
+if TYPE_CHECKING:
+    from .variants import Variant
 
 __all__ = [
     "Checkpoint",
@@ -292,7 +295,7 @@ class HFCheckpoint(Checkpoint):
 # -- opening ---------------------------------------------------------------------------------
 
 
-def optional_variant(variant: str | None):  # -> Variant | None
+def optional_variant(variant: str | None) -> Variant | None:
     if variant is None:
         return None
     from .variants import get_variant  # lazy: the registry is optional for loading
