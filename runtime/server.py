@@ -265,7 +265,6 @@ class _StreamRequest:
     parsed: ParsedRequest
     t0: int
     builder: ResponseBuilder
-    last: GenerationOutput | None = None
     ended: bool = False
 
 
@@ -297,12 +296,16 @@ class _Stream:
         t0 = time.monotonic_ns()
         entry: list[_StreamRequest] = []
 
-        def sink(parsed: ParsedRequest) -> Any:
-            entry.append(_StreamRequest(request, parsed, t0, ResponseBuilder(parsed, request.model_name)))
-            return lambda out, state=entry[0]: self.out.put((state, out))
+        def sink(parsed: ParsedRequest) -> OutputSink:
+            state = _StreamRequest(request, parsed, t0, ResponseBuilder(parsed, request.model_name))
+            entry.append(state)
+
+            def put(out: GenerationOutput) -> None:
+                self.out.put((state, out))
+            return put
 
         try:
-            parsed, handle = self.servicer._submit(request, streaming_rpc=True, sink=sink)
+            parsed, _ = self.servicer._submit(request, streaming_rpc=True, sink=sink)
         except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
             if request.model_name in self.servicer.stats:
                 self.servicer.stats[request.model_name].record(False, time.monotonic_ns() - t0)
@@ -331,27 +334,25 @@ class _Stream:
             return []
         responses = []
         parsed, failure = st.parsed, None
+        completed = not out.finished or out.finish_reason in ("stop", "length")  # else: cancelled or failed
         try:
-            st.last = out
-            if out.finished and out.finish_reason not in ("stop", "length"):
-                pass
-            elif parsed.stream:
+            if completed and parsed.stream:
                 resp = st.builder.piece(out, out.finished and not parsed.empty_final)
                 if resp is not None:
                     responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-            else:
+            elif completed:
                 st.builder.add(out)
                 if out.finished:
                     resp = st.builder.whole()
                     resp.parameters[FINAL_PARAM].bool_param = not parsed.empty_final
                     responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-            if out.finished and parsed.empty_final and out.finish_reason in ("stop", "length"):
+            if completed and out.finished and parsed.empty_final:
                 responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
         except Exception as e:  # noqa: BLE001 - report it on the stream rather than leave the client waiting
             self.servicer.core.cancel(parsed.generation.request_id)
             failure = f"internal error: {e!r}"
         if out.finished or failure is not None:
-            ok = failure is None and out.finish_reason in ("stop", "length")
+            ok = failure is None and completed
             self.servicer._record(st.request.model_name, ok, st.t0)
             if not ok:
                 if failure is None:
