@@ -77,8 +77,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -454,12 +456,17 @@ def weight_bytes_per_step(engine: Path) -> int:
     return (engine / "model.onnx.data").stat().st_size - (cfg["vocab_size"] - 1) * cfg["hidden_size"] * 4
 
 
-def ideal_inflight_seconds(engine_dir: Path, reqs: list[Req], rows: int) -> tuple[float, float, float]:
-    """(seconds, prefill seconds, decode step ms) of a perfect in-flight schedule; see the docstring."""
-    from bench.timing import call_times
-    from runtime.engine import Engine
+def decode_call(engine: Any, ids: np.ndarray, lengths: np.ndarray, caches: list[np.ndarray]) -> Callable[[], object]:
+    """One decode step as the engine core runs it: the cache updated in place where the engine can."""
+    if engine.decode_in_place:
+        return lambda: engine.decode_in_place_step(ids, lengths, caches)
+    return lambda: engine.step(ids, lengths, caches)
 
-    engine = Engine(engine_dir)
+
+def ideal_inflight_seconds(engine: Any, reqs: list[Req], rows: int) -> tuple[float, float, float]:
+    """(seconds, prefill seconds, decode step ms) of a perfect in-flight schedule on a loaded
+    `runtime.engine.Engine`; see the docstring."""
+    from bench.timing import call_times
 
     def best_s(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
         """The ideal schedule gets every call at its fastest."""
@@ -475,10 +482,7 @@ def ideal_inflight_seconds(engine_dir: Path, reqs: list[Req], rows: int) -> tupl
     capacity = -(-int(mean_context + 1) // 64) * 64
     caches = engine.kv.empty(rows, capacity)
     ids, lengths = np.ones((rows, 1), np.int64), np.full(rows, int(mean_context), np.int32)
-    if engine.decode_in_place:
-        step = best_s(lambda: engine.decode_in_place_step(ids, lengths, caches), 9)
-    else:
-        step = best_s(lambda: engine.step(ids, lengths, caches), 9)
+    step = best_s(decode_call(engine, ids, lengths, caches), 9)
     return prefill + -(-tokens // rows) * step, prefill, step * 1e3
 
 
@@ -487,22 +491,14 @@ class SpeedProbe:
     context, the cache updated in place), the median of 5, in ms. Taken just before and just after
     each server run, it scales that run's throughput to a common machine speed (see `main`)."""
 
-    def __init__(self, engine_dir: Path, rows: int) -> None:
-        from runtime.engine import Engine
-
-        self.engine = Engine(engine_dir)
-        self.caches = self.engine.kv.empty(rows, 320)
-        self.ids, self.lengths = np.ones((rows, 1), np.int64), np.full(rows, 256, np.int32)
+    def __init__(self, engine: Any, rows: int) -> None:
+        self.step = decode_call(engine, np.ones((rows, 1), np.int64), np.full(rows, 256, np.int32),
+                                engine.kv.empty(rows, 320))
 
     def __call__(self) -> float:
         from bench.timing import call_times
 
-        e = self.engine
-        if e.decode_in_place:
-            fn = lambda: e.decode_in_place_step(self.ids, self.lengths, self.caches)  # noqa: E731
-        else:
-            fn = lambda: e.step(self.ids, self.lengths, self.caches)  # noqa: E731
-        return float(np.median(call_times(fn, 5))) * 1e3
+        return float(np.median(call_times(self.step, 5))) * 1e3
 
 
 def combine_inflight(runs: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -548,8 +544,11 @@ def main() -> int:
     rows: dict[str, dict[str, float]] = {}
     # The bound's step costs, measured before and again after the server runs: the machine's speed
     # drifts on a shared VM, and the two show by how much during the runs.
-    ideals = [ideal_inflight_seconds(engine, reqs, args.max_num_seqs)]
-    probe = SpeedProbe(engine, args.max_num_seqs)
+    from runtime.engine import Engine
+
+    timed = Engine(engine)  # loaded once, for the bound's step costs and the speed probe
+    ideals = [ideal_inflight_seconds(timed, reqs, args.max_num_seqs)]
+    probe = SpeedProbe(timed, args.max_num_seqs)
     # In-flight runs before and after the static ones (A-B-B'-A), so a drift in the machine's speed
     # over the runs weighs on both sides of the ratio alike; each in-flight run is printed.
     for name, policy, condense in ((INFLIGHT[0], "inflight", None), (STATIC, "static", None),
@@ -582,7 +581,7 @@ def main() -> int:
             why, oga = f"failed: {type(e).__name__}: {e}", None
     bw = copy_bandwidth()
     wbytes = weight_bytes_per_step(engine)
-    ideals.append(ideal_inflight_seconds(engine, reqs, args.max_num_seqs))
+    ideals.append(ideal_inflight_seconds(timed, reqs, args.max_num_seqs))
 
     print(f"\n{'':<44}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'span s':>8}"
           f"{'probe':>8}")
