@@ -278,7 +278,7 @@ class _Stream:
         self.context = context
         self.out: "queue.Queue[Any]" = queue.Queue()  # responses, (_StreamRequest, output), _READER_DONE
         self.lock = threading.Lock()
-        self.active: dict[str, _StreamRequest] = {}
+        self.active: set[str] = set()  # ids of started requests not yet ended, for cancel_all
         self.started = 0  # requests admitted; with `ended`, tells the generator when all are done
         self.ended = 0
         self.closed = False
@@ -316,7 +316,7 @@ class _Stream:
         with self.lock:
             self.started += 1
             if not entry[0].ended:  # its last output may already have been sent
-                self.active[rid] = entry[0]
+                self.active.add(rid)
             closed = self.closed
         if closed:
             self.servicer.core.cancel(rid)
@@ -361,7 +361,7 @@ class _Stream:
             with self.lock:
                 st.ended = True
                 self.ended += 1
-                self.active.pop(parsed.generation.request_id, None)
+                self.active.discard(parsed.generation.request_id)
         return responses
 
     def cancel_all(self) -> None:
