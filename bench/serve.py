@@ -45,16 +45,20 @@ bytes read per decode step (model.onnx.data minus the embedding rows not gathere
 over the copy bandwidth measured in the same run (numpy copy of 1 GiB, a thread per core, best
 of 5, bytes read + written).
 
-Bound on in-flight / static: what a perfect in-flight schedule would take for this workload on
-this machine, from step costs measured in the same run (in-process, no gRPC): every prompt
-prefilled once (a line fitted to prefill calls of 64/128/256 tokens, logits at the last token),
-and every generated token decoded in full batches of --max-num-seqs rows (a decode step with the
-cache updated in place, each row at the workload's token-weighted mean context), each the fastest
-of several runs. The step costs are measured before the server runs and again after them: this
-VM's speed drifts, and the two show by how much.
-Measured static time over that ideal time is the most any in-flight scheduler could reach here;
-an optimistic bound, since it ignores the run's tail (once the last requests are all that is
-left, no schedule can fill a batch).
+Bound and model of in-flight / static (bench/schedule_model.py), from step costs measured in the
+same run (in process, no gRPC, each the fastest of 5 calls) before the server runs and again after
+them (this VM's speed drifts, and the two show by how much): prefill calls as a line fitted to
+calls of 64/128/256 tokens (logits at the last token), and a decode step (cache updated in place)
+of every row count up to --max-num-seqs, with every row at the workload's token-weighted mean
+context, and with every row finished (past length 0: a static batch's dead rows).
+  bound: every prompt prefilled once and every token decoded in full batches. Measured static
+    time over it is the most any in-flight scheduler could reach here; optimistic, since it
+    ignores the run's start and tail, where no schedule can fill a batch.
+  model: our own Scheduler replays the workload on a virtual clock that advances by the modelled
+    cost of the engine calls the engine core makes for each step: what first-come-first-served
+    in-flight (and static) batching reach if the host work between calls and serving cost
+    nothing. Its static time is checked against the measured one; its in-flight / static ratio is
+    the most an FCFS in-flight scheduler gets on this workload and machine.
 
 Targets: in-flight >= 2x static throughput, by both the measured and the drift-scaled ratio, at no
 worse p99 TTFT; single-stream decode >= 1.0x onnxruntime-genai at the same precision.
@@ -77,7 +81,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -456,42 +459,14 @@ def weight_bytes_per_step(engine: Path) -> int:
     return (engine / "model.onnx.data").stat().st_size - (cfg["vocab_size"] - 1) * cfg["hidden_size"] * 4
 
 
-def decode_call(engine: Any, ids: np.ndarray, lengths: np.ndarray, caches: list[np.ndarray]) -> Callable[[], object]:
-    """One decode step as the engine core runs it: the cache updated in place where the engine can."""
-    if engine.decode_in_place:
-        return lambda: engine.decode_in_place_step(ids, lengths, caches)
-    return lambda: engine.step(ids, lengths, caches)
-
-
-def ideal_inflight_seconds(engine: Any, reqs: list[Req], rows: int) -> tuple[float, float, float]:
-    """(seconds, prefill seconds, decode step ms) of a perfect in-flight schedule on a loaded
-    `runtime.engine.Engine`; see the docstring."""
-    from bench.timing import call_times
-
-    def best_s(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-        """The ideal schedule gets every call at its fastest."""
-        return min(call_times(fn, repeat))
-
-    widths = (64, 128, 256)
-    costs = [best_s(lambda w=w: engine.step(np.ones((1, w), np.int64), np.zeros(1, np.int32),
-                                             engine.kv.empty(1, w), np.array([[w - 1]])), 5) for w in widths]
-    slope, intercept = np.polyfit(widths, costs, 1)
-    prefill = sum(intercept + slope * len(r.ids) for r in reqs)
-    tokens = sum(r.max_tokens for r in reqs)
-    mean_context = sum(len(r.ids) * r.max_tokens + r.max_tokens * (r.max_tokens - 1) / 2 for r in reqs) / tokens
-    capacity = -(-int(mean_context + 1) // 64) * 64
-    caches = engine.kv.empty(rows, capacity)
-    ids, lengths = np.ones((rows, 1), np.int64), np.full(rows, int(mean_context), np.int32)
-    step = best_s(decode_call(engine, ids, lengths, caches), 9)
-    return prefill + -(-tokens // rows) * step, prefill, step * 1e3
-
-
 class SpeedProbe:
     """How fast the machine is right now: one fixed decode step (`rows` rows at 256 tokens of
     context, the cache updated in place), the median of 5, in ms. Taken just before and just after
     each server run, it scales that run's throughput to a common machine speed (see `main`)."""
 
     def __init__(self, engine: Any, rows: int) -> None:
+        from bench.schedule_model import decode_call
+
         self.step = decode_call(engine, np.ones((rows, 1), np.int64), np.full(rows, 256, np.int32),
                                 engine.kv.empty(rows, 320))
 
@@ -542,12 +517,13 @@ def main() -> int:
           f"prompt {min(lens)}-{max(lens)} tokens (mean {np.mean(lens):.0f}), max_tokens {min(outs)}-{max(outs)} ({args.outputs}, "
           f"mean {np.mean(outs):.0f}), greedy, max {args.max_num_seqs} sequences per batch; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     rows: dict[str, dict[str, float]] = {}
-    # The bound's step costs, measured before and again after the server runs: the machine's speed
-    # drifts on a shared VM, and the two show by how much during the runs.
+    # The cost model's step costs, measured before and again after the server runs: the machine's
+    # speed drifts on a shared VM, and the two show by how much during the runs.
+    from bench.schedule_model import measure_step_costs, perfect_seconds, replay_seconds
     from runtime.engine import Engine
 
-    timed = Engine(engine)  # loaded once, for the bound's step costs and the speed probe
-    ideals = [ideal_inflight_seconds(timed, reqs, args.max_num_seqs)]
+    timed = Engine(engine)  # loaded once, for the step costs and the speed probe
+    step_costs = [measure_step_costs(timed, reqs, args.max_num_seqs)]
     probe = SpeedProbe(timed, args.max_num_seqs)
     # In-flight runs before and after the static ones (A-B-B'-A), so a drift in the machine's speed
     # over the runs weighs on both sides of the ratio alike; each in-flight run is printed.
@@ -581,7 +557,7 @@ def main() -> int:
             why, oga = f"failed: {type(e).__name__}: {e}", None
     bw = copy_bandwidth()
     wbytes = weight_bytes_per_step(engine)
-    ideals.append(ideal_inflight_seconds(timed, reqs, args.max_num_seqs))
+    step_costs.append(measure_step_costs(timed, reqs, args.max_num_seqs))
 
     print(f"\n{'':<44}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tokens':>8}{'span s':>8}"
           f"{'probe':>8}")
@@ -619,14 +595,23 @@ def main() -> int:
     dropped = rows[STATIC_DROPPED]
     print(f"in-flight / static with finished rows dropped: {inflight['tok_s'] / dropped['tok_s']:.2f}x throughput, "
           f"p99 TTFT {inflight['ttft99'] / dropped['ttft99']:.2f}x")
-    (before, _, before_ms), (after, _, after_ms) = ideals
+    n = args.max_num_seqs
+    before, after = (perfect_seconds(c, reqs, n) for c in step_costs)
     bounds = sorted((static["span"] / before, static["span"] / after))
     print(f"bound: a perfect in-flight schedule (every prompt prefilled once, every token decoded in full batches of "
-          f"{args.max_num_seqs} rows) would take {before:.1f}s by step costs measured before the server runs (decode "
-          f"step {before_ms:.1f} ms), {after:.1f}s by those measured after ({after_ms:.1f} ms); static took "
-          f"{static['span']:.1f}s, so no in-flight scheduler can beat static by more than {bounds[0]:.2f}-{bounds[1]:.2f}x "
-          f"on this machine and workload (ours took {inflight['span'] / max(before, after):.2f}-"
-          f"{inflight['span'] / min(before, after):.2f}x the ideal time)")
+          f"{n} rows) would take {before:.1f}s by step costs measured before the server runs (decode step "
+          f"{step_costs[0].decode(n, n) * 1e3:.1f} ms), {after:.1f}s by those measured after "
+          f"({step_costs[1].decode(n, n) * 1e3:.1f} ms); static took {static['span']:.1f}s, so no in-flight scheduler can "
+          f"beat static by more than {bounds[0]:.2f}-{bounds[1]:.2f}x on this machine and workload (ours took "
+          f"{inflight['span'] / max(before, after):.2f}-{inflight['span'] / min(before, after):.2f}x the ideal time)")
+    (inflight0, static0), (inflight1, static1) = ((replay_seconds(c, reqs, n, "inflight"), replay_seconds(c, reqs, n, "static"))
+                                                  for c in step_costs)
+    print(f"model: our scheduler replayed on a virtual clock, each step costing the engine calls it makes by the step "
+          f"costs measured before / after the server runs (no host work between calls, no gRPC): in-flight "
+          f"{inflight0:.1f} / {inflight1:.1f}s (measured {first['span']:.1f} and {second['span']:.1f}s), static "
+          f"{static0:.1f} / {static1:.1f}s (measured {static['span']:.1f}s). First come first served and with nothing "
+          f"spent on serving, in-flight would be {static0 / inflight0:.2f} / {static1 / inflight1:.2f}x static here; host "
+          f"work, the serving stack and the machine's drift take that to the measured {ratio:.2f}x")
     if local:
         spans = " / ".join(f"{m['span']:.1f}" for m in local.values())
         print(f"in process, no gRPC (spans in-flight / static / in-flight {spans} s): in-flight / static throughput "
