@@ -29,7 +29,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.timing import call_times  # noqa: E402
 from export.checkpoint import hf_tensor_shapes  # noqa: E402
 from export.config import ModelConfig  # noqa: E402
 from export.exporter import bind_weights, trace  # noqa: E402
@@ -100,14 +100,9 @@ def feeds(config: ModelConfig, tokens: int, past: int) -> dict[str, np.ndarray]:
 
 
 def median_ms(session: ort.InferenceSession, f: dict[str, np.ndarray], repeat: int) -> float:
-    for _ in range(3):
-        session.run(["logits"], f)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(["logits"], f)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    session.run(["logits"], f)  # call_times warms up once more
+    session.run(["logits"], f)
+    return 1e3 * statistics.median(call_times(lambda: session.run(["logits"], f), repeat))
 
 
 def quality(prompts: int = 8, length: int = 64) -> None:

@@ -195,6 +195,11 @@ class Trace:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def warmup(reqs: list[Req]) -> Req:
+    """A short request sent before a run's clock starts: the first ONNX Runtime runs allocate."""
+    return Req(-1, 0.0, reqs[0].text, reqs[0].ids, 8)
+
+
 def summarize(traces: list[Trace]) -> dict[str, float]:
     ttft = [t.times[0] - t.sent for t in traces if t.times]
     itl: list[float] = []
@@ -279,7 +284,7 @@ def run_server(engine: Path, reqs: list[Req], policy: str, seqs: int, log: Path,
             client.async_stream_infer("ensemble", inputs, request_id=rid, outputs=outputs)
 
         client.start_stream(callback=on_response)
-        send("warmup", Req(-1, 0.0, reqs[0].text, reqs[0].ids, 8))  # first ORT runs allocate: not measured
+        send("warmup", warmup(reqs))
         while not errors and not traces["warmup"].done.wait(0.1):
             pass
         traces.clear()
@@ -382,7 +387,7 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
 
     core.start()
     try:
-        list(core.submit(request("warmup", Req(-1, 0.0, reqs[0].text, reqs[0].ids, 8))))  # as the server run's
+        list(core.submit(request("warmup", warmup(reqs))))
         traces, threads = [], []
         start = time.perf_counter()
         for r in reqs:
