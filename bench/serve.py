@@ -51,9 +51,9 @@ them (this VM's speed drifts, and the two show by how much): prefill calls as a 
 calls of 64/128/256 tokens (logits at the last token), and a decode step (cache updated in place)
 of every row count up to --max-num-seqs, with every row at the workload's token-weighted mean
 context, and with every row finished (past length 0: a static batch's dead rows).
-  bound: every prompt prefilled once and every token decoded in full batches. Measured static
-    time over it is the most any in-flight scheduler could reach here; optimistic, since it
-    ignores the run's start and tail, where no schedule can fill a batch.
+  bound: every prompt prefilled once and every later token decoded in full batches. The
+    measured static time over it is the most any in-flight scheduler could reach here;
+    optimistic, since it ignores the run's start and tail, where no schedule can fill a batch.
   model: our own Scheduler replays the workload on a virtual clock that advances by the modelled
     cost of the engine calls the engine core makes for each step: what first-come-first-served
     in-flight (and static) batching reach if the host work between calls and serving cost
@@ -603,7 +603,7 @@ def main() -> int:
     n = args.max_num_seqs
     before, after = (perfect_seconds(c, reqs, n) for c in step_costs)
     bounds = sorted((static["span"] / before, static["span"] / after))
-    print(f"bound: a perfect in-flight schedule (every prompt prefilled once, every token decoded in full batches of "
+    print(f"bound: a perfect in-flight schedule (every prompt prefilled once, every later token decoded in full batches of "
           f"{n} rows) would take {before:.1f}s by step costs measured before the server runs (decode step "
           f"{step_costs[0].decode(n, n) * 1e3:.1f} ms), {after:.1f}s by those measured after "
           f"({step_costs[1].decode(n, n) * 1e3:.1f} ms); static took {static['span']:.1f}s, so no in-flight scheduler can "
