@@ -368,7 +368,7 @@ class EngineCore:
             return
         req = live.request
         banned = self._banned(live)
-        token, log_prob = sample(logits, req.sampling, live.rng, np.array(seq.tokens, np.int64), banned,
+        token, log_prob = sample(logits, req.sampling, live.rng, seq.tokens, banned,
                                  want_log_prob=req.return_log_probs)
         now = time.perf_counter()
         if self.observer:

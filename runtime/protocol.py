@@ -28,7 +28,7 @@ stream error message, naming the field.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -422,7 +422,8 @@ class ResponseBuilder:
         self.last = out
         if not out.text and not out.token_ids and not final:
             return None
-        resp = self._encode(output_tensors(out.text, list(out.token_ids), list(out.log_probs), out))
+        tensors = output_tensors(out.text, list(out.token_ids), list(out.log_probs), out, self.parsed.outputs)
+        resp = self._encode(tensors)
         if final is not None:
             resp.parameters[FINAL_PARAM].bool_param = final
         return resp
@@ -442,15 +443,17 @@ class ResponseBuilder:
         return resp
 
 
-def output_tensors(text: str, ids: list[int], log_probs: list[float],
-                   out: GenerationOutput) -> dict[str, tuple[str, np.ndarray]]:
-    """Every output tensor of the text and token models for one response: name -> (datatype, array)."""
-    return {
-        "text_output": ("BYTES", np.array([text.encode("utf-8")], dtype=np.object_)),
-        "output_ids": ("INT32", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
-        "sequence_length": ("INT32", np.array([[len(ids)]], dtype=np.int32)),
-        "cum_log_probs": ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
-        "output_log_probs": ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
-        "num_input_tokens": ("INT32", np.array([out.num_input_tokens], dtype=np.int32)),
-        "num_output_tokens": ("INT32", np.array([out.num_output_tokens], dtype=np.int32)),
+def output_tensors(text: str, ids: list[int], log_probs: list[float], out: GenerationOutput,
+                   names: Iterable[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """Output tensors for one response: name -> (datatype, array); those in `names`, or every
+    output of the text and token models. A stream response builds only what its request asked for."""
+    make: dict[str, Callable[[], tuple[str, np.ndarray]]] = {
+        "text_output": lambda: ("BYTES", np.array([text.encode("utf-8")], dtype=np.object_)),
+        "output_ids": lambda: ("INT32", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
+        "sequence_length": lambda: ("INT32", np.array([[len(ids)]], dtype=np.int32)),
+        "cum_log_probs": lambda: ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
+        "output_log_probs": lambda: ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
+        "num_input_tokens": lambda: ("INT32", np.array([out.num_input_tokens], dtype=np.int32)),
+        "num_output_tokens": lambda: ("INT32", np.array([out.num_output_tokens], dtype=np.int32)),
     }
+    return {name: make[name]() for name in (make if names is None else names)}

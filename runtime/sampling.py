@@ -6,6 +6,7 @@ in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,16 +47,25 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           seen: np.ndarray | None = None, banned: list[int] | None = None,
+           seen: np.ndarray | Sequence[int] | None = None, banned: list[int] | None = None,
            want_log_prob: bool = True) -> tuple[int, float]:
     """Pick the next token from one row of logits [V]; returns (token, its log probability under
     the distribution it was drawn from: after penalties and bans, and temperature if sampling).
     Unless `want_log_prob` the log prob is 0.0, what TensorRT-LLM's Triton models report when
     return_log_probs is false, and greedy picks skip the log-sum-exp over the vocabulary (half a
-    millisecond at vocab 32000, as long as the rest of a token's host work)."""
+    millisecond at vocab 32000, as long as the rest of a token's host work).
+
+    `seen` (the tokens so far, for the repetition penalty) is read only when the penalty is not 1."""
+    if params.greedy and not want_log_prob and params.repetition_penalty == 1.0:
+        # The pick alone: the argmax of the row as it comes is the float64 row's (widening is exact),
+        # so the float64 copy of the vocabulary row is skipped (about 70 of 90 us at vocab 32000).
+        if banned:
+            logits = logits.copy()
+            logits[banned] = -np.inf
+        return int(np.argmax(logits)), 0.0
     logits = logits.astype(np.float64)
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, np.asarray(seen, np.int64), params.repetition_penalty)
     if banned:
         logits[banned] = -np.inf
     if params.greedy:

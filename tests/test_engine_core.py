@@ -251,6 +251,29 @@ def test_fresh_prompts_share_a_prefill_call_only_when_padding_is_small() -> None
     assert len(padding_groups([chunk(i, 50) for i in range(4)], max_padding=0)) == 1  # equal widths: one call
 
 
+def test_greedy_pick_without_log_prob_is_the_float64_pick() -> None:
+    """The greedy fast path (no log prob, no penalty) argmaxes the row as it comes; the float64 path
+    must pick the same token, ties (first wins) and banned tokens included, and neither may change
+    the caller's row."""
+    rng = np.random.default_rng(3)
+    greedy = SamplingParams(temperature=0.0)
+    for trial in range(200):
+        logits = rng.standard_normal(500).astype(np.float32)
+        top = int(np.argmax(logits))
+        if trial % 3 == 0:  # a tie for the top value, before or after the first
+            logits[(top + 7) % 500] = logits[top]
+        banned = [top] if trial % 4 == 0 else [int(rng.integers(500))] if trial % 4 == 1 else []
+        row = logits.copy()
+        fast, _ = sample(logits, greedy, np.random.default_rng(0), [1, 2, 3], banned, want_log_prob=False)
+        slow, _ = sample(logits, greedy, np.random.default_rng(0), [1, 2, 3], banned, want_log_prob=True)
+        assert fast == slow and fast not in banned
+        np.testing.assert_array_equal(logits, row)
+    # With a repetition penalty the pick takes the penalised float64 path and reads `seen`.
+    logits = np.array([1.0, 3.0, 2.9], np.float32)
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.2)
+    assert sample(logits, penalised, np.random.default_rng(0), [1], want_log_prob=False)[0] == 2
+
+
 def test_greedy_log_prob_only_when_asked() -> None:
     logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     greedy = SamplingParams(temperature=0.0)
