@@ -118,7 +118,7 @@ def replay_seconds(costs: StepCosts, reqs: Sequence[Any], max_num_seqs: int, pol
             continue
         out = scheduler.schedule()
         if out.preempted:
-            raise RuntimeError("the modelled run preempted: its KV budget is smaller than the server runs'")
+            raise RuntimeError("the modelled run preempted a sequence, whose recompute this model does not cost")
         if scheduler.static_batches != batch:  # a static batch's rows stay in its decode calls
             batch, batch_rows = scheduler.static_batches, set()
         if out.decode:
