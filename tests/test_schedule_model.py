@@ -3,26 +3,17 @@ replays our real scheduler on a virtual clock. Expected times are worked out by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from bench.schedule_model import StepCosts, perfect_seconds, replay_seconds
-
-
-@dataclass
-class Req:  # the fields of bench/serve.py's Req that the model reads
-    idx: int
-    arrival: float
-    ids: list[int]
-    max_tokens: int
+from bench.serve import Req
 
 
 # Prefill is free; a decode call costs 1 s a live row; a finished row of a 2-row call costs 0.5 s
 # less than a live one (it skips attention).
 COSTS = StepCosts(prefill_fixed_s=0.0, prefill_per_token_s=0.0, decode_live_s=(1.0, 2.0), decode_dead_s=(1.0, 1.5))
 # Three requests at t=0 with 4-token prompts; two sequences at a time.
-REQS = [Req(0, 0.0, [1, 2, 3, 4], 3), Req(1, 0.0, [1, 2, 3, 4], 2), Req(2, 0.0, [1, 2, 3, 4], 2)]
+REQS = [Req(0, 0.0, "", [1, 2, 3, 4], 3), Req(1, 0.0, "", [1, 2, 3, 4], 2), Req(2, 0.0, "", [1, 2, 3, 4], 2)]
 
 
 def test_static_keeps_a_finished_row_and_the_next_batch_waits() -> None:
@@ -44,6 +35,6 @@ def test_perfect_schedule_decodes_all_but_the_first_tokens_in_full_batches() -> 
 
 
 def test_waits_for_arrivals_and_counts_from_the_first() -> None:
-    late = [Req(0, 1.0, [1, 2], 2), Req(1, 10.0, [1, 2], 2)]
+    late = [Req(0, 1.0, "", [1, 2], 2), Req(1, 10.0, "", [1, 2], 2)]
     # 0 arrives at 1 s: prefill, then one decode (1 s) -> 2 s; 1 arrives at 10 s -> last token at 11 s.
     assert replay_seconds(COSTS, late, 2, "inflight") == pytest.approx(10.0)
