@@ -40,7 +40,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-moe bench-moe-quant clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-moe bench-moe-quant lint clean help
 
 ## make help: this list
 help:
@@ -109,9 +109,9 @@ compare-trt: $(VENV)/.installed
 	@$(PY) -c "import sys, tensorrt; sys.exit(0 if hasattr(tensorrt, 'Builder') else 1)" 2>/dev/null || \
 		{ echo "compare-trt needs NVIDIA TensorRT (tensorrt.Builder): pip install '.[tensorrt]' on a machine with a GPU" >&2; exit 2; }
 	LLAMAFORGE_ENGINE=$(ORT_ENGINE) $(BIN)/polygraphy run $(ORT_ENGINE)/model.onnx --onnxrt \
-		--data-loader-script llamaforge/compare_data.py --save-outputs $(ENGINE).ort-outputs.json
+		--data-loader-script llamaforge/build/compare_data.py --save-outputs $(ENGINE).ort-outputs.json
 	LLAMAFORGE_ENGINE=$(ENGINE) $(BIN)/polygraphy run $(ENGINE)/engine.plan --model-type engine --trt \
-		--data-loader-script llamaforge/compare_data.py --load-outputs $(ENGINE).ort-outputs.json $(COMPARE_TOL)
+		--data-loader-script llamaforge/build/compare_data.py --load-outputs $(ENGINE).ort-outputs.json $(COMPARE_TOL)
 
 ## make variants: the registry with parameter counts
 variants: $(VENV)/.installed
@@ -121,8 +121,19 @@ variants: $(VENV)/.installed
 passes: $(VENV)/.installed
 	$(BIN)/llamaforge passes
 
-## make test: the default suite (CPU, ~minutes)
-test: $(VENV)/.installed
+# mypy cannot follow setuptools' editable import hook, so it reads the package through a tree of
+# links laid out as the install maps it (tests/helpers/typecheck.py).
+TYPECHECK_TREE := $(VENV)/typecheck
+STAGE_DIRS     := export graphs plugins runtime triton_repo
+
+## make lint: ruff over the sources, tests and benches; mypy over the whole llamaforge package
+lint: $(VENV)/.installed
+	$(BIN)/ruff check llamaforge $(STAGE_DIRS) tests bench
+	$(PY) tests/helpers/typecheck.py $(TYPECHECK_TREE) >/dev/null
+	cd $(TYPECHECK_TREE) && MYPYPATH=stubs "$(CURDIR)/$(PY)" -m mypy --config-file "$(CURDIR)/pyproject.toml" -p llamaforge
+
+## make test: lint, then the default suite (CPU, ~minutes)
+test: lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 ## make bench-export: export a random llama3.2-3b-shaped checkpoint, report wall time and peak RSS

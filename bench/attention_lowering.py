@@ -9,9 +9,7 @@ contract allows and the in-flight batcher needs; this script reports that case a
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,10 +17,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from graphs.passes.lower_attention import LowerAttentionForORT  # noqa: E402
-from plugins.attention import reference  # noqa: E402
-from plugins.attention.schema import AttentionAttrs, single_op_model  # noqa: E402
+from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
+from llamaforge.plugins.attention import reference
+from llamaforge.plugins.attention.schema import AttentionAttrs, single_op_model
 
 T = onnx.TensorProto
 
@@ -84,10 +81,10 @@ def main() -> None:
         gfeeds = {**{k: feeds[k] for k in ("query", "key", "value", "past_key", "past_value")},
                   "seqlens_k": (feeds["past_lengths"] + seq - 1).astype(np.int32), "total": np.array(max(past) + seq, np.int32)}
         repeat = 20 if seq == 1 else 3
-        t_dec = timeit(lambda: dec.run(None, feeds), repeat)
+        t_dec = timeit(lambda feeds=feeds: dec.run(None, feeds), repeat)
         err_dec = np.abs(dec.run(None, feeds)[0] - want).max()
         try:
-            t_gqa = timeit(lambda: gq.run(None, gfeeds), repeat)
+            t_gqa = timeit(lambda gfeeds=gfeeds: gq.run(None, gfeeds), repeat)
             err_gqa = np.abs(gq.run(None, gfeeds)[0] - want).max()
             print(f"{name:<34}{t_dec * 1e3:>15.3f}{t_gqa * 1e3:>10.3f}{t_gqa / t_dec:>9.2f}  {err_dec:.1e} / {err_gqa:.1e}")
         except Exception as e:  # noqa: BLE001 - reported, not hidden

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llamaforge.export.checkpoint import hf_tensor_shapes
+from llamaforge.export.variants import get_variant
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from export.checkpoint import hf_tensor_shapes  # noqa: E402
-from export.variants import get_variant  # noqa: E402
 
 SHARD_BYTES = 1 << 30
 
@@ -67,7 +67,7 @@ def write_checkpoint(dest: Path, variant: str) -> int:
     (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16", **config.to_hf()}
     (dest / "config.json").write_text(json.dumps(hf, indent=2))
-    from llamaforge.demo import train_tokenizer
+    from llamaforge.export.demo.tiny import train_tokenizer
 
     train_tokenizer(vocab_size=1024, files=5).save(str(dest / "tokenizer.json"))
     return total

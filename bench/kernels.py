@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plugins.attention.schema import AttentionAttrs  # noqa: E402
+from llamaforge.plugins.attention.schema import AttentionAttrs
 
 # Peak HBM bandwidth by device name, GB/s, when the driver does not report the memory clock.
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -111,8 +109,8 @@ def prefill(tk, attrs: AttentionAttrs, batch: int, seq: int) -> None:  # type: i
             continue
         for fused in (False, True):
             try:
-                ms = bench_ms(lambda: tk.prefill_attention(query, key, value, past_k, past_v, past, attrs,
-                                                           config=config, fused=fused))
+                ms = bench_ms(lambda config=config, fused=fused: tk.prefill_attention(
+                    query, key, value, past_k, past_v, past, attrs, config=config, fused=fused))
             except Exception as exc:  # a tile config the device cannot run (shared memory)
                 print(f"  tactic {tactic} {'fused' if fused else 'two-phase'}: {type(exc).__name__}: {exc}"[:120])
                 continue
@@ -139,7 +137,7 @@ def main() -> int:
     except ImportError:
         print("bench-kernels needs OpenAI Triton (the 'test' extra): nothing measured.")
         return 0
-    from plugins.attention import triton_kernels as tk
+    from llamaforge.plugins.attention import triton_kernels as tk
 
     if tk.interpreting():
         print("TRITON_INTERPRET is set: unset it to benchmark the compiled kernels.")

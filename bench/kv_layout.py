@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import call_times
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from runtime.engine_core import CoreConfig, EngineCore  # noqa: E402
-from runtime.kv_cache import KVCacheManager  # noqa: E402
-from bench.timing import call_times  # noqa: E402
-from runtime.requests import GenerationRequest  # noqa: E402
-from runtime.sampling import SamplingParams  # noqa: E402
+from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+from llamaforge.runtime.core.kv_cache import KVCacheManager
+from llamaforge.runtime.core.requests import GenerationRequest
+from llamaforge.runtime.core.sampling import SamplingParams
 
 
 def capacity_table(budget: int, context: int, block: int, rng: np.random.Generator) -> None:
@@ -69,7 +68,7 @@ def cost(engine_dir: str, rng: np.random.Generator) -> None:
 
 
 def in_place(engine_dir: str, rows: int = 16, repeat: int = 7) -> None:
-    from runtime.engine import Engine
+    from llamaforge.runtime.core.engine import Engine
 
     engine = Engine(engine_dir)
     if not engine.decode_in_place:

@@ -16,7 +16,7 @@ formulations' logits (same weights).
   python bench/moe.py [--experts 16 32 64 128] [--repeat 20] [--rounds 3] [--threads 1]
 
 --quality (make bench-moe-quant) instead reports quantized experts' quality: the tiny random-weight
-Scout-like checkpoint of tests/test_moe_quant.py built fp32, int8-wo and fp8 (experts quantized, router
+Scout-like checkpoint of tests/graphs/test_moe_quant.py built fp32, int8-wo and fp8 (experts quantized, router
 fp32, calibrated on the default held-out text), and for each, against the fp32 engine (the peer) on
 the same prompts: KL(fp32 || quantized) of the next-token distributions (float64 softmax of the logits,
 mean over positions), top-1 agreement, max |logit diff| and weight bytes. Random weights: the numbers
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -36,16 +35,16 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from timing import call_times
 from tqdm import tqdm
 
+from llamaforge.export.checkpoint import hf_tensor_shapes
+from llamaforge.export.config import ModelConfig
+from llamaforge.export.exporter import bind_weights, trace
+from llamaforge.graphs.passes.lower_moe import LowerMoEForORT
+from llamaforge.graphs.pipeline import PASSES, PIPELINES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.timing import call_times  # noqa: E402
-from export.checkpoint import hf_tensor_shapes  # noqa: E402
-from export.config import ModelConfig  # noqa: E402
-from export.exporter import bind_weights, trace  # noqa: E402
-from graphs.passes.lower_moe import LowerMoEForORT  # noqa: E402
-from graphs.pipeline import PASSES, PIPELINES  # noqa: E402
 
 PROMPT, PREFILL, CAPACITY = 32, 64, 128
 
@@ -106,9 +105,10 @@ def median_ms(session: ort.InferenceSession, f: dict[str, np.ndarray], repeat: i
 
 
 def quality(prompts: int = 8, length: int = 64) -> None:
-    from llamaforge.build import BuildOptions, build_engine
-    from runtime.engine import Engine
-    from tests.fixtures import make_llama4_checkpoint, tiny_llama4_config
+    from fixtures import make_llama4_checkpoint, tiny_llama4_config
+
+    from llamaforge.build.builder import BuildOptions, build_engine
+    from llamaforge.runtime.core.engine import Engine
 
     ids = torch.randint(3, 640, (prompts, length), generator=torch.Generator().manual_seed(0)).numpy()
     logits, sizes = {}, {}

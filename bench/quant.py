@@ -5,7 +5,7 @@ fp16, fp8, int8-sq, int8-wo, fp32 weights with an fp8 KV cache, fp8 with an fp8 
 measures, through the built engine:
 
   ppl        held-out perplexity: the first 48 windows of 256 tokens of the held-out split
-             (llamaforge/train_demo.py; calibration uses the end of that split, not these windows)
+             (export/demo/train.py; calibration uses the end of that split, not these windows)
   top1       fraction of positions whose argmax equals fp32's
   weights    bytes on disk (model.onnx + model.onnx.data)
   decode     tokens/s, batch 1, greedy, 64 steps after a 32-token prompt, KV cache of 128; every
@@ -13,7 +13,7 @@ measures, through the built engine:
 
 and prints ratios against fp32 and PASS/FAIL against the targets (perplexity vs fp32: fp8 <= +1.5%,
 int8-wo <= +0.5%, int8-sq <= +3%). Each engine runs with the ONNX Runtime session settings its
-manifest names (see graphs/quantization.py `ort_session_config`); two extra lines show what ORT's
+manifest names (see graphs/quantization/recipes.py `ort_session_config`); two extra lines show what ORT's
 defaults would have done to the int8 engines (approximate MatMulNBits, saturating u8s8 kernel).
 
 Without checkpoints/stdlib-5m it says so and measures the random-weight demo-tiny checkpoint
@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / "bench" / ".work" / "quant"
 TRAINED = ROOT / "checkpoints" / "stdlib-5m"
@@ -58,7 +57,7 @@ def checkpoint() -> tuple[Path, bool]:
         return TRAINED, True
     print(f"NOTE: {TRAINED} not found (train it with `make demo-model`). Falling back to the random-weight "
           "demo-tiny checkpoint: the numbers below show the mechanics only; quality on random weights means nothing.")
-    from llamaforge.demo import make_demo_checkpoint
+    from llamaforge.export.demo.tiny import make_demo_checkpoint
 
     demo = ROOT / "checkpoints" / "demo-tiny"
     if not (demo / "config.json").is_file():
@@ -67,7 +66,7 @@ def checkpoint() -> tuple[Path, bool]:
 
 
 def eval_windows(ckpt: Path, trained: bool) -> np.ndarray:
-    from llamaforge.train_demo import heldout_windows
+    from llamaforge.export.demo.train import heldout_windows
 
     windows = heldout_windows(ckpt / "tokenizer.json")
     return windows if trained else windows[:8]
@@ -119,8 +118,8 @@ def weight_bytes(engine_dir: Path) -> int:
 
 def main() -> int:
     os.environ.setdefault("LLAMAFORGE_QUIET", "1")
-    from llamaforge.build import BuildOptions, build_engine
-    from runtime.engine import Engine
+    from llamaforge.build.builder import BuildOptions, build_engine
+    from llamaforge.runtime.core.engine import Engine
 
     ckpt, trained = checkpoint()
     windows = eval_windows(ckpt, trained)

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from bench.timing import call_times
+from timing import call_times
 
 
 def decode_call(engine: Any, ids: np.ndarray, lengths: np.ndarray, caches: list[np.ndarray]) -> Callable[[], object]:
@@ -87,11 +86,11 @@ def replay_seconds(costs: StepCosts, reqs: Sequence[Any], max_num_seqs: int, pol
     workload (`policy` "inflight", or "static" with finished rows kept until the batch drains) and
     each step takes the modelled time of the engine calls `runtime.engine_core` makes for it:
     one decode call, prefill calls grouped as its `padding_groups` groups them."""
-    from runtime.engine import KVSpec
-    from runtime.engine_core import padding_groups
-    from runtime.kv_cache import KVCacheManager
-    from runtime.scheduler import Scheduler, SchedulerConfig
-    from runtime.scheduler import Sequence as Seq
+    from llamaforge.runtime.core.engine import KVSpec
+    from llamaforge.runtime.core.engine_core import padding_groups
+    from llamaforge.runtime.core.kv_cache import KVCacheManager
+    from llamaforge.runtime.core.scheduler import Scheduler, SchedulerConfig
+    from llamaforge.runtime.core.scheduler import Sequence as Seq
 
     # Blocks are only counted here: a one-float-per-token spec keeps the pools tiny.
     kv = KVCacheManager(KVSpec(1, 1, 1, np.dtype(np.float32), 1 << 20), max_num_seqs * 1024)  # as the server runs'

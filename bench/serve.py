@@ -88,7 +88,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VOCAB = 32000
 GENAI = "onnxruntime-genai og.Engine"
@@ -107,9 +106,9 @@ def make_checkpoint(dest: Path, shape: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from export.config import ModelConfig
-    from export.model import LlamaDecoder
-    from llamaforge.demo import train_tokenizer
+    from llamaforge.export.config import ModelConfig
+    from llamaforge.export.demo.tiny import train_tokenizer
+    from llamaforge.export.model import LlamaDecoder
 
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -138,7 +137,7 @@ def prepare(work: Path, shape: str, genai: bool) -> tuple[Path, Path, Path | Non
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, shape)
     if not (engine / "manifest.json").exists():
-        from llamaforge.build import BuildOptions, build_engine
+        from llamaforge.build.builder import BuildOptions, build_engine
 
         build_engine(BuildOptions(checkpoint=ckpt, out=engine, precision="fp32", backend="ort"))
     if not genai:
@@ -168,9 +167,9 @@ class Req:
 
 
 def workload(engine: Path, n: int, rate: float, seed: int, outputs: str = "chat") -> list[Req]:
-    from runtime.engine import read_manifest
-    from runtime.tokenizer import load_tokenizer
-    from llamaforge.demo import stdlib_files
+    from llamaforge.export.demo.tiny import stdlib_files
+    from llamaforge.runtime.core.engine import read_manifest
+    from llamaforge.runtime.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(engine, read_manifest(engine)["tokenizer"])
     corpus = tok.encode("".join(p.read_text(errors="replace") for p in stdlib_files(40)), add_bos=False)
@@ -222,9 +221,8 @@ def free_port() -> int:
 
 
 SERVER = """
-import sys; sys.path.insert(0, {root!r})
-from runtime.engine_core import CoreConfig
-from runtime.server import serve
+from llamaforge.runtime.core.engine_core import CoreConfig
+from llamaforge.runtime.serving.server import serve
 serve({engine!r}, port={port}, metrics_port=None, core_config=CoreConfig(kv_budget_tokens={kv}, max_num_seqs={seqs},
       max_num_batched_tokens=512, max_queue={queue}, policy={policy!r}, condense_decode_rows={condense!r}))
 """
@@ -368,9 +366,9 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
     """(a)/(b) without gRPC: the same requests, arrival times and core settings, submitted to an
     EngineCore in this process (token ids, not text), timed where its outputs arrive. What is left
     between this and the server run is the serving stack's cost on this machine."""
-    from runtime.engine_core import CoreConfig, EngineCore
-    from runtime.requests import GenerationRequest
-    from runtime.sampling import SamplingParams
+    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.core.requests import GenerationRequest
+    from llamaforge.runtime.core.sampling import SamplingParams
 
     core = EngineCore(engine, CoreConfig(kv_budget_tokens=seqs * 1024, max_num_seqs=seqs, max_num_batched_tokens=512,
                                          max_queue=max(64, len(reqs) + 8), policy=policy))
@@ -405,9 +403,9 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
 # -- single stream and roofline ----------------------------------------------------------------------
 
 def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) -> tuple[float, list[int]]:
-    from runtime.engine_core import CoreConfig, EngineCore
-    from runtime.requests import GenerationRequest
-    from runtime.sampling import SamplingParams
+    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.core.requests import GenerationRequest
+    from llamaforge.runtime.core.sampling import SamplingParams
 
     core = EngineCore(engine, CoreConfig(kv_budget_tokens=2048, max_num_seqs=1, threads=threads))
     core.start()
@@ -470,13 +468,13 @@ class SpeedProbe:
     each server run, it scales that run's throughput to a common machine speed (see `main`)."""
 
     def __init__(self, engine: Any, rows: int) -> None:
-        from bench.schedule_model import decode_call
+        from schedule_model import decode_call
 
         self.step = decode_call(engine, np.ones((rows, 1), np.int64), np.full(rows, 256, np.int32),
                                 engine.kv.empty(rows, 320))
 
     def __call__(self) -> float:
-        from bench.timing import call_times
+        from timing import call_times
 
         return float(np.median(call_times(self.step, 5))) * 1e3
 
@@ -524,8 +522,9 @@ def main() -> int:
     rows: dict[str, dict[str, float]] = {}
     # The cost model's step costs, measured before and again after the server runs: the machine's
     # speed drifts on a shared VM, and the two show by how much during the runs.
-    from bench.schedule_model import measure_step_costs, perfect_seconds, replay_seconds
-    from runtime.engine import Engine
+    from schedule_model import measure_step_costs, perfect_seconds, replay_seconds
+
+    from llamaforge.runtime.core.engine import Engine
 
     timed = Engine(engine)  # loaded once, for the step costs and the speed probe
     step_costs = [measure_step_costs(timed, reqs, args.max_num_seqs)]

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import llama4
-from .config import ConfigError, ModelConfig, load_json
-from .checkpoint_errors import CheckpointError, fmt_shape, raise_problems
-from .safetensors_header import TensorInfo, _read_tensor, read_safetensors_header
+from llamaforge.export import llama4
+from llamaforge.export.checkpoint_errors import CheckpointError, fmt_shape, raise_problems
+from llamaforge.export.config import ConfigError, ModelConfig, load_json
+from llamaforge.export.safetensors_header import TensorInfo, _read_tensor, read_safetensors_header
 
 if TYPE_CHECKING:
-    from .variants import Variant
+    from llamaforge.export.variants import Variant
 
 __all__ = [
     "Checkpoint",
@@ -123,7 +123,7 @@ def detect_tokenizer_model(path: Path) -> str:
 
 
 def tiktoken_num_ranks(path: Path) -> int:
-    from runtime.tokenizer import TokenizerError, load_tiktoken_ranks
+    from llamaforge.runtime.core.tokenizer import TokenizerError, load_tiktoken_ranks
 
     try:
         return len(load_tiktoken_ranks(path))
@@ -298,7 +298,7 @@ class HFCheckpoint(Checkpoint):
 def optional_variant(variant: str | None) -> Variant | None:
     if variant is None:
         return None
-    from .variants import get_variant  # lazy: the registry is optional for loading
+    from llamaforge.export.variants import get_variant  # lazy: the registry is optional for loading
 
     return get_variant(variant)
 
@@ -399,7 +399,7 @@ def open_checkpoint(path: str | os.PathLike[str], variant: str | None = None, *,
     if (p / HF_CONFIG).is_file():
         ckpt: Checkpoint = _open_hf(p, variant, name)
     elif (p / META_PARAMS).is_file():
-        from .meta_checkpoint import _open_meta  # not at the top: meta_checkpoint imports this module
+        from llamaforge.export.meta_checkpoint import _open_meta  # not at the top: meta_checkpoint imports this module
         ckpt = _open_meta(p, variant, name)
     else:
         raise CheckpointError(

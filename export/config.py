@@ -159,7 +159,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         if d.get("moe_layers") is not None:
             d["moe_layers"] = tuple(d["moe_layers"])
@@ -168,11 +168,11 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", name: str = "custom") -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json", name: str = "custom") -> ModelConfig:
         """Read a transformers `LlamaConfig` dict, or a `Llama4TextConfig` (also nested as the
         `text_config` of a multimodal `Llama4Config`)."""
         if hf.get("model_type") == "llama4":
@@ -269,7 +269,7 @@ class ModelConfig:
             )
         return d
 
-    def describe_mismatch(self, other: "ModelConfig") -> list[str]:
+    def describe_mismatch(self, other: ModelConfig) -> list[str]:
         """Architecture fields on which two configs disagree (names and token ids ignored)."""
         fields = ["hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                   "vocab_size", "rope_theta", "tie_word_embeddings", "architecture", "intermediate_size_mlp",

@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Protocol
 
 import ml_dtypes
-import numpy as np
 import onnx_ir as ir
 import torch
 
-from plugins.attention.torch_op import TRANSLATION_TABLE
-from plugins.moe.torch_op import TRANSLATION_TABLE as MOE_TRANSLATION_TABLE
-
-from .config import ModelConfig
-from .model import LlamaDecoder, input_names, output_names
+from llamaforge.export.config import ModelConfig
+from llamaforge.export.model import LlamaDecoder, input_names, output_names
+from llamaforge.plugins.attention.torch_op import TRANSLATION_TABLE
+from llamaforge.plugins.moe.torch_op import TRANSLATION_TABLE as MOE_TRANSLATION_TABLE
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plugins.moe.schema import MoEAttrs
-from plugins.moe.torch_op import moe
-
-from .config import ModelConfig
+from llamaforge.export.config import ModelConfig
+from llamaforge.plugins.moe.schema import MoEAttrs
+from llamaforge.plugins.moe.torch_op import moe
 
 MULTIMODAL_TEXT_PREFIX = "language_model."
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
+from llamaforge.export.checkpoint import (
     META_PARAMS,
     META_TOKENIZER,
     Checkpoint,
@@ -29,8 +29,8 @@ from .checkpoint import (
     tiktoken_num_ranks,
     tokenizer_vocab_size,
 )
-from .checkpoint_errors import CheckpointError, fmt_shape, raise_problems
-from .config import ConfigError, ModelConfig, RopeScaling, meta_ffn_size
+from llamaforge.export.checkpoint_errors import CheckpointError, fmt_shape, raise_problems
+from llamaforge.export.config import ConfigError, ModelConfig, RopeScaling, meta_ffn_size
 
 __all__ = ["MetaCheckpoint"]
 

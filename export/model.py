@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.attention.schema import AttentionAttrs
-from plugins.attention.torch_op import attention
-
-from .config import ModelConfig
-from .llama4 import MoEFeedForward
+from llamaforge.export.config import ModelConfig
+from llamaforge.export.llama4 import MoEFeedForward
+from llamaforge.plugins.attention.schema import AttentionAttrs
+from llamaforge.plugins.attention.torch_op import attention
 
 
 def attention_attrs(config: ModelConfig, layer: int = 0) -> AttentionAttrs:

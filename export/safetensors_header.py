@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_errors import CheckpointError, fmt_shape
+from llamaforge.export.checkpoint_errors import CheckpointError, fmt_shape
 
 __all__ = ["TensorInfo", "read_safetensors_header"]
 

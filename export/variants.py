@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from .config import ModelConfig, RopeScaling
+from llamaforge.export.config import ModelConfig, RopeScaling
 
 __all__ = [
     "Variant",

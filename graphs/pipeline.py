@@ -13,17 +13,17 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from .passes.cleanup import Clean
-from .passes.fusion import FuseQKV, FuseRMSNorm
-from .passes.lower_attention import LowerAttentionForORT
-from .passes.lower_moe import LowerMoEForORT
-from .passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
-from .passes.quantize_experts import QuantizeExperts
-from .passes.validate_quant import ValidateQuantization
-from .passes.weights import FoldWeightTransposes
-from .quantization import QuantConfig, QuantContext
-from .trt_ops import CheckTensorRTOps
-from .verify import verify
+from llamaforge.graphs.passes.cleanup import Clean
+from llamaforge.graphs.passes.fusion import FuseQKV, FuseRMSNorm
+from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
+from llamaforge.graphs.passes.lower_moe import LowerMoEForORT
+from llamaforge.graphs.passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
+from llamaforge.graphs.passes.quantize_experts import QuantizeExperts
+from llamaforge.graphs.passes.validate_quant import ValidateQuantization
+from llamaforge.graphs.passes.weights import FoldWeightTransposes
+from llamaforge.graphs.quantization.recipes import QuantConfig, QuantContext
+from llamaforge.graphs.trt_ops import CheckTensorRTOps
+from llamaforge.graphs.verify import verify
 
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fold-weight-transposes": FoldWeightTransposes,

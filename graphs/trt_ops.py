@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from plugins.attention.schema import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
-from plugins.attention.trt_plugin import ATTRIBUTE_NAMES
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
+from llamaforge.plugins.attention.trt_plugin import ATTRIBUTE_NAMES
 
 SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_supported_ops.json")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
-from plugins.attention.schema import register_schema
-from plugins.moe.schema import register_schema as register_moe_schema
+from llamaforge.plugins.attention.schema import register_schema
+from llamaforge.plugins.moe.schema import register_schema as register_moe_schema
 
 
 class VerificationError(RuntimeError):

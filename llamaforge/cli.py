@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llamaforge.trt_build import TensorRTOptions
+    from llamaforge.build.trt_backend import TensorRTOptions
 
 
 def _weights(value: str) -> bool:
@@ -29,14 +29,14 @@ def _weights(value: str) -> bool:
 
 
 def cmd_variants(args: argparse.Namespace) -> None:
-    from export.variants import format_table
+    from llamaforge.export.variants import format_table
 
     print(format_table())
 
 
 def cmd_passes(args: argparse.Namespace) -> None:
-    from graphs.pipeline import PASSES, PIPELINES, QUANT_PASSES, pipeline
-    from graphs.quantization import QUANT_PRECISIONS, QuantConfig
+    from llamaforge.graphs.pipeline import PASSES, PIPELINES, QUANT_PASSES, pipeline
+    from llamaforge.graphs.quantization.recipes import QUANT_PRECISIONS, QuantConfig
 
     for backend, names in PIPELINES.items():
         print(f"{backend}: {' -> '.join(names)}")
@@ -49,10 +49,10 @@ def cmd_passes(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import onnx
 
-    from export.checkpoint import open_checkpoint
-    from export.exporter import PRECISIONS, bind_weights, save_streaming, tqdm_progress, trace
-    from export.variants import get_variant
-    from graphs.verify import skeleton_proto
+    from llamaforge.export.checkpoint import open_checkpoint
+    from llamaforge.export.exporter import PRECISIONS, bind_weights, save_streaming, tqdm_progress, trace
+    from llamaforge.export.variants import get_variant
+    from llamaforge.graphs.verify import skeleton_proto
 
     if args.checkpoint:
         ckpt = open_checkpoint(args.checkpoint, args.model)
@@ -74,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from llamaforge.build import BuildOptions, build_engine
+    from llamaforge.build.builder import BuildOptions, build_engine
 
     build_engine(BuildOptions(
         model=args.model, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
@@ -87,7 +87,7 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def _tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
-    from llamaforge.trt_build import ProfileLimits, TensorRTOptions
+    from llamaforge.build.trt_backend import ProfileLimits, TensorRTOptions
 
     return TensorRTOptions(
         limits=ProfileLimits(args.max_batch, args.max_input_len, args.max_kv_tokens),
@@ -97,9 +97,9 @@ def _tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from runtime.engine import Engine
-    from runtime.generate import generate_text
-    from runtime.sampling import SamplingParams
+    from llamaforge.runtime.core.engine import Engine
+    from llamaforge.runtime.core.generate import generate_text
+    from llamaforge.runtime.core.sampling import SamplingParams
 
     engine = Engine(args.engine)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -110,8 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from runtime.engine_core import CoreConfig
-    from runtime.server import serve
+    from llamaforge.runtime.core.engine_core import CoreConfig
+    from llamaforge.runtime.serving.server import serve
 
     serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
           core_config=CoreConfig(kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs,
@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
-    from llamaforge.repo import RepoOptions, write_repo
+    from llamaforge.triton_repo.repository import RepoOptions, write_repo
 
     gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     write_repo(RepoOptions(
@@ -133,13 +133,13 @@ def cmd_repo(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
-    from llamaforge.demo import make_demo_checkpoint
+    from llamaforge.export.demo.tiny import make_demo_checkpoint
 
     make_demo_checkpoint(Path(args.dir))
 
 
 def cmd_train_demo(args: argparse.Namespace) -> None:
-    from llamaforge.train_demo import TrainOptions, train
+    from llamaforge.export.demo.train import TrainOptions, train
 
     train(TrainOptions(out=Path(args.out), steps=args.steps, seed=args.seed))
 
@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
                                    "the demo model's held-out split)")
     q.add_argument("--smoothquant-alpha", type=float, default=0.5, help="int8-sq migration strength (default 0.5)")
     q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (kept in fp32 by default)")
-    from llamaforge.trt_build import ProfileLimits
+    from llamaforge.build.trt_backend import ProfileLimits
 
     limits = ProfileLimits()
     trt = b.add_argument_group("TensorRT (--backend trt)")
@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("dir")
     d.set_defaults(fn=cmd_demo_checkpoint)
 
-    from llamaforge.train_demo import DEFAULT_DIR, TrainOptions
+    from llamaforge.export.demo.train import DEFAULT_DIR, TrainOptions
 
     t = sub.add_parser("train-demo", help="train the default model (stdlib-5m) on this Python's stdlib sources")
     t.add_argument("--out", default=str(DEFAULT_DIR))
@@ -248,9 +248,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from export.config import ConfigError
-    from llamaforge.build import BuildError
-    from llamaforge.repo import RepoError
+    from llamaforge.build.builder import BuildError
+    from llamaforge.export.config import ConfigError
+    from llamaforge.triton_repo.repository import RepoError
 
     known: tuple[type[BaseException], ...] = (BuildError, ConfigError, RepoError, ValueError, KeyError,
                                               FileNotFoundError)

@@ -7,9 +7,8 @@ import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
-from plugins.attention.schema import DOMAIN, OP_TYPE
-
-from .weights import constant_input, lazy_weight
+from llamaforge.graphs.passes.weights import constant_input, lazy_weight
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE
 
 
 class FuseRMSNorm(ir.passes.InPlacePass):

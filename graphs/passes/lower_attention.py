@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from plugins.attention import ort_lowering
-from plugins.attention.schema import DOMAIN, OP_TYPE, AttentionAttrs
+from llamaforge.plugins.attention import ort_lowering
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, AttentionAttrs
 
 
 def attention_nodes(graph: ir.Graph) -> list[ir.Node]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from plugins.attention.ort_lowering import name_values
-from plugins.moe import ort_lowering
-from plugins.moe.schema import DOMAIN, OP_TYPE, MoEAttrs
-
-from .weights import constant_input, lazy_weight
+from llamaforge.graphs.passes.weights import constant_input, lazy_weight
+from llamaforge.plugins.attention.ort_lowering import name_values
+from llamaforge.plugins.moe import ort_lowering
+from llamaforge.plugins.moe.schema import DOMAIN, OP_TYPE, MoEAttrs
 
 
 def transposed_router(graph: ir.Graph, node: ir.Node) -> ir.Value | None:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from plugins.attention.schema import DOMAIN, OP_TYPE
-
-from ..quantization import (
+from llamaforge.graphs.passes.weights import constant_input, lazy_weight
+from llamaforge.graphs.quantization.recipes import (
     FP8_MAX,
     INT8_MAX,
     QuantContext,
@@ -26,7 +25,7 @@ from ..quantization import (
     scale_from_amax,
     smoothing_factors,
 )
-from .weights import constant_input, lazy_weight
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE
 
 LOGITS = "logits"
 # Producers of a linear's input whose weight (input index) can absorb SmoothQuant's 1/s exactly.

@@ -16,7 +16,7 @@ memory at a time), every read `Gather(W, e) -> MatMul` becomes
   int8-wo  per expert and output channel: scale [E, out] = amax / 127, row [out] per expert;
   fp8      per expert: scale [E] = amax / 448 (a scalar per expert), and W8A8: the MatMul's
            activation input gets QuantizeLinear -> DequantizeLinear with one per-tensor scale per
-           MoE layer and matmul, from calibration (`llamaforge/calibrate.py` records the experts'
+           MoE layer and matmul, from calibration (`graphs/quantization/calibrate.py` records the experts'
            inputs: the router-score-scaled hidden states and the SwiGLU output).
 
 ONNX has no Gather for float8 (its type constraint excludes float8 in every opset up to 25; the
@@ -37,9 +37,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..quantization import QuantContext, QuantizationError, scale_from_amax
-from .quantize import FORMATS, const_value, insert_input_qdq, register, zero_point
-from .weights import lazy_weight
+from llamaforge.graphs.passes.quantize import FORMATS, const_value, insert_input_qdq, register, zero_point
+from llamaforge.graphs.passes.weights import lazy_weight
+from llamaforge.graphs.quantization.recipes import QuantContext, QuantizationError, scale_from_amax
 
 EXPERT_WEIGHT_SUFFIXES = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
 EXPERT_PRECISIONS = ("fp8", "int8-wo")

@@ -24,11 +24,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from plugins.attention.schema import DOMAIN, OP_TYPE
-
-from ..quantization import QuantContext, QuantizationError
-from .quantize import FORMATS, linears
-from .quantize_experts import EXPERT_PRECISIONS, expert_weights
+from llamaforge.graphs.passes.quantize import FORMATS, linears
+from llamaforge.graphs.passes.quantize_experts import EXPERT_PRECISIONS, expert_weights
+from llamaforge.graphs.quantization.recipes import QuantContext, QuantizationError
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FUSED_QUANT_OPS = {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeLinear",

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .reference import rope_inv_freq
-from .schema import AttentionAttrs
+from llamaforge.plugins.attention.reference import rope_inv_freq
+from llamaforge.plugins.attention.schema import AttentionAttrs
 
 FLOAT = ir.DataType.FLOAT
 
@@ -222,7 +222,7 @@ def rope_cache(attrs: AttentionAttrs, max_positions: int, dtype: ir.DataType, wh
     def compute() -> ir.Tensor:
         import torch
 
-        from .reference import rope_cos_sin
+        from llamaforge.plugins.attention.reference import rope_cos_sin
 
         cos, sin = rope_cos_sin(torch.arange(max_positions), attrs)
         table = (cos if which == "cos" else sin).numpy()

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .schema import AttentionAttrs
+from llamaforge.plugins.attention.schema import AttentionAttrs
 
 
 def rope_inv_freq(attrs: AttentionAttrs) -> torch.Tensor:

@@ -127,7 +127,7 @@ class AttentionAttrs:
         return {**asdict(self), "plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 
     @classmethod
-    def from_onnx_attributes(cls, attrs: dict[str, Any]) -> "AttentionAttrs":
+    def from_onnx_attributes(cls, attrs: dict[str, Any]) -> AttentionAttrs:
         version = attrs.get("plugin_version", PLUGIN_VERSION)
         if version != PLUGIN_VERSION:
             raise ValueError(f"{OP_TYPE}: plugin_version {version!r} is not supported (this build has {PLUGIN_VERSION!r})")

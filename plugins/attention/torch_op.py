@@ -11,8 +11,8 @@ import dataclasses
 import onnxscript
 import torch
 
-from . import reference
-from .schema import DOMAIN, OP_TYPE, OPSET_VERSION, AttentionAttrs, register_schema
+from llamaforge.plugins.attention import reference
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, OPSET_VERSION, AttentionAttrs, register_schema
 
 register_schema()  # the exporter validates emitted nodes against registered schemas
 

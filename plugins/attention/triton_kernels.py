@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import rope_inv_freq
-from .schema import AttentionAttrs
+from llamaforge.plugins.attention.reference import rope_inv_freq
+from llamaforge.plugins.attention.schema import AttentionAttrs
 
 LOG2E = 1.4426950408889634
 
@@ -637,7 +637,7 @@ def _scale_tensor(scale: float | torch.Tensor | None, device: torch.device) -> t
     return torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 

@@ -26,9 +26,10 @@ Importing this module needs neither TensorRT nor Triton; `register()` needs both
 """
 
 import re
-from typing import Any, List, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
-from .schema import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
+from llamaforge.plugins.attention.schema import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
 
 # NB: no `from __future__ import annotations` here: tensorrt.plugin checks the decorated
 # functions' annotations against its own classes, so they must be real objects, not strings.
@@ -50,7 +51,7 @@ class TensorRTUnavailable(RuntimeError):
     """The plugin cannot be registered in this environment."""
 
 
-def tensorrt_modules() -> Tuple[Any, Any]:
+def tensorrt_modules() -> tuple[Any, Any]:
     """(tensorrt, tensorrt.plugin), or TensorRTUnavailable. Detects the real library the way
     `llamaforge.build.tensorrt_available` does: `tensorrt-stubs` makes `import tensorrt` succeed."""
     try:
@@ -72,7 +73,7 @@ def tensorrt_modules() -> Tuple[Any, Any]:
 
 def _triton_kernels() -> Any:
     try:
-        from . import triton_kernels
+        from llamaforge.plugins.attention import triton_kernels
     except ImportError as exc:
         raise TensorRTUnavailable(f"cannot register {PLUGIN_ID}: OpenAI Triton is not installed ({exc})") from exc
     if triton_kernels.interpreting():
@@ -85,7 +86,7 @@ def is_registered() -> bool:
     return _registered
 
 
-def op_scalar_args(seq: Any, capacity: Any, attrs: AttentionAttrs) -> List[Any]:
+def op_scalar_args(seq: Any, capacity: Any, attrs: AttentionAttrs) -> list[Any]:
     """The int32 scalars of `_attention_kernel` (in `OP_SCALAR_ARGS` order) for contiguous tensors,
     from the dynamic dims: `seq` and `capacity` are ints or TensorRT shape expressions."""
     h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
@@ -99,7 +100,7 @@ def op_scalar_args(seq: Any, capacity: Any, attrs: AttentionAttrs) -> List[Any]:
     ]
 
 
-def aot_binary(compiled: Any, num_args: int) -> Tuple[str, str]:
+def aot_binary(compiled: Any, num_args: int) -> tuple[str, str]:
     """(kernel name, PTX) of a compiled Triton kernel, its hidden trailing scratch parameters removed.
 
     `num_args` is the number of arguments TensorRT passes (inputs + extra scalars + outputs).
@@ -157,15 +158,15 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
         use_rope: int, qk_norm: int, qk_norm_eps: float, attn_chunk_size: int, temperature_tuning: int,
         temperature_floor: float, temperature_scale: float, kv_cache_quant: str, k_scale: float, v_scale: float,
-    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         return query.like(), past_key.like(), past_value.like()
 
     @trtp.autotune(PLUGIN_ID)
     def llama_attention_autotune(
         query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
         past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, past_lengths: trtp.TensorDesc,
-        outputs: Tuple[trtp.TensorDesc],
-    ) -> List[trtp.AutoTuneCombination]:
+        outputs: tuple[trtp.TensorDesc],
+    ) -> list[trtp.AutoTuneCombination]:
         # Positions: 5 float inputs, past_lengths, 3 float outputs; one dtype across the floats.
         half = trtp.AutoTuneCombination(", ".join(["FP16|BF16"] * 5 + ["INT32"] + ["FP16|BF16"] * 3), "LINEAR")
         half.tactics(list(tk.FP16_TACTICS))
@@ -182,8 +183,8 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
         use_rope: int, qk_norm: int, qk_norm_eps: float, attn_chunk_size: int, temperature_tuning: int,
         temperature_floor: float, temperature_scale: float, kv_cache_quant: str, k_scale: float, v_scale: float,
-        outputs: Tuple[trtp.TensorDesc], tactic: int,
-    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        outputs: tuple[trtp.TensorDesc], tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         attrs = AttentionAttrs(
             int(num_heads), int(num_kv_heads), int(head_dim), float(scale), float(rope_theta), int(rope_interleaved),
             str(rope_scaling_type), float(rope_scaling_factor), float(rope_low_freq_factor),

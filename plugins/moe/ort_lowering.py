@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .schema import MoEAttrs
+from llamaforge.plugins.moe.schema import MoEAttrs
 
 FLOAT = ir.DataType.FLOAT
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .schema import MoEAttrs
+from llamaforge.plugins.moe.schema import MoEAttrs
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, attrs: MoEAttrs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,7 @@ class MoEAttrs:
         return {**asdict(self), "plugin_version": PLUGIN_VERSION}
 
     @classmethod
-    def from_onnx_attributes(cls, attrs: dict[str, Any]) -> "MoEAttrs":
+    def from_onnx_attributes(cls, attrs: dict[str, Any]) -> MoEAttrs:
         version = attrs.get("plugin_version", PLUGIN_VERSION)
         if version != PLUGIN_VERSION:
             raise ValueError(f"{OP_TYPE}: plugin_version {version!r} is not supported (this build has {PLUGIN_VERSION!r})")

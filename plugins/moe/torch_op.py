@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnxscript
 import torch
 
-from . import reference
-from .schema import DOMAIN, OP_TYPE, OPSET_VERSION, MoEAttrs, register_schema
+from llamaforge.plugins.moe import reference
+from llamaforge.plugins.moe.schema import DOMAIN, OP_TYPE, OPSET_VERSION, MoEAttrs, register_schema
 
 register_schema()
 

@@ -1,0 +1,324 @@
+"""The build stage: checkpoint -> traced graph -> pass pipeline -> engine directory.
+
+An engine directory holds `model.onnx` + `model.onnx.data`, the tokenizer, and `manifest.json`.
+It is assembled in a temporary sibling directory and renamed into place, so a failed build
+never leaves a partial engine behind and never clobbers a previous good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from llamaforge.export.config import ModelConfig
+from llamaforge.plugins.attention.schema import KV_LAYOUT
+
+from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions
+from llamaforge.build.atomic import install_dir
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+CALIBRATION_FILE = "calibration.safetensors"
+FORMAT_VERSION = 1
+BACKENDS = ("ort", "trt")
+
+
+class BuildError(RuntimeError):
+    """A build cannot proceed; the message names the offending input."""
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None
+    checkpoint: Path | None = None
+    out: Path | None = None
+    precision: str = "fp32"
+    backend: str = "ort"
+    weights: bool = True
+    dump_after: Sequence[str] = ()
+    dump_dir: Path | None = None
+    # Quantization (PRECISION=fp8|int8-sq|int8-wo, KV_CACHE=fp8): calibrated on CALIB (default: the
+    # demo model's held-out text); see graphs/quantization/recipes.py.
+    kv_cache: str | None = None
+    calib: Path | None = None
+    smoothquant_alpha: float = 0.5
+    quantize_lm_head: bool = False
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # BACKEND=trt only
+
+
+def tensorrt_available() -> bool:
+    """True only for the real TensorRT library: `tensorrt-stubs` makes the import succeed too."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("llama-forge", "torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def io_spec(proto_graph: onnx.GraphProto) -> dict[str, list[dict[str, Any]]]:
+    def spec(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    return {"inputs": [spec(v) for v in proto_graph.input], "outputs": [spec(v) for v in proto_graph.output]}
+
+
+def decode_writes_cache_in_place(graph: onnx.GraphProto) -> bool:
+    """Whether every layer's cache update, in a decode call (seq 1), is ORT's GroupQueryAttention:
+    the `If` lowering's then-branch (plugins/attention/ort_lowering.py), which decode calls always
+    take. That kernel writes the new token into the cache without copying the past when past and
+    present are one buffer, so the runtime may bind them together (runtime/core/engine.py)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    for output in graph.output:
+        if not output.name.startswith(("present_key.", "present_value.")):
+            continue
+        node = producers.get(output.name)
+        if node is None or node.op_type != "If":
+            return False
+        then = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+        if then is None or not any(n.op_type == "GroupQueryAttention" for n in then.node):
+            return False
+    return any(o.name.startswith("present_key.") for o in graph.output)
+
+
+def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
+                 passes: list[str], source: dict[str, Any]) -> dict[str, Any]:
+    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[activation_precision(opts.precision)]
+    return {
+        "format": "llama-forge-engine",
+        "format_version": FORMAT_VERSION,
+        "variant": config.name,
+        "config": config.to_dict(),
+        "precision": opts.precision,
+        "backend": opts.backend,
+        "weights": "checkpoint" if opts.weights else "none",
+        "model_file": MODEL_FILE,
+        "external_data": MODEL_FILE + ".data",
+        **io_spec(graph),
+        "kv_cache": {
+            "layout": KV_LAYOUT,
+            "dtype": kv_dtype,
+            "num_layers": config.num_layers,
+            "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "max_capacity": config.max_position_embeddings,
+            "past_inputs": ["past_key.{layer}", "past_value.{layer}"],
+            "present_outputs": ["present_key.{layer}", "present_value.{layer}"],
+            "lengths_input": "past_lengths",
+            "decode_in_place": decode_writes_cache_in_place(graph),
+        },
+        "special_tokens": {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": list(config.eos_token_id),
+            "pad_token_id": config.pad_token_id,
+        },
+        "tokenizer": tokenizer,
+        "passes": passes,
+        "source": source,
+        "tools": tool_versions(),
+    }
+
+
+def _check_out_dir(out: Path) -> None:
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"OUT={out}: cannot create parent directory {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildError(f"OUT={out}: directory {parent} is not writable")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"OUT={out}: exists and is not a directory")
+
+
+def _build_tensorrt_plan(model_path: Path, plan_path: Path, config: ModelConfig, opts: BuildOptions,
+                         out: Path) -> dict[str, Any]:
+    from llamaforge.build.trt_backend import build_plan
+
+    previous_cache = out / TIMING_CACHE_FILE  # the engine being replaced carries the last build's timings
+    try:
+        return build_plan(model_path, plan_path, config.num_layers, config.num_kv_heads, config.head_dim,
+                          opts.tensorrt, previous_cache if previous_cache.exists() else None)
+    except TensorRTBuildError as e:
+        raise BuildError(str(e)) from None
+
+
+def activation_precision(precision: str) -> str:
+    """The traced graph's dtype: quantized precisions quantize an fp32 graph."""
+    from llamaforge.graphs.quantization.recipes import QUANT_PRECISIONS
+
+    return "fp32" if precision in QUANT_PRECISIONS else precision
+
+
+def _calibration_text(opts: BuildOptions) -> Any:
+    from llamaforge.graphs.quantization.calibrate import CalibrationError, read_calibration_text
+
+    try:
+        return read_calibration_text(opts.calib)
+    except CalibrationError as e:
+        raise BuildError(str(e)) from None
+
+
+def _calibrate(ckpt: Any, text: Any, tmp: Path) -> Any:
+    """Calibration statistics for a quantized build (PyTorch, one decoder layer in memory at a time)."""
+    from llamaforge.export.tokenizer_files import copy_tokenizer
+    from llamaforge.graphs.quantization.calibrate import CalibrationError, calibrate, calibration_batch
+    from llamaforge.runtime.core.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(tmp, copy_tokenizer(ckpt, tmp))
+        tokens = calibration_batch(tokenizer, text, seq_len=min(256, ckpt.config.max_position_embeddings))
+    except CalibrationError as e:
+        raise BuildError(str(e)) from None
+    print(f"calibration data: {text.source}")
+    stats = calibrate(ckpt, tokens)
+    stats.source = text.source
+    return stats
+
+
+def quantization_manifest(quant: Any, stats: Any) -> dict[str, Any]:
+    """Manifest fields of a quantized engine: what was quantized, on which data, and the ONNX Runtime
+    session settings it needs (applied by runtime/core/engine.py; see graphs.quantization.ort_session_config)."""
+    from llamaforge.graphs.quantization.recipes import ort_session_config
+
+    return {"quantization": {**quant.describe(), "calibration": stats.source, "statistics": CALIBRATION_FILE},
+            "ort_session_config": ort_session_config(quant.precision, quant.kv_cache)}
+
+
+def build_engine(opts: BuildOptions) -> Path:
+    # Imports that pull torch are here so that `llamaforge generate` on a serving host never needs them.
+    import torch  # noqa: F401
+
+    from llamaforge.export.checkpoint import open_checkpoint
+    from llamaforge.export.checkpoint_errors import CheckpointError
+    from llamaforge.export.exporter import PRECISIONS, bind_placeholder_weights, bind_weights, save_streaming, timed, tqdm_progress, trace
+    from llamaforge.export.tokenizer_files import copy_tokenizer
+    from llamaforge.export.variants import UnknownVariantError, get_variant
+    from llamaforge.graphs.pipeline import pipeline, run_pipeline
+    from llamaforge.graphs.quantization.recipes import QUANT_PRECISIONS, QuantConfig, QuantContext, QuantizationError
+
+    if opts.backend not in BACKENDS:
+        raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
+    if opts.backend == "trt" and not tensorrt_available():
+        raise BuildError(
+            "BACKEND=trt needs NVIDIA TensorRT (the Python package with tensorrt.Builder), which is not "
+            "installed here (an importable 'tensorrt' with no Builder is only the type stubs). Install it with "
+            "`pip install .[tensorrt]` on a machine with a GPU, or use BACKEND=ort."
+        )
+    if opts.backend == "trt" and not opts.weights:
+        raise BuildError("BACKEND=trt needs the checkpoint's weights (WEIGHTS=none builds ONNX graphs only)")
+    if opts.precision not in PRECISIONS and opts.precision not in QUANT_PRECISIONS:
+        raise BuildError(f"PRECISION={opts.precision!r} is not one of {sorted(PRECISIONS) + list(QUANT_PRECISIONS)}")
+    try:
+        quant = QuantConfig(opts.precision if opts.precision in QUANT_PRECISIONS else None, opts.kv_cache,
+                            opts.smoothquant_alpha, opts.quantize_lm_head)
+    except QuantizationError as e:
+        raise BuildError(str(e)) from None
+    if quant.active and opts.checkpoint is None:
+        raise BuildError(f"PRECISION={opts.precision} KV_CACHE={opts.kv_cache}: quantization is calibrated on the "
+                         "checkpoint's weights; CHECKPOINT= is required")
+    if opts.calib is not None and not quant.active:
+        raise BuildError(f"CALIB={opts.calib}: calibration data is only used by PRECISION=fp8|int8-sq|int8-wo or KV_CACHE=fp8")
+    base_precision = activation_precision(opts.precision)
+    calib_text = _calibration_text(opts) if quant.active else None  # bad CALIB fails before the export
+
+    ckpt = None
+    source: dict[str, Any] = {}
+    try:
+        if opts.checkpoint is not None:
+            ckpt = open_checkpoint(opts.checkpoint, opts.model)  # validates every header
+            for w in ckpt.warnings:
+                print(f"warning: {opts.checkpoint}: {w}")
+            config = ckpt.config
+            source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
+        elif not opts.weights:
+            if not opts.model:
+                raise BuildError("MODEL= is required with WEIGHTS=none")
+            config = get_variant(opts.model).config
+            source = {"checkpoint": None, "registry": opts.model}
+        else:
+            raise BuildError("CHECKPOINT= is required (or WEIGHTS=none to build the graph alone)")
+    except UnknownVariantError as e:
+        raise BuildError(f"MODEL: {e.args[0] if e.args else e}") from None
+    except CheckpointError as e:
+        raise BuildError(str(e)) from None
+    if opts.backend == "trt":
+        try:  # before the (long) export: bad profile limits fail at once
+            opts.tensorrt.limits.validate(config.max_position_embeddings)
+        except TensorRTBuildError as e:
+            raise BuildError(str(e)) from None
+
+    out = opts.out or Path("engines") / (opts.model or config.name)
+    _check_out_dir(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engine from a server running as another user
+    try:
+        done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
+        model = trace(config, base_precision)
+        done()
+        if ckpt is not None:
+            bind_weights(model, ckpt, PRECISIONS[base_precision], tied=config.tie_word_embeddings)
+        else:
+            bind_placeholder_weights(model, tmp / "scratch.data")
+        stats = _calibrate(ckpt, calib_text, tmp) if quant.active else None
+        context = QuantContext(quant, stats.copy()) if stats is not None else None  # passes update their copy
+        passes = pipeline(opts.backend, quant)
+        done = timed(f"pass pipeline ({opts.backend})")
+        try:
+            run_pipeline(model, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"), quant=context)
+        except QuantizationError as e:
+            raise BuildError(str(e)) from None
+        done()
+        path = tmp / MODEL_FILE
+        if ckpt is not None:
+            save_streaming(model, path, tqdm_progress("write weights"))
+        else:
+            bind_placeholder_weights(model, tmp / (MODEL_FILE + ".data"))
+            import onnx_ir as ir
+
+            ir.save(model, path)
+            (tmp / "scratch.data").unlink()
+        done = timed("onnx.checker (full_check)")
+        onnx.checker.check_model(str(path), full_check=True)
+        done()
+        tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
+        graph = onnx.load(str(path), load_external_data=False).graph
+        manifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
+        if stats is not None:
+            stats.save(tmp / CALIBRATION_FILE)  # as measured, before smoothing: reusable by another build
+            manifest.update(quantization_manifest(quant, stats))
+            if quant.kv_cache == "fp8":  # the runtime allocates `dtype`; values are rounded to fp8 scales
+                manifest["kv_cache"]["quantization"] = {"dtype": "float8e4m3fn", "simulated": opts.backend == "ort"}
+        if opts.backend == "trt":
+            manifest["tensorrt"] = _build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"engine: {out}")
+    return out
+

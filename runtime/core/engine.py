@@ -1,0 +1,183 @@
+"""An engine directory opened for inference with ONNX Runtime.
+
+Serving hosts need only this package's dependencies (onnxruntime, numpy, tokenizers...): nothing
+here imports torch, `export/` or `graphs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llamaforge.runtime.core.tokenizer import load_tokenizer
+
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+    max_capacity: int
+
+    def empty(self, batch: int, capacity: int) -> list[np.ndarray]:
+        """Zeroed past caches for every layer, in input order (key.0, value.0, key.1, ...)."""
+        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
+        return [np.zeros(shape, self.dtype) for _ in range(2 * self.num_layers)]
+
+
+def read_manifest(engine_dir: Path) -> dict[str, Any]:
+    path = Path(engine_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineError(f"{path}: not found; is {engine_dir} an engine directory (made by `make engine`)?") from None
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != "llama-forge-engine":
+        raise EngineError(f"{path}: field 'format' is {manifest.get('format')!r}, expected 'llama-forge-engine'")
+    return manifest
+
+
+def check_runnable(manifest: dict[str, Any], engine_dir: Path) -> None:
+    """How an engine is picked: the manifest's `backend` says what built it. "ort" engines run here
+    under ONNX Runtime. "trt" engines (engine.plan) need a TensorRT runner in the engine core, which
+    this runtime does not have yet, so they are refused with this message rather than failing
+    somewhere inside ONNX Runtime."""
+    backend = manifest.get("backend")
+    if backend == "trt":
+        raise EngineError(f"{engine_dir}: manifest.json field 'backend' is 'trt', but this runtime has no TensorRT "
+                          "runner yet (its engine core runs ONNX Runtime engines only); serve an engine built with BACKEND=ort")
+    if backend != "ort":
+        raise EngineError(f"{engine_dir}: manifest.json field 'backend' is {backend!r}, which cannot run under "
+                          "ONNX Runtime (expected 'ort')")
+
+
+def ort_providers(device: str, device_id: int = 0) -> list[Any]:
+    """ONNX Runtime execution providers for a device: "cpu", or "gpu" on CUDA device `device_id`
+    (which needs the onnxruntime-gpu build; the CPU-only wheel is refused with a message saying so)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "gpu":
+        raise EngineError(f"device {device!r} is not 'cpu' or 'gpu'")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise EngineError(f"a GPU instance needs ONNX Runtime's CUDAExecutionProvider, but this onnxruntime "
+                          f"{ort.__version__} has only {available}: install onnxruntime-gpu (built for the "
+                          "container's CUDA major version) instead of onnxruntime")
+    return [("CUDAExecutionProvider", {"device_id": int(device_id)}), "CPUExecutionProvider"]
+
+
+class Engine:
+    """One ONNX Runtime session over an engine directory, plus its tokenizer and KV-cache spec."""
+
+    def __init__(self, engine_dir: str | os.PathLike[str], threads: int | None = None,
+                 providers: Sequence[Any] | None = None) -> None:
+        """`providers`: ONNX Runtime execution providers (default CPU; see `ort_providers`)."""
+        import onnxruntime as ort
+
+        self.dir = Path(engine_dir)
+        self.manifest = read_manifest(self.dir)
+        check_runnable(self.manifest, self.dir)
+        if self.manifest["weights"] == "none":
+            raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
+        kv = self.manifest["kv_cache"]
+        if kv["dtype"] not in NP_DTYPES:
+            raise EngineError(f"{self.dir}: KV dtype {kv['dtype']!r} has no NumPy type for ONNX Runtime on this host")
+        self.kv = KVSpec(kv["num_layers"], kv["num_kv_heads"], kv["head_dim"], np.dtype(NP_DTYPES[kv["dtype"]]),
+                         kv["max_capacity"])
+        self.config = self.manifest["config"]
+        self.vocab_size = int(self.config["vocab_size"])
+        self.eos_ids = tuple(self.manifest["special_tokens"]["eos_token_id"])
+        tok = self.manifest.get("tokenizer", {"kind": "none"})
+        self.tokenizer = load_tokenizer(self.dir, tok) if tok.get("kind") != "none" else None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Quantized engines name the session settings their Q/DQ graph needs to run as written (e.g.
+        # no approximate int8 MatMulNBits); see graphs/quantization/recipes.py `ort_session_config`.
+        self.session_config: dict[str, str] = dict(self.manifest.get("ort_session_config", {}))
+        for key, value in self.session_config.items():
+            options.add_session_config_entry(str(key), str(value))
+        self.session = ort.InferenceSession(str(self.dir / self.manifest["model_file"]), options,
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.has_logits_index = any(i.name == "logits_index" for i in self.session.get_inputs())
+        # Decode calls may update the cache arrays in place (see `decode_in_place`): only on the
+        # CPU provider, where the arrays the engine core owns are the memory ORT reads and writes.
+        self.decode_in_place = bool(kv.get("decode_in_place")) and self.session.get_providers() == ["CPUExecutionProvider"]
+
+    def _feeds(self, input_ids: np.ndarray, past_lengths: np.ndarray,
+               logits_index: np.ndarray | None) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "past_lengths": np.ascontiguousarray(past_lengths, dtype=np.int32),
+        }
+        if self.has_logits_index:
+            if logits_index is None:  # every position
+                batch, seq = input_ids.shape
+                logits_index = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
+            feeds["logits_index"] = np.ascontiguousarray(logits_index, dtype=np.int64)
+        return feeds
+
+    def _select(self, logits: np.ndarray, logits_index: np.ndarray | None) -> np.ndarray:
+        """Engines built before `logits_index` return every position: pick the asked-for ones."""
+        if self.has_logits_index or logits_index is None:
+            return logits
+        return logits[np.arange(logits.shape[0])[:, None], logits_index]
+
+    def step(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray],
+             logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward call: logits [B, N, V] at positions `logits_index` [B, N] (default: all S
+        positions) and the updated caches."""
+        feeds = self._feeds(input_ids, past_lengths, logits_index)
+        for layer in range(self.kv.num_layers):
+            feeds[f"past_key.{layer}"] = past[2 * layer]
+            feeds[f"past_value.{layer}"] = past[2 * layer + 1]
+        outputs = self.session.run(self.output_names, feeds)
+        return self._select(outputs[0], logits_index), outputs[1:]
+
+    def decode_in_place_step(self, input_ids: np.ndarray, past_lengths: np.ndarray, caches: list[np.ndarray]) -> np.ndarray:
+        """One decode call (input_ids [B, 1]) that writes each row's new key/value into `caches`
+        (C-contiguous, key.0, value.0, ...) at its past length, and returns the logits [B, 1, V].
+
+        `step` hands ORT the past and gets a fresh present back: a copy of every row's whole cache,
+        every step, which costs as much as the matmuls once contexts are long. Bound as one buffer
+        (input and output), ORT's GroupQueryAttention kernel appends in place instead. Only for
+        engines whose manifest says every layer's decode update is that kernel (`decode_in_place`)."""
+        import onnxruntime as ort
+
+        if not self.decode_in_place:
+            raise EngineError(f"{self.dir}: this engine cannot update its KV cache in place (manifest kv_cache."
+                              "decode_in_place is not true, or the provider is not the CPU)")
+        if input_ids.ndim != 2 or input_ids.shape[1] != 1:
+            raise EngineError(f"decode_in_place_step takes input_ids [batch, 1], got shape {list(input_ids.shape)}")
+        binding = self.session.io_binding()
+        binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]
+        feeds = self._feeds(input_ids, past_lengths, None)  # kept alive until the run is over
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for layer in range(self.kv.num_layers):
+            for kind, cache in (("key", caches[2 * layer]), ("value", caches[2 * layer + 1])):
+                if not cache.flags.c_contiguous or cache.dtype != self.kv.dtype:
+                    raise EngineError(f"past_{kind}.{layer}: in-place caches must be C-contiguous {self.kv.dtype}")
+                value = ort.OrtValue.ortvalue_from_numpy(cache)
+                binding.bind_ortvalue_input(f"past_{kind}.{layer}", value)
+                binding.bind_ortvalue_output(f"present_{kind}.{layer}", value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()

@@ -1,0 +1,95 @@
+"""What flows between the protocol front ends (gRPC server, Triton Python backend) and the
+engine core: one `GenerationRequest` in, a stream of `GenerationOutput`s out."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from llamaforge.runtime.core.sampling import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; `field` names the offending request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound: answer RESOURCE_EXHAUSTED at once."""
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    min_tokens: int = 0
+    end_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
+    stop_words: tuple[str, ...] = ()  # stop when the generated text contains one; it is not returned
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences that are never generated
+    stream: bool = False
+    return_log_probs: bool = False
+    detokenize: bool = True  # False for the token-level model
+
+
+@dataclass
+class GenerationOutput:
+    """One step's news for one request. For streams each carries only what is new; the last has
+    `finished` set and a `finish_reason` of 'stop', 'length', 'cancelled' or 'error'."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    log_probs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    cum_log_prob: float = 0.0
+
+
+OutputSink = Callable[[GenerationOutput], None]
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate outputs as they come; `cancel()` at any time.
+
+    With a `sink`, the outputs are not queued here: the core calls `sink(output)` from its own
+    thread as each is produced, so a front end that serves many requests (one gRPC stream) needs
+    no thread per request to move them. A sink must be quick and must not raise."""
+
+    def __init__(self, request_id: str, cancel: Callable[[str], None], sink: OutputSink | None = None) -> None:
+        import queue
+
+        self.request_id = request_id
+        self._queue: queue.Queue[GenerationOutput] = queue.Queue()
+        self._cancel = cancel
+        self._sink = sink
+        self.done = threading.Event()
+
+    def put(self, output: GenerationOutput) -> None:
+        if self._sink is not None:
+            self._sink(output)
+        else:
+            self._queue.put(output)
+        if output.finished:
+            self.done.set()
+
+    def __iter__(self) -> Iterator[GenerationOutput]:
+        while True:
+            out = self._queue.get()
+            yield out
+            if out.finished:
+                return
+
+    def get(self, timeout: float | None = None) -> GenerationOutput:
+        return self._queue.get(timeout=timeout)
+
+    def cancel(self) -> None:
+        self._cancel(self.request_id)

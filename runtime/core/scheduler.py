@@ -1,0 +1,201 @@
+"""One scheduler: decides, every step, which sequences run and how many tokens each computes.
+
+Policy (in the spirit of vLLM v1's scheduler), under a per-step token budget
+(`max_num_batched_tokens`) and a running-set bound (`max_num_seqs`):
+
+1. Decode first. Every running sequence whose prompt is fully computed gets one token. If the
+   KV cache cannot hold that token, the most recently admitted running sequence is preempted
+   (recompute: its blocks are freed and it goes back to the head of the queue, prompt and
+   generated tokens together, so no request ever fails for lack of KV memory).
+2. Then prefill chunks for running sequences whose prompt is not yet computed (chunked prefill:
+   a long prompt is spread over several steps, so decodes never stall behind it).
+3. Then admission, first come first served: the head of the waiting queue joins the running
+   batch if a sequence slot, token budget and KV blocks for its first chunk are available; if the
+   head cannot join, nobody behind it does (strict FCFS).
+
+New requests therefore join the running batch at the very next step (in-flight batching).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llamaforge.runtime.core.kv_cache import KVCacheManager
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_queue: int = 64
+    # "inflight": admit at every step. "static": admit only into an empty batch, so a batch must
+    # drain before the next starts (the baseline `make bench-serve` compares against).
+    policy: str = "inflight"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Scheduling state of one request. `tokens` is prompt + generated; the KV cache holds the
+    first `num_computed` of them."""
+
+    seq_id: str
+    tokens: list[int]
+    num_prompt: int
+    max_total: int  # prompt + max_tokens: the KV the sequence may need
+    num_computed: int = 0
+    admitted_at: int = -1
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.tokens) - 1
+
+    @property
+    def remaining_prefill(self) -> int:
+        """Tokens to compute before the next sample: all uncomputed ones."""
+        return len(self.tokens) - self.num_computed
+
+
+@dataclass
+class Chunk:
+    seq: Sequence
+    start: int
+    count: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.count == len(self.seq.tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[Chunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(c.count for c in self.prefill)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._admissions = 0
+        self._static_batch: set[str] = set()  # policy "static": the batch being served
+        self.static_batches = 0  # how many static batches have started
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq_id: str) -> Sequence | None:
+        """Take a sequence out wherever it is and free its KV blocks."""
+        for seq in list(self.waiting):
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                self.kv.free(seq_id)
+                return seq
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                self.running.remove(seq)
+                self.kv.free(seq_id)
+                return seq
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt_last(self, out: SchedulerOutput) -> Sequence:
+        victim = max(self.running, key=lambda s: s.admitted_at)
+        self.running.remove(victim)
+        self.kv.free(victim.seq_id)
+        victim.num_computed = 0  # recompute prompt + generated tokens when it is readmitted
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+        return victim
+
+    def schedule(self, on_preempt: Callable[[Sequence], None] | None = None) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. decode: oldest admissions first, so preemption takes from the newest.
+        for seq in sorted(self.running, key=lambda s: s.admitted_at):
+            if seq.in_prefill or seq not in self.running or budget <= 0:
+                continue
+            while not self.kv.can_grow(seq.seq_id, len(seq.tokens)):
+                victim = self._preempt_last(out)
+                if on_preempt:
+                    on_preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self.kv.grow(seq.seq_id, len(seq.tokens))
+                out.decode.append(seq)
+                budget -= 1
+
+        # 2. continue chunked prefills of running sequences.
+        for seq in sorted(self.running, key=lambda s: s.admitted_at):
+            if budget <= 0:
+                break
+            if seq.in_prefill:
+                chunk = self._chunk(seq, budget)
+                if chunk is None:
+                    break
+                out.prefill.append(chunk)
+                budget -= chunk.count
+
+        # 3. admit from the queue, strictly first come first served; not in a step that had to
+        #    preempt (memory is short, and the victim would be readmitted at once: thrashing).
+        #    Static batching: when the previous batch has drained, the next is the first
+        #    `max_num_seqs` waiting requests; they are admitted (and prefilled) over as many steps as
+        #    the token budget needs, and nobody else joins until all of them have finished.
+        static = self.config.policy == "static"
+        if static and not self.running and not (self._static_batch & {s.seq_id for s in self.waiting}):
+            self._static_batch = {s.seq_id for s in list(self.waiting)[: self.config.max_num_seqs]}
+            self.static_batches += 1
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if static and seq.seq_id not in self._static_batch:
+                break
+            chunk = self._chunk(seq, budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            seq.admitted_at = self._admissions
+            self._admissions += 1
+            self.running.append(seq)
+            out.prefill.append(chunk)
+            budget -= chunk.count
+
+        # Running prefills can exhaust the blocks with no decode left to trigger preemption:
+        # free the newest sequence so the older ones can progress.
+        if out.empty and self.running:
+            victim = self._preempt_last(out)
+            if on_preempt:
+                on_preempt(victim)
+            more = self.schedule(on_preempt)
+            more.preempted[:0] = out.preempted
+            return more
+        return out
+
+    def _chunk(self, seq: Sequence, budget: int) -> Chunk | None:
+        """The next prefill chunk of `seq` within `budget` tokens, with its KV blocks reserved."""
+        # Trim the chunk to what its blocks plus the free blocks can hold; zero waits for memory.
+        count = min(seq.remaining_prefill, budget, self.kv.room_for(seq.seq_id) - seq.num_computed)
+        if count <= 0:
+            return None
+        self.kv.grow(seq.seq_id, seq.num_computed + count)
+        return Chunk(seq, seq.num_computed, count)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.kv.free(seq.seq_id)

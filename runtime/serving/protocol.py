@@ -1,0 +1,459 @@
+"""KServe v2 / Triton gRPC requests and responses for the two model interfaces
+(`runtime/serving/model_interface.py`): parsing and validation, and response building. Tensors are
+decoded and encoded by `runtime/serving/tensor_codec.py`; the gRPC server itself is `runtime/serving/server.py`.
+Messages are `tritonclient.grpc.service_pb2`'s, and request parsing itself (`parse_inputs`) works
+on name -> NumPy tensors, so the Triton Python-backend models (`runtime/triton_models/`) validate
+requests with the same code.
+
+Semantics
+---------
+* Sampling follows TensorRT-LLM, whose clients these are: greedy unless the request asks for
+  sampling with top_k > 1 or top_p > 0 (0 meaning off, as in TRT-LLM; top_p 1.0 = the full
+  distribution) and an effective temperature > 0 (absent = 1.0). temperature 0 or top_k 1 is always
+  greedy. So temperature alone (e.g. 0.8) stays greedy as in TRT-LLM; to sample the whole
+  distribution the vLLM way send top_p = 1.0 too.
+* Streams never include the prompt (TRT-LLM: exclude_input_in_output only applies to non-streaming
+  responses), so concatenating a stream's text_output gives the unary text_output of the same
+  request with exclude_input_in_output = true, byte for byte.
+* Prompt text is tokenized with a BOS and with special-token text recognised ("<|eot_id|>" is the
+  special token), as TRT-LLM's preprocessing (HF `encode`) does.
+* Request parameters: "priority" and "timeout" are accepted and ignored, "sequence_id" only as 0 /
+  "" (no sequence batching), "triton_enable_empty_final_response" is honoured; any other parameter
+  (and any input, output or tensor parameter not listed above) is refused with the field named.
+
+Every refusal is a `RequestError(field, message)`: the server answers INVALID_ARGUMENT (unary) or a
+stream error message, naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestError
+from llamaforge.runtime.core.sampling import SamplingParams
+from llamaforge.runtime.serving.model_interface import ModelSpec
+from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_TYPES, decode_inputs, encode_output
+
+__all__ = [
+    "ModelContext", "ParsedRequest", "parse_request", "parse_inputs", "encode_prompt", "encode_bad_words",
+    "decode_words", "words_array", "output_tensors", "ResponseBuilder", "FINAL_PARAM", "EMPTY_FINAL_PARAM",
+]
+
+FINAL_PARAM = "triton_final_response"
+EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
+
+# -- parsing -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What validation needs to know about the served engine."""
+
+    tokenizer: Any  # runtime.tokenizer.Tokenizer, or None (then only the token model is served)
+    context_length: int
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+
+    @classmethod
+    def from_core(cls, core: Any) -> ModelContext:
+        vocab = None
+        manifest = getattr(core, "manifest", None) or {}
+        if isinstance(manifest.get("config"), dict):
+            vocab = manifest["config"].get("vocab_size")
+        if vocab is None and core.tokenizer is not None:
+            vocab = core.tokenizer.vocab_size
+        return cls(core.tokenizer, int(core.context_length), int(vocab or 0), tuple(core.eos_ids))
+
+
+@dataclass
+class ParsedRequest:
+    spec: ModelSpec
+    generation: GenerationRequest
+    client_id: str  # the request's `id`, echoed in every response
+    stream: bool
+    exclude_input: bool
+    prompt_text: str | None
+    outputs: tuple[str, ...]  # the outputs to return
+    empty_final: bool  # triton_enable_empty_final_response
+
+
+_IGNORED_PARAMS = {"priority", "timeout", "sequence_start", "sequence_end"}
+
+
+_BY_NP = {np.dtype(v): k for k, v in NP_TYPES.items()}
+
+
+def _datatype(arr: np.ndarray) -> str:
+    return _BY_NP[arr.dtype]
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _scalar(name: str, arr: np.ndarray) -> Any:
+    if arr.ndim > 2 or arr.size != 1:
+        raise RequestError(name, f"expected one value (shape [1] or [1, 1]), got shape {list(arr.shape)}")
+    v = arr.reshape(-1)[0]
+    return v.item() if hasattr(v, "item") else v
+
+
+def _list(name: str, arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        return arr[0]
+    if arr.ndim != 1:
+        raise RequestError(name, f"expected shape [N] or [1, N], got {list(arr.shape)}")
+    return arr
+
+
+def _words(name: str, arr: np.ndarray) -> list[tuple[int, ...]]:
+    """TRT-LLM's [2, L] word list: flattened ids and end offsets (-1 padded)."""
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or arr.shape[0] != 2:
+        raise RequestError(name, f"expected shape [2, L] or [1, 2, L] (ids row, offsets row), got {list(arr.shape)}")
+    ids, offsets = arr[0].tolist(), arr[1].tolist()
+    out: list[tuple[int, ...]] = []
+    start = 0
+    for end in offsets:
+        if end < 0:
+            break
+        if end < start or end > len(ids):
+            raise RequestError(name, f"offset {end} is out of order or past the {len(ids)} ids")
+        if end > start:
+            out.append(tuple(int(i) for i in ids[start:end]))
+        start = end
+    return out
+
+
+def _utf8(name: str, b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(name, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelContext, request_id: str,
+                  streaming_rpc: bool) -> ParsedRequest:
+    """Validate a ModelInferRequest for `spec` and turn it into a `GenerationRequest` with id
+    `request_id` (the engine-side id; the client's own `id` is echoed separately)."""
+    params = {key: _param_value(p) for key, p in request.parameters.items()}
+    _check_params(params)  # before decoding: a bad parameter is reported before any tensor problem
+    tensors = decode_inputs(request)
+    requested: list[str] = []
+    for o in request.outputs:
+        for key in o.parameters:
+            if key != "binary_data":
+                raise RequestError(f"outputs.{o.name}.parameters.{key}", "output parameter not supported")
+        requested.append(o.name)
+    return parse_inputs(tensors, spec, ctx, request_id, params=params, requested_outputs=requested,
+                        client_id=request.id, streaming_rpc=streaming_rpc)
+
+
+def _check_params(params: Mapping[str, Any]) -> bool:
+    """Request parameters; returns whether `triton_enable_empty_final_response` is set."""
+    empty_final = False
+    for key, value in params.items():
+        if key == EMPTY_FINAL_PARAM:
+            empty_final = bool(value)
+        elif key == "sequence_id":
+            if value not in (0, "", None):
+                raise RequestError("parameters.sequence_id", "sequence batching is not supported (this model is "
+                                                             "stateless per request)")
+        elif key not in _IGNORED_PARAMS:
+            raise RequestError(f"parameters.{key}", "unknown request parameter")
+    return empty_final
+
+
+def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelContext, request_id: str, *,
+                 params: Mapping[str, Any] | None = None, requested_outputs: Sequence[str] | None = None,
+                 client_id: str = "", streaming_rpc: bool = True) -> ParsedRequest:
+    """Validate input tensors (name -> NumPy array, BYTES as object arrays of `bytes`) for `spec` and
+    turn them into a `GenerationRequest` with id `request_id`. Shared by the gRPC server (after
+    `decode_inputs`) and the Triton Python-backend models (from `pb_utils` tensors).
+    `requested_outputs`: the outputs the client asked for (None or empty: the model's defaults)."""
+    empty_final = _check_params(params or {})
+    raw = tensors
+    values: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name, arr in raw.items():
+        t = spec.input(name)
+        if t is None:
+            raise RequestError(name, f"unexpected input for model '{spec.name}' (inputs: "
+                                     f"{', '.join(x.name for x in spec.inputs)})")
+        if t.name in values or t.name in arrays:
+            raise RequestError(name, f"given twice (as '{t.name}' and an alias)")
+        dtype = _datatype(arr)
+        if not t.accepts(dtype):
+            raise RequestError(name, f"datatype {dtype} given, {t.datatype} expected")
+        if t.kind == "scalar":
+            v = _scalar(name, arr)
+            if t.datatype in INT_TYPES:
+                v = int(v)
+            elif t.datatype in FLOAT_TYPES:
+                v = float(v)
+                if not math.isfinite(v):
+                    raise RequestError(name, f"must be finite, got {v}")
+            elif t.datatype == "BOOL":
+                v = bool(v)
+            if t.neutral is not None and v != t.neutral:
+                raise RequestError(name, f"only {t.neutral!r} is supported, got {v!r}")
+            values[t.name] = v
+        else:
+            arrays[t.name] = arr
+
+    missing = [t.name for t in spec.inputs if not t.optional and t.name not in values and t.name not in arrays]
+    if missing:
+        raise RequestError(missing[0], "required input is missing")
+
+    if spec.kind == "text":
+        max_field, stream_field, k_field, p_field = "max_tokens", "stream", "top_k", "top_p"
+    else:
+        max_field, stream_field, k_field, p_field = "request_output_len", "streaming", "runtime_top_k", "runtime_top_p"
+
+    stream = bool(values.get(stream_field, False))
+    if stream and not streaming_rpc:
+        raise RequestError(stream_field, "a unary ModelInfer call cannot stream; use ModelStreamInfer "
+                                         f"(gRPC streaming) or {stream_field}=false")
+
+    max_tokens = values[max_field]
+    if max_tokens <= 0:
+        raise RequestError(max_field, f"must be > 0, got {max_tokens}")
+
+    prompt_text: str | None = None
+    if spec.kind == "text":
+        if ctx.tokenizer is None:
+            raise RequestError("text_input", "this engine has no tokenizer; use the token model 'tensorrt_llm'")
+        prompt_text, prompt_ids = encode_prompt(ctx.tokenizer, values["text_input"])
+        prompt_field = "text_input"
+    else:
+        ids = _list("input_ids", arrays["input_ids"])
+        prompt_ids = [int(i) for i in ids.tolist()]
+        if not prompt_ids:
+            raise RequestError("input_ids", "the prompt is empty")
+        bad = [i for i in prompt_ids if not 0 <= i < ctx.vocab_size]
+        if bad:
+            raise RequestError("input_ids", f"token id {bad[0]} is outside the vocabulary [0, {ctx.vocab_size})")
+        if "input_lengths" in values and values["input_lengths"] != len(prompt_ids):
+            raise RequestError("input_lengths", f"is {values['input_lengths']} but {len(prompt_ids)} input_ids were sent")
+        prompt_field = "input_ids"
+
+    n = len(prompt_ids)
+    if n >= ctx.context_length:
+        raise RequestError(prompt_field, f"the prompt is {n} tokens; the context length is {ctx.context_length}, "
+                                         "which leaves no room for a generated token")
+    if n + max_tokens > ctx.context_length:
+        raise RequestError(max_field, f"prompt ({n} tokens) + {max_field} ({max_tokens}) = {n + max_tokens} exceeds "
+                                      f"the context length {ctx.context_length}; at most {ctx.context_length - n}")
+
+    min_tokens = values.get("min_tokens", 0)
+    if not 0 <= min_tokens <= max_tokens:
+        raise RequestError("min_tokens", f"must be in [0, {max_field}={max_tokens}], got {min_tokens}")
+
+    sampling = _sampling(values, k_field, p_field)
+
+    end_ids: tuple[int, ...] | None = None
+    if "end_id" in values:
+        e = values["end_id"]
+        if not 0 <= e < ctx.vocab_size:
+            raise RequestError("end_id", f"{e} is outside the vocabulary [0, {ctx.vocab_size})")
+        end_ids = (e,)
+
+    stop_words: tuple[str, ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    if "stop_words" in arrays:  # text stop words (the token model of a Triton repository takes them too)
+        if ctx.tokenizer is None:
+            raise RequestError("stop_words", "this engine has no tokenizer, so text stop words cannot be matched")
+        stop_words = decode_words("stop_words", arrays["stop_words"])
+    if spec.kind == "text":
+        if "bad_words" in arrays:
+            bad_words = encode_bad_words(ctx.tokenizer, arrays["bad_words"])
+    else:
+        if "bad_words_list" in arrays:
+            bad_words = tuple(_words("bad_words_list", arrays["bad_words_list"]))
+            _check_ids("bad_words_list", bad_words, ctx.vocab_size)
+        if "stop_words_list" in arrays:
+            stops = _words("stop_words_list", arrays["stop_words_list"])
+            _check_ids("stop_words_list", stops, ctx.vocab_size)
+            if any(len(s) != 1 for s in stops):
+                raise RequestError("stop_words_list", "only single-token stop sequences are supported by the token "
+                                                      "model (use the text model's stop_words for text)")
+            if stops:
+                end_ids = tuple(dict.fromkeys((*(end_ids or ctx.eos_ids), *(s[0] for s in stops))))
+
+    outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)))
+    gen = GenerationRequest(
+        request_id=request_id, prompt_ids=list(prompt_ids), max_tokens=int(max_tokens), sampling=sampling,
+        min_tokens=int(min_tokens), end_ids=end_ids, stop_words=stop_words, bad_words=bad_words, stream=stream,
+        # The core computes log probs only for requests that return them (asked by flag or by name).
+        return_log_probs=any(name in spec.log_prob_outputs for name in outputs),
+        detokenize=spec.kind == "text" or bool(stop_words),
+    )
+    return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),
+                         prompt_text, outputs, empty_final)
+
+
+def encode_prompt(tokenizer: Any, prompt: Any) -> tuple[str, list[int]]:
+    """`text_input` (UTF-8 bytes) -> (text, ids): BOS added and special-token text recognised, as
+    TensorRT-LLM's preprocessing (HF `encode`) does."""
+    if not isinstance(prompt, (bytes, bytearray)):
+        raise RequestError("text_input", "expected BYTES")
+    text = _utf8("text_input", bytes(prompt))
+    ids = tokenizer.encode(text, add_bos=True, allow_special=True)
+    if not ids:
+        raise RequestError("text_input", "the prompt is empty (and the tokenizer adds no BOS)")
+    return text, ids
+
+
+def decode_words(name: str, words: np.ndarray) -> tuple[str, ...]:
+    """A BYTES word list ([N] or [1, N], e.g. `stop_words`) as its non-empty UTF-8 strings."""
+    return tuple(w for w in (_utf8(name, bytes(b)) for b in _list(name, words)) if w)
+
+
+def encode_bad_words(tokenizer: Any, words: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """`bad_words` (BYTES [N] or [1, N]) -> one token sequence per non-empty word."""
+    texts = [_utf8("bad_words", bytes(b)) for b in _list("bad_words", words)]
+    return tuple(tuple(tokenizer.encode(w, add_bos=False)) for w in texts if w)
+
+
+def words_array(seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    """Token sequences in TensorRT-LLM's [2, L] word-list layout (row 0: the ids concatenated, row 1:
+    each sequence's end offset, -1 padded); no sequences is [[0], [-1]]. Inverse of `_words`."""
+    ids = [int(i) for s in seqs for i in s]
+    offsets = np.cumsum([len(s) for s in seqs]).tolist() if seqs else []
+    width = max(1, len(ids))
+    out = np.full((2, width), -1, dtype=np.int32)
+    out[0, :] = 0
+    out[0, : len(ids)] = ids
+    out[1, : len(offsets)] = offsets
+    return out
+
+
+def _check_ids(name: str, seqs: Sequence[tuple[int, ...]], vocab: int) -> None:
+    for s in seqs:
+        for i in s:
+            if not 0 <= i < vocab:
+                raise RequestError(name, f"token id {i} is outside the vocabulary [0, {vocab})")
+
+
+def _sampling(values: dict[str, Any], k_field: str, p_field: str) -> SamplingParams:
+    temperature = values.get("temperature", 1.0)
+    if temperature < 0:
+        raise RequestError("temperature", f"must be >= 0, got {temperature}")
+    top_k = values.get(k_field, 0)
+    if top_k < 0:
+        raise RequestError(k_field, f"must be >= 0 (0 = off), got {top_k}")
+    top_p = values.get(p_field, 0.0)
+    if not 0.0 <= top_p <= 1.0:
+        raise RequestError(p_field, f"must be in [0, 1] (0 = off), got {top_p}")
+    penalty = values.get("repetition_penalty", 1.0)
+    if penalty <= 0:
+        raise RequestError("repetition_penalty", f"must be > 0, got {penalty}")
+    seed = values.get("seed")
+    sample = temperature > 0 and (top_k > 1 or top_p > 0)
+    if not sample:
+        return SamplingParams(temperature=0.0, repetition_penalty=penalty, seed=seed)
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p if top_p > 0 else 1.0,
+                          repetition_penalty=penalty, seed=seed)
+
+
+def _select_outputs(spec: ModelSpec, requested: Sequence[str] | None, log_probs: bool) -> tuple[str, ...]:
+    if not requested:
+        return spec.default_outputs + (spec.log_prob_outputs if log_probs else ())
+    names: list[str] = []
+    for name in requested:
+        if name not in spec.output_names:
+            raise RequestError("outputs", f"unexpected output '{name}' for model '{spec.name}' (outputs: "
+                                          f"{', '.join(spec.output_names)})")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+class ResponseBuilder:
+    """Turns a request's `GenerationOutput`s into ModelInferResponses.
+
+    Streams: `piece(out)` per core output (None when it brings nothing new). Unary: `add(out)` for
+    each output, then `whole()`."""
+
+    def __init__(self, parsed: ParsedRequest, model_name: str) -> None:
+        self.parsed = parsed
+        self.model_name = model_name
+        self._ids: list[int] = []
+        self._text: list[str] = []
+        self._log_probs: list[float] = []
+        self.last: GenerationOutput | None = None
+
+    def add(self, out: GenerationOutput) -> None:
+        self._ids.extend(out.token_ids)
+        self._text.append(out.text)
+        self._log_probs.extend(out.log_probs)
+        self.last = out
+
+    def whole(self) -> pb.ModelInferResponse:
+        """The unary response: everything generated (after the prompt unless excluded)."""
+        return self._encode(self.whole_tensors())
+
+    def whole_tensors(self) -> dict[str, tuple[str, np.ndarray]]:
+        """`whole()`'s tensors, every output of either model: name -> (datatype, array)."""
+        p, last = self.parsed, self.last
+        assert last is not None
+        text, ids = "".join(self._text), list(self._ids)
+        if not p.exclude_input:
+            if p.spec.kind == "text":
+                text = (p.prompt_text or "") + text
+            else:
+                ids = list(p.generation.prompt_ids) + ids
+        return output_tensors(text, ids, self._log_probs, last)
+
+    def piece(self, out: GenerationOutput, final: bool | None) -> pb.ModelInferResponse | None:
+        """A stream response with only what `out` brings; None if nothing new and not final.
+        `final`: the value of triton_final_response to set (None: do not set it)."""
+        self.last = out
+        if not out.text and not out.token_ids and not final:
+            return None
+        tensors = output_tensors(out.text, list(out.token_ids), list(out.log_probs), out, self.parsed.outputs)
+        resp = self._encode(tensors)
+        if final is not None:
+            resp.parameters[FINAL_PARAM].bool_param = final
+        return resp
+
+    def empty_final(self) -> pb.ModelInferResponse:
+        resp = pb.ModelInferResponse(model_name=self.model_name, model_version="1", id=self.parsed.client_id)
+        resp.parameters[FINAL_PARAM].bool_param = True
+        return resp
+
+    def _encode(self, tensors: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
+        resp = pb.ModelInferResponse(model_name=self.model_name, model_version="1", id=self.parsed.client_id)
+        for name in self.parsed.outputs:
+            dtype, arr = tensors[name]
+            tensor, data = encode_output(name, dtype, arr)
+            resp.outputs.append(tensor)
+            resp.raw_output_contents.append(data)
+        return resp
+
+
+def output_tensors(text: str, ids: list[int], log_probs: list[float], out: GenerationOutput,
+                   names: Iterable[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """Output tensors for one response: name -> (datatype, array); those in `names`, or every
+    output of the text and token models. A stream response builds only what its request asked for."""
+    make: dict[str, Callable[[], tuple[str, np.ndarray]]] = {
+        "text_output": lambda: ("BYTES", np.array([text.encode("utf-8")], dtype=np.object_)),
+        "output_ids": lambda: ("INT32", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
+        "sequence_length": lambda: ("INT32", np.array([[len(ids)]], dtype=np.int32)),
+        "cum_log_probs": lambda: ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
+        "output_log_probs": lambda: ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
+        "num_input_tokens": lambda: ("INT32", np.array([out.num_input_tokens], dtype=np.int32)),
+        "num_output_tokens": lambda: ("INT32", np.array([out.num_output_tokens], dtype=np.int32)),
+    }
+    return {name: make[name]() for name in (make if names is None else names)}

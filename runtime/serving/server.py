@@ -1,0 +1,488 @@
+"""The standalone in-flight batching server: KServe v2 `GRPCInferenceService` (Triton's gRPC
+protocol) over one `EngineCore`, plus Prometheus metrics on a second port.
+
+    llamaforge serve ENGINE [--port 8001] [--metrics-port 8002] ...      (make serve ENGINE=dir)
+
+Models (interfaces in `runtime/serving/model_interface.py`): the text model as "ensemble" (what TensorRT-LLM
+ensemble clients call), "tensorrt_llm_bls" and the engine's variant name; the token model as
+"tensorrt_llm". Version "" or "1".
+
+RPCs: ServerLive, ServerReady, ModelReady (false for an unknown model or version), ServerMetadata,
+ModelMetadata, ModelConfig, ModelInfer, ModelStreamInfer, ModelStatistics, RepositoryIndex; the
+others (repository load/unload, shared memory, trace, log settings) answer UNIMPLEMENTED.
+
+Status codes (unary calls; on a stream the same message goes into `error_message`, with the
+request's `id` in `infer_response.id`, and the stream stays open):
+
+    INVALID_ARGUMENT    a request field is wrong; the message starts with the field's name
+                        ("max_tokens: must be > 0, got 0", "text_input: not valid UTF-8 ...")
+    NOT_FOUND           unknown model ("model_name: ...") or version ("model_version: ...")
+    RESOURCE_EXHAUSTED  the core's waiting queue is full (answered at once, nothing queued), a
+                        message over the receive limit (`max_message_bytes`, from gRPC itself),
+                        or more concurrent RPCs than handler threads (max_num_seqs + max_queue + 8)
+    CANCELLED           the request was cancelled (client gone, server stopping)
+    INTERNAL            the engine failed while running the request
+
+Streaming is decoupled, as Triton's decoupled models: one response per new piece of text (token
+model: per new token), each with `triton_final_response` set (false, then true on the last).
+With `triton_enable_empty_final_response` (tritonclient `enable_empty_final_response=True`) every
+data response has it false and an extra response without outputs carries true, which is what
+Triton sends for ensembles. A request with stream=false on the stream gets one response.
+Unary ModelInfer on the same (decoupled) models serves stream=false requests whole; stream=true on
+a unary call is INVALID_ARGUMENT naming `stream` (Triton refuses unary calls to decoupled models).
+
+Cancellation: when a unary call's client cancels or disconnects, or a stream is cancelled or
+closed by the client, each of its requests is cancelled in the core (KV freed within one step).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from llamaforge.runtime.core.requests import GenerationOutput, OutputSink, QueueFullError, RequestError, RequestHandle
+from llamaforge.runtime.serving.metrics import ServerMetrics
+from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
+from llamaforge.runtime.serving.protocol import FINAL_PARAM, ModelContext, ParsedRequest, ResponseBuilder, parse_request
+
+__all__ = ["InferenceServer", "InferenceServicer", "serve", "DEFAULT_MAX_MESSAGE_BYTES"]
+
+SERVER_NAME = "llama-forge"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Stats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    last_ms: int = 0
+
+    def record(self, ok: bool, ns: int) -> None:
+        with self.lock:
+            if ok:
+                self.success += 1
+                self.success_ns += ns
+            else:
+                self.fail += 1
+                self.fail_ns += ns
+            self.last_ms = int(time.time() * 1000)
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llama-forge")
+    except Exception:  # noqa: BLE001
+        return "0"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 gRPC over an engine core (anything with the EngineCore API)."""
+
+    def __init__(self, core: Any, metrics: ServerMetrics | None = None) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.ctx = ModelContext.from_core(core)
+        self.models: dict[str, ModelSpec] = {}
+        if core.tokenizer is not None:
+            for name in (TEXT_MODEL.name, "tensorrt_llm_bls", str(getattr(core, "model_name", "") or "")):
+                if name and name != TOKEN_MODEL.name:
+                    self.models.setdefault(name, TEXT_MODEL)
+        self.models[TOKEN_MODEL.name] = TOKEN_MODEL
+        self.stats = {name: _Stats() for name in self.models}
+        self.ready = True
+        self._version = _package_version()
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _resolve(self, name: str, version: str) -> ModelSpec:
+        spec = self.models.get(name)
+        if spec is None:
+            raise _Refused(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model '{name}' (served: "
+                                                       f"{', '.join(sorted(self.models))})")
+        if version not in ("", "1"):
+            raise _Refused(grpc.StatusCode.NOT_FOUND, f"model_version: version '{version}' of model '{name}' is "
+                                                       "not found (served: '1'; '' means the latest)")
+        return spec
+
+    def _new_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool,
+                sink: Callable[[ParsedRequest], OutputSink] | None = None) -> tuple[ParsedRequest, RequestHandle]:
+        """Resolve, parse and submit; raises _Refused with the status to answer. `sink`, given the
+        parsed request, makes the sink its outputs go to (see RequestHandle)."""
+        spec = self._resolve(request.model_name, request.model_version)
+        try:
+            parsed = parse_request(request, spec, self.ctx, self._new_id(), streaming_rpc)
+            handle = self.core.submit(parsed.generation, sink(parsed) if sink else None)
+        except RequestError as e:
+            if self.metrics:
+                self.metrics.on_invalid()
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except QueueFullError as e:
+            if self.metrics:
+                self.metrics.on_rejected()
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {e}") from None
+        if self.metrics:
+            self.metrics.on_admitted(len(parsed.generation.prompt_ids))
+        return parsed, handle
+
+    def _record(self, model: str, ok: bool, t0: int) -> None:
+        """Statistics of an admitted request that has ended."""
+        ns = time.monotonic_ns() - t0
+        st = self.stats.get(model)
+        if st is not None:
+            st.record(ok, ns)
+        if self.metrics:
+            self.metrics.on_request_done(ns / 1e9)
+
+    # -- health and metadata ---------------------------------------------------------------------------
+    def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        ok = request.name in self.models and request.version in ("", "1")
+        return pb.ModelReadyResponse(ready=self.ready and ok)
+
+    def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version,
+                                         extensions=["model_configuration", "statistics", "model_repository"])
+
+    def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        try:
+            spec = self._resolve(request.name, request.version)
+        except _Refused as e:
+            context.abort(e.code, e.message)
+        return model_metadata(spec, request.name)
+
+    def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        try:
+            spec = self._resolve(request.name, request.version)
+        except _Refused as e:
+            context.abort(e.code, e.message)
+        return pb.ModelConfigResponse(config=model_config(spec, request.name))
+
+    def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:
+            try:
+                self._resolve(request.name, request.version)
+            except _Refused as e:
+                context.abort(e.code, e.message)
+            names = [request.name]
+        else:
+            names = sorted(self.models)
+        resp = pb.ModelStatisticsResponse()
+        for name in names:
+            st = self.stats[name]
+            with st.lock:
+                ms = resp.model_stats.add(name=name, version="1", last_inference=st.last_ms,
+                                          inference_count=st.success, execution_count=st.success)
+                ms.inference_stats.success.count = st.success
+                ms.inference_stats.success.ns = st.success_ns
+                ms.inference_stats.fail.count = st.fail
+                ms.inference_stats.fail.ns = st.fail_ns
+        return resp
+
+    def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+        resp = pb.RepositoryIndexResponse()
+        for name in sorted(self.models):
+            resp.models.add(name=name, version="1", state="READY")
+        return resp
+
+    # -- inference --------------------------------------------------------------------------------------
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        t0 = time.monotonic_ns()
+        try:
+            parsed, handle = self._submit(request, streaming_rpc=False)
+        except _Refused as e:
+            if request.model_name in self.stats:
+                self.stats[request.model_name].record(False, time.monotonic_ns() - t0)
+            context.abort(e.code, e.message)
+        rid = parsed.generation.request_id
+        context.add_callback(lambda: None if handle.done.is_set() else self.core.cancel(rid))
+        builder = ResponseBuilder(parsed, request.model_name)
+        while True:
+            try:
+                out = handle.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not context.is_active():
+                    self.core.cancel(rid)
+                continue
+            builder.add(out)
+            if out.finished:
+                break
+        ok = out.finish_reason in ("stop", "length")
+        self._record(request.model_name, ok, t0)
+        if out.finish_reason == "cancelled":
+            context.abort(grpc.StatusCode.CANCELLED, f"request {request.id or rid} was cancelled")
+        if not ok:
+            context.abort(grpc.StatusCode.INTERNAL, f"request {request.id or rid} failed: {out.error or out.finish_reason}")
+        return builder.whole()
+
+    def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        stream = _Stream(self, context)
+        context.add_callback(stream.cancel_all)
+        reader = threading.Thread(target=stream.read, args=(request_iterator,), name="grpc-stream-reader", daemon=True)
+        reader.start()
+        yield from stream.responses()
+
+
+_READER_DONE = object()
+
+
+@dataclass(eq=False)
+class _StreamRequest:
+    """One request on a stream, as the stream's sender sees it."""
+
+    request: pb.ModelInferRequest
+    parsed: ParsedRequest
+    t0: int
+    builder: ResponseBuilder
+    ended: bool = False
+
+
+class _Stream:
+    """One ModelStreamInfer call. A reader thread takes requests and submits them; the core hands
+    every request's outputs to one queue (a sink called in the core's thread, not a thread per
+    request); the RPC's generator turns them into responses and yields them."""
+
+    def __init__(self, servicer: InferenceServicer, context: Any) -> None:
+        self.servicer = servicer
+        self.context = context
+        self.out: queue.Queue[Any] = queue.Queue()  # responses, (_StreamRequest, output), _READER_DONE
+        self.lock = threading.Lock()
+        self.active: set[str] = set()  # ids of started requests not yet ended, for cancel_all
+        self.started = 0  # requests admitted; with `ended`, tells the generator when all are done
+        self.ended = 0
+        self.closed = False
+
+    def read(self, request_iterator: Any) -> None:
+        try:
+            for request in request_iterator:
+                self.start(request)
+        except Exception:  # noqa: BLE001 - the client went away: nothing more will come
+            pass
+        finally:
+            self.out.put(_READER_DONE)
+
+    def start(self, request: pb.ModelInferRequest) -> None:
+        t0 = time.monotonic_ns()
+        entry: list[_StreamRequest] = []
+
+        def sink(parsed: ParsedRequest) -> OutputSink:
+            state = _StreamRequest(request, parsed, t0, ResponseBuilder(parsed, request.model_name))
+            entry.append(state)
+
+            def put(out: GenerationOutput) -> None:
+                self.out.put((state, out))
+            return put
+
+        try:
+            parsed, _ = self.servicer._submit(request, streaming_rpc=True, sink=sink)
+        except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
+            if request.model_name in self.servicer.stats:
+                self.servicer.stats[request.model_name].record(False, time.monotonic_ns() - t0)
+            message = e.message if isinstance(e, _Refused) else f"internal error: {e!r}"
+            self.out.put(self.error(request, message))
+            return
+        rid = parsed.generation.request_id
+        with self.lock:
+            self.started += 1
+            if not entry[0].ended:  # its last output may already have been sent
+                self.active.add(rid)
+            closed = self.closed
+        if closed:
+            self.servicer.core.cancel(rid)
+
+    def error(self, request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+        if request.id:  # tritonclient hands a stream callback only the message
+            message = f"{message} (request id '{request.id}')"
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version or "1", id=request.id))
+
+    def responses_for(self, st: _StreamRequest, out: GenerationOutput) -> list[pb.ModelStreamInferResponse]:
+        """The responses one core output makes: a piece of the stream (stream=true), the whole
+        answer (stream=false, at the end), an empty final response, or the error it ended with."""
+        if st.ended:  # failed while building an earlier response: already answered
+            return []
+        responses = []
+        parsed, failure = st.parsed, None
+        completed = not out.finished or out.finish_reason in ("stop", "length")  # else: cancelled or failed
+        try:
+            if completed and parsed.stream:
+                resp = st.builder.piece(out, out.finished and not parsed.empty_final)
+                if resp is not None:
+                    responses.append(pb.ModelStreamInferResponse(infer_response=resp))
+            elif completed:
+                st.builder.add(out)
+                if out.finished:
+                    resp = st.builder.whole()
+                    resp.parameters[FINAL_PARAM].bool_param = not parsed.empty_final
+                    responses.append(pb.ModelStreamInferResponse(infer_response=resp))
+            if completed and out.finished and parsed.empty_final:
+                responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
+        except Exception as e:  # noqa: BLE001 - report it on the stream rather than leave the client waiting
+            self.servicer.core.cancel(parsed.generation.request_id)
+            failure = f"internal error: {e!r}"
+        if out.finished or failure is not None:
+            ok = failure is None and completed
+            self.servicer._record(st.request.model_name, ok, st.t0)
+            if not ok:
+                if failure is None:
+                    failure = f"request {out.finish_reason}" + (f": {out.error}" if out.error else "")
+                responses.append(self.error(st.request, failure))
+            with self.lock:
+                st.ended = True
+                self.ended += 1
+                self.active.discard(parsed.generation.request_id)
+        return responses
+
+    def cancel_all(self) -> None:
+        with self.lock:
+            self.closed = True
+            ids = list(self.active)
+        for rid in ids:
+            self.servicer.core.cancel(rid)
+
+    def responses(self) -> Any:
+        reader_done = False
+        while True:
+            try:
+                item = self.out.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self.context.is_active():
+                    self.cancel_all()
+                    return
+                continue
+            if item is _READER_DONE:
+                reader_done = True
+            elif isinstance(item, tuple):
+                yield from self.responses_for(*item)
+            else:
+                yield item
+            if reader_done:
+                with self.lock:
+                    idle = self.ended == self.started
+                if idle and self.out.empty():
+                    return
+
+
+class InferenceServer:
+    """gRPC server (+ metrics endpoint) around an engine core. `start()` starts the core too;
+    `stop()` stops the gRPC server, the metrics endpoint and, if `own_core`, the core."""
+
+    def __init__(self, core: Any, host: str = "127.0.0.1", port: int = 8001, metrics_port: int | None = 8002,
+                 metrics: ServerMetrics | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_workers: int | None = None, own_core: bool = True) -> None:
+        self.core = core
+        self.host = host
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.metrics.attach(core)
+        if getattr(core, "observer", False) is None:
+            core.observer = self.metrics  # the core was made without one: observe it from now on
+        self.servicer = InferenceServicer(core, self.metrics)
+        cfg = getattr(core, "config", None)
+        max_seqs = int(getattr(cfg, "max_num_seqs", 16))
+        max_queue = int(getattr(cfg, "max_queue", 64))
+        # Every admitted request can hold a handler thread while it runs or waits, plus room for
+        # health checks and requests that will be refused with RESOURCE_EXHAUSTED.
+        self.max_workers = max_workers or max_seqs + max_queue + 8
+        options = [
+            ("grpc.max_receive_message_length", int(max_message_bytes)),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
+                                                            thread_name_prefix="grpc-handler"),
+                                 options=options, maximum_concurrent_rpcs=self.max_workers)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC port {host}:{port}")
+        self._metrics_port_req = metrics_port
+        self.metrics_port: int | None = None
+        self.own_core = own_core
+        self._stopped = threading.Event()
+
+    def start(self) -> InferenceServer:
+        self.core.start()
+        self._grpc.start()
+        if self._metrics_port_req is not None:
+            self.metrics_port = self.metrics.start_http(self.host, self._metrics_port_req)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.servicer.ready = False
+        ev = self._grpc.stop(grace)
+        if self.own_core:
+            self.core.stop()  # finishes whatever is left as cancelled, which ends its handlers
+        ev.wait(timeout=10)
+        self.metrics.stop_http()
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
+
+    def __enter__(self) -> InferenceServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8001,
+          metrics_port: int | None = 8002, core_config: Any = None,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    """Load the engine, serve until SIGINT/SIGTERM."""
+    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+
+    metrics = ServerMetrics()
+    core = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
+    server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes)
+    server.start()
+    names = ", ".join(sorted(server.servicer.models))
+    print(f"llama-forge: serving {engine_dir} (models: {names}) on grpc {host}:{server.port}"
+          + (f", metrics http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        done.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        print("llama-forge: shutting down", flush=True)
+        server.stop(grace=5.0)

@@ -1,0 +1,122 @@
+"""The real server, the real engine core and the real `tritonclient.grpc` client together:
+greedy parity with transformers, and many concurrent streams with cancellations."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from server_utils import grpc_client, is_final, running_server, text_inputs, token_inputs, wait_until
+from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config
+
+from llamaforge.build.builder import BuildOptions, build_engine
+from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    ckpt = make_hf_checkpoint(tmp / "hf", tiny_config(), seed=31)
+    build_engine(BuildOptions(checkpoint=ckpt, out=tmp / "engine"))
+    return ckpt, tmp / "engine"
+
+
+def hf_greedy(hf: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_greedy_through_server_equals_transformers(built: tuple[Path, Path]) -> None:
+    ckpt, engine = built
+    hf = load_hf_oracle(ckpt)
+    core = EngineCore(engine, CoreConfig(kv_budget_tokens=2048, max_num_seqs=4, max_queue=16))
+    eos = core.eos_ids[0]
+    with running_server(core) as server:
+        client = grpc_client(server)
+        g = torch.Generator().manual_seed(0)
+        for n in (4, 19, 45):  # token model: the client tokenizes
+            ids = torch.randint(3, 600, (n,), generator=g).tolist()
+            r = client.infer("tensorrt_llm", token_inputs(ids, NEW_TOKENS, exclude_input_in_output=True))
+            assert r.as_numpy("output_ids").reshape(-1).tolist() == hf_greedy(hf, ids, eos)
+        for prompt in ("def main(args):\n", "import os\nimport sys\n\nclass Config:"):  # text model
+            ids = core.tokenizer.encode(prompt, add_bos=True, allow_special=True)
+            r = client.infer("ensemble", text_inputs(prompt, NEW_TOKENS, exclude_input_in_output=True))
+            want = core.tokenizer.decode(hf_greedy(hf, ids, eos)).encode()
+            assert r.as_numpy("text_output")[0] == want
+    assert core.kv.all_free()
+
+
+def test_32_concurrent_streams_with_cancellations(built: tuple[Path, Path]) -> None:
+    _, engine = built
+    core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, max_num_batched_tokens=128, max_queue=48))
+    prompts = [f"def function_{i}(x, y):\n    return x" + " + y" * (i % 5) for i in range(32)]
+    with running_server(core) as server:
+        expected = {}
+        client = grpc_client(server)
+        for p in set(prompts):
+            r = client.infer("ensemble", text_inputs(p, NEW_TOKENS, exclude_input_in_output=True, min_tokens=NEW_TOKENS))
+            expected[p] = r.as_numpy("text_output")[0]
+        results: dict[int, dict[str, Any]] = {}
+        errors: list[BaseException] = []
+
+        def client_thread(i: int) -> None:
+            try:
+                c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+                pieces: list[bytes] = []
+                done = threading.Event()
+                final = {"seen": False}
+                cancel = i % 4 == 3
+
+                def on_result(result: Any, error: Any) -> None:
+                    if error is not None:
+                        if not final.get("cancel_sent"):  # after our cancel, tritonclient reports it locally
+                            final["error"] = error
+                        done.set()
+                        return
+                    text = result.as_numpy("text_output")
+                    if text is not None:
+                        pieces.append(bytes(text[0]))
+                    if is_final(result):
+                        final["seen"] = True
+                        done.set()
+                    elif cancel and len(pieces) >= 3:
+                        done.set()
+
+                c.start_stream(callback=on_result)
+                c.async_stream_infer("ensemble", text_inputs(prompts[i], NEW_TOKENS, stream=True, min_tokens=NEW_TOKENS),
+                                     request_id=f"client-{i}")
+                assert done.wait(120), f"client {i} got nothing"
+                final["cancel_sent"] = cancel
+                c.stop_stream(cancel_requests=cancel)
+                results[i] = {"text": b"".join(pieces), "final": final["seen"], "cancel": cancel, "error": final.get("error")}
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert len(results) == 32
+        for i, r in results.items():
+            assert r["error"] is None, (i, r["error"])
+            want = expected[prompts[i]]
+            if r["cancel"] and not r["final"]:
+                assert want.startswith(r["text"]) and r["text"], f"client {i}: cancelled stream is not a prefix"
+            else:
+                assert r["final"] and r["text"] == want, f"client {i}: stream differs from unary output"
+        assert sum(r["cancel"] and not r["final"] for r in results.values()) >= 4, "cancellations must have happened mid-stream"
+        wait_until(lambda: core.stats()["running"] == 0 and core.stats()["waiting"] == 0, timeout=60)
+        assert core.kv.all_free(), "the KV manager must end fully free"
+        assert np.isclose(core.stats()["kv_free_fraction"], 1.0)

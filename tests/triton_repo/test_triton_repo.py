@@ -1,0 +1,447 @@
+"""`make repo`: the generated Triton model repository.
+
+Every config.pbtxt parses into Triton's own `ModelConfig` (tritonclient.grpc.model_config_pb2) and
+the ensemble's wiring is checked tensor by tensor. The Python-backend models run in-process against
+tests/pb_utils_standin.py, a STAND-IN for `triton_python_backend_utils` and for the server around
+it (a real Triton server cannot run here): streaming through the ensemble and through `bls` equals
+the unary text equals transformers' greedy output, cancellation frees the KV cache, bad input gets
+INVALID_ARG naming the field while the models keep serving, and two requests share steps of the
+running batch of the one `llama` engine core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pb_utils_standin as pb
+import pytest
+import torch
+from google.protobuf import text_format
+from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config, train_tiny_sentencepiece, train_tiny_tokenizer
+from tritonclient.grpc import model_config_pb2 as mc
+
+from llamaforge import cli
+from llamaforge.build.builder import BuildOptions, build_engine
+from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer, decode_window, resume_point
+from llamaforge.runtime.core.engine import EngineError
+from llamaforge.runtime.core.tokenizer import load_tokenizer
+from llamaforge.runtime.serving.metrics import CORE_GAUGES, METRIC_NAMES, PREFIX
+from llamaforge.runtime.serving.model_interface import TEXT_MODEL
+from llamaforge.triton_repo.repository import PYTHON_MODELS, RepoOptions, model_configs, write_repo
+
+pb.install()
+from llamaforge.triton_repo.models import llama as llama_model  # noqa: E402 - needs the stand-in installed
+
+ROOT = Path(__file__).resolve().parents[2]
+NEW_TOKENS = 24
+PROMPTS = ("def main(args):\n", "import os\nimport sys\n\nclass Config:")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("triton")
+    ckpt = make_hf_checkpoint(tmp / "hf", tiny_config(), seed=47)
+    build_engine(BuildOptions(checkpoint=ckpt, out=tmp / "engine"))
+    return ckpt, tmp / "engine"
+
+
+@pytest.fixture(scope="module")
+def repo(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("repos") / "tiny"
+    return write_repo(RepoOptions(engine=built[1], out=out, device="cpu", kv_budget_tokens=2048, max_num_seqs=4,
+                                  max_num_batched_tokens=128, max_queue=16))
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Any:
+    s = pb.StandInServer(repo)
+    yield s
+    s.stop()
+
+
+def configs_of(repo: Path) -> dict[str, mc.ModelConfig]:
+    return {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in repo.glob("*/config.pbtxt")}
+
+
+def text_request(prompt: str | bytes, max_tokens: int, **extra: Any) -> dict[str, np.ndarray]:
+    """Tensors as TensorRT-LLM's end_to_end_grpc_client sends them ([[prompt]], [[n]], ...)."""
+    p = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
+    t = {"text_input": np.array([[p]], dtype=np.object_), "max_tokens": np.array([[max_tokens]], dtype=np.int32)}
+    for name, value in extra.items():
+        if isinstance(value, bool):
+            t[name] = np.array([[value]], dtype=bool)
+        elif isinstance(value, int):
+            t[name] = np.array([[value]], dtype=np.uint64 if name == "seed" else np.int32)
+        elif isinstance(value, float):
+            t[name] = np.array([[value]], dtype=np.float32)
+        else:
+            t[name] = np.array([[w.encode() for w in value]], dtype=np.object_)
+    return t
+
+
+def text_of(call: pb.Call) -> bytes:
+    assert not call.errors, [e.message() for e in call.errors]
+    return b"".join(bytes(o["text_output"][0]) for o in call.outputs)
+
+
+def hf_greedy(hf: torch.nn.Module, ids: list[int], eos: int, n: int = NEW_TOKENS) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=0)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+# -- schema and wiring -----------------------------------------------------------------------------------
+
+
+def test_every_config_parses_against_tritons_schema(repo: Path, built: tuple[Path, Path]) -> None:
+    configs = configs_of(repo)
+    assert set(configs) == {"preprocessing", "llama", "postprocessing", "ensemble", "bls"}
+    for name, cfg in configs.items():
+        assert cfg.name == name and cfg.max_batch_size == 0
+        assert (cfg.platform, cfg.backend) == (("ensemble", "") if name == "ensemble" else ("", "python"))
+        if name in PYTHON_MODELS:
+            assert (repo / name / "1" / "model.py").is_file() and (repo / name / "1" / "llamaforge" / "runtime" / "core" / "engine_core.py").is_file()
+            assert cfg.parameters["engine_dir"].string_value == str(built[1].resolve())
+    llama = configs["llama"]
+    assert llama.model_transaction_policy.decoupled and configs["bls"].model_transaction_policy.decoupled
+    assert not configs["preprocessing"].model_transaction_policy.decoupled
+    params = {k: v.string_value for k, v in llama.parameters.items()}
+    assert params["kv_budget_tokens"] == "2048" and params["max_num_seqs"] == "4"
+    assert params["scheduling_policy"] == "inflight" and params["max_num_batched_tokens"] == "128"
+    assert [(g.kind, list(g.gpus)) for g in llama.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, [])]
+    # A GPU repository: instance_group places llama on the GPUs, and the parameter agrees.
+    gpu = model_configs(RepoOptions(engine=Path("unused"), device="gpu", gpus=(0, 1), instances=2), "/engines/x")
+    g = gpu["llama"].instance_group[0]
+    assert (g.kind, list(g.gpus), g.count) == (mc.ModelInstanceGroup.KIND_GPU, [0, 1], 2)
+    assert gpu["llama"].parameters["gpu_device_ids"].string_value == "0,1"
+    assert gpu["preprocessing"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    text = text_format.MessageToString(gpu["llama"])
+    assert text_format.Parse(text, mc.ModelConfig()) == gpu["llama"]
+
+
+def test_ensemble_interface_is_tensorrt_llms(repo: Path) -> None:
+    """The external tensors TensorRT-LLM's ensemble clients send and read, by name and dtype."""
+    trtllm_inputs = {"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stream": "TYPE_BOOL",
+                     "temperature": "TYPE_FP32", "top_p": "TYPE_FP32", "top_k": "TYPE_INT32",
+                     "repetition_penalty": "TYPE_FP32", "min_tokens": "TYPE_INT32", "end_id": "TYPE_INT32",
+                     "pad_id": "TYPE_INT32", "seed": "TYPE_UINT64", "stop_words": "TYPE_STRING",
+                     "bad_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL", "return_log_probs": "TYPE_BOOL"}
+    trtllm_outputs = {"text_output": "TYPE_STRING", "output_log_probs": "TYPE_FP32", "cum_log_probs": "TYPE_FP32",
+                      "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32"}
+    for name in ("ensemble", "bls"):
+        cfg = configs_of(repo)[name]
+        inputs = {i.name: mc.DataType.Name(i.data_type) for i in cfg.input}
+        outputs = {o.name: mc.DataType.Name(o.data_type) for o in cfg.output}
+        assert trtllm_inputs.items() <= inputs.items() and trtllm_outputs.items() <= outputs.items()
+        assert [i.name for i in cfg.input] == [t.name for t in TEXT_MODEL.inputs]  # model_interface.py is the source
+        assert [i.name for i in cfg.input if not i.optional] == ["text_input", "max_tokens"]
+
+
+def _compatible(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == -1 or y == -1 or x == y for x, y in zip(a, b))
+
+
+def test_ensemble_wiring_maps_every_tensor_with_matching_dtype(repo: Path) -> None:
+    configs = configs_of(repo)
+    ens = configs["ensemble"]
+    available = {i.name: (i.data_type, list(i.dims)) for i in ens.input}
+    consumed: set[str] = set()
+    for step in ens.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        model_inputs = {i.name: i for i in model.input}
+        model_outputs = {o.name: o for o in model.output}
+        for model_input, tensor in step.input_map.items():
+            assert model_input in model_inputs, (step.model_name, model_input)
+            assert tensor in available, f"{step.model_name}.{model_input} reads {tensor}, which nothing produced yet"
+            dtype, dims = available[tensor]
+            spec = model_inputs[model_input]
+            assert dtype == spec.data_type, (step.model_name, model_input)
+            assert _compatible(dims, list(spec.dims)), (step.model_name, model_input, dims, list(spec.dims))
+            consumed.add(tensor)
+        missing = [i.name for i in model.input if not i.optional and i.name not in step.input_map]
+        assert not missing, (step.model_name, missing)
+        for model_output, tensor in step.output_map.items():
+            assert model_output in model_outputs, (step.model_name, model_output)
+            assert tensor not in available, f"{tensor} is produced twice"
+            available[tensor] = (model_outputs[model_output].data_type, list(model_outputs[model_output].dims))
+    for o in ens.output:
+        assert o.name in available and available[o.name][0] == o.data_type, o.name
+        assert _compatible(available[o.name][1], list(o.dims)), o.name
+    assert {i.name for i in ens.input} <= consumed, "every ensemble input is used by a step"
+
+
+def test_generated_models_import_their_own_runtime_copy(repo: Path, tmp_path: Path) -> None:
+    """As in Triton: the version directory appended to sys.path, `triton_python_backend_utils` given,
+    no llama-forge installed. model.py must load the runtime copy and need neither torch nor the
+    build stages."""
+    shutil.copy(Path(pb.__file__), tmp_path / "triton_python_backend_utils.py")
+    version = repo / "preprocessing" / "1"
+    code = f"""
+import json, sys
+sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]
+sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]
+sys.path.insert(0, {str(tmp_path)!r}); sys.path.append({str(version)!r})
+import numpy as np, triton_python_backend_utils as pb, model, llamaforge
+assert llamaforge.__file__.startswith({str(version)!r}), llamaforge.__file__
+cfg = open({str(repo / 'preprocessing' / 'config.pbtxt')!r}).read()
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+m = model.TritonPythonModel()
+m.initialize({{"model_config": json.dumps(json_format.MessageToDict(text_format.Parse(cfg, mc.ModelConfig()),
+              preserving_proto_field_name=True)), "model_repository": {str(repo / 'preprocessing')!r}}})
+req = pb.InferenceRequest(inputs=[pb.Tensor("text_input", np.array([[b"def main("]], dtype=object))])
+out = m.execute([req])[0]
+assert not out.has_error(), out.error()
+print(out.output_tensors()[0].as_numpy().tolist())
+import llamaforge.triton_repo.models.llama, llamaforge.triton_repo.models.bls, llamaforge.triton_repo.models.postprocessing
+bad = [n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers', 'onnx')
+       or n.split('.')[:2] in (['llamaforge', 'export'], ['llamaforge', 'graphs'], ['llamaforge', 'build'])]
+assert not bad, bad
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])[0][0] == 1  # BOS first
+
+
+# -- stateless streaming detokenization -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("toks")
+    (root / "bpe").mkdir()
+    train_tiny_tokenizer().save(str(root / "bpe" / "tokenizer.json"))
+    (root / "sp").mkdir()
+    (root / "sp" / "tokenizer.model").write_bytes(train_tiny_sentencepiece())
+    return {"bpe": load_tokenizer(root / "bpe", {"kind": "hf", "file": "tokenizer.json", "bos_id": 1, "eos_ids": [2]}),
+            "sp": load_tokenizer(root / "sp", {"kind": "sentencepiece", "file": "tokenizer.model", "bos_id": 1,
+                                                 "eos_ids": [2]})}
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_window_decoding_gives_the_stateful_streams_pieces(tokenizers: dict[str, Any], kind: str) -> None:
+    """What postprocessing does per response (a fresh detokenizer over a resume window) gives, piece
+    by piece, what one detokenizer over the whole stream gives: random ids (split characters, invalid
+    bytes, specials), random chunking, SentencePiece leading spaces, stop words."""
+    tok = tokenizers[kind]
+    rng = random.Random(3)
+    texts = ["naïve café — 日本語のテキスト 🙂 Ünïcödé", "  leading spaces and END marks", "def f(x):\n    return x"]
+    cases = [(tok.encode(t, add_bos=False), ()) for t in texts]
+    cases += [([rng.randrange(tok.vocab_size) for _ in range(60)], ()) for _ in range(20)]
+    cases += [(tok.encode(texts[1], add_bos=False), ("END", "s a")), (tok.encode(texts[0], add_bos=False), ("テキ",))]
+    for ids, stops in cases:
+        for _ in range(5):
+            chunks, i = [], 0
+            while i < len(ids):
+                n = rng.randint(0, 3)
+                chunks.append(ids[i:i + n])
+                i += n
+            ref = IncrementalDetokenizer(tok, stops)
+            generated: list[int] = []
+            for j, chunk in enumerate(chunks):
+                final = j == len(chunks) - 1
+                want = ref.add(chunk)
+                start, continuing = resume_point(tok, generated, len(generated), stops)
+                assert len(generated) - start <= 4 * max((len(w) for w in stops), default=0) + 8
+                got = decode_window(tok, generated[start:], chunk, continuing, stops, final=final or ref.stopped)
+                if final or ref.stopped:
+                    want += ref.finish()
+                assert got == want, (kind, ids, chunks, j)
+                generated.extend(chunk)
+                if ref.stopped:
+                    break
+
+
+# -- the models, through the stand-in -------------------------------------------------------------------------
+
+
+def test_streams_equal_unary_equal_transformers(server: Any, built: tuple[Path, Path]) -> None:
+    ckpt, _ = built
+    hf = load_hf_oracle(ckpt)
+    core = server.models["llama"].core
+    for prompt in PROMPTS:
+        ids = core.tokenizer.encode(prompt, add_bos=True, allow_special=True)
+        want = core.tokenizer.decode(hf_greedy(hf, ids, core.eos_ids[0])).encode()
+        for model in ("ensemble", "bls"):
+            unary = server.infer(model, text_request(prompt, NEW_TOKENS, exclude_input_in_output=True)).wait()
+            assert len(unary.outputs) == 1 and text_of(unary) == want, model
+            full = server.infer(model, text_request(prompt, NEW_TOKENS)).wait()
+            assert text_of(full) == prompt.encode() + want, model  # exclude_input_in_output false: prompt first
+            stream = server.infer(model, text_request(prompt, NEW_TOKENS, stream=True)).wait()
+            assert len(stream.outputs) > 3, "a stream answers piece by piece"
+            assert text_of(stream) == want, model
+            assert int(stream.outputs[-1]["num_output_tokens"][0]) == len(hf_greedy(hf, ids, core.eos_ids[0]))
+    assert core.kv.all_free()
+
+
+def test_cancellation_frees_the_kv_cache(server: Any) -> None:
+    core = server.models["llama"].core
+    for model in ("ensemble", "bls"):
+        call = server.infer(model, text_request(PROMPTS[0], 400, stream=True, min_tokens=400))
+        call.wait_for(3)
+        assert core.stats()["running"] == 1
+        call.cancel()
+        call.wait(30)
+        assert call.errors and call.errors[-1].code() == pb.TritonError.CANCELLED, model
+        assert "cancelled" in call.errors[-1].message()
+        assert sum(len(o["text_output"][0]) for o in call.outputs) > 0
+        assert core.kv.all_free() and core.stats()["running"] == 0, model
+        assert pb.metric(PREFIX + "kv_cache_free_fraction").value() == 1.0
+    assert text_of(server.infer("ensemble", text_request("ok", 4)).wait())  # still serving
+
+
+@pytest.mark.parametrize("model, tensors, field", [
+    ("ensemble", text_request("hi", 0), "max_tokens"),
+    ("ensemble", text_request(b"\xff\xfe", 4), "text_input"),
+    ("ensemble", text_request("hi", 600), "max_tokens"),  # past the 512-token context
+    ("ensemble", text_request("hi", 4, top_p=1.5), "top_p"),
+    ("ensemble", text_request("hi", 4, temperature=-1.0), "temperature"),
+    ("ensemble", text_request("hi", 4, min_tokens=9), "min_tokens"),
+    ("bls", text_request("hi", 0), "max_tokens"),
+    ("bls", text_request(b"\xc3", 4), "text_input"),
+    ("llama", {"input_ids": np.array([[1, 5000]], np.int32), "request_output_len": np.array([[4]], np.int32)},
+     "input_ids"),
+    ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
+               "beam_width": np.array([[2]], np.int32)}, "beam_width"),
+])
+def test_bad_input_is_invalid_arg_naming_the_field(server: Any, model: str, tensors: dict[str, np.ndarray],
+                                                    field: str) -> None:
+    call = server.infer(model, tensors).wait(30)
+    assert not call.outputs and len(call.errors) == 1
+    error = call.errors[0]
+    assert error.code() == pb.TritonError.INVALID_ARG and field in error.message(), error.message()
+    assert server.models["llama"].core.kv.all_free()
+    assert text_of(server.infer(model if model != "llama" else "ensemble", text_request("ok", 4)).wait())
+
+
+def test_unknown_request_parameter_is_refused(server: Any) -> None:
+    call = server.infer("llama", {"input_ids": np.array([[1, 5]], np.int32),
+                                  "request_output_len": np.array([[4]], np.int32)}, parameters={"bogus": 1}).wait()
+    assert call.errors[0].code() == pb.TritonError.INVALID_ARG and "parameters.bogus" in call.errors[0].message()
+
+
+class _StepRecorder:
+    """Tees the core's observer callbacks and notes the step in which each request got each token."""
+
+    def __init__(self, core: Any) -> None:
+        self.core, self.inner = core, core.observer
+        self.steps: dict[str, list[int]] = defaultdict(list)
+
+    def on_first_token(self, request_id: str, ttft_s: float) -> None:
+        self.steps[request_id].append(self.core.steps)
+        self.inner.on_first_token(request_id, ttft_s)
+
+    def on_token(self, request_id: str, itl_s: float) -> None:
+        self.steps[request_id].append(self.core.steps)
+        self.inner.on_token(request_id, itl_s)
+
+    def on_finished(self, request_id: str, reason: str, n: int) -> None:
+        self.inner.on_finished(request_id, reason, n)
+
+
+def test_two_requests_join_the_same_running_batch(server: Any) -> None:
+    core = server.models["llama"].core
+    a_req = text_request(PROMPTS[0], 200, stream=True, min_tokens=200, exclude_input_in_output=True)
+    b_req = text_request(PROMPTS[1], NEW_TOKENS, exclude_input_in_output=True)
+    a_alone = text_of(server.infer("ensemble", {**a_req, "stream": np.array([[False]])}).wait())
+    b_alone = text_of(server.infer("bls", b_req).wait())
+    recorder = _StepRecorder(core)
+    core.observer = recorder
+    try:
+        a = server.infer("ensemble", a_req)
+        a.wait_for(3)  # A is in the running batch, decoding
+        b = server.infer("bls", b_req)
+        b.wait()
+        a.wait()
+    finally:
+        core.observer = recorder.inner
+    assert text_of(a) == a_alone and text_of(b) == b_alone  # batching does not change greedy output
+    (a_steps, b_steps) = sorted(recorder.steps.values(), key=lambda s: s[0])
+    assert set(b_steps) <= set(a_steps), "every step that gave B a token gave A one too: one running batch"
+    assert a_steps[0] < b_steps[0] < a_steps[-1], "B joined while A was running"
+    assert core.kv.all_free()
+
+
+def test_metrics_mirror_the_standalone_servers_names(server: Any) -> None:
+    before = len(pb.metric(PREFIX + "time_to_first_token_seconds").observations)
+    stops = pb.metric(PREFIX + "requests_total", outcome="length").value()
+    server.infer("ensemble", text_request(PROMPTS[0], 5, min_tokens=5)).wait()
+    names = set(pb.MetricFamily.registry)
+    assert names <= set(METRIC_NAMES) and {PREFIX + name for name, _, _ in CORE_GAUGES} <= names
+    assert len(pb.metric(PREFIX + "time_to_first_token_seconds").observations) == before + 1
+    assert pb.metric(PREFIX + "requests_total", outcome="length").value() == stops + 1
+    assert pb.metric(PREFIX + "kv_cache_free_fraction").value() == 1.0
+    assert pb.metric(PREFIX + "kv_cache_total_tokens").value() == 2048
+    assert pb.metric(PREFIX + "queue_depth").value() == 0
+
+
+# -- placement, engine kinds, generator -----------------------------------------------------------------
+
+
+def test_config_parameters_are_read_and_checked(server: Any) -> None:
+    cfg = server.models["llama"].core.config  # from llama/config.pbtxt, written by the repo fixture
+    assert (cfg.kv_budget_tokens, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, cfg.policy) == \
+        (2048, 4, 128, 16, "inflight")
+    assert llama_model.core_config({"scheduling_policy": "static"}, []).policy == "static"
+    for key, value in (("max_num_seqs", "many"), ("kv_budget_tokens", "0"), ("scheduling_policy", "fifo")):
+        with pytest.raises(EngineError, match=key):
+            llama_model.core_config({key: value}, [])
+
+
+def test_gpu_placement_needs_cuda_onnxruntime_and_agreeing_device_ids() -> None:
+    args = {"model_instance_kind": "GPU", "model_instance_device_id": "1"}
+    with pytest.raises(EngineError, match="gpu_device_ids"):
+        llama_model.placement({"gpu_device_ids": "0"}, args)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert llama_model.placement({}, args)[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    else:
+        with pytest.raises(EngineError, match="onnxruntime-gpu"):
+            llama_model.placement({"gpu_device_ids": "0,1"}, args)
+    assert llama_model.placement({}, {"model_instance_kind": "CPU"}) == ["CPUExecutionProvider"]
+
+
+def test_trt_engine_fails_to_load_with_a_clear_message(built: tuple[Path, Path], tmp_path: Path) -> None:
+    engine = tmp_path / "trt-engine"
+    shutil.copytree(built[1], engine, ignore=shutil.ignore_patterns("*.data", "*.onnx"))
+    manifest = json.loads((engine / "manifest.json").read_text())
+    (engine / "manifest.json").write_text(json.dumps({**manifest, "backend": "trt"}))
+    cfg = {"parameters": {"engine_dir": {"string_value": str(engine)}}}
+    with pytest.raises(EngineError, match="'trt'.*no TensorRT runner"):
+        llama_model.TritonPythonModel().initialize({"model_config": json.dumps(cfg), "model_instance_kind": "CPU",
+                                                    "model_repository": str(tmp_path)})
+
+
+def test_repo_cli_replaces_atomically_and_refuses_bad_engines(built: tuple[Path, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r" / "tiny"
+    for _ in range(2):  # the second run replaces the first
+        assert cli.main(["repo", str(built[1]), "--out", str(out), "--device", "cpu", "--engine-path", "/engines/t"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"], "no temporary directory is left"
+    cfg = text_format.Parse((out / "llama" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert cfg.parameters["engine_dir"].string_value == "/engines/t"
+    assert "onnxruntime==" in (out / "llama" / "1" / "requirements.txt").read_text()
+    capsys.readouterr()
+    assert cli.main(["repo", str(tmp_path / "nope"), "--out", str(tmp_path / "bad")]) == 2
+    assert "ENGINE=" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert cli.main(["repo", str(built[1]), "--out", str(tmp_path / "bad"), "--gpus", ""]) == 2
+    assert "GPUS" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_make_repo_passes_its_variables() -> None:
+    r = subprocess.run(["make", "-n", "repo", "ENGINE=engines/x", "NAME=n", "OUT=/tmp/o", "DEVICE=cpu"], cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+    assert "llamaforge repo engines/x --name n --out /tmp/o" in r.stdout and "--device cpu" in r.stdout

@@ -1,0 +1,234 @@
+"""`make repo ENGINE=dir` / `llamaforge repo ENGINE`: a Triton Inference Server model repository
+for an engine directory (deployment: triton_repo/README.md).
+
+    OUT/preprocessing/   config.pbtxt, 1/model.py, 1/llamaforge/   tokenizer (Python backend)
+    OUT/llama/           config.pbtxt, 1/model.py, 1/llamaforge/   the in-flight batching engine core
+                         (decoupled), 1/requirements.txt: what to pip-install in the container
+    OUT/postprocessing/  config.pbtxt, 1/model.py, 1/llamaforge/   incremental detokenization
+    OUT/ensemble/        config.pbtxt, 1/                          preprocessing -> llama -> postprocessing
+    OUT/bls/             config.pbtxt, 1/model.py, 1/llamaforge/   the same in one decoupled model
+
+Each config.pbtxt is a `tritonclient.grpc.model_config_pb2.ModelConfig` (Triton's own schema)
+printed with `google.protobuf.text_format`; the tensors come from triton_repo/models/interfaces.py.
+Each model's `model.py` re-exports its class from a copy of the serving part of the `llamaforge`
+package placed next to it (`llamaforge.runtime` and `llamaforge.triton_repo.models`; Triton's Python
+backend puts the model's version directory on sys.path), so the repository carries all of its own
+code and needs only third-party packages in the container (requirements.txt).
+The repository is assembled in a temporary sibling directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+import llamaforge
+import llamaforge
+import llamaforge.runtime
+import llamaforge.triton_repo.models
+import llamaforge.triton_repo.models
+from llamaforge.runtime.core.engine import EngineError, read_manifest
+from llamaforge.runtime.serving.model_interface import TensorSpec
+from llamaforge.triton_repo.models.interfaces import (
+    BLS, ENSEMBLE, ENSEMBLE_STEPS, INTERFACES, LLAMA, POSTPROCESSING, PREPROCESSING, ModelInterface,
+)
+
+from llamaforge.build.atomic import install_dir
+
+__all__ = ["RepoOptions", "RepoError", "model_configs", "write_repo", "runtime_requirements", "PYTHON_MODELS"]
+
+PYTHON_MODELS = (PREPROCESSING, LLAMA, POSTPROCESSING, BLS)
+POLICIES = ("inflight", "static")
+_SOURCE_NAMES = ("models", "__pycache__")  # triton_repo/NAME must not overwrite the generator's own sources
+# Distributions the runtime imports on a serving host (no torch): runtime/ and its imports.
+RUNTIME_DISTRIBUTIONS = ("numpy", "onnxruntime", "tokenizers", "sentencepiece", "tiktoken", "protobuf",
+                         "tritonclient", "prometheus-client")
+
+
+class RepoError(RuntimeError):
+    """The repository cannot be generated; the message names the offending option or file."""
+
+
+@dataclass
+class RepoOptions:
+    engine: Path
+    name: str | None = None  # default: the engine's variant name
+    out: Path | None = None  # default: triton_repo/NAME
+    engine_path: str | None = None  # engine_dir as the server sees it (default: ENGINE, absolute)
+    device: str = "gpu"  # llama's instance_group kind: gpu | cpu
+    gpus: Sequence[int] = (0,)
+    instances: int = 1  # llama instances per GPU (or on the CPU); each has its own core and KV cache
+    text_instances: int = 1  # CPU instances of preprocessing, postprocessing and bls
+    kv_budget_tokens: int | None = None
+    kv_budget_bytes: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_queue: int = 64
+    scheduling_policy: str = "inflight"
+    intra_op_threads: int | None = None
+
+
+def _data_type(datatype: str) -> int:
+    return mc.TYPE_STRING if datatype == "BYTES" else mc.DataType.Value("TYPE_" + datatype)
+
+
+def _tensors(cfg: mc.ModelConfig, iface: ModelInterface) -> None:
+    def add(target: Any, t: TensorSpec, is_input: bool) -> None:  # target: a repeated protobuf field
+        tensor = target.add(name=t.name, data_type=_data_type(t.datatype), dims=list(t.dims))
+        if is_input and t.optional:
+            tensor.optional = True
+
+    for t in iface.inputs:
+        add(cfg.input, t, True)
+    for t in iface.outputs:
+        add(cfg.output, t, False)
+
+
+def _check(opts: RepoOptions) -> None:
+    if opts.device not in ("gpu", "cpu"):
+        raise RepoError(f"DEVICE={opts.device!r} is not 'gpu' or 'cpu'")
+    if opts.device == "gpu" and (not opts.gpus or any(g < 0 for g in opts.gpus)):
+        raise RepoError(f"GPUS={list(opts.gpus)}: give one or more GPU ids >= 0")
+    if opts.scheduling_policy not in POLICIES:
+        raise RepoError(f"scheduling policy {opts.scheduling_policy!r} is not one of {list(POLICIES)}")
+    for key in ("instances", "text_instances", "max_num_seqs", "max_num_batched_tokens", "max_queue",
+                "kv_budget_tokens", "kv_budget_bytes", "intra_op_threads"):
+        value = getattr(opts, key)
+        if value is not None and value <= 0:
+            raise RepoError(f"{key}: must be > 0, got {value}")
+
+
+def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConfig]:
+    """The config of every model in the repository."""
+    _check(opts)
+    configs: dict[str, mc.ModelConfig] = {}
+    for name in PYTHON_MODELS:
+        iface = INTERFACES[name]
+        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)  # our scheduler batches
+        if iface.decoupled:
+            cfg.model_transaction_policy.decoupled = True
+        _tensors(cfg, iface)
+        cfg.parameters["engine_dir"].string_value = engine_path
+        if name == LLAMA:
+            group = cfg.instance_group.add(count=opts.instances)
+            if opts.device == "gpu":
+                group.kind = mc.ModelInstanceGroup.KIND_GPU
+                group.gpus.extend(opts.gpus)
+            else:
+                group.kind = mc.ModelInstanceGroup.KIND_CPU
+            params = {
+                "kv_budget_tokens": opts.kv_budget_tokens, "kv_budget_bytes": opts.kv_budget_bytes,
+                "max_num_seqs": opts.max_num_seqs, "max_num_batched_tokens": opts.max_num_batched_tokens,
+                "max_queue": opts.max_queue, "scheduling_policy": opts.scheduling_policy,
+                "intra_op_threads": opts.intra_op_threads,
+                "gpu_device_ids": ",".join(str(g) for g in opts.gpus) if opts.device == "gpu" else "",
+            }
+            for key, value in params.items():
+                cfg.parameters[key].string_value = "" if value is None else str(value)
+        else:
+            cfg.instance_group.add(count=opts.text_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+        if name == BLS:
+            cfg.parameters["llama_model"].string_value = LLAMA
+        configs[name] = cfg
+
+    ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
+    _tensors(ens, INTERFACES[ENSEMBLE])
+    for step in ENSEMBLE_STEPS:
+        s = ens.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+        s.input_map.update(step.input_map)
+        s.output_map.update(step.output_map)
+    configs[ENSEMBLE] = ens
+    return configs
+
+
+def runtime_requirements(device: str) -> list[str]:
+    """Pinned third-party requirements of the runtime on a serving host: the versions installed
+    here (which pyproject.toml pins); onnxruntime becomes onnxruntime-gpu for GPU instances."""
+    lines = []
+    for dist in RUNTIME_DISTRIBUTIONS:
+        version = metadata.version(dist)
+        name = {"onnxruntime": "onnxruntime-gpu" if device == "gpu" else "onnxruntime",
+                "tritonclient": "tritonclient[grpc]"}.get(dist, dist)
+        lines.append(f"{name}=={version}")
+    return lines
+
+
+_MODEL_PY = '''\
+# Generated by `llamaforge repo`: the {name} model is triton_repo/models/{name}.py of the copy of
+# llama-forge's serving code next to this file (Triton's Python backend puts this directory on sys.path).
+from llamaforge.triton_repo.models.{name} import TritonPythonModel  # noqa: F401
+'''
+
+
+def _copy_serving_code(version: Path) -> None:
+    """`version/llamaforge/`: the package's root, its runtime and the Python-backend models; no
+    build stage, so the copy imports neither torch nor onnx."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = version / "llamaforge"
+    package.mkdir()
+    shutil.copy2(Path(llamaforge.__file__), package / "__init__.py")
+    shutil.copytree(Path(llamaforge.runtime.__file__).parent, package / "runtime", ignore=ignore)
+    triton_repo_src = Path(llamaforge.triton_repo.models.__file__).parent.parent
+    (package / "triton_repo").mkdir()
+    shutil.copy2(triton_repo_src / "__init__.py", package / "triton_repo" / "__init__.py")
+    shutil.copytree(triton_repo_src / "models", package / "triton_repo" / "models", ignore=ignore)
+
+
+def write_repo(opts: RepoOptions) -> Path:
+    """Generate the repository; returns its path."""
+    engine = Path(opts.engine)
+    try:
+        manifest = read_manifest(engine)
+    except EngineError as e:
+        raise RepoError(f"ENGINE={engine}: {e}") from None
+    if manifest.get("weights") == "none":
+        raise RepoError(f"ENGINE={engine}: built with WEIGHTS=none (manifest.json 'weights'); it cannot be served")
+    if manifest.get("tokenizer", {}).get("kind", "none") == "none":
+        raise RepoError(f"ENGINE={engine}: manifest.json 'tokenizer.kind' is 'none'; the text models need the tokenizer")
+    if manifest.get("backend") == "trt":
+        print(f"note: ENGINE={engine} is a TensorRT engine; the llama model will refuse to load it until the runtime "
+              "has a TensorRT runner (see triton_repo/README.md, 'ORT and TRT engines')")
+    name = opts.name or str(manifest.get("variant") or engine.resolve().name)
+    if not name or "/" in name or name.startswith("."):
+        raise RepoError(f"NAME={name!r} is not a valid directory name")
+    if not opts.out and name in _SOURCE_NAMES:
+        raise RepoError(f"NAME={name!r} is a source folder of triton_repo/; give another NAME or an OUT")
+    out = Path(opts.out) if opts.out else Path("triton_repo") / name
+    engine_path = opts.engine_path or str(engine.resolve())
+    configs = model_configs(opts, engine_path)
+
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RepoError(f"OUT={out}: cannot create {parent}: {e.strerror}") from None
+    if out.exists() and not out.is_dir():
+        raise RepoError(f"OUT={out}: exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a server in a container may run as another user
+    try:
+        for model, cfg in configs.items():
+            version = tmp / model / "1"
+            version.mkdir(parents=True)
+            (tmp / model / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+            if model in PYTHON_MODELS:
+                (version / "model.py").write_text(_MODEL_PY.format(name=model))
+                _copy_serving_code(version)
+        (tmp / LLAMA / "1" / "requirements.txt").write_text("\n".join(runtime_requirements(opts.device)) + "\n")
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"triton repository: {out} (models: {', '.join(configs)}; engine_dir {engine_path})")
+    return out
