@@ -1,5 +1,5 @@
 # llama-forge: every target creates/reuses the virtualenv in .venv.
-# `make engine` builds the default model; `make test` runs the suite. See README.md for all targets.
+# `make engine` builds the default model; `make test` runs the suite. `make help` lists every target.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -19,7 +19,7 @@ CALIB       ?=
 PORT        ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
-# BACKEND=trt: engine limits and build settings (README "TensorRT engines"); empty = the CLI's defaults
+# BACKEND=trt: engine limits and build settings (docs/tensorrt.md); empty = the CLI's defaults
 # (MAX_BATCH 8, MAX_INPUT_LEN 512, MAX_KV_TOKENS 2048, timing cache OUT/timing.cache).
 MAX_BATCH     ?=
 MAX_INPUT_LEN ?=

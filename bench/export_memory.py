@@ -67,9 +67,10 @@ def write_checkpoint(dest: Path, variant: str) -> int:
     (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16", **config.to_hf()}
     (dest / "config.json").write_text(json.dumps(hf, indent=2))
-    from llamaforge.export.demo.tiny import train_tokenizer
+    from llamaforge.export.demo.tiny import stdlib_files
+    from llamaforge.export.demo.tokenizer import file_lines, train_tokenizer
 
-    train_tokenizer(vocab_size=1024, files=5).save(str(dest / "tokenizer.json"))
+    train_tokenizer(file_lines(stdlib_files(5)), 1024).save(str(dest / "tokenizer.json"))
     return total
 
 

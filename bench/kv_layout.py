@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from timing import call_times
 
-from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+from llamaforge.runtime.core.engine_core import EngineCore
 from llamaforge.runtime.core.kv_cache import KVCacheManager
 from llamaforge.runtime.core.requests import GenerationRequest
 from llamaforge.runtime.core.sampling import SamplingParams
@@ -44,7 +45,8 @@ def capacity_table(budget: int, context: int, block: int, rng: np.random.Generat
 
 
 def cost(engine_dir: str, rng: np.random.Generator) -> None:
-    core = EngineCore(engine_dir, CoreConfig(kv_budget_tokens=16384, max_num_seqs=16, max_num_batched_tokens=256))
+    core = EngineCore(engine_dir, CoreConfig(KVCacheConfig(budget_tokens=16384),
+                                             SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256)))
     vocab = core.engine.vocab_size
     core.start()
     handles = []
@@ -58,13 +60,13 @@ def cost(engine_dir: str, rng: np.random.Generator) -> None:
         list(h)
     wall = time.perf_counter() - start
     core.stop()
-    t = core.timings
-    data = t["gather"] + t["scatter"]
+    c = core.counters
+    data = c.decode_gather_s + c.decode_scatter_s
     print(f"cost, {len(handles)} requests through the engine core ({engine_dir}), {wall:.1f}s wall")
-    print(f"  decode steps {core.decode_steps}, regathered {core.decode_gathers} ({core.decode_gathers / max(core.decode_steps, 1):.0%}); "
+    print(f"  decode steps {c.decode_steps}, regathered {c.decode_gathers} ({c.decode_gathers / max(c.decode_steps, 1):.0%}); "
           f"other steps reuse the previous call's cache arrays")
-    print(f"  engine {t['engine']:.2f}s   gather {t['gather']:.3f}s   scatter {t['scatter']:.3f}s   "
-          f"-> block bookkeeping = {data / t['engine']:.1%} of engine time")
+    print(f"  engine {c.decode_engine_s:.2f}s   gather {c.decode_gather_s:.3f}s   scatter {c.decode_scatter_s:.3f}s   "
+          f"-> block bookkeeping = {data / c.decode_engine_s:.1%} of engine time")
 
 
 def in_place(engine_dir: str, rows: int = 16, repeat: int = 7) -> None:

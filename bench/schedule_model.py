@@ -84,21 +84,22 @@ def replay_seconds(costs: StepCosts, reqs: Sequence[Any], max_num_seqs: int, pol
                    max_num_batched_tokens: int = 512, prefill_padding_tokens: int = 8) -> float:
     """Seconds from the first arrival to the last generated token when `runtime.scheduler` runs the
     workload (`policy` "inflight", or "static" with finished rows kept until the batch drains) and
-    each step takes the modelled time of the engine calls `runtime.engine_core` makes for it:
-    one decode call, prefill calls grouped as its `padding_groups` groups them."""
+    each step takes the modelled time of the engine calls the core's `ModelRunner` makes for it:
+    one decode call (a static batch's finished rows included, as `SchedulerOutput.static_batch`
+    tells it), prefill calls grouped as its `padding_groups` groups them."""
     from llamaforge.runtime.core.engine import KVSpec
-    from llamaforge.runtime.core.engine_core import padding_groups
     from llamaforge.runtime.core.kv_cache import KVCacheManager
+    from llamaforge.runtime.core.model_runner import padding_groups
     from llamaforge.runtime.core.scheduler import Scheduler, SchedulerConfig
     from llamaforge.runtime.core.scheduler import Sequence as Seq
 
     # Blocks are only counted here: a one-float-per-token spec keeps the pools tiny.
     kv = KVCacheManager(KVSpec(1, 1, 1, np.dtype(np.float32), 1 << 20), max_num_seqs * 1024)  # as the server runs'
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, len(reqs) + 1, policy), kv)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, policy), kv)
     arrivals = deque(sorted(reqs, key=lambda r: r.arrival))
     to_generate: dict[str, int] = {}
     clock = last_token = arrivals[0].arrival
-    start, batch = clock, -1
+    start, batch = clock, None
     batch_rows: set[str] = set()  # the current static batch's sequences that have reached decode
 
     def sampled(seq: Seq) -> None:
@@ -118,11 +119,11 @@ def replay_seconds(costs: StepCosts, reqs: Sequence[Any], max_num_seqs: int, pol
         out = scheduler.schedule()
         if out.preempted:
             raise RuntimeError("the modelled run preempted a sequence, whose recompute this model does not cost")
-        if scheduler.static_batches != batch:  # a static batch's rows stay in its decode calls
-            batch, batch_rows = scheduler.static_batches, set()
+        if out.static_batch != batch:  # a static batch's rows stay in its decode calls
+            batch, batch_rows = out.static_batch, set()
         if out.decode:
             batch_rows |= {s.seq_id for s in out.decode}
-            rows = len(batch_rows) if policy == "static" else len(out.decode)
+            rows = len(batch_rows) if out.static_batch is not None else len(out.decode)
             clock += costs.decode(rows, len(out.decode))
         for group in padding_groups([c for c in out.prefill if c.start == 0], prefill_padding_tokens):
             clock += costs.prefill(len(group) * max(c.count for c in group))

@@ -107,12 +107,13 @@ def make_checkpoint(dest: Path, shape: str) -> None:
     from safetensors.torch import save_file
 
     from llamaforge.export.config import ModelConfig
-    from llamaforge.export.demo.tiny import train_tokenizer
+    from llamaforge.export.demo.tiny import stdlib_files
+    from llamaforge.export.demo.tokenizer import file_lines, train_tokenizer
     from llamaforge.export.model import LlamaDecoder
 
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(vocab_size=VOCAB, files=1000)  # every stdlib file: reaches exactly 32000 tokens
+    tok = train_tokenizer(file_lines(stdlib_files()), VOCAB)  # every stdlib module: reaches exactly 32000 tokens
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
     tok.save(str(tmp / "tokenizer.json"))
     config = ModelConfig(name=f"bench-{shape}", family="llama3", vocab_size=VOCAB, norm_eps=1e-5,
@@ -171,7 +172,10 @@ def workload(engine: Path, n: int, rate: float, seed: int, outputs: str = "chat"
     from llamaforge.runtime.core.engine import read_manifest
     from llamaforge.runtime.core.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(engine, read_manifest(engine)["tokenizer"])
+    info = read_manifest(engine).tokenizer
+    if info is None:
+        raise SystemExit(f"{engine}: the engine has no tokenizer; the workload is text")
+    tok = load_tokenizer(engine, info.to_json())
     corpus = tok.encode("".join(p.read_text(errors="replace") for p in stdlib_files(40)), add_bos=False)
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
@@ -221,10 +225,11 @@ def free_port() -> int:
 
 
 SERVER = """
-from llamaforge.runtime.core.engine_core import CoreConfig
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
 from llamaforge.runtime.serving.server import serve
-serve({engine!r}, port={port}, metrics_port=None, core_config=CoreConfig(kv_budget_tokens={kv}, max_num_seqs={seqs},
-      max_num_batched_tokens=512, max_queue={queue}, policy={policy!r}, condense_decode_rows={condense!r}))
+serve({engine!r}, port={port}, metrics_port=None, core_config=CoreConfig(KVCacheConfig(budget_tokens={kv}),
+      SchedulerConfig(max_num_seqs={seqs}, max_num_batched_tokens=512, policy={policy!r}), max_queue={queue},
+      condense_decode_rows={condense!r}))
 """
 
 
@@ -366,12 +371,14 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
     """(a)/(b) without gRPC: the same requests, arrival times and core settings, submitted to an
     EngineCore in this process (token ids, not text), timed where its outputs arrive. What is left
     between this and the server run is the serving stack's cost on this machine."""
-    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+    from llamaforge.runtime.core.engine_core import EngineCore
     from llamaforge.runtime.core.requests import GenerationRequest
     from llamaforge.runtime.core.sampling import SamplingParams
 
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=seqs * 1024, max_num_seqs=seqs, max_num_batched_tokens=512,
-                                         max_queue=max(64, len(reqs) + 8), policy=policy))
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=seqs * 1024),
+                                         SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=512, policy=policy),
+                                         max_queue=max(64, len(reqs) + 8)))
 
     def request(rid: str, r: Req) -> GenerationRequest:
         return GenerationRequest(rid, r.ids, r.max_tokens, SamplingParams(temperature=0.0), min_tokens=r.max_tokens,
@@ -403,11 +410,12 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
 # -- single stream and roofline ----------------------------------------------------------------------
 
 def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) -> tuple[float, list[int]]:
-    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+    from llamaforge.runtime.core.engine_core import EngineCore
     from llamaforge.runtime.core.requests import GenerationRequest
     from llamaforge.runtime.core.sampling import SamplingParams
 
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=2048, max_num_seqs=1, threads=threads))
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(max_num_seqs=1), threads=threads))
     core.start()
     try:
         best, tokens = 0.0, []
@@ -458,7 +466,9 @@ def copy_bandwidth(gib: float = 1.0) -> float:
 
 
 def weight_bytes_per_step(engine: Path) -> int:
-    cfg = json.loads((engine / "manifest.json").read_text())["config"]
+    from llamaforge.runtime.core.engine import read_manifest
+
+    cfg = read_manifest(engine).config
     return (engine / "model.onnx.data").stat().st_size - (cfg["vocab_size"] - 1) * cfg["hidden_size"] * 4
 
 

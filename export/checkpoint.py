@@ -10,9 +10,9 @@ Two layouts are understood:
   Opened by `meta_checkpoint`.
 
 Every tensor is returned under its HF name, in HF orientation (`[out_features, in_features]`). This
-module holds what both layouts share (the `Checkpoint` interface, the expected tensor shapes,
-tokenizer-file detection) and `open_checkpoint`, which detects the layout; every reader raises
-`checkpoint_errors.CheckpointError`.
+module holds the HF reader and `open_checkpoint`, which detects the layout; what both layouts share
+(the `Checkpoint` interface, the expected tensor shapes, tokenizer-file detection) is in
+`checkpoint_base`. Every reader raises `checkpoint_errors.CheckpointError`.
 
 Memory: nothing is kept resident between tensors (`safetensors_header` and `meta_checkpoint` say how
 each layout reads one tensor). Peak memory is therefore about two copies of the largest single
@@ -21,24 +21,36 @@ tensor, whatever the model size.
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamaforge.export import llama4
+from llamaforge.export.checkpoint_base import (
+    HF_CONFIG,
+    HF_INDEX,
+    HF_SINGLE,
+    HF_TOKENIZER,
+    HF_TOKENIZER_CONFIG,
+    META_PARAMS,
+    META_TOKENIZER,
+    TIKTOKEN_NUM_SPECIAL,
+    Checkpoint,
+    detect_tokenizer_model,
+    hf_tensor_shapes,
+    optional_variant,
+    read_json_object,
+    tokenizer_vocab_size,
+)
 from llamaforge.export.checkpoint_errors import CheckpointError, fmt_shape, raise_problems
 from llamaforge.export.config import ConfigError, ModelConfig, load_json
+from llamaforge.export.meta_checkpoint import open_meta
 from llamaforge.export.safetensors_header import TensorInfo, _read_tensor, read_safetensors_header
 
-if TYPE_CHECKING:
-    from llamaforge.export.variants import Variant
-
 __all__ = [
+    "TIKTOKEN_NUM_SPECIAL",
     "Checkpoint",
     "HFCheckpoint",
     "open_checkpoint",
@@ -47,172 +59,8 @@ __all__ = [
     "hf_tensor_shapes",
 ]
 
-HF_CONFIG = "config.json"
-HF_INDEX = "model.safetensors.index.json"
-HF_SINGLE = "model.safetensors"
-HF_TOKENIZER = "tokenizer.json"
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-META_PARAMS = "params.json"
-META_TOKENIZER = "tokenizer.model"
-
-# Number of special tokens Meta's Llama 3 tokenizer appends after the BPE ranks.
-TIKTOKEN_NUM_SPECIAL = 256
-
 # Tensors that conversions sometimes carry but that are not weights.
 _IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-# -- expected tensors ------------------------------------------------------------------------
-
-
-def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight of a LLaMA model under its HF name with its HF shape, in a stable order."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(config.num_layers):
-        p = f"model.layers.{layer}."
-        out[p + "self_attn.q_proj.weight"] = (config.q_size, h)
-        out[p + "self_attn.k_proj.weight"] = (config.kv_size, h)
-        out[p + "self_attn.v_proj.weight"] = (config.kv_size, h)
-        out[p + "self_attn.o_proj.weight"] = (h, config.q_size)
-        if config.architecture == "llama4":
-            out.update({p + k: shape for k, shape in llama4.ffn_tensor_shapes(config, layer).items()})
-        else:
-            out[p + "mlp.gate_proj.weight"] = (i, h)
-            out[p + "mlp.up_proj.weight"] = (i, h)
-            out[p + "mlp.down_proj.weight"] = (h, i)
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-    out["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    return out
-
-
-# -- tokenizer files ---------------------------------------------------------------------------
-
-_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+")
-
-
-def detect_tokenizer_model(path: Path) -> str:
-    """'tiktoken' if `path` is a tiktoken BPE ranks file ("base64 rank" lines), 'sentencepiece' if
-    sentencepiece can load it; otherwise CheckpointError."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8192)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.name}: tokenizer file not found in {path.parent}") from None
-    if not head:
-        raise CheckpointError(f"{path.name}: tokenizer file is empty")
-    lines = head.split(b"\n")
-    if len(lines) > 1:
-        lines = lines[:-1]  # the last one may be cut by the 8 KiB read
-    lines = [ln.rstrip(b"\r") for ln in lines[:64] if ln.strip()]
-    if lines and all(_TIKTOKEN_LINE.fullmatch(ln) for ln in lines):
-        return "tiktoken"
-    try:
-        import sentencepiece as spm
-
-        spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto
-        raise CheckpointError(
-            f"{path.name}: neither a tiktoken BPE ranks file nor a SentencePiece model ({e})"
-        ) from None
-    return "sentencepiece"
-
-
-def tiktoken_num_ranks(path: Path) -> int:
-    from llamaforge.runtime.core.tokenizer import TokenizerError, load_tiktoken_ranks
-
-    try:
-        return len(load_tiktoken_ranks(path))
-    except TokenizerError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def tokenizer_vocab_size(kind: str, path: Path) -> int:
-    """Number of token ids the tokenizer can produce (tiktoken: ranks + Meta's 256 specials)."""
-    path = Path(path)
-    if kind == "tiktoken":
-        return tiktoken_num_ranks(path) + TIKTOKEN_NUM_SPECIAL
-    if kind == "sentencepiece":
-        import sentencepiece as spm
-
-        try:
-            return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
-        except Exception as e:
-            raise CheckpointError(f"{path.name}: cannot load SentencePiece model ({e})") from None
-    if kind == "hf":
-        import tokenizers
-
-        try:
-            return tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-        except Exception as e:
-            raise CheckpointError(f"{path.name}: cannot load tokenizer ({e})") from None
-    raise ValueError(f"unknown tokenizer kind {kind!r}")
-
-
-# -- the checkpoint ----------------------------------------------------------------------------
-
-
-class Checkpoint:
-    """A checkpoint directory. Build with `open_checkpoint`."""
-
-    layout: str = ""
-
-    def __init__(self, path: Path, config: ModelConfig, tokenizer_kind: str, tokenizer_path: Path,
-                 warnings: list[str]) -> None:
-        self.path = path
-        self.config = config
-        self.tokenizer_kind = tokenizer_kind  # "hf" | "sentencepiece" | "tiktoken"
-        self.tokenizer_path = tokenizer_path
-        self.warnings = warnings
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.layout} {str(self.path)!r} {self.config.name}>"
-
-    # -- shapes ---------------------------------------------------------------------------
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF name -> HF shape of every weight the config implies, in export order."""
-        return dict(self._expected())
-
-    def _expected(self) -> dict[str, tuple[int, ...]]:
-        cached = getattr(self, "_expected_cache", None)
-        if cached is None or cached[0] is not self.config:
-            cached = self._expected_cache = (self.config, hf_tensor_shapes(self.config))
-        return cached[1]
-
-    def tensor_names(self) -> list[str]:
-        return list(self.expected_shapes())
-
-    def total_bytes(self) -> int:
-        """Bytes of all expected weights in checkpoint dtype (from headers)."""
-        return sum(math.prod(self.shape_of(n)) * self.dtype_of(n).itemsize for n in self.expected_shapes())
-
-    # -- data -----------------------------------------------------------------------------
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (HF name, tensor) one at a time in checkpoint dtype, in `expected_shapes()` order."""
-        for name in self.expected_shapes():
-            yield name, self.load(name)
-
-    # subclasses implement:
-    def validate(self) -> None:
-        raise NotImplementedError
-
-    def load(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def shape_of(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def dtype_of(self, name: str) -> torch.dtype:
-        raise NotImplementedError
-
-    @property
-    def files(self) -> list[Path]:
-        """The weight files of this checkpoint."""
-        raise NotImplementedError
 
 
 class HFCheckpoint(Checkpoint):
@@ -295,14 +143,6 @@ class HFCheckpoint(Checkpoint):
 # -- opening ---------------------------------------------------------------------------------
 
 
-def optional_variant(variant: str | None) -> Variant | None:
-    if variant is None:
-        return None
-    from llamaforge.export.variants import get_variant  # lazy: the registry is optional for loading
-
-    return get_variant(variant)
-
-
 def _find_tokenizer_hf(path: Path) -> tuple[str, Path]:
     tj = path / HF_TOKENIZER
     if tj.is_file():
@@ -311,16 +151,6 @@ def _find_tokenizer_hf(path: Path) -> tuple[str, Path]:
     if tm.is_file():
         return detect_tokenizer_model(tm), tm
     raise CheckpointError(f"{HF_TOKENIZER}: tokenizer file not found in {path} (nor {META_TOKENIZER})")
-
-
-def read_json_object(path: Path, file: str) -> dict[str, Any]:
-    try:
-        data = load_json(path / file)
-    except ConfigError as e:
-        raise CheckpointError(f"{file}: {str(e).split(': ', 1)[-1]}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
 
 
 def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
@@ -399,8 +229,7 @@ def open_checkpoint(path: str | os.PathLike[str], variant: str | None = None, *,
     if (p / HF_CONFIG).is_file():
         ckpt: Checkpoint = _open_hf(p, variant, name)
     elif (p / META_PARAMS).is_file():
-        from llamaforge.export.meta_checkpoint import _open_meta  # not at the top: meta_checkpoint imports this module
-        ckpt = _open_meta(p, variant, name)
+        ckpt = open_meta(p, variant, name)
     else:
         raise CheckpointError(
             f"{p.name}: not a checkpoint directory: neither {HF_CONFIG} (HF layout) nor "

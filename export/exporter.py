@@ -20,9 +20,13 @@ from typing import Protocol
 import ml_dtypes
 import onnx_ir as ir
 import torch
+from tqdm import tqdm
 
+from llamaforge.export.checkpoint import open_checkpoint
+from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.model import LlamaDecoder, input_names, output_names
+from llamaforge.export.variants import get_variant
 from llamaforge.plugins.attention.torch_op import TRANSLATION_TABLE
 from llamaforge.plugins.moe.torch_op import TRANSLATION_TABLE as MOE_TRANSLATION_TABLE
 
@@ -103,6 +107,27 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
     return ir_model
 
 
+def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint | None, ModelConfig]:
+    """What to export: the checkpoint at `checkpoint` (opened and validated; `model` names it after a
+    registry variant) and its config, or without a checkpoint the registry variant `model`'s config
+    and None. UnknownVariantError, CheckpointError, or ValueError when neither is given."""
+    if checkpoint is not None:
+        ckpt = open_checkpoint(checkpoint, model)
+        return ckpt, ckpt.config
+    if model:
+        return None, get_variant(model).config
+    raise ValueError("--model or --checkpoint is required")
+
+
+def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | None) -> ir.Model:
+    """The traced graph; with a checkpoint every initializer is bound to its tensor (read when the
+    model is saved), without one the initializers hold no data (see `bind_placeholder_weights`)."""
+    model = trace(config, precision)
+    if checkpoint is not None:
+        bind_weights(model, checkpoint, PRECISIONS[precision], tied=config.tie_word_embeddings)
+    return model
+
+
 # Tied embeddings: torch.export names the one shared parameter after the module it meets last.
 TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -117,7 +142,7 @@ def bind_weights(model: ir.Model, source: WeightSource, dtype: torch.dtype, tied
         def load(name: str = name, source_name: str = source_name) -> ir.Tensor:
             return torch_to_ir(source.load(source_name).to(dtype), name)
 
-        value.const_value = ir.LazyTensor(load, dtype=const.dtype, shape=const.shape, name=name)
+        value.const_value = ir.LazyTensor(load, dtype=const.dtype, shape=ir.Shape(const.shape.numpy()), name=name)
 
 
 def bind_placeholder_weights(model: ir.Model, data_path: Path) -> None:
@@ -132,7 +157,8 @@ def bind_placeholder_weights(model: ir.Model, data_path: Path) -> None:
         assert const is not None
         length = int(const.dtype.itemsize * math.prod(const.shape.numpy()))
         value.const_value = ir.ExternalTensor(
-            data_path.name, offset, length, const.dtype, shape=const.shape, name=name, base_dir=str(data_path.parent)
+            data_path.name, offset, length, const.dtype, shape=ir.Shape(const.shape.numpy()), name=name,
+            base_dir=str(data_path.parent)
         )
         offset += length
     with open(data_path, "wb") as f:
@@ -150,8 +176,6 @@ def save_streaming(model: ir.Model, path: Path, progress: Callable[[int, int, st
 
 
 def tqdm_progress(desc: str) -> Callable[[int, int, str], None]:
-    from tqdm import tqdm
-
     bar: dict[str, tqdm] = {}
 
     def update(done: int, total: int, name: str) -> None:

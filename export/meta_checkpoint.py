@@ -1,6 +1,7 @@
 """Meta's original LLaMA checkpoint layout: `params.json`, `consolidated.00.pth` ...
 `consolidated.NN.pth` (model-parallel shards) and `tokenizer.model` (a SentencePiece model for
-LLaMA 1/2, a tiktoken BPE ranks file for LLaMA 3). Open one with `checkpoint.open_checkpoint`.
+LLaMA 1/2, a tiktoken BPE ranks file for LLaMA 3). Open one with `checkpoint.open_checkpoint`
+(which calls `open_meta` when it finds `params.json`).
 
 Every tensor is returned under its HF name, in HF orientation, with exactly the values transformers'
 `convert_llama_weights_to_hf.py` would produce: model-parallel shards are concatenated and the q/k
@@ -17,9 +18,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
 import torch
 
-from llamaforge.export.checkpoint import (
+from llamaforge.export.checkpoint_base import (
     META_PARAMS,
     META_TOKENIZER,
     Checkpoint,
@@ -32,13 +34,12 @@ from llamaforge.export.checkpoint import (
 from llamaforge.export.checkpoint_errors import CheckpointError, fmt_shape, raise_problems
 from llamaforge.export.config import ConfigError, ModelConfig, RopeScaling, meta_ffn_size
 
-__all__ = ["MetaCheckpoint"]
+__all__ = ["MetaCheckpoint", "open_meta"]
 
 # Tensors that conversions sometimes carry but that are not weights.
 _IGNORED_META = {"rope.freqs"}
 
 
-_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _META_TO_HF_LAYER = {
     "attention.wq.weight": ("self_attn.q_proj.weight", 0),
     "attention.wk.weight": ("self_attn.k_proj.weight", 0),
@@ -66,19 +67,6 @@ def _meta_name(hf_name: str) -> tuple[str, int | str | None]:
         meta, dim = _HF_TO_META_LAYER[m.group(2)]
         return f"layers.{m.group(1)}.{meta}", dim
     raise KeyError(hf_name)
-
-
-def _hf_name(meta_name: str) -> str | None:
-    if meta_name == "tok_embeddings.weight":
-        return "model.embed_tokens.weight"
-    if meta_name == "norm.weight":
-        return "model.norm.weight"
-    if meta_name == "output.weight":
-        return "lm_head.weight"
-    m = _META_LAYER.fullmatch(meta_name)
-    if m and m.group(2) in _META_TO_HF_LAYER:
-        return f"model.layers.{m.group(1)}.{_META_TO_HF_LAYER[m.group(2)][0]}"
-    return None
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -250,7 +238,7 @@ def _default_context(params: dict[str, Any], tok_kind: str) -> int:
     return 4096  # Llama 2
 
 
-def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
+def open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
     warnings: list[str] = []
     params = read_json_object(path, META_PARAMS)
     if "moe_args" in params:
@@ -300,8 +288,6 @@ def _open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
                 n_ranks = tiktoken_num_ranks(tok_path)
                 bos, eos = n_ranks, (n_ranks + 1,)  # <|begin_of_text|>, <|end_of_text|>
             else:
-                import sentencepiece as spm
-
                 sp = spm.SentencePieceProcessor(model_file=str(tok_path))
                 bos = sp.bos_id() if sp.bos_id() >= 0 else 1
                 eos = (sp.eos_id() if sp.eos_id() >= 0 else 2,)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llamaforge.export.checkpoint import TIKTOKEN_NUM_SPECIAL, Checkpoint
+from llamaforge.export.checkpoint_base import TIKTOKEN_NUM_SPECIAL, Checkpoint
 from llamaforge.export.checkpoint_errors import CheckpointError
 
 __all__ = ["LLAMA3_PAT_STR", "llama3_special_tokens", "copy_tokenizer"]

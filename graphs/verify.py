@@ -26,7 +26,7 @@ def skeleton_proto(model: ir.Model) -> onnx.ModelProto:
             saved[name] = const
             if const is not None and not isinstance(const, ir.ExternalTensor) and const.size > 16:
                 value.const_value = ir.ExternalTensor(
-                    "verify-skeleton.data", 0, const.nbytes, const.dtype, shape=const.shape, name=name
+                    "verify-skeleton.data", 0, const.nbytes, const.dtype, shape=ir.Shape(const.shape.numpy()), name=name
                 )
         proto = ir.serde.serialize_model(model)
     finally:

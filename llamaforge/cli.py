@@ -9,6 +9,9 @@
   llamaforge train-demo [--out DIR]        make demo-model (trains the default model, stdlib-5m)
   llamaforge serve ENGINE [--port ...]     make serve (Triton-protocol gRPC server + /metrics)
   llamaforge repo ENGINE [--name ...]      make repo (Triton model repository, triton_repo/README.md)
+
+Each command imports its stage inside its function: `serve` and `generate` run on hosts without
+the build stage's dependencies (torch, onnx), and every command would pay for every stage's imports.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from llamaforge.build.trt_backend import TensorRTOptions
+    from llamaforge.runtime.core.config import CoreConfig
 
 
 def _weights(value: str) -> bool:
@@ -49,26 +53,17 @@ def cmd_passes(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import onnx
 
-    from llamaforge.export.checkpoint import open_checkpoint
-    from llamaforge.export.exporter import PRECISIONS, bind_weights, save_streaming, tqdm_progress, trace
-    from llamaforge.export.variants import get_variant
+    from llamaforge.export.exporter import export_model, model_source, save_streaming, tqdm_progress
     from llamaforge.graphs.verify import skeleton_proto
 
-    if args.checkpoint:
-        ckpt = open_checkpoint(args.checkpoint, args.model)
-        config = ckpt.config
-    elif args.model:
-        ckpt, config = None, get_variant(args.model).config
-    else:
-        raise ValueError("--model or --checkpoint is required")
-    model = trace(config, args.precision)
+    ckpt, config = model_source(args.model, Path(args.checkpoint) if args.checkpoint else None)
+    model = export_model(config, args.precision, ckpt)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
         # Graph only: weights become graph inputs, so nothing the size of the model is written.
         onnx.save(skeleton_proto(model), str(out))
     else:
-        bind_weights(model, ckpt, PRECISIONS[args.precision], tied=config.tie_word_embeddings)
         save_streaming(model, out, tqdm_progress("write weights"))
     print(f"exported: {out}")
 
@@ -109,14 +104,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("-" * 40)
 
 
+def _core_config(args: argparse.Namespace) -> CoreConfig:
+    """The engine core settings `serve` and `repo` share (`_add_core_arguments`)."""
+    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+
+    return CoreConfig(KVCacheConfig(budget_tokens=args.kv_budget_tokens),
+                      SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.scheduling_policy),
+                      max_queue=args.max_queue)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llamaforge.runtime.core.engine_core import CoreConfig
     from llamaforge.runtime.serving.server import serve
 
     serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-          core_config=CoreConfig(kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs,
-                                 max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue),
-          max_message_bytes=args.max_message_mb * 1024 * 1024)
+          core_config=_core_config(args), max_message_bytes=args.max_message_mb * 1024 * 1024)
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
@@ -126,9 +127,7 @@ def cmd_repo(args: argparse.Namespace) -> None:
     write_repo(RepoOptions(
         engine=Path(args.engine), name=args.name, out=Path(args.out) if args.out else None,
         engine_path=args.engine_path, device=args.device, gpus=gpus, instances=args.instances,
-        text_instances=args.text_instances, kv_budget_tokens=args.kv_budget_tokens, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
-        scheduling_policy=args.scheduling_policy,
+        text_instances=args.text_instances, core=_core_config(args),
     ))
 
 
@@ -141,7 +140,25 @@ def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
 def cmd_train_demo(args: argparse.Namespace) -> None:
     from llamaforge.export.demo.train import TrainOptions, train
 
-    train(TrainOptions(out=Path(args.out), steps=args.steps, seed=args.seed))
+    given = {"out": Path(args.out) if args.out else None, "steps": args.steps, "seed": args.seed}
+    train(TrainOptions(**{k: v for k, v in given.items() if v is not None}))  # unset: TrainOptions' defaults
+
+
+def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: str, policy: bool) -> None:
+    """The engine core settings, defaulting to runtime/core/config.py's (read by `_core_config`);
+    without `policy`, the scheduling policy is the default one."""
+    from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig, KVCacheConfig, SchedulerConfig
+
+    p.add_argument("--kv-budget-tokens", type=int, default=KVCacheConfig.budget_tokens, help=kv_budget)
+    p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="sequences in the running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
+                   help="tokens per engine step")
+    p.add_argument("--max-queue", type=int, default=CoreConfig.max_queue, help=f"waiting requests before {queue_full}")
+    if policy:
+        p.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
+    else:
+        p.set_defaults(scheduling_policy=SchedulerConfig.policy)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -208,10 +225,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics port (default 8002; 0: a free one; -1: none)")
-    s.add_argument("--kv-budget-tokens", type=int, default=None, help="KV cache size in tokens")
-    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
-    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+    _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED", policy=False)
     s.add_argument("--max-message-mb", type=int, default=64, help="largest request message accepted")
     s.set_defaults(fn=cmd_serve)
 
@@ -225,30 +239,25 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", default="0", help="GPU ids for KIND_GPU, comma-separated (default 0)")
     r.add_argument("--instances", type=int, default=1, help="llama instances per GPU (each its own batch and KV)")
     r.add_argument("--text-instances", type=int, default=1, help="CPU instances of preprocessing/postprocessing/bls")
-    r.add_argument("--kv-budget-tokens", type=int, default=None, help="KV cache size in tokens per llama instance")
-    r.add_argument("--max-num-seqs", type=int, default=16, help="sequences in the running batch")
-    r.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
-    r.add_argument("--max-queue", type=int, default=64, help="waiting requests before UNAVAILABLE")
-    r.add_argument("--scheduling-policy", default="inflight", choices=["inflight", "static"])
+    _add_core_arguments(r, kv_budget="KV cache size in tokens per llama instance", queue_full="UNAVAILABLE", policy=True)
     r.set_defaults(fn=cmd_repo)
 
     d = sub.add_parser("demo-checkpoint", help="write the default demo checkpoint (HF layout)")
     d.add_argument("dir")
     d.set_defaults(fn=cmd_demo_checkpoint)
 
-    from llamaforge.export.demo.train import DEFAULT_DIR, TrainOptions
-
     t = sub.add_parser("train-demo", help="train the default model (stdlib-5m) on this Python's stdlib sources")
-    t.add_argument("--out", default=str(DEFAULT_DIR))
-    t.add_argument("--steps", type=int, default=TrainOptions.steps)
-    t.add_argument("--seed", type=int, default=TrainOptions.seed)
+    # Defaults are TrainOptions' (applied by cmd_train_demo): importing the trainer here would import torch.
+    t.add_argument("--out", help="checkpoint directory (default: export/demo/train.py's DEFAULT_DIR)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: TrainOptions.steps)")
+    t.add_argument("--seed", type=int, help="seed of the weights and the batches (default: TrainOptions.seed)")
     t.set_defaults(fn=cmd_train_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from llamaforge.build.builder import BuildError
+    from llamaforge.build.errors import BuildError
     from llamaforge.export.config import ConfigError
     from llamaforge.triton_repo.repository import RepoError
 

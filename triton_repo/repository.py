@@ -9,7 +9,9 @@ for an engine directory (deployment: triton_repo/README.md).
     OUT/bls/             config.pbtxt, 1/model.py, 1/llamaforge/   the same in one decoupled model
 
 Each config.pbtxt is a `tritonclient.grpc.model_config_pb2.ModelConfig` (Triton's own schema)
-printed with `google.protobuf.text_format`; the tensors come from triton_repo/models/interfaces.py.
+printed with `google.protobuf.text_format`; the tensors come from triton_repo/models/interfaces.py
+and are declared by runtime/serving/model_interface.py `declare_tensors`, the builder the gRPC server's
+ModelConfig answer uses too.
 Each model's `model.py` re-exports its class from a copy of the serving part of the `llamaforge`
 package placed next to it (`llamaforge.runtime` and `llamaforge.triton_repo.models`; Triton's Python
 backend puts the model's version directory on sys.path), so the repository carries all of its own
@@ -23,31 +25,33 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import llamaforge
-import llamaforge
 import llamaforge.runtime
 import llamaforge.triton_repo.models
-import llamaforge.triton_repo.models
-from llamaforge.runtime.core.engine import EngineError, read_manifest
-from llamaforge.runtime.serving.model_interface import TensorSpec
-from llamaforge.triton_repo.models.interfaces import (
-    BLS, ENSEMBLE, ENSEMBLE_STEPS, INTERFACES, LLAMA, POSTPROCESSING, PREPROCESSING, ModelInterface,
-)
-
 from llamaforge.build.atomic import install_dir
+from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig
+from llamaforge.runtime.core.engine import EngineError, read_manifest
+from llamaforge.runtime.serving.model_interface import declare_tensors
+from llamaforge.triton_repo.models.interfaces import (
+    BLS,
+    ENSEMBLE,
+    ENSEMBLE_STEPS,
+    INTERFACES,
+    LLAMA,
+    POSTPROCESSING,
+    PREPROCESSING,
+)
 
 __all__ = ["RepoOptions", "RepoError", "model_configs", "write_repo", "runtime_requirements", "PYTHON_MODELS"]
 
 PYTHON_MODELS = (PREPROCESSING, LLAMA, POSTPROCESSING, BLS)
-POLICIES = ("inflight", "static")
 _SOURCE_NAMES = ("models", "__pycache__")  # triton_repo/NAME must not overwrite the generator's own sources
 # Distributions the runtime imports on a serving host (no torch): runtime/ and its imports.
 RUNTIME_DISTRIBUTIONS = ("numpy", "onnxruntime", "tokenizers", "sentencepiece", "tiktoken", "protobuf",
@@ -68,29 +72,19 @@ class RepoOptions:
     gpus: Sequence[int] = (0,)
     instances: int = 1  # llama instances per GPU (or on the CPU); each has its own core and KV cache
     text_instances: int = 1  # CPU instances of preprocessing, postprocessing and bls
-    kv_budget_tokens: int | None = None
-    kv_budget_bytes: int | None = None
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_queue: int = 64
-    scheduling_policy: str = "inflight"
-    intra_op_threads: int | None = None
+    # Each llama instance's engine core, as its config.pbtxt parameters carry it (`core_parameters`);
+    # the settings they do not carry must keep their defaults (`_check`).
+    core: CoreConfig = field(default_factory=CoreConfig)
 
 
-def _data_type(datatype: str) -> int:
-    return mc.TYPE_STRING if datatype == "BYTES" else mc.DataType.Value("TYPE_" + datatype)
-
-
-def _tensors(cfg: mc.ModelConfig, iface: ModelInterface) -> None:
-    def add(target: Any, t: TensorSpec, is_input: bool) -> None:  # target: a repeated protobuf field
-        tensor = target.add(name=t.name, data_type=_data_type(t.datatype), dims=list(t.dims))
-        if is_input and t.optional:
-            tensor.optional = True
-
-    for t in iface.inputs:
-        add(cfg.input, t, True)
-    for t in iface.outputs:
-        add(cfg.output, t, False)
+def core_parameters(core: CoreConfig) -> dict[str, int | str | None]:
+    """The llama model's config.pbtxt parameters for `core` (None: empty, the model's default);
+    triton_repo/models/llama.py `core_config` reads them back."""
+    return {
+        "kv_budget_tokens": core.kv.budget_tokens, "kv_budget_bytes": core.kv.budget_bytes,
+        "max_num_seqs": core.scheduler.max_num_seqs, "max_num_batched_tokens": core.scheduler.max_num_batched_tokens,
+        "max_queue": core.max_queue, "scheduling_policy": core.scheduler.policy, "intra_op_threads": core.threads,
+    }
 
 
 def _check(opts: RepoOptions) -> None:
@@ -98,13 +92,23 @@ def _check(opts: RepoOptions) -> None:
         raise RepoError(f"DEVICE={opts.device!r} is not 'gpu' or 'cpu'")
     if opts.device == "gpu" and (not opts.gpus or any(g < 0 for g in opts.gpus)):
         raise RepoError(f"GPUS={list(opts.gpus)}: give one or more GPU ids >= 0")
-    if opts.scheduling_policy not in POLICIES:
-        raise RepoError(f"scheduling policy {opts.scheduling_policy!r} is not one of {list(POLICIES)}")
-    for key in ("instances", "text_instances", "max_num_seqs", "max_num_batched_tokens", "max_queue",
-                "kv_budget_tokens", "kv_budget_bytes", "intra_op_threads"):
-        value = getattr(opts, key)
-        if value is not None and value <= 0:
+    params = core_parameters(opts.core)
+    policy = params.pop("scheduling_policy")
+    if policy not in SCHEDULING_POLICIES:
+        raise RepoError(f"scheduling policy {policy!r} is not one of {list(SCHEDULING_POLICIES)}")
+    for key, value in {"instances": opts.instances, "text_instances": opts.text_instances, **params}.items():
+        if isinstance(value, int) and value <= 0:
             raise RepoError(f"{key}: must be > 0, got {value}")
+    defaults = CoreConfig()
+    uncarried: tuple[tuple[str, object, object], ...] = (
+        ("kv.block_size", opts.core.kv.block_size, defaults.kv.block_size),
+        ("prefill_padding_tokens", opts.core.prefill_padding_tokens, defaults.prefill_padding_tokens),
+        ("condense_decode_rows", opts.core.condense_decode_rows, defaults.condense_decode_rows),
+        ("providers", opts.core.providers, defaults.providers),  # placement picks them per instance
+    )
+    for key, setting, default in uncarried:
+        if setting != default:
+            raise RepoError(f"core.{key}: the llama model's config.pbtxt does not carry it; leave the default {default!r}")
 
 
 def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConfig]:
@@ -116,7 +120,7 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
         cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)  # our scheduler batches
         if iface.decoupled:
             cfg.model_transaction_policy.decoupled = True
-        _tensors(cfg, iface)
+        declare_tensors(cfg, iface.inputs, iface.outputs)
         cfg.parameters["engine_dir"].string_value = engine_path
         if name == LLAMA:
             group = cfg.instance_group.add(count=opts.instances)
@@ -126,10 +130,7 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
             else:
                 group.kind = mc.ModelInstanceGroup.KIND_CPU
             params = {
-                "kv_budget_tokens": opts.kv_budget_tokens, "kv_budget_bytes": opts.kv_budget_bytes,
-                "max_num_seqs": opts.max_num_seqs, "max_num_batched_tokens": opts.max_num_batched_tokens,
-                "max_queue": opts.max_queue, "scheduling_policy": opts.scheduling_policy,
-                "intra_op_threads": opts.intra_op_threads,
+                **core_parameters(opts.core),
                 "gpu_device_ids": ",".join(str(g) for g in opts.gpus) if opts.device == "gpu" else "",
             }
             for key, value in params.items():
@@ -141,7 +142,7 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
         configs[name] = cfg
 
     ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
-    _tensors(ens, INTERFACES[ENSEMBLE])
+    declare_tensors(ens, INTERFACES[ENSEMBLE].inputs, INTERFACES[ENSEMBLE].outputs)
     for step in ENSEMBLE_STEPS:
         s = ens.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
         s.input_map.update(step.input_map)
@@ -190,14 +191,14 @@ def write_repo(opts: RepoOptions) -> Path:
         manifest = read_manifest(engine)
     except EngineError as e:
         raise RepoError(f"ENGINE={engine}: {e}") from None
-    if manifest.get("weights") == "none":
+    if manifest.weights == "none":
         raise RepoError(f"ENGINE={engine}: built with WEIGHTS=none (manifest.json 'weights'); it cannot be served")
-    if manifest.get("tokenizer", {}).get("kind", "none") == "none":
+    if manifest.tokenizer is None:
         raise RepoError(f"ENGINE={engine}: manifest.json 'tokenizer.kind' is 'none'; the text models need the tokenizer")
-    if manifest.get("backend") == "trt":
+    if manifest.backend == "trt":
         print(f"note: ENGINE={engine} is a TensorRT engine; the llama model will refuse to load it until the runtime "
               "has a TensorRT runner (see triton_repo/README.md, 'ORT and TRT engines')")
-    name = opts.name or str(manifest.get("variant") or engine.resolve().name)
+    name = opts.name or manifest.variant or engine.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise RepoError(f"NAME={name!r} is not a valid directory name")
     if not opts.out and name in _SOURCE_NAMES:

@@ -1,6 +1,6 @@
-"""The default model of `make engine`: a small Llama-3.2-shaped checkpoint made on the spot.
+"""`demo-tiny` (`make engine MODEL=demo-tiny`): a small Llama-3.2-shaped checkpoint made on the spot.
 
-Nothing can be downloaded on a fresh machine, so the default engine is built from a checkpoint
+Nothing can be downloaded on a fresh machine, so this random-weight model is built from a checkpoint
 generated locally in HF layout (config.json, sharded safetensors + index, tokenizer.json): a
 byte-level BPE tokenizer trained on this Python's standard library sources, and seeded random
 weights. It exercises exactly the path a real checkpoint takes.
@@ -9,12 +9,21 @@ weights. It exercises exactly the path a real checkpoint takes.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from llamaforge.export.config import ModelConfig, RopeScaling
+from llamaforge.export.demo.tokenizer import file_lines, train_tokenizer
+from llamaforge.export.model import LlamaDecoder
+
 DEMO_NAME = "demo-tiny"
 VOCAB_SIZE = 2048
+TOKENIZER_FILES = 60  # the first stdlib modules by name: enough text for VOCAB_SIZE tokens
 
 
 def stdlib_files(limit: int | None = None) -> list[Path]:
@@ -23,32 +32,11 @@ def stdlib_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def train_tokenizer(vocab_size: int = VOCAB_SIZE, files: int = 60) -> tokenizers.Tokenizer:  # type: ignore[name-defined]  # noqa: F821
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([str(p) for p in stdlib_files(files)], trainer)
-    from tokenizers.processors import TemplateProcessing
-
-    tok.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
-    return tok
-
-
 def make_demo_checkpoint(dest: Path, seed: int = 0) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    from llamaforge.export.config import ModelConfig, RopeScaling
-    from llamaforge.export.model import LlamaDecoder
-
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer()
+    tok = train_tokenizer(file_lines(stdlib_files(TOKENIZER_FILES)), VOCAB_SIZE)
     tok.save(str(tmp / "tokenizer.json"))
     config = ModelConfig(
         name=DEMO_NAME, family="llama3.2", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -75,8 +63,6 @@ def make_demo_checkpoint(dest: Path, seed: int = 0) -> Path:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if dest.exists():
-        import shutil
-
         shutil.rmtree(dest)
     tmp.rename(dest)
     print(f"demo checkpoint ({config.num_parameters() / 1e6:.1f}M params, random weights): {dest}", file=sys.stderr)

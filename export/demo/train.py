@@ -30,12 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from llamaforge.export.config import ModelConfig, RopeScaling
+from llamaforge.export.demo.tokenizer import BOS, EOS, file_texts, train_tokenizer
 
 NAME = "stdlib-5m"
 DEFAULT_DIR = Path("checkpoints") / NAME
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 HELDOUT_EVERY = 20  # 1 file in 20 (by path hash) is held out
 EVAL_WINDOWS = 48  # held-out windows of SEQ_LEN tokens used for the recorded perplexity
 SEQ_LEN = 256
@@ -67,36 +71,16 @@ def split_files() -> tuple[list[Path], list[Path]]:
     return [p for p in files if p not in held_set], held
 
 
-def _read(p: Path) -> str:
-    return p.read_text(encoding="utf-8", errors="replace")
-
-
-def train_tokenizer(files: list[Path], vocab_size: int) -> tokenizers.Tokenizer:  # type: ignore[name-defined]  # noqa: F821
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizers.processors import TemplateProcessing
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((_read(p) for p in files), trainer)
-    tok.post_processor = TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
-    return tok
-
-
-def token_stream(tok: tokenizers.Tokenizer, files: list[Path]) -> np.ndarray:  # type: ignore[name-defined]  # noqa: F821
+def token_stream(tok: Tokenizer, files: list[Path]) -> np.ndarray:
     """Every file as BOS + tokens + EOS, concatenated (the post-processor adds the BOS)."""
     eos = tok.token_to_id(EOS)
-    encs = tok.encode_batch([_read(p) for p in files])
+    encs = tok.encode_batch(list(file_texts(files)))
     return np.concatenate([np.asarray(e.ids + [eos], dtype=np.int64) for e in encs])
 
 
 def heldout_windows(tokenizer_json: str | os.PathLike[str], windows: int = EVAL_WINDOWS,
                     seq_len: int = SEQ_LEN) -> np.ndarray:
     """The evaluation set: the first `windows` non-overlapping windows of the held-out stream, [n, seq_len]."""
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_file(str(tokenizer_json))
     stream = token_stream(tok, split_files()[1])
     n = min(windows, len(stream) // seq_len)
@@ -105,7 +89,7 @@ def heldout_windows(tokenizer_json: str | os.PathLike[str], windows: int = EVAL_
 
 def heldout_text() -> str:
     """The held-out split as one text (the default calibration data)."""
-    return "\n".join(_read(p) for p in split_files()[1])
+    return "\n".join(file_texts(split_files()[1]))
 
 
 @dataclass
@@ -125,11 +109,8 @@ def _lr(opts: TrainOptions, step: int) -> float:
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def evaluate(model: torch.nn.Module, windows: np.ndarray) -> float:  # type: ignore[name-defined]  # noqa: F821
+def evaluate(model: torch.nn.Module, windows: np.ndarray) -> float:
     """Perplexity of next-token prediction over the windows (every position but the first)."""
-    import torch
-    import torch.nn.functional as F
-
     model.eval()
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -143,9 +124,7 @@ def evaluate(model: torch.nn.Module, windows: np.ndarray) -> float:  # type: ign
 
 
 def train(opts: TrainOptions) -> Path:
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
+    # transformers is the test extra's (the trainer's backward pass), not a dependency of the package.
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -157,7 +136,7 @@ def train(opts: TrainOptions) -> Path:
     train_files, held_files = split_files()
     print(f"corpus: {len(train_files)} train / {len(held_files)} held-out files from "
           f"{sysconfig.get_paths()['stdlib']}", file=sys.stderr)
-    tok = train_tokenizer(train_files, config.vocab_size)
+    tok = train_tokenizer(file_texts(train_files), config.vocab_size)
     stream = torch.from_numpy(token_stream(tok, train_files))
     held = token_stream(tok, held_files)
     n_eval = min(EVAL_WINDOWS, len(held) // SEQ_LEN)

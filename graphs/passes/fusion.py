@@ -48,26 +48,29 @@ class FuseQKV(ir.passes.InPlacePass):
             if node.op_type != OP_TYPE or node.domain != DOMAIN:
                 continue
             producers = [v.producer() if v is not None else None for v in node.inputs[:3]]
-            if any(p is None or p.op_type != "MatMul" for p in producers):
+            matmuls = [p for p in producers if p is not None and p.op_type == "MatMul"]
+            if len(matmuls) != 3:
                 continue
-            x = producers[0].inputs[0]  # type: ignore[union-attr]
-            weights = [constant_input(p.inputs[1]) for p in producers]  # type: ignore[union-attr]
-            if any(p.inputs[0] is not x for p in producers) or any(w is None or w.shape.rank() != 2 for w in weights):  # type: ignore[union-attr]
+            x = matmuls[0].inputs[0]
+            constants = [constant_input(p.inputs[1]) for p in matmuls]
+            weights = [w for w in constants if w is not None and w.shape.rank() == 2]
+            if any(p.inputs[0] is not x for p in matmuls) or len(weights) != 3:
                 continue
-            widths = [int(w.shape[1]) for w in weights]  # type: ignore[union-attr]
-            base = weights[0].name.replace(".q_proj.", ".qkv_proj.")  # type: ignore[union-attr]
-            packed = lazy_weight(base, weights, lambda *ws: np.concatenate(ws, axis=1),  # type: ignore[arg-type]
-                                 weights[0].dtype, [int(weights[0].shape[0]), sum(widths)])  # type: ignore[union-attr]
+            shapes = [w.shape.numpy() for w in weights]  # initializers: every dim is an int
+            widths = [shape[1] for shape in shapes]
+            base = (weights[0].name or "").replace(".q_proj.", ".qkv_proj.")
+            packed = lazy_weight(base, weights, lambda *ws: np.concatenate(ws, axis=1),
+                                 weights[0].dtype, [shapes[0][0], sum(widths)])
             graph.register_initializer(packed)
             tape = ir.tape.Tape()
             qkv = tape.op("MatMul", [x, packed])
             split = tape.op("Constant", [], {"value": ir.tensor(np.array(widths, dtype=np.int64), name="qkv_split")})
             parts = tape.op_multi_out("Split", [qkv, split], {"axis": -1}, num_outputs=3)
-            graph.insert_before(producers[0], tape.nodes)  # type: ignore[arg-type]
+            graph.insert_before(matmuls[0], tape.nodes)
             for old, new in zip(node.inputs[:3], parts):
                 assert old is not None
                 ir.convenience.replace_all_uses_with(old, new)
-            for p in producers:
-                graph.remove(p, safe=True)  # type: ignore[arg-type]
+            for p in matmuls:
+                graph.remove(p, safe=True)
             modified = True
         return ir.passes.PassResult(model, modified)

@@ -34,9 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from llamaforge.export.config import ModelConfig
+from llamaforge.export.demo.train import heldout_text, split_files
+from llamaforge.export.llama4 import MoEFeedForward
+from llamaforge.export.model import DecoderLayer, RMSNorm
 from llamaforge.graphs.quantization.recipes import CalibrationStats
+from llamaforge.plugins.moe.reference import expert_input_amax
 
 DEFAULT_SEQUENCES = 16
 DEFAULT_SEQ_LEN = 256
@@ -80,8 +85,6 @@ def read_calibration_text(path: str | os.PathLike[str] | None) -> CalibrationTex
     """The text of CALIB: a file, every file under a directory (sorted, hidden and __pycache__
     skipped), or by default the demo model's held-out split."""
     if path is None:
-        from llamaforge.export.demo.train import heldout_text, split_files
-
         return CalibrationText(heldout_text(), {"kind": "heldout-split", "files": len(split_files()[1]),
                                                 "defined_in": "export/demo/train.py"})
     p = Path(path)
@@ -134,8 +137,6 @@ class _AmaxRecorder:
 
 def _layer_module(config: ModelConfig, layer: int = 0) -> nn.Module:
     """Layer `layer`'s structure (Llama 4's layers differ: MoE or dense FFN, RoPE or NoPE attention)."""
-    from llamaforge.export.model import DecoderLayer
-
     with torch.device("meta"):  # structure only: weights come from the checkpoint per call
         return DecoderLayer(config, layer).eval()
 
@@ -162,8 +163,6 @@ EXPERT_WEIGHTS = (".experts.gate_up_proj", ".experts.down_proj")
 def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
               on_layer: Callable[[int], None] | None = None) -> CalibrationStats:
     """Measure `CalibrationStats` for `ckpt` on `tokens` [n, seq_len], one layer in memory at a time."""
-    from tqdm import tqdm
-
     config = ckpt.config
     stats = CalibrationStats()
     names = set(ckpt.tensor_names())
@@ -199,9 +198,6 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
         hooks.append(layer.get_submodule("self_attn").register_forward_hook(on_attention))
         return hooks
 
-    from llamaforge.export.llama4 import MoEFeedForward
-    from llamaforge.plugins.moe.reference import expert_input_amax
-
     hooks: list[Any] = []
     past_lengths = torch.zeros(CHUNK, dtype=torch.int32)
     bar = tqdm(total=config.num_layers, desc="calibrate", unit="layer",
@@ -236,8 +232,6 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
             h.remove()
 
     # lm_head: its input is the final norm's output; tied checkpoints store only the embedding.
-    from llamaforge.export.model import RMSNorm
-
     with torch.device("meta"):
         final_norm = RMSNorm(config.hidden_size, config.norm_eps)
     h = torch.func.functional_call(final_norm, {"weight": ckpt.load("model.norm.weight").float()}, (hidden,))

@@ -26,6 +26,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 QUANT_PRECISIONS = ("fp8", "int8-sq", "int8-wo")
 KV_CACHE_QUANT = ("fp8",)
@@ -131,8 +133,6 @@ class CalibrationStats:
 
     # -- persistence (safetensors: what the TensorRT builder or a later build can reuse) ----------
     def save(self, path: Path) -> None:
-        from safetensors.numpy import save_file
-
         tensors = {f"act.{k}": v.astype(np.float32) for k, v in self.act_amax.items()}
         tensors |= {f"w_in.{k}": v.astype(np.float32) for k, v in self.weight_in_amax.items()}
         tensors |= {f"w_out.{k}": v.astype(np.float32) for k, v in self.weight_out_amax.items()}
@@ -142,8 +142,6 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: Path) -> CalibrationStats:
-        from safetensors import safe_open
-
         stats = cls()
         with safe_open(str(path), "np") as f:
             stats.source = json.loads((f.metadata() or {}).get("source", "{}"))
@@ -200,7 +198,7 @@ def smoothing_factors(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: floa
 
 def ort_session_config(precision: str | None, kv_cache: str | None) -> dict[str, str]:
     """Session config entries an engine of this precision needs under ONNX Runtime 1.31 (CPU), written
-    to the manifest and applied by `runtime/core/engine.py`. Each was measured (README, "Quantization"):
+    to the manifest and applied by `runtime/core/engine.py`. Each was measured (docs/quantization.md):
 
     * int8 weight-only: ORT fuses DequantizeLinear(int8 per-channel) -> MatMul into `MatMulNBits`,
       whose default accuracy level 4 quantizes the *activations* to int8 on the fly (an error the

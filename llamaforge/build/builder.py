@@ -7,34 +7,71 @@ never leaves a partial engine behind and never clobbers a previous good one.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 
-from llamaforge.export.config import ModelConfig
-from llamaforge.plugins.attention.schema import KV_LAYOUT
-
-from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions
 from llamaforge.build.atomic import install_dir
+from llamaforge.build.errors import BuildError
+from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions, build_plan
+from llamaforge.export.checkpoint_base import Checkpoint
+from llamaforge.export.checkpoint_errors import CheckpointError
+from llamaforge.export.config import ModelConfig
+from llamaforge.export.exporter import (
+    PRECISIONS,
+    bind_placeholder_weights,
+    export_model,
+    model_source,
+    save_streaming,
+    timed,
+    tqdm_progress,
+)
+from llamaforge.export.tokenizer_files import copy_tokenizer
+from llamaforge.export.variants import UnknownVariantError
+from llamaforge.graphs.pipeline import pipeline, run_pipeline
+from llamaforge.graphs.quantization.calibrate import (
+    CalibrationError,
+    CalibrationText,
+    calibrate,
+    calibration_batch,
+    read_calibration_text,
+)
+from llamaforge.graphs.quantization.recipes import (
+    QUANT_PRECISIONS,
+    CalibrationStats,
+    QuantConfig,
+    QuantContext,
+    QuantizationError,
+    ort_session_config,
+)
+from llamaforge.plugins.attention.schema import KV_LAYOUT
+from llamaforge.runtime.core.manifest import (
+    MANIFEST_FILE,
+    EngineManifest,
+    KVCacheInfo,
+    KVQuantization,
+    QuantizationInfo,
+    SpecialTokens,
+    TensorInfo,
+    TokenizerInfo,
+)
+from llamaforge.runtime.core.tokenizer import load_tokenizer
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 MODEL_FILE = "model.onnx"
 CALIBRATION_FILE = "calibration.safetensors"
 FORMAT_VERSION = 1
 BACKENDS = ("ort", "trt")
-
-
-class BuildError(RuntimeError):
-    """A build cannot proceed; the message names the offending input."""
+__all__ = ["BuildError", "BuildOptions", "build_engine", "tensorrt_available"]
 
 
 @dataclass
@@ -75,13 +112,14 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def io_spec(proto_graph: onnx.GraphProto) -> dict[str, list[dict[str, Any]]]:
-    def spec(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+def io_spec(proto_graph: onnx.GraphProto) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The graph's inputs and outputs as the manifest lists them."""
+    def spec(vi: onnx.ValueInfoProto) -> TensorInfo:
         t = vi.type.tensor_type
-        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+        dims: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return TensorInfo(vi.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
 
-    return {"inputs": [spec(v) for v in proto_graph.input], "outputs": [spec(v) for v in proto_graph.output]}
+    return [spec(v) for v in proto_graph.input], [spec(v) for v in proto_graph.output]
 
 
 def decode_writes_cache_in_place(graph: onnx.GraphProto) -> bool:
@@ -103,41 +141,41 @@ def decode_writes_cache_in_place(graph: onnx.GraphProto) -> bool:
 
 
 def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
-                 passes: list[str], source: dict[str, Any]) -> dict[str, Any]:
+                 passes: list[str], source: dict[str, Any]) -> EngineManifest:
+    """The manifest of an unquantized ORT engine; `tokenizer` is copy_tokenizer's entry ({"kind": "none"}
+    for none). build_engine adds what quantization and TensorRT add."""
     kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[activation_precision(opts.precision)]
-    return {
-        "format": "llama-forge-engine",
-        "format_version": FORMAT_VERSION,
-        "variant": config.name,
-        "config": config.to_dict(),
-        "precision": opts.precision,
-        "backend": opts.backend,
-        "weights": "checkpoint" if opts.weights else "none",
-        "model_file": MODEL_FILE,
-        "external_data": MODEL_FILE + ".data",
-        **io_spec(graph),
-        "kv_cache": {
-            "layout": KV_LAYOUT,
-            "dtype": kv_dtype,
-            "num_layers": config.num_layers,
-            "num_kv_heads": config.num_kv_heads,
-            "head_dim": config.head_dim,
-            "max_capacity": config.max_position_embeddings,
-            "past_inputs": ["past_key.{layer}", "past_value.{layer}"],
-            "present_outputs": ["present_key.{layer}", "present_value.{layer}"],
-            "lengths_input": "past_lengths",
-            "decode_in_place": decode_writes_cache_in_place(graph),
-        },
-        "special_tokens": {
-            "bos_token_id": config.bos_token_id,
-            "eos_token_id": list(config.eos_token_id),
-            "pad_token_id": config.pad_token_id,
-        },
-        "tokenizer": tokenizer,
-        "passes": passes,
-        "source": source,
-        "tools": tool_versions(),
-    }
+    inputs, outputs = io_spec(graph)
+    return EngineManifest(
+        format_version=FORMAT_VERSION,
+        variant=config.name,
+        config=config.to_dict(),
+        precision=opts.precision,
+        backend=opts.backend,
+        weights="checkpoint" if opts.weights else "none",
+        model_file=MODEL_FILE,
+        external_data=MODEL_FILE + ".data",
+        inputs=inputs,
+        outputs=outputs,
+        kv_cache=KVCacheInfo(
+            layout=KV_LAYOUT,
+            dtype=kv_dtype,
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            max_capacity=config.max_position_embeddings,
+            past_inputs=["past_key.{layer}", "past_value.{layer}"],
+            present_outputs=["present_key.{layer}", "present_value.{layer}"],
+            lengths_input="past_lengths",
+            decode_in_place=decode_writes_cache_in_place(graph),
+        ),
+        special_tokens=SpecialTokens(config.bos_token_id, list(config.eos_token_id), config.pad_token_id),
+        tokenizer=None if tokenizer.get("kind", "none") == "none" else
+        TokenizerInfo.from_json(tokenizer, "copy_tokenizer's entry"),
+        passes=passes,
+        source=source,
+        tools=tool_versions(),
+    )
 
 
 def _check_out_dir(out: Path) -> None:
@@ -154,8 +192,6 @@ def _check_out_dir(out: Path) -> None:
 
 def _build_tensorrt_plan(model_path: Path, plan_path: Path, config: ModelConfig, opts: BuildOptions,
                          out: Path) -> dict[str, Any]:
-    from llamaforge.build.trt_backend import build_plan
-
     previous_cache = out / TIMING_CACHE_FILE  # the engine being replaced carries the last build's timings
     try:
         return build_plan(model_path, plan_path, config.num_layers, config.num_kv_heads, config.head_dim,
@@ -166,26 +202,18 @@ def _build_tensorrt_plan(model_path: Path, plan_path: Path, config: ModelConfig,
 
 def activation_precision(precision: str) -> str:
     """The traced graph's dtype: quantized precisions quantize an fp32 graph."""
-    from llamaforge.graphs.quantization.recipes import QUANT_PRECISIONS
-
     return "fp32" if precision in QUANT_PRECISIONS else precision
 
 
-def _calibration_text(opts: BuildOptions) -> Any:
-    from llamaforge.graphs.quantization.calibrate import CalibrationError, read_calibration_text
-
+def _calibration_text(opts: BuildOptions) -> CalibrationText:
     try:
         return read_calibration_text(opts.calib)
     except CalibrationError as e:
         raise BuildError(str(e)) from None
 
 
-def _calibrate(ckpt: Any, text: Any, tmp: Path) -> Any:
+def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path) -> CalibrationStats:
     """Calibration statistics for a quantized build (PyTorch, one decoder layer in memory at a time)."""
-    from llamaforge.export.tokenizer_files import copy_tokenizer
-    from llamaforge.graphs.quantization.calibrate import CalibrationError, calibrate, calibration_batch
-    from llamaforge.runtime.core.tokenizer import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(tmp, copy_tokenizer(ckpt, tmp))
         tokens = calibration_batch(tokenizer, text, seq_len=min(256, ckpt.config.max_position_embeddings))
@@ -197,27 +225,20 @@ def _calibrate(ckpt: Any, text: Any, tmp: Path) -> Any:
     return stats
 
 
-def quantization_manifest(quant: Any, stats: Any) -> dict[str, Any]:
-    """Manifest fields of a quantized engine: what was quantized, on which data, and the ONNX Runtime
-    session settings it needs (applied by runtime/core/engine.py; see graphs.quantization.ort_session_config)."""
-    from llamaforge.graphs.quantization.recipes import ort_session_config
-
-    return {"quantization": {**quant.describe(), "calibration": stats.source, "statistics": CALIBRATION_FILE},
-            "ort_session_config": ort_session_config(quant.precision, quant.kv_cache)}
+def quantized_manifest(manifest: EngineManifest, quant: Any, stats: Any, backend: str) -> EngineManifest:
+    """The manifest of a quantized engine: what was quantized, on which data, the ONNX Runtime session
+    settings it needs (applied by runtime/core/engine.py; see graphs.quantization.ort_session_config)
+    and, for KV_CACHE=fp8, how the cache is rounded (the runtime allocates kv_cache.dtype)."""
+    info = QuantizationInfo.from_json({**quant.describe(), "calibration": stats.source, "statistics": CALIBRATION_FILE},
+                                      "the quantization recipe's description")
+    kv_cache = manifest.kv_cache
+    if quant.kv_cache == "fp8":
+        kv_cache = replace(kv_cache, quantization=KVQuantization("float8e4m3fn", simulated=backend == "ort"))
+    return replace(manifest, quantization=info, kv_cache=kv_cache,
+                   ort_session_config=ort_session_config(quant.precision, quant.kv_cache))
 
 
 def build_engine(opts: BuildOptions) -> Path:
-    # Imports that pull torch are here so that `llamaforge generate` on a serving host never needs them.
-    import torch  # noqa: F401
-
-    from llamaforge.export.checkpoint import open_checkpoint
-    from llamaforge.export.checkpoint_errors import CheckpointError
-    from llamaforge.export.exporter import PRECISIONS, bind_placeholder_weights, bind_weights, save_streaming, timed, tqdm_progress, trace
-    from llamaforge.export.tokenizer_files import copy_tokenizer
-    from llamaforge.export.variants import UnknownVariantError, get_variant
-    from llamaforge.graphs.pipeline import pipeline, run_pipeline
-    from llamaforge.graphs.quantization.recipes import QUANT_PRECISIONS, QuantConfig, QuantContext, QuantizationError
-
     if opts.backend not in BACKENDS:
         raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
     if opts.backend == "trt" and not tensorrt_available():
@@ -243,26 +264,23 @@ def build_engine(opts: BuildOptions) -> Path:
     base_precision = activation_precision(opts.precision)
     calib_text = _calibration_text(opts) if quant.active else None  # bad CALIB fails before the export
 
-    ckpt = None
-    source: dict[str, Any] = {}
+    if opts.checkpoint is None and opts.weights:
+        raise BuildError("CHECKPOINT= is required (or WEIGHTS=none to build the graph alone)")
+    if opts.checkpoint is None and not opts.model:
+        raise BuildError("MODEL= is required with WEIGHTS=none")
     try:
-        if opts.checkpoint is not None:
-            ckpt = open_checkpoint(opts.checkpoint, opts.model)  # validates every header
-            for w in ckpt.warnings:
-                print(f"warning: {opts.checkpoint}: {w}")
-            config = ckpt.config
-            source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
-        elif not opts.weights:
-            if not opts.model:
-                raise BuildError("MODEL= is required with WEIGHTS=none")
-            config = get_variant(opts.model).config
-            source = {"checkpoint": None, "registry": opts.model}
-        else:
-            raise BuildError("CHECKPOINT= is required (or WEIGHTS=none to build the graph alone)")
+        ckpt, config = model_source(opts.model, opts.checkpoint)  # a checkpoint's every header is validated
     except UnknownVariantError as e:
         raise BuildError(f"MODEL: {e.args[0] if e.args else e}") from None
     except CheckpointError as e:
         raise BuildError(str(e)) from None
+    source: dict[str, Any]
+    if ckpt is not None:
+        for w in ckpt.warnings:
+            print(f"warning: {opts.checkpoint}: {w}")
+        source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
+    else:
+        source = {"checkpoint": None, "registry": opts.model}
     if opts.backend == "trt":
         try:  # before the (long) export: bad profile limits fail at once
             opts.tensorrt.limits.validate(config.max_position_embeddings)
@@ -277,13 +295,12 @@ def build_engine(opts: BuildOptions) -> Path:
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engine from a server running as another user
     try:
         done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
-        model = trace(config, base_precision)
+        model = export_model(config, base_precision, ckpt)
         done()
-        if ckpt is not None:
-            bind_weights(model, ckpt, PRECISIONS[base_precision], tied=config.tie_word_embeddings)
-        else:
+        if ckpt is None:
             bind_placeholder_weights(model, tmp / "scratch.data")
-        stats = _calibrate(ckpt, calib_text, tmp) if quant.active else None
+        # quant.active implies both (checked above): quantization needs the checkpoint and calibration text.
+        stats = _calibrate(ckpt, calib_text, tmp) if ckpt is not None and calib_text is not None else None
         context = QuantContext(quant, stats.copy()) if stats is not None else None  # passes update their copy
         passes = pipeline(opts.backend, quant)
         done = timed(f"pass pipeline ({opts.backend})")
@@ -297,8 +314,6 @@ def build_engine(opts: BuildOptions) -> Path:
             save_streaming(model, path, tqdm_progress("write weights"))
         else:
             bind_placeholder_weights(model, tmp / (MODEL_FILE + ".data"))
-            import onnx_ir as ir
-
             ir.save(model, path)
             (tmp / "scratch.data").unlink()
         done = timed("onnx.checker (full_check)")
@@ -309,12 +324,10 @@ def build_engine(opts: BuildOptions) -> Path:
         manifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
         if stats is not None:
             stats.save(tmp / CALIBRATION_FILE)  # as measured, before smoothing: reusable by another build
-            manifest.update(quantization_manifest(quant, stats))
-            if quant.kv_cache == "fp8":  # the runtime allocates `dtype`; values are rounded to fp8 scales
-                manifest["kv_cache"]["quantization"] = {"dtype": "float8e4m3fn", "simulated": opts.backend == "ort"}
+            manifest = quantized_manifest(manifest, quant, stats, opts.backend)
         if opts.backend == "trt":
-            manifest["tensorrt"] = _build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            manifest = replace(manifest, tensorrt=_build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out))
+        manifest.write(tmp)
         install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

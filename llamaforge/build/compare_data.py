@@ -10,12 +10,13 @@ polygraphy gets the same feeds.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from llamaforge.runtime.core.manifest import EngineManifest
 
 
 def _int(name: str, default: int) -> int:
@@ -27,18 +28,18 @@ def _int(name: str, default: int) -> int:
 
 def load_data() -> Iterator[dict[str, np.ndarray]]:
     engine = Path(os.environ.get("LLAMAFORGE_ENGINE", "engines/stdlib-5m"))
-    manifest = json.loads((engine / "manifest.json").read_text())
-    kv, vocab = manifest["kv_cache"], manifest["config"]["vocab_size"]
+    manifest = EngineManifest.read(engine)
+    kv, vocab = manifest.kv_cache, manifest.vocab_size
     batch, seq, past = _int("COMPARE_BATCH", 2), _int("COMPARE_SEQ", 16), _int("COMPARE_PAST", 8)
-    dtypes = {i["name"]: np.dtype(i["dtype"]) for i in manifest["inputs"]}
+    dtypes = {i.name: np.dtype(i.dtype) for i in manifest.inputs}
     rng = np.random.default_rng(0)
     for _ in range(_int("COMPARE_ITERATIONS", 1)):
-        feed = {"input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64),
-                "past_lengths": np.full(batch, past, dtype=np.int32)}
+        feed: dict[str, np.ndarray] = {"input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64),
+                                       "past_lengths": np.full(batch, past, dtype=np.int32)}
         if "logits_index" in dtypes:  # compare every position's logits
             feed["logits_index"] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
-        shape = (batch, kv["num_kv_heads"], past + seq, kv["head_dim"])
-        for layer in range(kv["num_layers"]):
+        shape = (batch, kv.num_kv_heads, past + seq, kv.head_dim)
+        for layer in range(kv.num_layers):
             for name in (f"past_key.{layer}", f"past_value.{layer}"):
                 feed[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtypes[name])
         yield feed

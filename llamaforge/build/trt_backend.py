@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from llamaforge.plugins.attention import trt_plugin
 
 if TYPE_CHECKING:
@@ -176,7 +178,6 @@ def _save_atomically(path: Path, data: memoryview | bytes) -> None:
 def _progress_monitor() -> trt.IProgressMonitor:
     """TensorRT's build phases as nested tqdm bars. TensorRT calls back from its own threads."""
     import tensorrt as trt
-    from tqdm import tqdm
 
     class TqdmProgressMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
-from llamaforge.plugins.attention.reference import rope_inv_freq
+from llamaforge.plugins.attention.reference import rope_cos_sin, rope_inv_freq
 from llamaforge.plugins.attention.schema import AttentionAttrs
 
 FLOAT = ir.DataType.FLOAT
@@ -220,10 +221,6 @@ def rope_cache(attrs: AttentionAttrs, max_positions: int, dtype: ir.DataType, wh
     name = f"rope_{which}_cache_{attrs.head_dim}_{attrs.rope_theta:g}_{attrs.rope_scaling_type}_{dtype.name.lower()}"
 
     def compute() -> ir.Tensor:
-        import torch
-
-        from llamaforge.plugins.attention.reference import rope_cos_sin
-
         cos, sin = rope_cos_sin(torch.arange(max_positions), attrs)
         table = (cos if which == "cos" else sin).numpy()
         return ir.Tensor(table.astype(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32), name=name)

@@ -48,9 +48,12 @@ TensorRT maps the node to its plugin by op type, `plugin_version` and `plugin_na
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, TypeVar
 
 import onnx
 from onnx import defs
@@ -64,6 +67,7 @@ KV_LAYOUT = "bhcd-slots"
 
 INPUTS = ("query", "key", "value", "past_key", "past_value", "past_lengths")
 OUTPUTS = ("output", "present_key", "present_value")
+LLAMA4_FLAGS = ("use_rope", "qk_norm", "attn_chunk_size", "temperature_tuning")
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class AttentionAttrs:
     def non_default_llama4_flags(self) -> list[str]:
         """The Llama 4 attributes set away from their dense-LLaMA defaults (what a backend without
         them must refuse)."""
-        defaults = {"use_rope": 1, "qk_norm": 0, "attn_chunk_size": 0, "temperature_tuning": 0}
+        defaults = {f.name: f.default for f in fields(self) if f.name in LLAMA4_FLAGS}
         return [f"{k}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
 
     @property
@@ -134,6 +138,54 @@ class AttentionAttrs:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in attrs.items() if k in names})
 
+    @classmethod
+    def from_flat_values(cls, values: Mapping[str, Any]) -> AttentionAttrs:
+        """The attributes from a flat signature's arguments (see `flat_signature`), each converted to
+        its field's type: a framework may hand scalars over as its own types (numpy, C++ bindings)."""
+        return cls(**{name: kind(values[name]) for name, kind in attribute_types().items()})
+
+
+def attribute_types() -> dict[str, type]:
+    """Every attribute's name and Python type (int, float or str), in field order."""
+    hints = typing.get_type_hints(AttentionAttrs)
+    return {f.name: hints[f.name] for f in fields(AttentionAttrs)}
+
+
+def attribute_parameters() -> list[inspect.Parameter]:
+    """The attributes as typed positional-or-keyword parameters, in field order; those with a
+    default in `AttentionAttrs` have no default here: a flat call passes every attribute."""
+    return [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+            for name, kind in attribute_types().items()]
+
+
+R = TypeVar("R")
+
+
+def flat_signature(name: str, leading: Sequence[inspect.Parameter], trailing: Sequence[inspect.Parameter],
+                   returns: Any, body: Callable[[dict[str, Any], AttentionAttrs], R]) -> Callable[..., R]:
+    """A function whose signature is `leading`, then one typed parameter per attribute, then `trailing`.
+
+    For the boundaries that read an op's attributes from a Python signature (onnxscript's
+    translation functions, `tensorrt.plugin`): the signature is generated from `AttentionAttrs`, so it
+    never lists the attributes by hand. A call binds its arguments to that signature and runs
+    `body(other arguments by name, the attributes)`.
+    """
+    parameters = [*leading, *attribute_parameters(), *trailing]
+    signature = inspect.Signature(parameters, return_annotation=returns)
+    attribute_names = set(attribute_types())
+
+    def flat(*args: Any, **kwargs: Any) -> R:
+        arguments = signature.bind(*args, **kwargs).arguments
+        attrs = AttentionAttrs.from_flat_values(arguments)
+        return body({k: v for k, v in arguments.items() if k not in attribute_names}, attrs)
+
+    flat.__name__ = flat.__qualname__ = name
+    flat.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect.signature
+    # Read by typing.get_type_hints (onnxscript tells attributes from inputs by annotation).
+    flat.__annotations__ = {p.name: p.annotation for p in parameters if p.annotation is not inspect.Parameter.empty}
+    flat.__annotations__["return"] = returns
+    return flat
+
 
 _ATTR_TYPES = {
     int: defs.OpSchema.AttrType.INT,
@@ -151,17 +203,11 @@ def _infer(ctx: Any) -> None:
 
 def _build_schema() -> defs.OpSchema:
     P = defs.OpSchema.FormalParameter
-    attributes = []
-    for f in fields(AttentionAttrs):
-        py_type = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
-        required = f.default is f.default_factory  # dataclasses.MISSING for both when no default
-        if f.name in ("num_heads", "num_kv_heads", "head_dim"):
-            attributes.append(defs.OpSchema.Attribute(f.name, _ATTR_TYPES[py_type], f.name, required=True))
-        else:
-            attributes.append(defs.OpSchema.Attribute(f.name, _ATTR_TYPES[py_type], f.name, required=False))
+    types = attribute_types()
+    attributes = [defs.OpSchema.Attribute(f.name, _ATTR_TYPES[types[f.name]], f.name, required=f.default is MISSING)
+                  for f in fields(AttentionAttrs)]
     attributes.append(defs.OpSchema.Attribute("plugin_version", defs.OpSchema.AttrType.STRING, "plugin version", required=False))
     attributes.append(defs.OpSchema.Attribute("plugin_namespace", defs.OpSchema.AttrType.STRING, "plugin namespace", required=False))
-    del required
     schema = defs.OpSchema(
         OP_TYPE,
         DOMAIN,
@@ -191,7 +237,7 @@ def single_op_model(attrs: AttentionAttrs, elem_type: int = onnx.TensorProto.FLO
     register_schema()
     h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
     vi = onnx.helper.make_tensor_value_info
-    cache = ["batch", kvh, "capacity", d]
+    cache: list[str | int] = ["batch", kvh, "capacity", d]
     inputs = [vi("query", elem_type, ["batch", "seq", h * d]), vi("key", elem_type, ["batch", "seq", kvh * d]),
               vi("value", elem_type, ["batch", "seq", kvh * d]), vi("past_key", elem_type, cache),
               vi("past_value", elem_type, cache), vi("past_lengths", onnx.TensorProto.INT32, ["batch"])]

@@ -63,9 +63,12 @@ TORCH_TO_TRITON = {
 # ----------------------------------------------------------------------------------------------
 # Shared device helpers
 # ----------------------------------------------------------------------------------------------
+# Inside a @triton.jit function every value that is not a constexpr (pointer, scalar or block) is a
+# `tl.tensor`, which is what the untyped parameters are annotated as; Triton reads only `tl.constexpr`
+# annotations (and type strings such as "i32"), so `tl.tensor` leaves specialization unchanged.
 @triton.jit
-def _rope_columns(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INV_FREQ: tl.constexpr,
-                  INTERLEAVED: tl.constexpr):
+def _rope_columns(offs_d: tl.tensor, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INV_FREQ: tl.constexpr,
+                  INTERLEAVED: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """Per column d: its pair's inv_freq, the partner column, and the sign of the partner term.
 
     rotate-half: out[d] = x[d] cos - x[d + D/2] sin (d < D/2), x[d] cos + x[d - D/2] sin (d >= D/2)
@@ -87,7 +90,7 @@ def _rope_columns(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INV_FRE
 
 
 @triton.jit
-def _sincos(x):
+def _sincos(x: tl.tensor) -> tuple[tl.tensor, tl.tensor]:
     """sin and cos of float32 x to about 1 ulp, branch-free: the quadrant and the remainder come from
     a float64 reduction (exact enough for any RoPE angle), then Cephes' minimax polynomials on
     [-pi/4, pi/4]. libdevice's sinf/cosf inline a Payne-Hanek slow path per element, which made
@@ -104,7 +107,8 @@ def _sincos(x):
 
 
 @triton.jit
-def _rotate(x, x_partner, pos, freq, sign, OUT_DTYPE: tl.constexpr):
+def _rotate(x: tl.tensor, x_partner: tl.tensor, pos: tl.tensor, freq: tl.tensor, sign: tl.tensor,
+            OUT_DTYPE: tl.constexpr) -> tl.tensor:
     """RoPE of rows x [R, D] (float32) at positions pos [R]; result rounded to OUT_DTYPE."""
     angle = pos.to(tl.float32)[:, None] * freq[None, :]
     sin, cos = _sincos(angle)
@@ -114,7 +118,7 @@ def _rotate(x, x_partner, pos, freq, sign, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr):
+def _dot(a: tl.tensor, b: tl.tensor, DOT_PRECISION: tl.constexpr) -> tl.tensor:
     if DOT_PRECISION == "upcast":
         # Interpreter only: Triton 3.7's interpreter multiplies bf16 operands as their raw uint16
         # bits. Widening bf16 to fp32 is exact, and the product is accumulated in fp32 either way.
@@ -124,7 +128,8 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _softmax_update(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+def _softmax_update(qk: tl.tensor, v: tl.tensor, m_i: tl.tensor, l_i: tl.tensor, acc: tl.tensor,
+                    DOT_PRECISION: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """One online-softmax step; qk [M, N] already in log2 units, masked entries -inf."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -139,10 +144,14 @@ def _softmax_update(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 # The op kernel: RoPE + cache write + causal GQA flash attention
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _new_token_tile(q, s_row, past, start, n_end, w_lo, w_hi, offs_n, offs_d, d_ok, freq, partner, sign,
-                    k_base, v_base, stride_ks, stride_vs, PresentK, PresentV, cache_off, stride_cc,
-                    m_i, l_i, acc,
-                    QK_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr):
+def _new_token_tile(q: tl.tensor, s_row: tl.tensor, past: tl.tensor, start: tl.tensor, n_end: tl.tensor,
+                    w_lo: tl.tensor, w_hi: tl.tensor, offs_n: tl.tensor, offs_d: tl.tensor, d_ok: tl.tensor,
+                    freq: tl.tensor, partner: tl.tensor, sign: tl.tensor,
+                    k_base: tl.tensor, v_base: tl.tensor, stride_ks: tl.tensor, stride_vs: tl.tensor,
+                    PresentK: tl.tensor, PresentV: tl.tensor, cache_off: tl.tensor, stride_cc: tl.tensor,
+                    m_i: tl.tensor, l_i: tl.tensor, acc: tl.tensor,
+                    QK_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DIAGONAL: tl.constexpr,
+                    ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """Fused mode: a tile of new keys read from the key/value inputs and rotated in registers."""
     j = start + offs_n  # new-token index of each key
     j_ok = j < n_end
@@ -168,8 +177,11 @@ def _new_token_tile(q, s_row, past, start, n_end, w_lo, w_hi, offs_n, offs_d, d_
 
 
 @triton.jit
-def _cache_tile(q, CacheK, CacheV, cache_off, stride_cc, start, key_end, row_pos, offs_n, offs_d, d_ok,
-                m_i, l_i, acc, QK_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _cache_tile(q: tl.tensor, CacheK: tl.tensor, CacheV: tl.tensor, cache_off: tl.tensor, stride_cc: tl.tensor,
+                start: tl.tensor, key_end: tl.tensor, row_pos: tl.tensor, offs_n: tl.tensor, offs_d: tl.tensor,
+                d_ok: tl.tensor,
+                m_i: tl.tensor, l_i: tl.tensor, acc: tl.tensor, QK_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                MASKED: tl.constexpr) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """A tile of keys at cache positions [start, start + BLOCK_N) that are already rotated.
     MASKED: keys >= key_end are absent and key p is visible to row r iff p <= row_pos[r]."""
     n = start + offs_n
@@ -189,16 +201,17 @@ def _cache_tile(q, CacheK, CacheV, cache_off, stride_cc, start, key_end, row_pos
 @triton.jit
 def _attention_kernel(
     # TensorRT AOT calling convention: input pointers, then int32 scalars, then output pointers
-    Q, K, V, PastK, PastV, PastLen,
-    seq_len, capacity,
-    stride_qb, stride_qs, stride_kb, stride_ks, stride_vb, stride_vs,
-    stride_cb, stride_ch, stride_cc,
-    stride_ob, stride_os,
-    Out, PresentK, PresentV,
+    Q: tl.tensor, K: tl.tensor, V: tl.tensor, PastK: tl.tensor, PastV: tl.tensor, PastLen: tl.tensor,
+    seq_len: tl.tensor, capacity: tl.tensor,
+    stride_qb: tl.tensor, stride_qs: tl.tensor, stride_kb: tl.tensor, stride_ks: tl.tensor, stride_vb: tl.tensor,
+    stride_vs: tl.tensor,
+    stride_cb: tl.tensor, stride_ch: tl.tensor, stride_cc: tl.tensor,
+    stride_ob: tl.tensor, stride_os: tl.tensor,
+    Out: tl.tensor, PresentK: tl.tensor, PresentV: tl.tensor,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE: tl.constexpr, INV_FREQ: tl.constexpr,
     INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED: tl.constexpr,
-):
+) -> None:
     """Grid: (cdiv(seq_len * GROUP, BLOCK_M), batch * NUM_KV_HEADS). Row r of a program's tile is
     token r // GROUP of query head kv_head * GROUP + r % GROUP. The head stride inside a token is
     HEAD_DIM and the innermost stride is 1 for every tensor; present_* share past_*'s strides.
@@ -291,12 +304,13 @@ def _attention_kernel(
 
 @triton.jit
 def _cache_write_kernel(
-    K, V, PastK, PastV, PastLen,
-    seq_len, capacity, stride_kb, stride_ks, stride_vb, stride_vs, stride_cb, stride_ch, stride_cc,
-    PresentK, PresentV,
+    K: tl.tensor, V: tl.tensor, PastK: tl.tensor, PastV: tl.tensor, PastLen: tl.tensor,
+    seq_len: tl.tensor, capacity: tl.tensor, stride_kb: tl.tensor, stride_ks: tl.tensor, stride_vb: tl.tensor,
+    stride_vs: tl.tensor, stride_cb: tl.tensor, stride_ch: tl.tensor, stride_cc: tl.tensor,
+    PresentK: tl.tensor, PresentV: tl.tensor,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     INV_FREQ: tl.constexpr, INTERLEAVED: tl.constexpr,
-):
+) -> None:
     """Grid: (cdiv(capacity, BLOCK_P), batch * NUM_KV_HEADS). present_*[p] = past_*[p] for
     p < past, the rotated key / the value of new token p - past for past <= p < past + seq_len,
     p < capacity. Later positions are left as they are (the contract leaves them unspecified)."""
@@ -330,16 +344,18 @@ def _cache_write_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_split_kernel(
-    Q, KCache, VCache, SeqLens, BlockTables, KScale, VScale,
-    MidO, MidLse,
-    stride_qb, stride_kb, stride_kh, stride_kc, stride_vb, stride_vh, stride_vc, stride_bt,
-    split_size, num_splits,
+    Q: tl.tensor, KCache: tl.tensor, VCache: tl.tensor, SeqLens: tl.tensor, BlockTables: tl.tensor,
+    KScale: tl.tensor, VScale: tl.tensor,
+    MidO: tl.tensor, MidLse: tl.tensor,
+    stride_qb: tl.tensor, stride_kb: tl.tensor, stride_kh: tl.tensor, stride_kc: tl.tensor, stride_vb: tl.tensor,
+    stride_vh: tl.tensor, stride_vc: tl.tensor, stride_bt: tl.tensor,
+    split_size: tl.tensor, num_splits: tl.tensor,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_SCALES: tl.constexpr,
     APPLY_ROPE: tl.constexpr, INV_FREQ: tl.constexpr, INTERLEAVED: tl.constexpr,
     QK_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
+) -> None:
     """Grid: (num_splits, batch * NUM_KV_HEADS). Program (split, b, kv_head) attends the rows
     GROUP query heads of token seq_lens[b] - 1 over cache positions
     [split * split_size, min(seq_lens[b], (split + 1) * split_size)) and writes the normalized
@@ -407,9 +423,10 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(MidO, MidLse, Out, num_splits, stride_ob,
+def _decode_reduce_kernel(MidO: tl.tensor, MidLse: tl.tensor, Out: tl.tensor, num_splits: tl.tensor,
+                          stride_ob: tl.tensor,
                           NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr) -> None:
     """Grid: (batch * NUM_HEADS,). Merges the partial softmaxes of one (sequence, query head)."""
     pid = tl.program_id(0)
     b = pid // NUM_HEADS

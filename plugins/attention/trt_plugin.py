@@ -25,11 +25,19 @@ them.
 Importing this module needs neither TensorRT nor Triton; `register()` needs both and says so.
 """
 
+import inspect
 import re
-from collections.abc import Sequence
 from typing import Any
 
-from llamaforge.plugins.attention.schema import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
+from llamaforge.plugins.attention.schema import (
+    INPUTS,
+    OP_TYPE,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    AttentionAttrs,
+    attribute_types,
+    flat_signature,
+)
 
 # NB: no `from __future__ import annotations` here: tensorrt.plugin checks the decorated
 # functions' annotations against its own classes, so they must be real objects, not strings.
@@ -38,11 +46,9 @@ PLUGIN_NAME = OP_TYPE
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 QDP_PLUGIN_VERSION = "1"  # tensorrt.plugin registers every plugin creator with version "1"
 AOT_ATTRIBUTE = "aot"
-ATTRIBUTE_NAMES = ("num_heads", "num_kv_heads", "head_dim", "scale", "rope_theta", "rope_interleaved",
-                   "rope_scaling_type", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                   "rope_original_max_positions", "use_rope", "qk_norm", "qk_norm_eps", "attn_chunk_size",
-                   "temperature_tuning", "temperature_floor", "temperature_scale", "kv_cache_quant", "k_scale",
-                   "v_scale")
+# The plugin's fields are the op's attributes, in `AttentionAttrs` field order (the parser reads them
+# from the node's attributes by name).
+ATTRIBUTE_NAMES = tuple(attribute_types())
 
 _registered = False
 
@@ -72,7 +78,7 @@ def tensorrt_modules() -> tuple[Any, Any]:
 
 
 def _triton_kernels() -> Any:
-    try:
+    try:  # Triton is optional (a GPU build's, and the test extra's)
         from llamaforge.plugins.attention import triton_kernels
     except ImportError as exc:
         raise TensorRTUnavailable(f"cannot register {PLUGIN_ID}: OpenAI Triton is not installed ({exc})") from exc
@@ -144,22 +150,24 @@ def register() -> None:
 
 
 def _define(trt: Any, trtp: Any, tk: Any) -> None:
+    # Not at the top: the CLI imports this module (through the TensorRT build options), and
+    # `llamaforge serve` must not import torch.
     import torch
 
     torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
     num_args = len(tk.OP_INPUT_ARGS) + len(tk.OP_SCALAR_ARGS) + len(tk.OP_OUTPUT_ARGS)
 
-    @trtp.register(PLUGIN_ID)
-    def llama_attention_desc(
-        query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
-        past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, past_lengths: trtp.TensorDesc,
-        num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
-        rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
-        rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
-        use_rope: int, qk_norm: int, qk_norm_eps: float, attn_chunk_size: int, temperature_tuning: int,
-        temperature_floor: float, temperature_scale: float, kv_cache_quant: str, k_scale: float, v_scale: float,
-    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-        return query.like(), past_key.like(), past_value.like()
+    # tensorrt.plugin reads the plugin's inputs and fields from the decorated functions' signatures,
+    # which `flat_signature` generates: the six tensor descriptors, then one typed parameter per
+    # attribute (`AttentionAttrs` field order), then the implementation's own trailing parameters.
+    P = inspect.Parameter
+    tensor_descs = [P(name, P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc) for name in INPUTS]
+
+    def describe(tensors: dict[str, Any], attrs: AttentionAttrs) -> tuple[Any, Any, Any]:
+        return tensors["query"].like(), tensors["past_key"].like(), tensors["past_value"].like()
+
+    trtp.register(PLUGIN_ID)(flat_signature(
+        "llama_attention_desc", tensor_descs, [], tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc], describe))
 
     @trtp.autotune(PLUGIN_ID)
     def llama_attention_autotune(
@@ -174,23 +182,8 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         full.tactics(list(tk.FP32_TACTICS))
         return [half, full]
 
-    @trtp.aot_impl(PLUGIN_ID)
-    def llama_attention_aot_impl(
-        query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
-        past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, past_lengths: trtp.TensorDesc,
-        num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rope_theta: float,
-        rope_interleaved: int, rope_scaling_type: str, rope_scaling_factor: float,
-        rope_low_freq_factor: float, rope_high_freq_factor: float, rope_original_max_positions: int,
-        use_rope: int, qk_norm: int, qk_norm_eps: float, attn_chunk_size: int, temperature_tuning: int,
-        temperature_floor: float, temperature_scale: float, kv_cache_quant: str, k_scale: float, v_scale: float,
-        outputs: tuple[trtp.TensorDesc], tactic: int,
-    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
-        attrs = AttentionAttrs(
-            int(num_heads), int(num_kv_heads), int(head_dim), float(scale), float(rope_theta), int(rope_interleaved),
-            str(rope_scaling_type), float(rope_scaling_factor), float(rope_low_freq_factor),
-            float(rope_high_freq_factor), int(rope_original_max_positions), int(use_rope), int(qk_norm),
-            float(qk_norm_eps), int(attn_chunk_size), int(temperature_tuning), float(temperature_floor),
-            float(temperature_scale), str(kv_cache_quant), float(k_scale), float(v_scale))
+    def aot_impl(arguments: dict[str, Any], attrs: AttentionAttrs) -> tuple[bytes, bytes, Any, Any]:
+        query, past_key, tactic = arguments["query"], arguments["past_key"], arguments["tactic"]
         config = tk.OP_CONFIGS[int(tactic)]  # compile_op_kernel refuses the Llama 4 flags by name
         compiled = tk.compile_op_kernel(attrs, torch_dtype[query.dtype], config)
         name, ptx = aot_binary(compiled, num_args)
@@ -205,9 +198,9 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in op_scalar_args(seq, capacity, attrs)])
         return name.encode(), ptx.encode(), launch, extra_args
 
+    trtp.aot_impl(PLUGIN_ID)(flat_signature(
+        "llama_attention_aot_impl", tensor_descs,
+        [P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=tuple[trtp.TensorDesc]),
+         P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int)],
+        tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs], aot_impl))
 
-def unregistered_attribute_names() -> Sequence[str]:
-    """AttentionAttrs fields missing from the plugin's fields (empty while the two agree)."""
-    from dataclasses import fields
-
-    return [f.name for f in fields(AttentionAttrs) if f.name not in ATTRIBUTE_NAMES]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import onnxscript
 import torch
 
@@ -35,4 +38,4 @@ def _to_onnx(hidden, router_weight, gate_up_proj, down_proj, num_experts: int, t
     return op(hidden, router_weight, gate_up_proj, down_proj, **MoEAttrs(num_experts, top_k).onnx_attributes())
 
 
-TRANSLATION_TABLE = {torch.ops.llamaforge.moe.default: _to_onnx}
+TRANSLATION_TABLE: dict[Callable[..., Any], Callable[..., Any]] = {torch.ops.llamaforge.moe.default: _to_onnx}

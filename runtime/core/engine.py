@@ -6,7 +6,6 @@ here imports torch, `export/` or `graphs/`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from llamaforge.runtime.core.manifest import EngineManifest, ManifestError
 from llamaforge.runtime.core.tokenizer import load_tokenizer
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -38,25 +38,21 @@ class KVSpec:
         return [np.zeros(shape, self.dtype) for _ in range(2 * self.num_layers)]
 
 
-def read_manifest(engine_dir: Path) -> dict[str, Any]:
-    path = Path(engine_dir) / "manifest.json"
+def read_manifest(engine_dir: str | os.PathLike[str]) -> EngineManifest:
+    """The engine directory's manifest, checked field by field (runtime/core/manifest.py); an
+    unreadable or invalid one is an EngineError naming the file and the field."""
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngineError(f"{path}: not found; is {engine_dir} an engine directory (made by `make engine`)?") from None
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != "llama-forge-engine":
-        raise EngineError(f"{path}: field 'format' is {manifest.get('format')!r}, expected 'llama-forge-engine'")
-    return manifest
+        return EngineManifest.read(Path(engine_dir))
+    except ManifestError as e:
+        raise EngineError(str(e)) from None
 
 
-def check_runnable(manifest: dict[str, Any], engine_dir: Path) -> None:
+def check_runnable(manifest: EngineManifest, engine_dir: Path) -> None:
     """How an engine is picked: the manifest's `backend` says what built it. "ort" engines run here
     under ONNX Runtime. "trt" engines (engine.plan) need a TensorRT runner in the engine core, which
     this runtime does not have yet, so they are refused with this message rather than failing
     somewhere inside ONNX Runtime."""
-    backend = manifest.get("backend")
+    backend = manifest.backend
     if backend == "trt":
         raise EngineError(f"{engine_dir}: manifest.json field 'backend' is 'trt', but this runtime has no TensorRT "
                           "runner yet (its engine core runs ONNX Runtime engines only); serve an engine built with BACKEND=ort")
@@ -93,34 +89,33 @@ class Engine:
         self.dir = Path(engine_dir)
         self.manifest = read_manifest(self.dir)
         check_runnable(self.manifest, self.dir)
-        if self.manifest["weights"] == "none":
+        if self.manifest.weights == "none":
             raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
-        kv = self.manifest["kv_cache"]
-        if kv["dtype"] not in NP_DTYPES:
-            raise EngineError(f"{self.dir}: KV dtype {kv['dtype']!r} has no NumPy type for ONNX Runtime on this host")
-        self.kv = KVSpec(kv["num_layers"], kv["num_kv_heads"], kv["head_dim"], np.dtype(NP_DTYPES[kv["dtype"]]),
-                         kv["max_capacity"])
-        self.config = self.manifest["config"]
-        self.vocab_size = int(self.config["vocab_size"])
-        self.eos_ids = tuple(self.manifest["special_tokens"]["eos_token_id"])
-        tok = self.manifest.get("tokenizer", {"kind": "none"})
-        self.tokenizer = load_tokenizer(self.dir, tok) if tok.get("kind") != "none" else None
+        kv = self.manifest.kv_cache
+        if kv.dtype not in NP_DTYPES:
+            raise EngineError(f"{self.dir}: KV dtype {kv.dtype!r} has no NumPy type for ONNX Runtime on this host")
+        self.kv = KVSpec(kv.num_layers, kv.num_kv_heads, kv.head_dim, np.dtype(NP_DTYPES[kv.dtype]), kv.max_capacity)
+        self.config = self.manifest.config
+        self.vocab_size = self.manifest.vocab_size
+        self.eos_ids = tuple(self.manifest.special_tokens.eos_token_id)
+        tok = self.manifest.tokenizer
+        self.tokenizer = load_tokenizer(self.dir, tok.to_json()) if tok is not None else None
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Quantized engines name the session settings their Q/DQ graph needs to run as written (e.g.
         # no approximate int8 MatMulNBits); see graphs/quantization/recipes.py `ort_session_config`.
-        self.session_config: dict[str, str] = dict(self.manifest.get("ort_session_config", {}))
+        self.session_config: dict[str, str] = dict(self.manifest.ort_session_config or {})
         for key, value in self.session_config.items():
             options.add_session_config_entry(str(key), str(value))
-        self.session = ort.InferenceSession(str(self.dir / self.manifest["model_file"]), options,
+        self.session = ort.InferenceSession(str(self.dir / self.manifest.model_file), options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.has_logits_index = any(i.name == "logits_index" for i in self.session.get_inputs())
         # Decode calls may update the cache arrays in place (see `decode_in_place`): only on the
         # CPU provider, where the arrays the engine core owns are the memory ORT reads and writes.
-        self.decode_in_place = bool(kv.get("decode_in_place")) and self.session.get_providers() == ["CPUExecutionProvider"]
+        self.decode_in_place = kv.decode_in_place and self.session.get_providers() == ["CPUExecutionProvider"]
 
     def _feeds(self, input_ids: np.ndarray, past_lengths: np.ndarray,
                logits_index: np.ndarray | None) -> dict[str, np.ndarray]:

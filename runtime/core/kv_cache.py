@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llamaforge.runtime.core.config import KVCacheConfig
 from llamaforge.runtime.core.engine import KVSpec
 
 
@@ -40,7 +41,7 @@ class KVUsage:
 
 
 class KVCacheManager:
-    def __init__(self, spec: KVSpec, budget_tokens: int, block_size: int = 16) -> None:
+    def __init__(self, spec: KVSpec, budget_tokens: int, block_size: int = KVCacheConfig.block_size) -> None:
         if budget_tokens < block_size:
             raise ValueError(f"KV budget of {budget_tokens} tokens is smaller than one block ({block_size})")
         self.spec = spec
@@ -51,6 +52,17 @@ class KVCacheManager:
         self.values = [np.zeros(shape, spec.dtype) for _ in range(spec.num_layers)]
         self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low ids first
         self.tables: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_config(cls, config: KVCacheConfig, spec: KVSpec, default_tokens: int) -> KVCacheManager:
+        """The cache `config` asks for: its token budget, else its byte budget, else `default_tokens`."""
+        if config.budget_tokens is not None:
+            budget = config.budget_tokens
+        elif config.budget_bytes is not None:
+            budget = config.budget_bytes // cls.bytes_per_token(spec)
+        else:
+            budget = default_tokens
+        return cls(spec, budget, config.block_size)
 
     @staticmethod
     def bytes_per_token(spec: KVSpec) -> int:

@@ -19,20 +19,12 @@ New requests therefore join the running batch at the very next step (in-flight b
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llamaforge.runtime.core.config import SchedulerConfig
 from llamaforge.runtime.core.kv_cache import KVCacheManager
 
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_queue: int = 64
-    # "inflight": admit at every step. "static": admit only into an empty batch, so a batch must
-    # drain before the next starts (the baseline `make bench-serve` compares against).
-    policy: str = "inflight"
+__all__ = ["Chunk", "Scheduler", "SchedulerConfig", "SchedulerOutput", "Sequence"]
 
 
 @dataclass(eq=False)
@@ -73,6 +65,10 @@ class SchedulerOutput:
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Policy "static": the number of the batch this step serves (from 1). A static batch keeps its
+    # finished sequences' decode rows until all of it has finished, and the next batch starts again
+    # from row 0. None in flight: a finished sequence's row is free at once.
+    static_batch: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -91,7 +87,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._admissions = 0
         self._static_batch: set[str] = set()  # policy "static": the batch being served
-        self.static_batches = 0  # how many static batches have started
+        self._static_batches = 0  # how many static batches have started
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -114,6 +110,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt_last(self, out: SchedulerOutput) -> Sequence:
+        """Send the most recently admitted running sequence back to the head of the queue."""
         victim = max(self.running, key=lambda s: s.admitted_at)
         self.running.remove(victim)
         self.kv.free(victim.seq_id)
@@ -122,7 +119,7 @@ class Scheduler:
         out.preempted.append(victim)
         return victim
 
-    def schedule(self, on_preempt: Callable[[Sequence], None] | None = None) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
 
@@ -132,8 +129,6 @@ class Scheduler:
                 continue
             while not self.kv.can_grow(seq.seq_id, len(seq.tokens)):
                 victim = self._preempt_last(out)
-                if on_preempt:
-                    on_preempt(victim)
                 if victim is seq:
                     break
             if seq in self.running:
@@ -160,7 +155,7 @@ class Scheduler:
         static = self.config.policy == "static"
         if static and not self.running and not (self._static_batch & {s.seq_id for s in self.waiting}):
             self._static_batch = {s.seq_id for s in list(self.waiting)[: self.config.max_num_seqs]}
-            self.static_batches += 1
+            self._static_batches += 1
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if static and seq.seq_id not in self._static_batch:
@@ -178,12 +173,12 @@ class Scheduler:
         # Running prefills can exhaust the blocks with no decode left to trigger preemption:
         # free the newest sequence so the older ones can progress.
         if out.empty and self.running:
-            victim = self._preempt_last(out)
-            if on_preempt:
-                on_preempt(victim)
-            more = self.schedule(on_preempt)
+            self._preempt_last(out)
+            more = self.schedule()
             more.preempted[:0] = out.preempted
             return more
+        if static:
+            out.static_batch = self._static_batches
         return out
 
     def _chunk(self, seq: Sequence, budget: int) -> Chunk | None:

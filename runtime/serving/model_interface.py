@@ -52,6 +52,7 @@ token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +61,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES
 
-__all__ = ["TensorSpec", "ModelSpec", "TEXT_MODEL", "TOKEN_MODEL", "model_config", "model_metadata"]
+__all__ = ["TensorSpec", "ModelSpec", "TEXT_MODEL", "TOKEN_MODEL", "declare_tensors", "model_config", "model_metadata"]
 
 _CONFIG_TYPE = {
     "BOOL": mc.TYPE_BOOL, "INT8": mc.TYPE_INT8, "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32,
@@ -184,14 +185,24 @@ TOKEN_MODEL = ModelSpec(
 )
 
 
+def declare_tensors(cfg: mc.ModelConfig, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+    """Add the tensor declarations (config.pbtxt `input` / `output`: name, data_type, dims, and
+    `optional` for optional inputs) to `cfg`. The one builder of them: the gRPC server's ModelConfig
+    answer (`model_config`) and the generated Triton repository (triton_repo/repository.py) both
+    call it."""
+    for t in inputs:
+        tensor = cfg.input.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims))
+        if t.optional:
+            tensor.optional = True
+    for t in outputs:
+        cfg.output.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims))
+
+
 def model_config(spec: ModelSpec, served_name: str | None = None) -> mc.ModelConfig:
     """The Triton `ModelConfig` of a model: max_batch_size 0, decoupled (it streams)."""
     cfg = mc.ModelConfig(name=served_name or spec.name, backend="llama-forge", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
-    for t in spec.inputs:
-        cfg.input.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims), optional=t.optional)
-    for t in spec.outputs:
-        cfg.output.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims))
+    declare_tensors(cfg, spec.inputs, spec.outputs)
     cfg.parameters["model_kind"].string_value = spec.kind
     return cfg
 

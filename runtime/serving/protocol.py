@@ -2,8 +2,9 @@
 (`runtime/serving/model_interface.py`): parsing and validation, and response building. Tensors are
 decoded and encoded by `runtime/serving/tensor_codec.py`; the gRPC server itself is `runtime/serving/server.py`.
 Messages are `tritonclient.grpc.service_pb2`'s, and request parsing itself (`parse_inputs`) works
-on name -> NumPy tensors, so the Triton Python-backend models (`runtime/triton_models/`) validate
-requests with the same code.
+on name -> NumPy tensors, so the Triton Python-backend models (`triton_repo/models/`) validate
+requests with the same code. The checks the engine core repeats on every request it is given (prompt,
+max_tokens, context length) are `runtime/core/validation.py`'s, called from here and from the core.
 
 Semantics
 ---------
@@ -37,6 +38,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestError
 from llamaforge.runtime.core.sampling import SamplingParams
+from llamaforge.runtime.core.validation import RequestLimits, check_context, check_max_tokens, check_prompt_ids
+from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.model_interface import ModelSpec
 from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_TYPES, decode_inputs, encode_output
 
@@ -61,14 +64,8 @@ class ModelContext:
     eos_ids: tuple[int, ...]
 
     @classmethod
-    def from_core(cls, core: Any) -> ModelContext:
-        vocab = None
-        manifest = getattr(core, "manifest", None) or {}
-        if isinstance(manifest.get("config"), dict):
-            vocab = manifest["config"].get("vocab_size")
-        if vocab is None and core.tokenizer is not None:
-            vocab = core.tokenizer.vocab_size
-        return cls(core.tokenizer, int(core.context_length), int(vocab or 0), tuple(core.eos_ids))
+    def from_core(cls, core: EngineClient) -> ModelContext:
+        return cls(core.tokenizer, core.context_length, core.manifest.vocab_size, tuple(core.eos_ids))
 
 
 @dataclass
@@ -224,8 +221,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
                                          f"(gRPC streaming) or {stream_field}=false")
 
     max_tokens = values[max_field]
-    if max_tokens <= 0:
-        raise RequestError(max_field, f"must be > 0, got {max_tokens}")
+    check_max_tokens(max_tokens, max_field)
 
     prompt_text: str | None = None
     if spec.kind == "text":
@@ -236,22 +232,12 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
     else:
         ids = _list("input_ids", arrays["input_ids"])
         prompt_ids = [int(i) for i in ids.tolist()]
-        if not prompt_ids:
-            raise RequestError("input_ids", "the prompt is empty")
-        bad = [i for i in prompt_ids if not 0 <= i < ctx.vocab_size]
-        if bad:
-            raise RequestError("input_ids", f"token id {bad[0]} is outside the vocabulary [0, {ctx.vocab_size})")
+        check_prompt_ids(prompt_ids, ctx.vocab_size, "input_ids")
         if "input_lengths" in values and values["input_lengths"] != len(prompt_ids):
             raise RequestError("input_lengths", f"is {values['input_lengths']} but {len(prompt_ids)} input_ids were sent")
         prompt_field = "input_ids"
 
-    n = len(prompt_ids)
-    if n >= ctx.context_length:
-        raise RequestError(prompt_field, f"the prompt is {n} tokens; the context length is {ctx.context_length}, "
-                                         "which leaves no room for a generated token")
-    if n + max_tokens > ctx.context_length:
-        raise RequestError(max_field, f"prompt ({n} tokens) + {max_field} ({max_tokens}) = {n + max_tokens} exceeds "
-                                      f"the context length {ctx.context_length}; at most {ctx.context_length - n}")
+    check_context(len(prompt_ids), max_tokens, RequestLimits(ctx.context_length, ctx.vocab_size), prompt_field, max_field)
 
     min_tokens = values.get("min_tokens", 0)
     if not 0 <= min_tokens <= max_tokens:

@@ -46,16 +46,20 @@ import uuid
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from llamaforge.runtime.core.requests import GenerationOutput, OutputSink, QueueFullError, RequestError, RequestHandle
+from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
 from llamaforge.runtime.serving.protocol import FINAL_PARAM, ModelContext, ParsedRequest, ResponseBuilder, parse_request
+
+if TYPE_CHECKING:
+    from llamaforge.runtime.core.engine_core import CoreConfig
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "DEFAULT_MAX_MESSAGE_BYTES"]
 
@@ -101,15 +105,15 @@ def _package_version() -> str:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 gRPC over an engine core (anything with the EngineCore API)."""
+    """KServe v2 gRPC over an engine core (runtime/serving/engine_client.py `EngineClient`)."""
 
-    def __init__(self, core: Any, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None) -> None:
         self.core = core
         self.metrics = metrics
         self.ctx = ModelContext.from_core(core)
         self.models: dict[str, ModelSpec] = {}
         if core.tokenizer is not None:
-            for name in (TEXT_MODEL.name, "tensorrt_llm_bls", str(getattr(core, "model_name", "") or "")):
+            for name in (TEXT_MODEL.name, "tensorrt_llm_bls", core.model_name):
                 if name and name != TOKEN_MODEL.name:
                     self.models.setdefault(name, TEXT_MODEL)
         self.models[TOKEN_MODEL.name] = TOKEN_MODEL
@@ -398,22 +402,19 @@ class InferenceServer:
     """gRPC server (+ metrics endpoint) around an engine core. `start()` starts the core too;
     `stop()` stops the gRPC server, the metrics endpoint and, if `own_core`, the core."""
 
-    def __init__(self, core: Any, host: str = "127.0.0.1", port: int = 8001, metrics_port: int | None = 8002,
+    def __init__(self, core: EngineClient, host: str = "127.0.0.1", port: int = 8001, metrics_port: int | None = 8002,
                  metrics: ServerMetrics | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_workers: int | None = None, own_core: bool = True) -> None:
         self.core = core
         self.host = host
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.metrics.attach(core)
-        if getattr(core, "observer", False) is None:
+        if core.observer is None:
             core.observer = self.metrics  # the core was made without one: observe it from now on
         self.servicer = InferenceServicer(core, self.metrics)
-        cfg = getattr(core, "config", None)
-        max_seqs = int(getattr(cfg, "max_num_seqs", 16))
-        max_queue = int(getattr(cfg, "max_queue", 64))
         # Every admitted request can hold a handler thread while it runs or waits, plus room for
         # health checks and requests that will be refused with RESOURCE_EXHAUSTED.
-        self.max_workers = max_workers or max_seqs + max_queue + 8
+        self.max_workers = max_workers or core.config.max_num_seqs + core.config.max_queue + 8
         options = [
             ("grpc.max_receive_message_length", int(max_message_bytes)),
             ("grpc.max_send_message_length", -1),
@@ -460,13 +461,13 @@ class InferenceServer:
 
 
 def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8001,
-          metrics_port: int | None = 8002, core_config: Any = None,
+          metrics_port: int | None = 8002, core_config: CoreConfig | None = None,
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
     """Load the engine, serve until SIGINT/SIGTERM."""
     from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
 
     metrics = ServerMetrics()
-    core = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
+    core: EngineClient = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
     server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes)
     server.start()
     names = ", ".join(sorted(server.servicer.models))

@@ -14,13 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from safetensors.torch import load_file, save_file
+from tiny_models import make_hf_checkpoint, tiny_config
 
-from llamaforge.export.checkpoint import HFCheckpoint
-from llamaforge.graphs.pipeline import PipelineError
 from llamaforge import cli
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine, tensorrt_available
-from llamaforge.runtime.core.engine import Engine, EngineError
-from tiny_models import make_hf_checkpoint, tiny_config
+from llamaforge.export.checkpoint import HFCheckpoint
+from llamaforge.graphs.pipeline import PipelineError
+from llamaforge.runtime.core.engine import Engine, EngineError, read_manifest
+from llamaforge.runtime.core.manifest import MANIFEST_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +60,8 @@ def assert_nothing_left(out: Path) -> None:
 
 def test_engine_directory_and_manifest(good_engine: Path) -> None:
     manifest = json.loads((good_engine / "manifest.json").read_text())
-    assert manifest["format"] == "llama-forge-engine"
+    assert manifest["format"] == "llama-forge-engine" and manifest["manifest_version"] == MANIFEST_VERSION
+    assert read_manifest(good_engine).to_json() == manifest  # what the build writes, the typed manifest reads back
     assert manifest["precision"] == "fp32" and manifest["backend"] == "ort" and manifest["weights"] == "checkpoint"
     assert manifest["config"]["num_layers"] == 2 and manifest["config"]["num_kv_heads"] == 2
     names = [i["name"] for i in manifest["inputs"]]

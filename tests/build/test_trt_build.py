@@ -10,14 +10,20 @@ import types
 from pathlib import Path
 
 import pytest
-
-from llamaforge.export.exporter import trace
-from llamaforge import cli
-from llamaforge.build.builder import BuildOptions, build_engine, tensorrt_available
-from llamaforge.build.trt_backend import (PLAN_FILE, TIMING_CACHE_FILE, ProfileLimits, TensorRTBuildError, TensorRTOptions,
-                                  optimization_profiles)
 from tiny_models import make_hf_checkpoint, tiny_config
 from typecheck import link_tree
+
+from llamaforge import cli
+from llamaforge.build.builder import BuildOptions, build_engine, tensorrt_available
+from llamaforge.build.trt_backend import (
+    PLAN_FILE,
+    TIMING_CACHE_FILE,
+    ProfileLimits,
+    TensorRTBuildError,
+    TensorRTOptions,
+    optimization_profiles,
+)
+from llamaforge.export.exporter import trace
 
 ROOT = Path(__file__).resolve().parents[2]
 TYPED_MODULES = ["llamaforge.build.trt_backend", "llamaforge.graphs.trt_ops", "llamaforge.plugins.attention.trt_plugin"]

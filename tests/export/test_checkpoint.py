@@ -29,9 +29,9 @@ from llamaforge.runtime.core.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, tiny_hf_checkpoint):
     base = tmp_path_factory.mktemp("ckpts")
-    gqa = make_hf_checkpoint(base / "hf_gqa", tiny_config(), seed=0)
+    gqa = tiny_hf_checkpoint  # tiny_config(), seed 0, shared by the session (tests/conftest.py): copy before editing
     mha = make_hf_checkpoint(base / "hf_mha", tiny_config(num_kv_heads=4), seed=1)
     # Llama-3-like: GQA, tied embeddings, llama3 rope scaling.
     l3 = make_hf_checkpoint(base / "hf_l3", tiny_config(

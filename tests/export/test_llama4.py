@@ -55,10 +55,10 @@ def test_structure_is_what_the_case_says(built: tuple[ModelConfig, Path, Engine]
     assert loaded.moe_layer_indices() == config.moe_layer_indices()
     assert [loaded.layer_uses_rope(i) for i in range(4)] == [config.layer_uses_rope(i) for i in range(4)]
     assert max(PROMPT_LENGTHS) >= 3 * config.attention_chunk_size
-    assert engine.manifest["config"]["architecture"] == "llama4"
+    assert engine.manifest.config["architecture"] == "llama4"
     # Llama 4 layers lower to the decomposition (GQA has no chunked mask / QK norm / temperature):
     # decode steps copy the cache rather than update it in place.
-    assert engine.manifest["kv_cache"]["decode_in_place"] is False and not engine.decode_in_place
+    assert engine.manifest.kv_cache.decode_in_place is False and not engine.decode_in_place
     hf = load_llama4_oracle(ckpt)
     assert list(hf.config.moe_layers) == list(config.moe_layer_indices())
 
@@ -149,11 +149,12 @@ def test_served_through_grpc_runtime(built: tuple[ModelConfig, Path, Engine]) ->
 
     from server_utils import grpc_client, running_server, token_inputs
 
-    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+    from llamaforge.runtime.core.engine_core import EngineCore
 
     _, ckpt, engine = built
     hf = load_llama4_oracle(ckpt)
-    core = EngineCore(engine.dir, CoreConfig(kv_budget_tokens=1024, max_num_seqs=4, max_num_batched_tokens=16))
+    core = EngineCore(engine.dir, CoreConfig(KVCacheConfig(budget_tokens=1024), SchedulerConfig(4, 16)))
     eos = core.eos_ids[0]
     batch, new = prompts(seed=4), 16
     want = []

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from tiny_models import corpus_text, load_hf_oracle, make_hf_checkpoint, tiny_config
+from tiny_models import TinyBuilds, corpus_text, load_hf_oracle, make_hf_checkpoint, tiny_config
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
 from llamaforge.export.checkpoint import open_checkpoint
@@ -36,8 +36,8 @@ PROMPT = np.array([[5, 77, 300, 12, 9, 410, 33, 2, 150, 600, 7, 88]], dtype=np.i
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("q") / "ckpt", tiny_config(), seed=5)
+def ckpt(tiny_builds: TinyBuilds) -> Path:
+    return tiny_builds.hf_checkpoint(tiny_config(), seed=5)  # shared with tests/graphs/test_trt_ops.py
 
 
 @pytest.fixture(scope="module")

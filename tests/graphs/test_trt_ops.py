@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from tiny_models import make_hf_checkpoint, tiny_config
+from tiny_models import TinyBuilds, tiny_config
 
 from llamaforge.build.builder import activation_precision
 from llamaforge.export.checkpoint import open_checkpoint
@@ -29,8 +29,8 @@ ALL_PRECISIONS = [*PRECISIONS, *QUANT_PRECISIONS]  # what `make engine PRECISION
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_hf_checkpoint(tmp_path_factory.mktemp("trt-ops") / "ckpt", tiny_config(), seed=5)
+def ckpt_dir(tiny_builds: TinyBuilds) -> Path:
+    return tiny_builds.hf_checkpoint(tiny_config(), seed=5)  # shared with tests/graphs/test_quantization.py
 
 
 @pytest.fixture(scope="module")

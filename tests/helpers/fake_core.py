@@ -1,7 +1,8 @@
-"""A small stand-in for `runtime.engine_core.EngineCore` (a helper module, not a test file).
+"""A small stand-in for `runtime/core/engine_core.py` `EngineCore` (a helper module, not a test file).
 
-Same front-end API (submit / cancel / stats / start / stop, observer callbacks, `GenerationOutput`
-streams) with no model: the tokenizer is bytes (ids 0-255 = bytes, 256 <s>, 257 </s>) and the
+Same front-end API (runtime/serving/engine_client.py `EngineClient`: submit / cancel / stats / start /
+stop, observer callbacks, `GenerationOutput` streams; tests/serving/test_engine_client.py has mypy
+check it) with no model: the tokenizer is bytes (ids 0-255 = bytes, 256 <s>, 257 </s>) and the
 "model" echoes the prompt's bytes, then emits the end token, so
 
     text_output == prompt (cut at max_tokens bytes, or before the first end_id / stop word)
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer
+from llamaforge.runtime.core.manifest import EngineManifest, KVCacheInfo, SpecialTokens, TokenizerInfo
 from llamaforge.runtime.core.requests import (
     GenerationOutput,
     GenerationRequest,
@@ -68,6 +70,18 @@ class ByteTokenizer(Tokenizer):
         return token_id in self._SPECIAL
 
 
+def fake_manifest(model_name: str, context_length: int) -> EngineManifest:
+    """The manifest of an engine this fake could have been built as (one layer, byte vocabulary)."""
+    kv = KVCacheInfo(layout="bhcd-slots", dtype="float32", num_layers=1, num_kv_heads=1, head_dim=8,
+                     max_capacity=context_length, past_inputs=["past_key.{layer}", "past_value.{layer}"],
+                     present_outputs=["present_key.{layer}", "present_value.{layer}"], lengths_input="past_lengths")
+    return EngineManifest(
+        variant=model_name, config={"vocab_size": ByteTokenizer.vocab_size}, precision="fp32", backend="ort",
+        weights="checkpoint", model_file="model.onnx", external_data="model.onnx.data", inputs=[], outputs=[],
+        kv_cache=kv, special_tokens=SpecialTokens(BOS, [EOS], None),
+        tokenizer=TokenizerInfo(kind="bytes", file="", bos_id=BOS, eos_ids=[EOS]), passes=[], source={}, tools={})
+
+
 @dataclass
 class FakeConfig:
     max_num_seqs: int = 4
@@ -97,7 +111,7 @@ class FakeCore:
         self.context_length = context_length
         self.eos_ids = (EOS,)
         self.model_name = model_name
-        self.manifest = {"variant": model_name, "config": {"vocab_size": ByteTokenizer.vocab_size}}
+        self.manifest = fake_manifest(model_name, context_length)
         self.step_s = step_s
         self.cancelled: list[str] = []
         self.submitted: list[GenerationRequest] = []

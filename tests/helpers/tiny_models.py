@@ -4,6 +4,7 @@
     hf_dir = make_hf_checkpoint(tmp / "hf", cfg)         # sharded safetensors + index + tokenizer.json
     model = load_hf_oracle(hf_dir)                       # transformers LlamaForCausalLM, fp32, eval()
     meta_dir = make_meta_checkpoint(tmp / "meta", hf_dir, mp=2, tokenizer="sentencepiece")
+    builds = TinyBuilds(tmp)                             # each distinct checkpoint/engine once: builds.engine(hf_dir)
 
 All three tiny tokenizers (byte-level BPE tokenizer.json, SentencePiece BPE, tiktoken ranks +
 Meta's 256 specials) have exactly `TINY_VOCAB` = 640 ids, so every id a model can emit decodes.
@@ -13,6 +14,7 @@ Everything is deterministic; tokenizers are trained once per process and cached.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -40,6 +42,7 @@ __all__ = [
     "tiny_llama4_config",
     "make_llama4_checkpoint",
     "load_llama4_oracle",
+    "TinyBuilds",
 ]
 
 TINY_VOCAB = 640
@@ -411,3 +414,44 @@ def load_llama4_oracle(dest: str | Path):
 
     hf_logging.set_verbosity_error()
     return Llama4ForCausalLM.from_pretrained(str(dest), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+# -- one build per distinct set of arguments (what tests/conftest.py's session fixtures use) ---------
+
+
+class TinyBuilds:
+    """Builds each distinct tiny HF checkpoint and engine once (per pytest session: the `tiny_builds`
+    fixture): asking again with the same arguments (config and seed; checkpoint and build options)
+    returns the same directory, under `root`. What it returns is shared, so callers only read it."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._built: dict[tuple[Any, ...], Path] = {}
+
+    def _new_dir(self, kind: str) -> Path:
+        path = self._root / f"{kind}-{len(self._built)}"
+        path.mkdir(parents=True)
+        return path
+
+    def hf_checkpoint(self, config: ModelConfig | None = None, seed: int = 0) -> Path:
+        """`make_hf_checkpoint(dir, config, seed)` with its default sharding and init_std."""
+        config = config or tiny_config()
+        key = ("hf", repr(config), seed)
+        if key not in self._built:
+            self._built[key] = make_hf_checkpoint(self._new_dir("hf") / "ckpt", config, seed=seed)
+        return self._built[key]
+
+    def engine(self, checkpoint: Path, **options: Any) -> Path:
+        """`build_engine(BuildOptions(checkpoint=checkpoint, out=dir, **options))`; options are any
+        BuildOptions fields but `checkpoint` and `out` (the default: an fp32 ONNX Runtime engine)."""
+        from llamaforge.build.builder import BuildOptions, build_engine
+
+        fields = {f.name for f in dataclasses.fields(BuildOptions)} - {"checkpoint", "out"}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise TypeError(f"tiny_builds.engine: not BuildOptions fields (or not allowed here): {unknown}")
+        key = ("engine", str(checkpoint), repr(sorted(options.items())))
+        if key not in self._built:
+            out = self._new_dir("engine") / "engine"
+            self._built[key] = build_engine(BuildOptions(checkpoint=checkpoint, out=out, **options))
+        return self._built[key]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -12,7 +15,8 @@ from attention_inputs import random_inputs
 
 from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
 from llamaforge.plugins.attention import reference
-from llamaforge.plugins.attention.schema import DOMAIN, AttentionAttrs, register_schema, single_op_model
+from llamaforge.plugins.attention.schema import DOMAIN, INPUTS, AttentionAttrs, register_schema, single_op_model
+from llamaforge.plugins.attention.torch_op import TRANSLATION_TABLE, attention
 
 register_schema()
 T = onnx.TensorProto
@@ -202,3 +206,30 @@ def test_tensorrt_graph_check_names_llama4_flags() -> None:
     assert len(problems) == 2 and "qk_norm=1" in problems[0] and "attn_chunk_size=8" in problems[1]
     dense = ir.serde.deserialize_model(single_op_model(AttentionAttrs(8, 2, 16)))
     assert not [p for p in tensorrt_problems(dense) if "Llama 4" in p]
+
+
+
+def test_every_boundary_takes_the_attributes_in_field_order() -> None:
+    """The custom op's schema and the ONNX translation's signature take every `AttentionAttrs` field,
+    by name and type, in field order (they are generated from it); the ONNX node carries each one."""
+    names = [f.name for f in fields(AttentionAttrs)]
+    op = torch.ops.llamaforge.llama_attention.default
+    arguments = op._schema.arguments
+    assert [a.name for a in arguments] == [*INPUTS, *names]
+    attrs = AttentionAttrs(8, 2, 16, rope_scaling_type="llama3", use_rope=0, kv_cache_quant="fp8", k_scale=0.5)
+    torch_types = {"int": int, "float": float, "str": str}
+    assert [torch_types[str(a.type)] for a in arguments[len(INPUTS):]] == [type(getattr(attrs, n)) for n in names]
+    assert list(inspect.signature(TRANSLATION_TABLE[op]).parameters) == [*INPUTS, *names]
+    node = single_op_model(attrs).graph.node[0]
+    assert sorted(a.name for a in node.attribute) == sorted([*names, "plugin_version", "plugin_namespace"])
+
+
+def test_eager_op_passes_every_attribute_to_the_reference() -> None:
+    """`attention` (the custom op, as the exporter's model runs it eagerly) equals the reference for
+    attributes away from their defaults: none is lost or reordered crossing the flat signature."""
+    attrs = AttentionAttrs(4, 2, 16, rope_theta=500000.0, rope_interleaved=1, qk_norm=1, qk_norm_eps=1e-5,
+                           attn_chunk_size=4, kv_cache_quant="fp8", k_scale=0.5, v_scale=0.25)
+    inputs = list(random_inputs(attrs, batch=2, seq=5, capacity=12, past=[3, 0]).values())
+    expected = reference.llama_attention(*inputs, attrs)
+    for got, want in zip(attention(*inputs, attrs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

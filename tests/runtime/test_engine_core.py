@@ -11,7 +11,8 @@ import torch
 from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config
 
 from llamaforge.build.builder import BuildOptions, build_engine
-from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore, padding_groups, run_to_completion
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+from llamaforge.runtime.core.engine_core import EngineCore, padding_groups, run_to_completion
 from llamaforge.runtime.core.requests import GenerationRequest, QueueFullError, RequestError
 from llamaforge.runtime.core.sampling import SamplingParams, sample
 from llamaforge.runtime.core.scheduler import Chunk, Sequence
@@ -25,9 +26,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, base / "engine"
 
 
-def make_core(engine: Path, **kw: int) -> EngineCore:
-    config = CoreConfig(**{"kv_budget_tokens": 1024, "max_num_seqs": 8, "max_num_batched_tokens": 64, **kw})
-    core = EngineCore(engine, config)
+def core_config(kv_budget_tokens: int = 1024, max_num_batched_tokens: int = 64, policy: str = "inflight") -> CoreConfig:
+    return CoreConfig(KVCacheConfig(budget_tokens=kv_budget_tokens), SchedulerConfig(8, max_num_batched_tokens, policy))
+
+
+def make_core(engine: Path, kv_budget_tokens: int = 1024) -> EngineCore:
+    core = EngineCore(engine, core_config(kv_budget_tokens))
     core.start()
     return core
 
@@ -51,7 +55,7 @@ def test_greedy_matches_transformers_under_inflight_batching(built: tuple[Path, 
     try:
         ps = prompts(8, seed=1)
         outs = run_to_completion(core, [GenerationRequest(f"r{i}", p, 24, end_ids=()) for i, p in enumerate(ps)])
-        assert core.engine.decode_in_place and core.decode_steps > 0  # decodes updated the cache in place
+        assert core.engine.decode_in_place and core.counters.decode_steps > 0  # decodes updated the cache in place
         hf = load_hf_oracle(ckpt)
         for p, o in zip(ps, outs):
             assert o.finish_reason == "length"
@@ -64,14 +68,15 @@ def test_greedy_matches_transformers_under_inflight_batching(built: tuple[Path, 
 def record_decode_widths(core: EngineCore) -> list[tuple[int, int]]:
     """(live sequences, rows computed) of each decode call the core makes from now on."""
     widths: list[tuple[int, int]] = []
-    run_decode = core._run_decode
+    run_decode = core.runner.run_decode
 
-    def spy(seqs: list[Sequence]) -> None:
-        run_decode(seqs)
-        assert core._batch is not None
-        widths.append((len(seqs), len(core._batch.rows)))
+    def spy(seqs: list[Sequence], static_batch: int | None) -> list[np.ndarray]:
+        logits = run_decode(seqs, static_batch)
+        assert core.runner.decode_batch is not None
+        widths.append((len(seqs), len(core.runner.decode_batch.rows)))
+        return logits
 
-    core._run_decode = spy  # type: ignore[method-assign]
+    core.runner.run_decode = spy  # type: ignore[method-assign]
     return widths
 
 
@@ -82,7 +87,7 @@ def test_finished_rows_leave_the_decode_batch_only_in_flight(built: tuple[Path, 
     row moves into a finished one and every decode call computes live rows only; static keeps the
     batch's shape until all of it has finished. Either way the tokens are transformers' greedy ones."""
     ckpt, engine = built
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, max_num_batched_tokens=64, policy=policy))
+    core = EngineCore(engine, core_config(policy=policy))
     core.engine.decode_in_place = in_place
     widths = record_decode_widths(core)
     ps, lengths = prompts(6, seed=7), [3, 17, 6, 25, 9, 12]
@@ -107,7 +112,7 @@ def test_static_batch_keeps_its_rows_when_the_cache_grows(built: tuple[Path, Pat
     """The decode arrays are rebuilt from blocks when the longest row outgrows them (64 positions
     here); a static batch's finished rows stay in it across that rebuild."""
     ckpt, engine = built
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, policy="static"))
+    core = EngineCore(engine, core_config(max_num_batched_tokens=SchedulerConfig.max_num_batched_tokens, policy="static"))
     widths = record_decode_widths(core)
     ps = prompts(2, seed=8, lengths=(5, 40))
     handles = [core.submit(GenerationRequest(f"g{i}", p, n, end_ids=())) for i, (p, n) in enumerate(zip(ps, (2, 40)))]
@@ -118,7 +123,7 @@ def test_static_batch_keeps_its_rows_when_the_cache_grows(built: tuple[Path, Pat
             assert [t for out in h for t in out.token_ids] == hf_greedy(hf, p, n)
     finally:
         core.stop()
-    assert core._batch is not None and core._batch.capacity > 64  # the arrays were rebuilt
+    assert core.runner.decode_batch is not None and core.runner.decode_batch.capacity > 64  # the arrays were rebuilt
     assert widths[-1] == (1, 2), widths  # g0 finished after 2 tokens and kept its row to the end
 
 
@@ -222,7 +227,7 @@ def test_stream_pieces_concatenate_to_unary_text(built: tuple[Path, Path]) -> No
 
 def test_bounds_and_validation(built: tuple[Path, Path]) -> None:
     _, engine = built
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=512, max_queue=2))  # not started: the queue fills
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=512), max_queue=2))  # not started: the queue fills
     with pytest.raises(RequestError, match="max_tokens"):
         core.submit(GenerationRequest("long", [5] * 200, 100))
     with pytest.raises(RequestError, match="max_tokens"):

@@ -96,7 +96,7 @@ def test_meta_layout_parity(tokenizer: str, overrides: dict, tmp_path: Path) -> 
     hf_dir = make_hf_checkpoint(tmp_path / "hf", config, seed=3)
     meta_dir = make_meta_checkpoint(tmp_path / "meta", hf_dir, mp=2, tokenizer=tokenizer)
     engine = build(meta_dir, tmp_path / "engine")
-    assert engine.manifest["source"]["layout"] == "meta"
+    assert engine.manifest.source["layout"] == "meta"
     check_parity(engine, load_hf_oracle(hf_dir), config, seed=4)
 
 

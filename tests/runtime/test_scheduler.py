@@ -168,3 +168,26 @@ def test_static_batch_takes_max_num_seqs_and_prefills_over_several_steps() -> No
     for s in list(sched.running):
         sched.finish(s)
     assert [c.seq.seq_id for c in sched.schedule().prefill] == ["s3", "s4"], "then the next batch"
+
+
+def test_the_output_numbers_static_batches_and_is_none_in_flight() -> None:
+    """The model runner keeps a static batch's rows by this number alone (test_model_runner.py)."""
+    kv = KVCacheManager(SPEC, budget_tokens=4096, block_size=16)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=1000, policy="static"), kv)
+    for i in range(3):
+        sched.add(seq(f"s{i}", 10))
+    out = sched.schedule()
+    assert out.static_batch == 1 and [c.seq.seq_id for c in out.prefill] == ["s0", "s1"]
+    run_prefills(out)
+    out = sched.schedule()
+    assert out.static_batch == 1 and [s.seq_id for s in out.decode] == ["s0", "s1"]
+    run_decodes(out)
+    sched.finish(sched.running[0])
+    assert sched.schedule().static_batch == 1, "one of the batch still runs: same batch"
+    sched.finish(sched.running[0])
+    out = sched.schedule()
+    assert out.static_batch == 2 and [c.seq.seq_id for c in out.prefill] == ["s2"]
+
+    inflight = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=1000), KVCacheManager(SPEC, 4096, 16))
+    inflight.add(seq("a", 10))
+    assert inflight.schedule().static_batch is None

@@ -516,24 +516,17 @@ def test_cli_serve_arguments() -> None:
 # -- the real engine core -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tiny_models import make_hf_checkpoint, tiny_config
-
-    from llamaforge.build.builder import BuildOptions, build_engine
-
-    tmp = tmp_path_factory.mktemp("serve")
-    out = tmp / "engine"
-    build_engine(BuildOptions(checkpoint=make_hf_checkpoint(tmp / "hf", tiny_config()), out=out))
-    return out
+# `tiny_engine` (tiny_config(), seed 0, fp32 ONNX Runtime) is a session fixture: tests/conftest.py.
 
 
 @pytest.fixture
 def real(tiny_engine: Path) -> Any:
-    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+    from llamaforge.runtime.core.engine_core import EngineCore
 
     metrics = ServerMetrics()
-    core = EngineCore(tiny_engine, CoreConfig(kv_budget_tokens=2048, max_num_seqs=4, max_queue=4, threads=1),
+    core = EngineCore(tiny_engine, CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(max_num_seqs=4),
+                                              max_queue=4, threads=1),
                       observer=metrics)
     with running_server(core, metrics=metrics) as server:
         yield server, core, grpc_client(server)

@@ -12,20 +12,18 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from server_utils import grpc_client, is_final, running_server, text_inputs, token_inputs, wait_until
-from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config
+from tiny_models import load_hf_oracle
 
-from llamaforge.build.builder import BuildOptions, build_engine
-from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+from llamaforge.runtime.core.engine_core import EngineCore
 
 NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    ckpt = make_hf_checkpoint(tmp / "hf", tiny_config(), seed=31)
-    build_engine(BuildOptions(checkpoint=ckpt, out=tmp / "engine"))
-    return ckpt, tmp / "engine"
+def built(tiny_hf_checkpoint: Path, tiny_engine: Path) -> tuple[Path, Path]:
+    """The session's tiny checkpoint and its fp32 engine (tests/conftest.py); read only."""
+    return tiny_hf_checkpoint, tiny_engine
 
 
 def hf_greedy(hf: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
@@ -39,7 +37,7 @@ def hf_greedy(hf: torch.nn.Module, ids: list[int], eos: int) -> list[int]:
 def test_greedy_through_server_equals_transformers(built: tuple[Path, Path]) -> None:
     ckpt, engine = built
     hf = load_hf_oracle(ckpt)
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=2048, max_num_seqs=4, max_queue=16))
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(max_num_seqs=4), max_queue=16))
     eos = core.eos_ids[0]
     with running_server(core) as server:
         client = grpc_client(server)
@@ -58,7 +56,7 @@ def test_greedy_through_server_equals_transformers(built: tuple[Path, Path]) -> 
 
 def test_32_concurrent_streams_with_cancellations(built: tuple[Path, Path]) -> None:
     _, engine = built
-    core = EngineCore(engine, CoreConfig(kv_budget_tokens=1024, max_num_seqs=8, max_num_batched_tokens=128, max_queue=48))
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=1024), SchedulerConfig(8, 128), max_queue=48))
     prompts = [f"def function_{i}(x, y):\n    return x" + " + y" * (i % 5) for i in range(32)]
     with running_server(core) as server:
         expected = {}

@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,11 @@ import pb_utils_standin as pb
 import pytest
 import torch
 from google.protobuf import text_format
-from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config, train_tiny_sentencepiece, train_tiny_tokenizer
+from tiny_models import load_hf_oracle, train_tiny_sentencepiece, train_tiny_tokenizer
 from tritonclient.grpc import model_config_pb2 as mc
 
 from llamaforge import cli
-from llamaforge.build.builder import BuildOptions, build_engine
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
 from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer, decode_window, resume_point
 from llamaforge.runtime.core.engine import EngineError
 from llamaforge.runtime.core.tokenizer import load_tokenizer
@@ -47,18 +48,17 @@ PROMPTS = ("def main(args):\n", "import os\nimport sys\n\nclass Config:")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("triton")
-    ckpt = make_hf_checkpoint(tmp / "hf", tiny_config(), seed=47)
-    build_engine(BuildOptions(checkpoint=ckpt, out=tmp / "engine"))
-    return ckpt, tmp / "engine"
+def built(tiny_hf_checkpoint: Path, tiny_engine: Path) -> tuple[Path, Path]:
+    """The session's tiny checkpoint and its fp32 engine (tests/conftest.py); read only."""
+    return tiny_hf_checkpoint, tiny_engine
 
 
 @pytest.fixture(scope="module")
 def repo(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("repos") / "tiny"
-    return write_repo(RepoOptions(engine=built[1], out=out, device="cpu", kv_budget_tokens=2048, max_num_seqs=4,
-                                  max_num_batched_tokens=128, max_queue=16))
+    core = CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=128),
+                      max_queue=16)
+    return write_repo(RepoOptions(engine=built[1], out=out, device="cpu", core=core))
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +302,28 @@ def test_cancellation_frees_the_kv_cache(server: Any) -> None:
     assert text_of(server.infer("ensemble", text_request("ok", 4)).wait())  # still serving
 
 
+def test_concurrent_requests_start_no_thread_each_and_a_cancelled_one_is_freed(server: Any) -> None:
+    """The llama model forwards outputs from the core's thread through each request's sink and
+    polls cancellation for all requests from one thread: N requests in flight, no new thread."""
+    llama = server.models["llama"]
+    core = llama.core
+    n = 6  # more than max_num_seqs (4): some run, some wait
+    before = threading.active_count()
+    calls = [server.infer("ensemble", text_request(PROMPTS[i % 2], 120, stream=True, min_tokens=120),
+                          request_id=f"r{i}") for i in range(n)]
+    calls[0].wait_for(2)
+    assert threading.active_count() <= before, [t.name for t in threading.enumerate()]
+    assert sorted(e.parsed.client_id for e in llama._in_flight.values()) == [f"r{i}" for i in range(n)]
+    calls[1].cancel()
+    calls[1].wait(30)
+    assert calls[1].errors and calls[1].errors[-1].code() == pb.TritonError.CANCELLED
+    assert "r1" not in {e.parsed.client_id for e in llama._in_flight.values()}
+    for i, call in enumerate(calls):
+        if i != 1:
+            assert len(text_of(call.wait(120))) > 0
+    assert not llama._in_flight and core.kv.all_free() and core.stats()["running"] == 0
+
+
 @pytest.mark.parametrize("model, tensors, field", [
     ("ensemble", text_request("hi", 0), "max_tokens"),
     ("ensemble", text_request(b"\xff\xfe", 4), "text_input"),
@@ -392,9 +414,9 @@ def test_metrics_mirror_the_standalone_servers_names(server: Any) -> None:
 
 def test_config_parameters_are_read_and_checked(server: Any) -> None:
     cfg = server.models["llama"].core.config  # from llama/config.pbtxt, written by the repo fixture
-    assert (cfg.kv_budget_tokens, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, cfg.policy) == \
-        (2048, 4, 128, 16, "inflight")
-    assert llama_model.core_config({"scheduling_policy": "static"}, []).policy == "static"
+    assert cfg == CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(4, 128, "inflight"), max_queue=16,
+                             providers=cfg.providers)
+    assert llama_model.core_config({"scheduling_policy": "static"}, []).scheduler.policy == "static"
     for key, value in (("max_num_seqs", "many"), ("kv_budget_tokens", "0"), ("scheduling_policy", "fifo")):
         with pytest.raises(EngineError, match=key):
             llama_model.core_config({key: value}, [])

@@ -43,12 +43,11 @@ def engine_dir(params: Mapping[str, str], args: Mapping[str, str]) -> Path:
 
 def load_engine_tokenizer(path: Path) -> Tokenizer:
     """The engine's tokenizer, without loading the model (for preprocessing/postprocessing/bls)."""
-    manifest = read_manifest(path)
-    info = manifest.get("tokenizer", {"kind": "none"})
-    if info.get("kind", "none") == "none":
+    info = read_manifest(path).tokenizer
+    if info is None:
         raise EngineError(f"{path}: the engine has no tokenizer (manifest.json 'tokenizer.kind' is 'none'); the text "
                           "models need one: build the engine from a checkpoint with its tokenizer")
-    return load_tokenizer(path, info)
+    return load_tokenizer(path, info.to_json())
 
 
 def input_tensors(request: Any) -> dict[str, np.ndarray]:

@@ -5,6 +5,12 @@ Per request, on its own thread: `preprocess` in-process, then the `llama` model 
 in-process on each of llama's responses, each result sent through the request's response sender;
 the last one carries TRITONSERVER_RESPONSE_COMPLETE_FINAL.
 
+Why a thread per request here, when `llama` has none: this model holds no engine core, so there is
+no sink to hand outputs to; it reads llama's responses through the iterator that
+`exec(decoupled=True)` returns, and that iterator blocks until llama's next response. A request
+waiting on it must not hold up the others, so each waits on its own thread (TensorRT-LLM's
+`tensorrt_llm_bls` instead serves one request at a time per instance).
+
 Why call `llama` rather than run an engine core here: that is what TensorRT-LLM's
 `tensorrt_llm_bls` does, and it matters more than one saved hop: every request, ensemble or BLS,
 lands in the one `llama` instance, so they share its running batch, its KV budget and one copy of

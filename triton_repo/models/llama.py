@@ -1,18 +1,21 @@
 """`llama`: the in-flight batching engine as a decoupled Triton Python-backend model.
 
 One `EngineCore` per model instance (runtime/core/engine_core.py, the step loop the standalone server
-runs too) is started in `initialize`. `execute` parses each request (runtime/serving/protocol.py
-`parse_inputs`, the server's own validation), submits it and returns at once; a sender thread per
-request forwards the core's outputs through the request's `response_sender`, polls
-`is_cancelled()` (a cancelled request is cancelled in the core, which frees its KV blocks within
-one step) and always ends with TRITONSERVER_RESPONSE_COMPLETE_FINAL: on the last data response, or
-on an error response (INVALID_ARG naming the field, UNAVAILABLE when the queue is full, CANCELLED,
-INTERNAL). `max_batch_size: 0`: Triton hands requests over as they come and our scheduler batches.
+runs too) is started in `initialize`; the model drives it through runtime/serving/engine_client.py
+`EngineClient`, as the gRPC server does. `execute` parses each request (runtime/serving/protocol.py
+`parse_inputs`, the server's own validation), submits it with a sink and returns at once. The sink,
+called in the core's step thread as each output is produced (no thread per request), sends it
+through the request's `response_sender` and always ends with TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+on the last data response, or on an error response (INVALID_ARG naming the field, UNAVAILABLE when
+the queue is full, CANCELLED, INTERNAL). One thread per instance polls `is_cancelled()` of every
+request in flight (the only cancellation signal the Python backend gives) and cancels a cancelled
+one in the core, which frees its KV blocks within one step. `max_batch_size: 0`: Triton hands
+requests over as they come and our scheduler batches.
 
 config.pbtxt parameters (all strings; triton_repo/repository.py writes them):
 
     engine_dir              engine directory (absolute, or relative to the repository root)
-    kv_budget_tokens        KV cache size in tokens ("" : kv_budget_bytes, or 16 full-context sequences)
+    kv_budget_tokens        KV cache size in tokens ("" : kv_budget_bytes, or max_num_seqs sequences of the context length, at most 2048 tokens each)
     kv_budget_bytes         KV cache size in bytes ("" : not used)
     max_num_seqs            sequences in the running batch
     max_num_batched_tokens  tokens per engine step (prefill chunking)
@@ -30,29 +33,37 @@ here; "trt" fails to load with a message, as this runtime has no TensorRT runner
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig, KVCacheConfig, SchedulerConfig
 from llamaforge.runtime.core.detokenizer import resume_point
 from llamaforge.runtime.core.engine import EngineError, ort_providers
-from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
-from llamaforge.runtime.serving.protocol import ModelContext, ParsedRequest, ResponseBuilder, output_tensors, parse_inputs
-from llamaforge.runtime.core.requests import GenerationOutput, QueueFullError, RequestError, RequestHandle
+from llamaforge.runtime.core.engine_core import EngineCore
+from llamaforge.runtime.core.requests import GenerationOutput, QueueFullError, RequestError
+from llamaforge.runtime.serving.engine_client import EngineClient
+from llamaforge.runtime.serving.protocol import (
+    ModelContext,
+    ParsedRequest,
+    ResponseBuilder,
+    output_tensors,
+    parse_inputs,
+)
 from llamaforge.triton_repo.models import backend
 from llamaforge.triton_repo.models.interfaces import LLAMA_MODEL
 from llamaforge.triton_repo.models.metrics import TritonCoreMetrics
 
-POLL_S = 0.05  # how often a waiting sender checks is_cancelled()
+POLL_S = 0.05  # how often the cancellation poller checks the requests in flight
 
 
 def core_config(params: dict[str, str], providers: list[Any]) -> CoreConfig:
-    """CoreConfig from config.pbtxt parameters; a bad value is an error naming the parameter."""
+    """CoreConfig from config.pbtxt parameters (triton_repo/repository.py `core_parameters`); an empty
+    or absent one is the default; a bad value is an error naming the parameter."""
 
     def integer(key: str) -> int | None:
         value = params.get(key, "").strip()
@@ -66,16 +77,17 @@ def core_config(params: dict[str, str], providers: list[Any]) -> CoreConfig:
             raise EngineError(f"config.pbtxt parameter '{key}': must be > 0, got {n}")
         return n
 
-    policy = params.get("scheduling_policy", "inflight").strip() or "inflight"
-    if policy not in ("inflight", "static"):
-        raise EngineError(f"config.pbtxt parameter 'scheduling_policy': {policy!r} is not 'inflight' or 'static'")
-    defaults = CoreConfig()
+    policy = params.get("scheduling_policy", "").strip() or SchedulerConfig.policy
+    if policy not in SCHEDULING_POLICIES:
+        raise EngineError(f"config.pbtxt parameter 'scheduling_policy': {policy!r} is not "
+                          + " or ".join(repr(p) for p in SCHEDULING_POLICIES))
     return CoreConfig(
-        kv_budget_tokens=integer("kv_budget_tokens"), kv_budget_bytes=integer("kv_budget_bytes"),
-        max_num_seqs=integer("max_num_seqs") or defaults.max_num_seqs,
-        max_num_batched_tokens=integer("max_num_batched_tokens") or defaults.max_num_batched_tokens,
-        max_queue=integer("max_queue") or defaults.max_queue, threads=integer("intra_op_threads"),
-        policy=policy, providers=tuple(providers),
+        KVCacheConfig(budget_tokens=integer("kv_budget_tokens"), budget_bytes=integer("kv_budget_bytes")),
+        SchedulerConfig(max_num_seqs=integer("max_num_seqs") or SchedulerConfig.max_num_seqs,
+                        max_num_batched_tokens=integer("max_num_batched_tokens") or SchedulerConfig.max_num_batched_tokens,
+                        policy=policy),
+        max_queue=integer("max_queue") or CoreConfig.max_queue, threads=integer("intra_op_threads"),
+        providers=tuple(providers),
     )
 
 
@@ -113,6 +125,19 @@ class _ContextWindow:
                 "is_final": np.array([final])}
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """One admitted request: where its responses go and what building them needs."""
+
+    request: Any  # the Triton request: is_cancelled() is polled
+    sender: Any  # its response sender
+    parsed: ParsedRequest
+    builder: ResponseBuilder
+    window: _ContextWindow
+    cancel_sent: bool = False
+    ended: bool = False  # its final response is sent: later outputs are dropped
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         params = backend.parameters(args)
@@ -120,14 +145,17 @@ class TritonPythonModel:
         config = core_config(params, providers)
         labels = {"model": args.get("model_name", "llama"), "version": args.get("model_version", "1"),
                   "instance": args.get("model_instance_name", "0")}
-        self.core = EngineCore(backend.engine_dir(params, args), config)
+        self.core: EngineClient = EngineCore(backend.engine_dir(params, args), config)
         self.metrics = TritonCoreMetrics(labels)  # after the core loads: a failed load registers no metrics
         self.core.observer = self.metrics
         self.metrics.attach(self.core)
         self.ctx = ModelContext.from_core(self.core)
-        self._senders: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self._in_flight: dict[str, _InFlight] = {}
+        self._stopping = threading.Event()
         self.core.start()
+        self._poller = threading.Thread(target=self._poll_cancellations, name="llama-cancellations", daemon=True)
+        self._poller.start()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -135,11 +163,14 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
-        self.core.stop()  # what is left finishes as cancelled, which ends every sender
+        self.core.stop()  # what is left finishes as cancelled: its sink sends the final response
+        self._stopping.set()
+        self._poller.join(timeout=5)
         with self._lock:
-            senders = list(self._senders)
-        for t in senders:
-            t.join(timeout=5)
+            left = list(self._in_flight.values())
+        for entry in left:  # admitted but never taken in by the step loop: still owed a final response
+            self._end(entry, pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"request {self._request_id(entry)} was cancelled", pb_utils.TritonError.CANCELLED)))
 
     # -- per request -------------------------------------------------------------------------------
     def _submit(self, request: Any) -> None:
@@ -150,75 +181,105 @@ class TritonPythonModel:
             # Text-aligned chunks: the core emits a stream response when its text grows, so no
             # response of the ensemble carries an empty piece of a split character.
             parsed.generation.detokenize = self.core.tokenizer is not None
-            handle = self.core.submit(parsed.generation)
-        except (RequestError, QueueFullError) as e:
-            self.metrics.on_refused("invalid" if isinstance(e, RequestError) else "rejected")
-            sender.send(backend.error_response(e), flags=backend.FINAL)
-            return
         except Exception as e:  # noqa: BLE001 - answer the request rather than leave it hanging
-            sender.send(backend.error_response(e), flags=backend.FINAL)
+            self._refuse(sender, e)
+            return
+        entry = _InFlight(request, sender, parsed, ResponseBuilder(parsed, "llama"),
+                          _ContextWindow(self.core.tokenizer, parsed.generation.stop_words))
+        rid = parsed.generation.request_id
+        with self._lock:  # before submit: the sink may run (and end it) before submit returns
+            self._in_flight[rid] = entry
+        try:
+            self.core.submit(parsed.generation, sink=lambda out: self._forward(entry, out))
+        except Exception as e:  # noqa: BLE001 - refused by the core: nothing was queued
+            with self._lock:
+                self._in_flight.pop(rid, None)
+            self._refuse(sender, e)
             return
         self.metrics.on_admitted(len(parsed.generation.prompt_ids))
-        thread = threading.Thread(target=self._send_outputs, args=(request, sender, parsed, handle),
-                                  name=f"llama-sender-{parsed.generation.request_id[:8]}", daemon=True)
-        with self._lock:
-            self._senders.add(thread)
-        thread.start()
 
-    def _send_outputs(self, request: Any, sender: Any, parsed: ParsedRequest, handle: RequestHandle) -> None:
-        rid = parsed.generation.request_id
-        builder = ResponseBuilder(parsed, "llama")
-        window = _ContextWindow(self.core.tokenizer, parsed.generation.stop_words)
-        last_check = time.monotonic()
+    def _refuse(self, sender: Any, error: Exception) -> None:
+        if isinstance(error, (RequestError, QueueFullError)):
+            self.metrics.on_refused("invalid" if isinstance(error, RequestError) else "rejected")
+        sender.send(backend.error_response(error), flags=backend.FINAL)
+
+    def _forward(self, entry: _InFlight, out: GenerationOutput) -> None:
+        """The request's sink, called from the core's step thread: send what `out` brings. It must not
+        raise, so a failure becomes the request's final (error) response and the request is cancelled."""
+        if entry.ended:
+            return
         try:
-            while True:
-                try:
-                    out = handle.get(timeout=POLL_S)
-                except queue.Empty:
-                    out = None
-                now = time.monotonic()
-                if out is None or now - last_check >= POLL_S:
-                    last_check = now
-                    if request.is_cancelled():
-                        self.core.cancel(rid)
-                if out is None:
-                    continue
-                if self._send(sender, parsed, builder, window, out):
-                    return
+            response, final = self._response(entry, out)
         except Exception as e:  # noqa: BLE001 - the client must get its final response
-            self.core.cancel(rid)
+            self.core.cancel(entry.parsed.generation.request_id)  # frees its KV; its last output is dropped
+            self._end(entry, backend.error_response(e))
+            return
+        if final:
+            self._end(entry, response)
+        elif response is not None:
             try:
-                sender.send(backend.error_response(e), flags=backend.FINAL)
-            except Exception:  # noqa: BLE001 - the request is already gone
-                pass
-        finally:
-            with self._lock:
-                self._senders.discard(threading.current_thread())
+                entry.sender.send(response, flags=0)
+            except Exception:  # noqa: BLE001 - the request is gone: stop generating for it
+                self.core.cancel(entry.parsed.generation.request_id)
+                self._end(entry, None)
 
-    def _send(self, sender: Any, parsed: ParsedRequest, builder: ResponseBuilder, window: _ContextWindow,
-              out: GenerationOutput) -> bool:
-        """Send what `out` brings; True once the final response is sent."""
+    def _end(self, entry: _InFlight, response: Any) -> None:
+        """Send the final response (None: nothing more can be sent) once, and forget the request."""
+        with self._lock:
+            if entry.ended:
+                return
+            entry.ended = True
+            self._in_flight.pop(entry.parsed.generation.request_id, None)
+        if response is None:
+            return
+        try:
+            entry.sender.send(response, flags=backend.FINAL)
+        except Exception:  # noqa: BLE001 - the request is already gone
+            pass
+
+    def _response(self, entry: _InFlight, out: GenerationOutput) -> tuple[Any, bool]:
+        """The response `out` makes (None: nothing to send yet) and whether it is the final one."""
+        parsed = entry.parsed
         if out.finished and out.finish_reason not in ("stop", "length"):
-            request_id = parsed.client_id or parsed.generation.request_id
             if out.finish_reason == "cancelled":
-                error = pb_utils.TritonError(f"request {request_id} was cancelled", pb_utils.TritonError.CANCELLED)
+                error = pb_utils.TritonError(f"request {self._request_id(entry)} was cancelled",
+                                             pb_utils.TritonError.CANCELLED)
             else:
-                error = pb_utils.TritonError(f"request {request_id} failed: {out.error or out.finish_reason}",
+                error = pb_utils.TritonError(f"request {self._request_id(entry)} failed: {out.error or out.finish_reason}",
                                              pb_utils.TritonError.INTERNAL)
-            sender.send(pb_utils.InferenceResponse(error=error), flags=backend.FINAL)
-            return True
+            return pb_utils.InferenceResponse(error=error), True
         if parsed.stream:
             tensors = {name: arr for name, (_, arr) in output_tensors(out.text, list(out.token_ids),
                                                                        list(out.log_probs), out).items()}
-            tensors.update(window.tensors(list(out.token_ids), out.finished))
+            tensors.update(entry.window.tensors(list(out.token_ids), out.finished))
         elif out.finished:
-            builder.add(out)
-            tensors = {name: arr for name, (_, arr) in builder.whole_tensors().items()}
-            tensors.update(window.tensors([], True))  # the whole text from an empty window
+            entry.builder.add(out)
+            tensors = {name: arr for name, (_, arr) in entry.builder.whole_tensors().items()}
+            tensors.update(entry.window.tensors([], True))  # the whole text from an empty window
         else:
-            builder.add(out)
-            return False
+            entry.builder.add(out)
+            return None, False
         outputs = {t.name: tensors[t.name] for t in LLAMA_MODEL.outputs}
-        sender.send(pb_utils.InferenceResponse(output_tensors=backend.output_tensors(outputs)),
-                    flags=backend.FINAL if out.finished else 0)
-        return out.finished
+        return pb_utils.InferenceResponse(output_tensors=backend.output_tensors(outputs)), out.finished
+
+    @staticmethod
+    def _request_id(entry: _InFlight) -> str:
+        return entry.parsed.client_id or entry.parsed.generation.request_id
+
+    # -- cancellation ----------------------------------------------------------------------------------
+    def _poll_cancellations(self) -> None:
+        """One thread per model instance: Triton's Python backend tells a model of a cancelled request
+        only through `request.is_cancelled()`, so every in-flight request is polled here, and a
+        cancelled one is cancelled in the core (which frees its KV blocks within one step and ends
+        it through its sink with a CANCELLED response)."""
+        while not self._stopping.wait(POLL_S):
+            with self._lock:
+                entries = [e for e in self._in_flight.values() if not e.cancel_sent]
+            for entry in entries:
+                try:
+                    cancelled = entry.request.is_cancelled()
+                except Exception:  # noqa: BLE001 - a request Triton has released counts as cancelled
+                    cancelled = True
+                if cancelled:
+                    entry.cancel_sent = True
+                    self.core.cancel(entry.parsed.generation.request_id)

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from llamaforge.runtime.core.detokenizer import decode_window
-from llamaforge.runtime.serving.protocol import decode_words, encode_bad_words, encode_prompt, words_array
 from llamaforge.runtime.core.requests import RequestError
+from llamaforge.runtime.serving.protocol import decode_words, encode_bad_words, encode_prompt, words_array
 
 __all__ = ["preprocess", "postprocess", "flag"]
 

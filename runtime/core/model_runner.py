@@ -1,0 +1,207 @@
+"""The model runner: turns one step of the scheduler's output into engine calls and hands back the
+logits each sequence samples from. It owns everything about running the model: the decode batch's
+cache arrays and their rows, the KV gathers from blocks and scatters back into them, and the
+prefill calls.
+
+  * The decodes run as one batched call (S=1: ORT's GQA kernel path) on the last call's cache
+    arrays, updated in place where the engine allows it. A sequence keeps its row from one step to
+    the next; a newcomer takes a dead row or a new one, gathering only its own KV from blocks. Only
+    a capacity change or a preemption rebuilds the arrays from blocks.
+  * A finished sequence leaves a dead row. Condensing (in flight, by default) moves the last live
+    row into it, so the call computes live rows only; otherwise (a static batch, by default) it
+    stays in the batch, fed past length 0, until the whole batch has finished. The scheduler's
+    output says which: `SchedulerOutput.static_batch`.
+  * Each prefill chunk of a prompt under way is its own call; fresh prompts share calls as
+    `padding_groups` groups them. Both are paths the attention op's fast `If` branch takes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from llamaforge.runtime.core.engine import Engine
+from llamaforge.runtime.core.kv_cache import KVCacheManager
+from llamaforge.runtime.core.scheduler import Chunk, SchedulerOutput, Sequence
+from llamaforge.runtime.core.stats import CoreStats
+
+# The sequences of one engine call that sample now, each with its logits row [vocab].
+Sampled = list[tuple[Sequence, np.ndarray]]
+
+
+@dataclass(eq=False)
+class DecodeBatch:
+    """The decode call's cache arrays (key.0, value.0, ...) [allocated rows, kv_heads, capacity,
+    head_dim]; a call sees the first len(rows) rows, a contiguous view. rows[i] owns row i (None:
+    dead). Rows are allocated for the whole running set up front so that a newcomer's row, or a
+    view that shrinks and grows again, never copies the batch."""
+
+    capacity: int
+    rows: list[str | None]
+    arrays: list[np.ndarray]
+    static_batch: int | None = None  # the scheduler's static batch these rows belong to
+
+    def views(self) -> list[np.ndarray]:
+        return [a[: len(self.rows)] for a in self.arrays]
+
+    def reserve(self, num_rows: int, headroom: int) -> None:
+        if num_rows > self.arrays[0].shape[0]:
+            grow = max(num_rows, headroom) - self.arrays[0].shape[0]
+            self.arrays = [np.concatenate([a, np.zeros((grow, *a.shape[1:]), a.dtype)]) for a in self.arrays]
+
+    def condense(self, lengths: dict[str, int]) -> None:
+        """Move the last live rows into dead ones and drop the dead tail. Only a moved row's first
+        `lengths[sid]` positions are copied: attention never reads past a row's length."""
+        rows = self.rows
+        while rows and rows[-1] is None:
+            rows.pop()
+        while None in rows:  # the last row is live: move it into the first hole
+            hole, sid = rows.index(None), rows.pop()
+            assert sid is not None
+            n = lengths[sid]
+            for a in self.arrays:
+                a[hole, :, :n] = a[len(rows), :, :n]
+            rows[hole] = sid
+            while rows[-1] is None:
+                rows.pop()
+
+
+class ModelRunner:
+    def __init__(self, engine: Engine, kv: KVCacheManager, stats: CoreStats, *, max_num_seqs: int,
+                 prefill_padding_tokens: int, condense_decode_rows: bool | None) -> None:
+        """`max_num_seqs`: rows the decode arrays are allocated for up front. `condense_decode_rows`:
+        None condenses in flight and keeps a static batch's rows (see CoreConfig)."""
+        self.engine = engine
+        self.kv = kv
+        self.stats = stats
+        self.context_length = engine.kv.max_capacity
+        self.max_num_seqs = max_num_seqs
+        self.prefill_padding_tokens = prefill_padding_tokens
+        self.condense_decode_rows = condense_decode_rows
+        self.decode_batch: DecodeBatch | None = None
+
+    def execute(self, out: SchedulerOutput) -> Iterator[Sampled]:
+        """Run the step's engine calls: the decodes, then the prefill calls. After each call, yield
+        the sequences that sample now (each decode; each chunk that completes its prompt) with
+        their logits, their `num_computed` already advanced past the computed tokens. A call's
+        tokens can thus be sampled and streamed before the next call runs; the caller must drain
+        the iterator for the step to run in full."""
+        if out.preempted:
+            self.decode_batch = None  # a preempted row's KV is gone: rebuild from blocks
+        if out.decode:
+            logits = self.run_decode(out.decode, out.static_batch)
+            yield list(zip(out.decode, logits))
+        for group in padding_groups([c for c in out.prefill if c.start == 0], self.prefill_padding_tokens):
+            yield self.run_prefill(group)
+        for chunk in out.prefill:
+            if chunk.start != 0:
+                yield self.run_prefill([chunk])
+
+    def _capacity(self, needed: int) -> int:
+        """Double the decode batch's capacity as its longest row grows, so the arrays are rebuilt from
+        blocks a handful of times per batch, not every few dozen tokens. Spare capacity costs no
+        compute (attention reads each row's own length) and little memory (zero pages untouched)."""
+        bs = self.kv.block_size
+        capacity = -(-64 // bs) * bs
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, -(-self.context_length // bs) * bs)
+
+    def run_decode(self, seqs: list[Sequence], static_batch: int | None) -> list[np.ndarray]:
+        """One decode call for `seqs` (each computes its next token); returns each one's logits row,
+        in the order of `seqs`. `static_batch`: the scheduler's static batch (None in flight)."""
+        t0 = time.perf_counter()
+        self.stats.decode_steps += 1
+        needed = max(s.num_computed for s in seqs) + 1
+        by_id = {s.seq_id: s for s in seqs}
+        batch = self.decode_batch
+        if batch is None or batch.capacity < needed:  # rebuilt from blocks, every row where it was
+            kept: list[str | None] = batch.rows if batch else []  # finished rows are dropped below
+            capacity = self._capacity(needed)
+            arrays = self.kv.spec.empty(max(len(kept), self.max_num_seqs), capacity)
+            placed = [(row, sid) for row, sid in enumerate(kept) if sid in by_id]
+            self.kv.gather_into(arrays, [row for row, _ in placed], [sid for _, sid in placed])
+            batch = DecodeBatch(capacity, kept, arrays, batch.static_batch if batch else static_batch)
+            self.stats.decode_gathers += 1
+        rows = [sid if sid in by_id else None for sid in batch.rows]
+        if batch.static_batch != static_batch:
+            rows, batch.static_batch = [], static_batch  # a new static batch starts at row 0
+        taken = set(rows)
+        newcomers = [s.seq_id for s in seqs if s.seq_id not in taken]
+        if newcomers:
+            self.stats.decode_gathers += 1
+            holes = [row for row, sid in enumerate(rows) if sid is None][: len(newcomers)]
+            slots = holes + list(range(len(rows), len(rows) + len(newcomers) - len(holes)))
+            rows += [None] * (len(newcomers) - len(holes))
+            batch.reserve(len(rows), self.max_num_seqs)
+            self.kv.gather_into(batch.arrays, slots, newcomers)
+            for sid, row in zip(newcomers, slots):
+                rows[row] = sid
+        batch.rows = rows
+        condense = self.condense_decode_rows
+        if static_batch is None if condense is None else condense:  # by default: in flight only
+            batch.condense({sid: by_id[sid].num_computed for sid in by_id})
+        row_of = {sid: row for row, sid in enumerate(batch.rows) if sid is not None}
+        input_ids = np.zeros((len(batch.rows), 1), dtype=np.int64)
+        past_lengths = np.zeros(len(batch.rows), dtype=np.int32)
+        for sid, row in row_of.items():
+            input_ids[row, 0] = by_id[sid].tokens[by_id[sid].num_computed]
+            past_lengths[row] = by_id[sid].num_computed
+        t1 = time.perf_counter()
+        arrays = batch.views()  # leading-axis slices of C-contiguous arrays: contiguous, no copy
+        if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
+            logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays), arrays
+        else:
+            logits, present = self.engine.step(input_ids, past_lengths, arrays)
+        t2 = time.perf_counter()
+        ids = list(row_of)
+        self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present,
+                        rows=[row_of[sid] for sid in ids])
+        t3 = time.perf_counter()
+        self.stats.decode_gather_s += t1 - t0
+        self.stats.decode_engine_s += t2 - t1
+        self.stats.decode_scatter_s += t3 - t2
+        if present is not arrays:  # the copying path returned new arrays
+            batch.arrays = present
+        self.decode_batch = batch
+        for seq in seqs:
+            seq.num_computed += 1
+        return [logits[row_of[seq.seq_id], 0] for seq in seqs]
+
+    def run_prefill(self, chunks: list[Chunk]) -> Sampled:
+        """One prefill call for `chunks` (rows padded to the widest); returns the chunks that
+        complete their prompt with the logits of their last token."""
+        width = max(c.count for c in chunks)
+        capacity = -(-max(c.start + c.count for c in chunks) // self.kv.block_size) * self.kv.block_size
+        input_ids = np.zeros((len(chunks), width), dtype=np.int64)
+        for row, c in enumerate(chunks):
+            input_ids[row, : c.count] = c.seq.tokens[c.start : c.start + c.count]
+        ids = [c.seq.seq_id for c in chunks]
+        past = self.kv.gather(ids, capacity)
+        last = np.array([[c.count - 1] for c in chunks], np.int64)  # each row's last token: all it samples from
+        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past, last)
+        self.kv.scatter(ids, [c.start for c in chunks], [c.count for c in chunks], present)
+        sampled: Sampled = []
+        for row, c in enumerate(chunks):
+            c.seq.num_computed += c.count
+            if c.completes_prompt:
+                sampled.append((c.seq, logits[row, 0]))
+        return sampled
+
+
+def padding_groups(chunks: list[Chunk], max_padding: int) -> list[list[Chunk]]:
+    """Fresh prompt chunks grouped into prefill calls. A call pads every row to its widest chunk
+    and padded tokens cost as much as real ones, so chunks share a call only while the padding
+    adds up to at most `max_padding` tokens (about what a separate call's fixed cost is worth)."""
+    groups: list[list[Chunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c.count):
+        group = groups[-1] if groups else None
+        # Sorted by width, so `chunk` is the group's new widest row: every other row pads up to it.
+        if group is not None and sum(chunk.count - c.count for c in group) <= max_padding:
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups

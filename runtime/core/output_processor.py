@@ -1,0 +1,144 @@
+"""The output processor: from a sequence's logits to what its caller receives. It samples each
+sequence with the request's own RNG (so a seed's output does not depend on the batch), bans what
+must not be generated yet (end ids before `min_tokens`, bad words), applies the stops (end ids,
+stop words, `max_tokens`, the context length), detokenizes incrementally, and emits each request's
+news to its `RequestHandle`, telling the `CoreObserver` about every token and finish.
+
+It decides when a request is finished but does not free it: the engine core frees the sequence
+and only then calls `finish`, so a caller that sees the final output also sees the KV blocks free.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer
+from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestHandle
+from llamaforge.runtime.core.sampling import sample
+from llamaforge.runtime.core.scheduler import Sequence
+from llamaforge.runtime.core.stats import CoreStats
+
+
+class CoreObserver(Protocol):
+    def on_first_token(self, request_id: str, ttft_s: float) -> None: ...
+    def on_token(self, request_id: str, itl_s: float) -> None: ...
+    def on_finished(self, request_id: str, reason: str, num_output_tokens: int) -> None: ...
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Everything about a request beyond its scheduling state."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    seq: Sequence
+    rng: np.random.Generator
+    detok: IncrementalDetokenizer | None
+    end_ids: frozenset[int]
+    arrived: float
+    generated: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # pieces not yet sent (unary: everything)
+    pending_ids: list[int] = field(default_factory=list)
+    pending_log_probs: list[float] = field(default_factory=list)
+    last_token_at: float = 0.0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, eos_ids: tuple[int, ...], context_length: int, stats: CoreStats,
+                 observer: CoreObserver | None = None) -> None:
+        """`tokenizer`: the engine's (None: requests are not detokenized). `eos_ids`: the end ids of
+        a request that names none."""
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context_length = context_length
+        self.stats = stats
+        self.observer = observer
+
+    def new_request(self, request: GenerationRequest, handle: RequestHandle) -> RequestState:
+        end_ids = frozenset(request.end_ids if request.end_ids is not None else self.eos_ids)
+        detok = None
+        if request.detokenize and self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, request.stop_words)
+        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids),
+                       len(request.prompt_ids) + request.max_tokens)
+        return RequestState(request, handle, seq, np.random.default_rng(request.sampling.seed), detok, end_ids,
+                            time.perf_counter())
+
+    def update(self, sampled: list[tuple[RequestState, np.ndarray]]) -> list[tuple[RequestState, str]]:
+        """Sample each request's next token from its logits row, append it to its sequence unless it
+        stops the request, and stream what is new. Returns the requests that have finished, with
+        their reason ('stop' or 'length'); their final output waits for `finish`."""
+        finished = []
+        for state, logits in sampled:
+            reason = self._add_token(state, logits)
+            if reason is not None:
+                finished.append((state, reason))
+        return finished
+
+    def _add_token(self, state: RequestState, logits: np.ndarray) -> str | None:
+        req, seq = state.request, state.seq
+        token, log_prob = sample(logits, req.sampling, state.rng, seq.tokens, self._banned(state),
+                                 want_log_prob=req.return_log_probs)
+        now = time.perf_counter()
+        if self.observer:
+            if not state.generated:
+                self.observer.on_first_token(req.request_id, now - state.arrived)
+            else:
+                self.observer.on_token(req.request_id, now - state.last_token_at)
+        state.last_token_at = now
+        self.stats.generated_tokens += 1
+        if token in state.end_ids:
+            return "stop"
+        seq.tokens.append(token)
+        state.generated.append(token)
+        state.log_probs.append(log_prob)
+        state.pending_ids.append(token)
+        state.pending_log_probs.append(log_prob)
+        if state.detok is not None:
+            piece = state.detok.add([token])
+            if piece:
+                state.text.append(piece)
+            if state.detok.stopped:
+                return "stop"
+        if len(state.generated) >= req.max_tokens or len(seq.tokens) >= self.context_length:
+            return "length"
+        if req.stream and (state.detok is None or state.text):
+            self._emit(state)
+        return None
+
+    def _banned(self, state: RequestState) -> list[int]:
+        banned: list[int] = []
+        if len(state.generated) < state.request.min_tokens:
+            banned.extend(state.end_ids)
+        for words in state.request.bad_words:
+            # Ban the last token of a sequence whose other tokens were just generated.
+            if len(words) == 1 or state.generated[-(len(words) - 1):] == list(words[:-1]):
+                banned.append(words[-1])
+        return banned
+
+    def finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
+        """Emit the request's final output ('stop', 'length', 'cancelled' or 'error'); the core has
+        freed its sequence."""
+        if state.detok is not None and reason != "cancelled":
+            tail = state.detok.finish()
+            if tail:
+                state.text.append(tail)
+        self._emit(state, finished=True, reason=reason, error=error)
+        if self.observer:
+            self.observer.on_finished(state.request.request_id, reason, len(state.generated))
+
+    def _emit(self, state: RequestState, finished: bool = False, reason: str | None = None,
+              error: str | None = None) -> None:
+        out = GenerationOutput(
+            request_id=state.request.request_id, token_ids=state.pending_ids, text="".join(state.text),
+            log_probs=state.pending_log_probs, finished=finished, finish_reason=reason, error=error,
+            num_input_tokens=state.seq.num_prompt, num_output_tokens=len(state.generated),
+            cum_log_prob=float(sum(state.log_probs)),
+        )
+        state.pending_ids, state.pending_log_probs, state.text = [], [], []
+        state.handle.put(out)

@@ -1,0 +1,135 @@
+"""`validate-quantization` (graphs/passes/validate_quant.py): a graph quantized by the passes passes
+unchanged; each way of breaking TensorRT's explicit-quantization rules is rejected with a
+QuantizationError naming the node."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from small_graphs import small_model
+
+from llamaforge.graphs.passes.quantize import QuantizeMatMuls
+from llamaforge.graphs.passes.validate_quant import ValidateQuantization
+from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, QuantContext, QuantizationError
+from llamaforge.plugins.attention.schema import DOMAIN, INPUTS, OP_TYPE, AttentionAttrs
+
+FLOAT, INT32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32
+LINEAR = "model.layers.0.mlp.down_proj"
+WEIGHT = f"{LINEAR}.weight.T"
+IN, OUT = 6, 4
+
+
+def linear_model() -> ir.Model:
+    """x [batch, 6] -> MatMul(down_proj [6, 4]) -> Relu -> y."""
+    weight = np.random.default_rng(0).standard_normal((IN, OUT)).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", WEIGHT], ["h"]), onnx.helper.make_node("Relu", ["h"], ["y"])]
+    return small_model(nodes, {"x": (FLOAT, ["batch", IN])}, {"y": (FLOAT, ["batch", OUT])}, {WEIGHT: weight})
+
+
+def context(precision: str | None = "int8-sq", kv_cache: str | None = None) -> QuantContext:
+    stats = CalibrationStats(act_amax={LINEAR: np.full(IN, 3.0, np.float32)},
+                             weight_out_amax={LINEAR: np.full(OUT, 2.0, np.float32)})
+    return QuantContext(QuantConfig(precision, kv_cache), stats)
+
+
+def quantized(precision: str = "int8-sq") -> ir.Model:
+    model = linear_model()
+    QuantizeMatMuls(context(precision), precision)(model)
+    return model
+
+
+def node(model: ir.Model, op_type: str, reads: str | None = None) -> ir.Node:
+    return next(n for n in model.graph if n.op_type == op_type and (reads is None or n.inputs[0].name == reads))
+
+
+def set_initializer(model: ir.Model, name: str, array: np.ndarray) -> None:
+    model.graph.initializers[name].const_value = ir.tensor(array, name=name)
+
+
+@pytest.mark.parametrize("precision", ["int8-sq", "int8-wo", "fp8"])
+def test_what_the_quantization_passes_write_is_valid(precision: str) -> None:
+    model = quantized(precision)
+    assert not ValidateQuantization(context(precision))(model).modified
+
+
+def dq_feeds_relu(model: ir.Model) -> None:
+    """The weight's DQ output read by a Relu instead of (only) the MatMul."""
+    dq = node(model, "DequantizeLinear", f"{WEIGHT}.int8")
+    relu = node(model, "Relu")
+    relu.replace_input_with(0, dq.outputs[0])
+
+
+def activation_qdq_bypassed(model: ir.Model) -> None:
+    matmul = node(model, "MatMul")
+    matmul.replace_input_with(0, model.graph.inputs[0])
+
+
+def fused_integer_op(model: ir.Model) -> None:
+    model.graph.append(ir.node("MatMulInteger", [model.graph.inputs[0], model.graph.inputs[0]], name="fused"))
+
+
+def block_quantized(model: ir.Model) -> None:
+    dq = node(model, "DequantizeLinear", f"{WEIGHT}.int8")
+    dq.attributes["block_size"] = ir.AttrInt64("block_size", 2)
+
+
+def unquantized_linear(model: ir.Model) -> None:
+    """A second, float linear after the quantized one."""
+    extra = ir.Value(name="model.layers.0.mlp.up_proj.weight.T", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape([OUT, OUT]), const_value=ir.tensor(np.eye(OUT, dtype=np.float32)))
+    model.graph.register_initializer(extra)
+    relu = node(model, "Relu")
+    matmul = ir.node("MatMul", [relu.inputs[0], extra], name="up")
+    model.graph.insert_before(relu, matmul)
+    relu.replace_input_with(0, matmul.outputs[0])
+
+
+MUTATIONS: dict[str, tuple[Callable[[ir.Model], None], str]] = {
+    "negative-weight-scale": (lambda m: set_initializer(m, f"{WEIGHT}.scale", np.full(OUT, -0.01, np.float32)),
+                              "not finite and > 0"),
+    "inf-activation-scale": (lambda m: set_initializer(m, f"{LINEAR}.input_scale", np.array(np.inf, np.float32)),
+                             "not finite and > 0"),
+    "scale-of-wrong-length": (lambda m: (set_initializer(m, f"{WEIGHT}.scale", np.full(OUT + 1, 0.01, np.float32)),
+                                         set_initializer(m, f"{WEIGHT}.zero_point", np.zeros(OUT + 1, np.int8))),
+                              "does not match axis 1"),
+    "float16-scale": (lambda m: set_initializer(m, f"{WEIGHT}.scale", np.full(OUT, 0.01, np.float16)), "expected FLOAT"),
+    "asymmetric-zero-point": (lambda m: set_initializer(m, f"{WEIGHT}.zero_point", np.ones(OUT, np.int8)), "asymmetric"),
+    "uint8-zero-point": (lambda m: set_initializer(m, f"{LINEAR}.input_zero_point", np.array(0, np.uint8)), "has type UINT8"),
+    "dq-feeds-relu": (dq_feeds_relu, "Q/DQ must sit right before MatMul inputs"),
+    "activation-not-quantized": (activation_qdq_bypassed, "has no QuantizeLinear/DequantizeLinear pair"),
+    "fused-integer-op": (fused_integer_op, "fused/integer quantized op"),
+    "block-quantization": (block_quantized, "block quantization"),
+    "float-linear-left": (unquantized_linear, "is stored unquantized"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_each_broken_rule_is_rejected_naming_the_node(mutation: str) -> None:
+    model = quantized("int8-sq")
+    ValidateQuantization(context())(model)  # valid before the mutation
+    mutate, message = MUTATIONS[mutation]
+    mutate(model)
+    with pytest.raises(QuantizationError, match=f"validate-quantization: node .*{message}"):
+        ValidateQuantization(context())(model)
+
+
+def attention_model(k_scale: float) -> ir.Model:
+    attrs = AttentionAttrs(num_heads=2, num_kv_heads=1, head_dim=4, kv_cache_quant="fp8", k_scale=1.0)
+    cache = ["batch", 1, "capacity", 4]
+    fields = attrs.onnx_attributes() | {"k_scale": k_scale}
+    n = onnx.helper.make_node(OP_TYPE, list(INPUTS), ["output", "present_key.0", "present_value.0"], domain=DOMAIN,
+                              name="attn", **fields)
+    return small_model([n], {"query": (FLOAT, ["b", "s", 8]), "key": (FLOAT, ["b", "s", 4]), "value": (FLOAT, ["b", "s", 4]),
+                             "past_key": (FLOAT, cache), "past_value": (FLOAT, cache), "past_lengths": (INT32, ["b"])},
+                       {"output": (FLOAT, ["b", "s", 8]), "present_key.0": (FLOAT, cache), "present_value.0": (FLOAT, cache)},
+                       opsets={DOMAIN: 1})
+
+
+def test_fp8_kv_cache_needs_positive_scales_on_every_attention_op() -> None:
+    ValidateQuantization(context(None, "fp8"))(attention_model(k_scale=0.5))
+    with pytest.raises(QuantizationError, match="k_scale=0.0 must be finite and > 0"):
+        ValidateQuantization(context(None, "fp8"))(attention_model(k_scale=0.0))
