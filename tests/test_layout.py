@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +30,6 @@ print(json.dumps(found))
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    import json
-
     found = json.loads(r.stdout.strip().splitlines()[-1])
     assert {k: v for k, v in found.items() if k.startswith("llamaforge")} == {
         k: True for k in found if k.startswith("llamaforge")}
@@ -61,3 +61,36 @@ def test_no_sys_path_edits_in_sources() -> None:
                     offenders.append(str(path.relative_to(ROOT)))
     # The Triton stand-in test appends a model's version folder, as Triton's Python backend does.
     assert offenders == ["tests/triton_repo/test_triton_repo.py"], offenders
+
+
+def test_normal_install_carries_the_same_layout(tmp_path: Path) -> None:
+    """A wheel (a normal, non-editable install) holds the stage folders under `llamaforge/`, with the
+    package data, and no generic top-level package."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        if name.startswith(("checkpoints/", "docs/", "tests/", "bench/")):
+            continue
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"llamaforge"}
+    for expected in ("llamaforge/cli.py", "llamaforge/build/builder.py", "llamaforge/export/checkpoint.py",
+                     "llamaforge/graphs/trt_supported_ops.json", "llamaforge/plugins/attention/schema.py",
+                     "llamaforge/runtime/core/engine_core.py", "llamaforge/runtime/serving/server.py",
+                     "llamaforge/triton_repo/repository.py", "llamaforge/triton_repo/models/llama.py"):
+        assert expected in names, expected
+
+
+def test_no_source_file_is_ignored_by_git() -> None:
+    """A module that .gitignore hides works here and is missing from every clean clone."""
+    sources = [str(p.relative_to(ROOT)) for folder in ("llamaforge", "export", "graphs", "plugins", "runtime", "tests", "bench")
+               for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts]
+    sources += [str(p.relative_to(ROOT)) for p in [*(ROOT / "triton_repo").glob("*.py"), *(ROOT / "triton_repo" / "models").glob("*.py")]]
+    r = subprocess.run(["git", "check-ignore", "--stdin"], cwd=ROOT, input="\n".join(sources), capture_output=True, text=True)
+    assert r.stdout.split() == [], r.stdout

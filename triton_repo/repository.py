@@ -21,9 +21,7 @@ The repository is assembled in a temporary sibling directory and renamed into pl
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,7 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 import llamaforge
 import llamaforge.runtime
 import llamaforge.triton_repo.models
-from llamaforge.build.atomic import install_dir
+from llamaforge.build.atomic import staged_dir
 from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig
 from llamaforge.runtime.core.engine import EngineError, read_manifest
 from llamaforge.runtime.serving.model_interface import declare_tensors
@@ -214,11 +212,7 @@ def write_repo(opts: RepoOptions) -> Path:
         raise RepoError(f"OUT={out}: cannot create {parent}: {e.strerror}") from None
     if out.exists() and not out.is_dir():
         raise RepoError(f"OUT={out}: exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # a server in a container may run as another user
-    try:
+    with staged_dir(out) as tmp:  # a server in a container may run as another user: staged_dir's permissions
         for model, cfg in configs.items():
             version = tmp / model / "1"
             version.mkdir(parents=True)
@@ -227,9 +221,5 @@ def write_repo(opts: RepoOptions) -> Path:
                 (version / "model.py").write_text(_MODEL_PY.format(name=model))
                 _copy_serving_code(version)
         (tmp / LLAMA / "1" / "requirements.txt").write_text("\n".join(runtime_requirements(opts.device)) + "\n")
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"triton repository: {out} (models: {', '.join(configs)}; engine_dir {engine_path})")
     return out

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -20,7 +18,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from llamaforge.build.atomic import install_dir
+from llamaforge.build.atomic import staged_dir
 from llamaforge.build.errors import BuildError
 from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions, build_plan
 from llamaforge.export.checkpoint_base import Checkpoint
@@ -289,11 +287,7 @@ def build_engine(opts: BuildOptions) -> Path:
 
     out = opts.out or Path("engines") / (opts.model or config.name)
     _check_out_dir(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engine from a server running as another user
-    try:
+    with staged_dir(out) as tmp:  # readable by a server running as another user (see staged_dir)
         done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
         model = export_model(config, base_precision, ckpt)
         done()
@@ -328,10 +322,6 @@ def build_engine(opts: BuildOptions) -> Path:
         if opts.backend == "trt":
             manifest = replace(manifest, tensorrt=_build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out))
         manifest.write(tmp)
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"engine: {out}")
     return out
 
