@@ -18,6 +18,9 @@ KV_CACHE    ?=
 CALIB       ?=
 PORT        ?= 8001
 METRICS_PORT ?= 8002
+# serve / repo: DECOUPLED=false deploys the models non-decoupled (one response per request, no streaming)
+DECOUPLED   ?= true
+DECOUPLED_ARG = $(if $(filter false False FALSE 0 no,$(DECOUPLED)),--no-decoupled,--decoupled)
 PYTEST_ARGS ?=
 # BACKEND=trt: engine limits and build settings (docs/tensorrt.md); empty = the CLI's defaults
 # (MAX_BATCH 8, MAX_INPUT_LEN 512, MAX_KV_TOKENS 2048, timing cache OUT/timing.cache).
@@ -82,9 +85,9 @@ ENGINE ?= engines/$(MODEL)
 generate: $(VENV)/.installed
 	$(BIN)/llamaforge generate $(ENGINE) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
 
-## make serve [ENGINE=engines/MODEL] [PORT=8001] [METRICS_PORT=8002]: Triton-protocol gRPC server (+ /metrics)
+## make serve [ENGINE=engines/MODEL] [PORT=8001] [METRICS_PORT=8002] [DECOUPLED=true|false]: Triton-protocol gRPC server (+ /metrics)
 serve: $(VENV)/.installed
-	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --metrics-port $(METRICS_PORT) $(DECOUPLED_ARG)
 
 NAME        ?=
 DEVICE      ?= gpu
@@ -93,10 +96,10 @@ ENGINE_PATH ?=
 # OUT defaults to the engine directory for `make engine`; for `make repo` only an OUT given by the user counts.
 REPO_OUT    := $(if $(filter command line environment,$(origin OUT)),$(OUT))
 
-## make repo ENGINE=dir [NAME=variant] [OUT=triton_repo/NAME] [DEVICE=gpu|cpu] [GPUS=0,1] [ENGINE_PATH=dir as the server sees it]: Triton model repository (triton_repo/README.md)
+## make repo ENGINE=dir [NAME=variant] [OUT=triton_repo/NAME] [DEVICE=gpu|cpu] [GPUS=0,1] [ENGINE_PATH=dir as the server sees it] [DECOUPLED=true|false]: Triton model repository (triton_repo/README.md)
 repo: $(VENV)/.installed
 	$(BIN)/llamaforge repo $(ENGINE) $(if $(NAME),--name $(NAME)) $(if $(REPO_OUT),--out $(REPO_OUT)) \
-		--device $(DEVICE) --gpus $(GPUS) $(if $(ENGINE_PATH),--engine-path $(ENGINE_PATH))
+		--device $(DEVICE) --gpus $(GPUS) $(if $(ENGINE_PATH),--engine-path $(ENGINE_PATH)) $(DECOUPLED_ARG)
 
 ## make demo-model: retrain the default model (checkpoints/stdlib-5m) on this Python's stdlib sources (~15-20 min, 2 cores)
 demo-model: $(VENV)/.installed

@@ -3,7 +3,7 @@
   llamaforge variants                      make variants
   llamaforge export  --model M ...         (traced ONNX with the plugin op, before any pass)
   llamaforge build   --model M ...         make engine
-  llamaforge generate ENGINE PROMPT...     make generate
+  llamaforge generate ENGINE PROMPT...     make generate (--chat: through the chat template)
   llamaforge passes                        the pass pipelines per backend
   llamaforge demo-checkpoint DIR           a random-weight tiny checkpoint (no training)
   llamaforge train-demo [--out DIR]        make demo-model (trains the default model, stdlib-5m)
@@ -91,15 +91,57 @@ def _tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
         optimization_level=args.trt_opt_level, verbose=args.trt_verbose)
 
 
+_CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")  # "ROLE: text" prefixes --chat recognises
+
+
+def _chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    """`--chat`: the conversation from `--messages FILE` (a JSON list of {"role", "content"}; "-"
+    is stdin) or from --chat's arguments, each "ROLE: text" or plain text (a user message)."""
+    import json
+
+    if args.messages:
+        try:
+            text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text(encoding="utf-8")
+            messages = json.loads(text)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--messages {args.messages}: {e}") from None
+        if not isinstance(messages, list):
+            raise SystemExit(f"--messages {args.messages}: expected a JSON list of {{\"role\", \"content\"}} objects")
+        return messages
+    out = []
+    for arg in args.chat:
+        role, sep, content = arg.partition(":")
+        if sep and role.strip() in _CHAT_ROLES:
+            out.append({"role": role.strip(), "content": content.lstrip(" ")})
+        else:
+            out.append({"role": "user", "content": arg})
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    from llamaforge.runtime.core.chat_template import ChatTemplateError
     from llamaforge.runtime.core.engine import Engine
-    from llamaforge.runtime.core.generate import generate_text
+    from llamaforge.runtime.core.generate import generate_chat, generate_text
     from llamaforge.runtime.core.sampling import SamplingParams
 
+    chat = args.chat is not None
+    if args.messages and not chat:
+        raise SystemExit("--messages needs --chat")
+    if chat and args.prompt:
+        raise SystemExit("generate --chat: the messages follow --chat (or come from --messages FILE); no PROMPT too")
+    if not (args.prompt or args.messages or args.chat):
+        raise SystemExit("generate: give a PROMPT (or --chat MESSAGE..., or --chat --messages FILE)")
     engine = Engine(args.engine)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed)
-    for prompt, text in zip(args.prompt, generate_text(engine, args.prompt, args.max_new_tokens, params)):
+    if chat:
+        try:
+            print(generate_chat(engine, _chat_messages(args), args.max_new_tokens, params))
+        except ChatTemplateError as e:
+            raise SystemExit(f"generate --chat: {e}") from None
+        return
+    texts = generate_text(engine, args.prompt, args.max_new_tokens, params, allow_special=args.special_tokens)
+    for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
         print("-" * 40)
 
@@ -117,7 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llamaforge.runtime.serving.server import serve
 
     serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-          core_config=_core_config(args), max_message_bytes=args.max_message_mb * 1024 * 1024)
+          core_config=_core_config(args), max_message_bytes=args.max_message_mb * 1024 * 1024,
+          decoupled=args.decoupled)
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
@@ -127,7 +170,7 @@ def cmd_repo(args: argparse.Namespace) -> None:
     write_repo(RepoOptions(
         engine=Path(args.engine), name=args.name, out=Path(args.out) if args.out else None,
         engine_path=args.engine_path, device=args.device, gpus=gpus, instances=args.instances,
-        text_instances=args.text_instances, core=_core_config(args),
+        text_instances=args.text_instances, core=_core_config(args), decoupled=args.decoupled,
     ))
 
 
@@ -159,6 +202,14 @@ def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: 
         p.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
     else:
         p.set_defaults(scheduling_policy=SchedulerConfig.policy)
+
+
+def _add_decoupled_argument(p: argparse.ArgumentParser, models: str) -> None:
+    """`--decoupled` / `--no-decoupled`, the deployment's transaction policy, shared by `serve` and `repo`."""
+    p.add_argument("--decoupled", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"{models} decoupled: streaming, one response per new piece of text (default); "
+                        "--no-decoupled: one response per request, unary ModelInfer for every model "
+                        "(perf_analyzer / genai-perf without --streaming)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -210,7 +261,15 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from an engine directory")
     g.add_argument("engine")
-    g.add_argument("prompt", nargs="+")
+    g.add_argument("prompt", nargs="*", help="prompts, each continued on its own")
+    g.add_argument("--chat", nargs="*", metavar="MESSAGE", default=None,
+                   help="one conversation through the engine's chat template (the checkpoint's chat_template); "
+                   "prints the reply. Each MESSAGE is \"system: ...\", \"user: ...\", \"assistant: ...\" "
+                   "or plain text (a user message)")
+    g.add_argument("--messages", metavar="FILE", default=None,
+                   help="with --chat: the conversation as a JSON list of {\"role\", \"content\"} (\"-\": stdin)")
+    g.add_argument("--special-tokens", action="store_true",
+                   help="special-token text in PROMPT (e.g. <|im_start|>) is the special token, not plain characters")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -227,6 +286,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Prometheus /metrics port (default 8002; 0: a free one; -1: none)")
     _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED", policy=False)
     s.add_argument("--max-message-mb", type=int, default=64, help="largest request message accepted")
+    _add_decoupled_argument(s, "the models")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("repo", help="a Triton model repository for an engine (make repo)")
@@ -240,6 +300,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--instances", type=int, default=1, help="llama instances per GPU (each its own batch and KV)")
     r.add_argument("--text-instances", type=int, default=1, help="CPU instances of preprocessing/postprocessing/bls")
     _add_core_arguments(r, kv_budget="KV cache size in tokens per llama instance", queue_full="UNAVAILABLE", policy=True)
+    _add_decoupled_argument(r, "llama and bls")
     r.set_defaults(fn=cmd_repo)
 
     d = sub.add_parser("demo-checkpoint", help="write the default demo checkpoint (HF layout)")

@@ -8,6 +8,12 @@ for an engine directory (deployment: triton_repo/README.md).
     OUT/ensemble/        config.pbtxt, 1/                          preprocessing -> llama -> postprocessing
     OUT/bls/             config.pbtxt, 1/model.py, 1/llamaforge/   the same in one decoupled model
 
+Decoupled mode is a deployment choice (`RepoOptions.decoupled`, `llamaforge repo --no-decoupled`,
+`make repo DECOUPLED=false`), as tensorrtllm_backend's `decoupled_mode`: llama and bls get
+`model_transaction_policy { decoupled: false }` (proto3 prints the block without the false value,
+which is Triton's default) and answer each request with one response; a request that asks to
+stream is then an error.
+
 Each config.pbtxt is a `tritonclient.grpc.model_config_pb2.ModelConfig` (Triton's own schema)
 printed with `google.protobuf.text_format`; the tensors come from triton_repo/models/interfaces.py
 and are declared by runtime/serving/model_interface.py `declare_tensors`, the builder the gRPC server's
@@ -52,7 +58,7 @@ __all__ = ["RepoOptions", "RepoError", "model_configs", "write_repo", "runtime_r
 PYTHON_MODELS = (PREPROCESSING, LLAMA, POSTPROCESSING, BLS)
 _SOURCE_NAMES = ("models", "__pycache__")  # triton_repo/NAME must not overwrite the generator's own sources
 # Distributions the runtime imports on a serving host (no torch): runtime/ and its imports.
-RUNTIME_DISTRIBUTIONS = ("numpy", "onnxruntime", "tokenizers", "sentencepiece", "tiktoken", "protobuf",
+RUNTIME_DISTRIBUTIONS = ("numpy", "onnxruntime", "tokenizers", "sentencepiece", "tiktoken", "jinja2", "protobuf",
                          "tritonclient", "prometheus-client")
 
 
@@ -73,6 +79,7 @@ class RepoOptions:
     # Each llama instance's engine core, as its config.pbtxt parameters carry it (`core_parameters`);
     # the settings they do not carry must keep their defaults (`_check`).
     core: CoreConfig = field(default_factory=CoreConfig)
+    decoupled: bool = True  # llama and bls: streaming (True) or one response per request (False)
 
 
 def core_parameters(core: CoreConfig) -> dict[str, int | str | None]:
@@ -116,8 +123,9 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
     for name in PYTHON_MODELS:
         iface = INTERFACES[name]
         cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)  # our scheduler batches
-        if iface.decoupled:
-            cfg.model_transaction_policy.decoupled = True
+        if iface.decoupled:  # the models that can stream; the deployment decides whether they do
+            cfg.model_transaction_policy.SetInParent()
+            cfg.model_transaction_policy.decoupled = opts.decoupled
         declare_tensors(cfg, iface.inputs, iface.outputs)
         cfg.parameters["engine_dir"].string_value = engine_path
         if name == LLAMA:

@@ -97,9 +97,11 @@ class Engine:
         self.kv = KVSpec(kv.num_layers, kv.num_kv_heads, kv.head_dim, np.dtype(NP_DTYPES[kv.dtype]), kv.max_capacity)
         self.config = self.manifest.config
         self.vocab_size = self.manifest.vocab_size
-        self.eos_ids = tuple(self.manifest.special_tokens.eos_token_id)
         tok = self.manifest.tokenizer
         self.tokenizer = load_tokenizer(self.dir, tok.to_json()) if tok is not None else None
+        # The stop set: config.json's eos ids, then the tokenizer's (generation_config.json, eos_token).
+        extra = self.tokenizer.eos_ids if self.tokenizer is not None else ()
+        self.eos_ids = tuple(dict.fromkeys((*self.manifest.special_tokens.eos_token_id, *extra)))
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

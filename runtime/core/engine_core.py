@@ -159,6 +159,11 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.empty:
             self.counters.steps += 1
+        now = time.perf_counter()
+        for chunk in out.prefill:  # a request's first chunk is its admission (its queue time ends)
+            admitted = self._live.get(chunk.seq.seq_id)
+            if admitted is not None and admitted.admitted is None:
+                admitted.admitted = now
         for sampled in self.runner.execute(out):
             states = [(self._live[seq.seq_id], logits) for seq, logits in sampled if seq.seq_id in self._live]
             for state, reason in self.output_processor.update(states):

@@ -4,13 +4,15 @@ serving runtime replaces this for serving; this is the simple, static-batch path
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from llamaforge.runtime.core.engine import Engine
 from llamaforge.runtime.core.sampling import SamplingParams, sample
+from llamaforge.runtime.core.tokenizer import Tokenizer
 
 
 @dataclass
@@ -64,10 +66,26 @@ def generate_ids(engine: Engine, prompts: Sequence[Sequence[int]], max_new_token
     return gens
 
 
-def generate_text(engine: Engine, prompts: Sequence[str], max_new_tokens: int,
-                  params: SamplingParams = SamplingParams()) -> list[str]:
+def _tokenizer(engine: Engine) -> Tokenizer:
     if engine.tokenizer is None:
         raise ValueError(f"{engine.dir}: engine has no tokenizer")
-    tok = engine.tokenizer
-    gens = generate_ids(engine, [tok.encode(p) for p in prompts], max_new_tokens, params)
+    return engine.tokenizer
+
+
+def generate_text(engine: Engine, prompts: Sequence[str], max_new_tokens: int,
+                  params: SamplingParams = SamplingParams(), allow_special: bool = False) -> list[str]:
+    """The text generated after each prompt. Prompts are encoded by the tokenizer's own rules
+    (`Tokenizer.encode`); `allow_special`: special-token text in them ("<|im_start|>") is the
+    special token, not plain characters."""
+    tok = _tokenizer(engine)
+    gens = generate_ids(engine, [tok.encode(p, allow_special=allow_special) for p in prompts], max_new_tokens, params)
     return [tok.decode(g.output_ids) for g in gens]
+
+
+def generate_chat(engine: Engine, messages: Sequence[Mapping[str, Any]], max_new_tokens: int,
+                  params: SamplingParams = SamplingParams(), **template_variables: Any) -> str:
+    """The assistant's reply to `messages`, prompted through the checkpoint's chat template with
+    the generation prompt (`Tokenizer.encode_chat`)."""
+    tok = _tokenizer(engine)
+    ids = tok.encode_chat(messages, add_generation_prompt=True, **template_variables)
+    return tok.decode(generate_ids(engine, [ids], max_new_tokens, params)[0].output_ids)

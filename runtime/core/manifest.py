@@ -91,7 +91,8 @@ class TokenizerInfo:
     bos_id: int | None  # present even when None: None means "no BOS", absent would mean "look it up"
     eos_ids: list[int]
     sha256: str | None = None
-    config_file: str | None = None  # hf: tokenizer_config.json
+    config_file: str | None = None  # tokenizer_config.json (BOS/EOS rules, special tokens, chat_template)
+    chat_template_file: str | None = None  # chat_template.jinja, where the checkpoint has one
     pattern: str | None = None  # tiktoken
     num_base_tokens: int | None = None  # tiktoken
     special_tokens: dict[str, int] | None = None  # tiktoken
@@ -103,8 +104,8 @@ class TokenizerInfo:
 
     def to_json(self) -> dict[str, Any]:
         # copy_tokenizer's key order: kind, file, sha256, bos_id, eos_ids, then the kind's extras.
-        order = ("kind", "file", "sha256", "bos_id", "eos_ids", "config_file", "pattern", "num_base_tokens",
-                 "special_tokens")
+        order = ("kind", "file", "sha256", "bos_id", "eos_ids", "config_file", "chat_template_file", "pattern",
+                 "num_base_tokens", "special_tokens")
         data = _to_json(self)
         return {key: data[key] for key in order if key in data}
 

@@ -46,6 +46,7 @@ class RequestState:
     pending_ids: list[int] = field(default_factory=list)
     pending_log_probs: list[float] = field(default_factory=list)
     last_token_at: float = 0.0
+    admitted: float | None = None  # perf_counter when the scheduler first admitted it
 
 
 class OutputProcessor:
@@ -139,6 +140,7 @@ class OutputProcessor:
             log_probs=state.pending_log_probs, finished=finished, finish_reason=reason, error=error,
             num_input_tokens=state.seq.num_prompt, num_output_tokens=len(state.generated),
             cum_log_prob=float(sum(state.log_probs)),
+            queue_s=None if state.admitted is None else state.admitted - state.arrived,
         )
         state.pending_ids, state.pending_log_probs, state.text = [], [], []
         state.handle.put(out)

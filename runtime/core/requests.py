@@ -52,6 +52,9 @@ class GenerationOutput:
     num_input_tokens: int = 0
     num_output_tokens: int = 0
     cum_log_prob: float = 0.0
+    # Seconds from `submit` until the scheduler first admitted the request into the running batch;
+    # None until then (front ends report it as the request's queue time).
+    queue_s: float | None = None
 
 
 OutputSink = Callable[[GenerationOutput], None]

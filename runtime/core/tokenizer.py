@@ -17,9 +17,11 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from llamaforge.runtime.core.chat_template import ChatTemplateError, render_chat
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "load_tiktoken_ranks"]
 
@@ -29,18 +31,45 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """Common interface; see the backends below."""
+    """Common interface; see the backends below.
+
+    Prompts are encoded by the checkpoint's own rules, as transformers' `AutoTokenizer(...)(text)`
+    encodes them: `encode(text)` adds the special tokens the tokenizer adds (its BOS, and its EOS
+    where it says so), which for a tokenizer without a BOS rule is none. A text that already
+    starts with BOS (as chat templates write it) never gets a second one.
+    """
 
     kind: str = ""
     vocab_size: int
     bos_id: int | None
-    eos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]  # the stop set: every end-of-sequence id the checkpoint names
     strip_leading_space: bool = False
+    chat_template: str | None = None  # the checkpoint's Jinja2 chat template, if it has one
+    special_token_strings: dict[str, str]  # {"bos_token": "<s>", ...}: what a chat template sees
 
     def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`, preceded by `bos_id` when `add_bos`. Special-token text in `text`
-        (e.g. "</s>") is tokenised as plain text unless `allow_special`."""
+        """Token ids of `text`. `add_bos`: add the special tokens the tokenizer's own rules add
+        (tokenizer.json post-processor; add_bos_token / add_eos_token), never a second BOS;
+        False: none. Special-token text in `text` (e.g. "</s>") is tokenised as plain text unless
+        `allow_special`."""
         raise NotImplementedError
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None, **variables: Any) -> str:
+        """The prompt text the checkpoint's chat template renders for `messages` (the semantics of
+        transformers' `apply_chat_template(..., tokenize=False)`)."""
+        if self.chat_template is None:
+            raise ChatTemplateError("this tokenizer has no chat template (no chat_template in its tokenizer_config.json "
+                                    "or chat_template.jinja)")
+        return render_chat(self.chat_template, messages, self.special_token_strings,
+                           add_generation_prompt=add_generation_prompt, tools=tools, **variables)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, **variables: Any) -> list[int]:
+        """Ids of the rendered chat: special-token text is special, and nothing is added that the
+        template did not write (as transformers' `apply_chat_template(..., tokenize=True)`)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, **variables)
+        return self.encode(text, add_bos=False, allow_special=True)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
@@ -56,14 +85,66 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         raise NotImplementedError
 
-    def _with_bos(self, ids: list[int], add_bos: bool) -> list[int]:
-        if add_bos and self.bos_id is not None:
-            return [self.bos_id, *ids]
+    def _with_specials(self, ids: list[int], add: bool, add_bos_token: bool, add_eos_token: bool) -> list[int]:
+        """`ids` with BOS / EOS as the flags say (when `add`); no BOS before a BOS already there."""
+        if not add:
+            return ids
+        if add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        if add_eos_token and self.eos_ids:
+            ids = [*ids, self.eos_ids[0]]
         return ids
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
             raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+
+
+def _read_config(path: Path | None) -> dict[str, Any]:
+    """tokenizer_config.json as a dict ({} when there is none)."""
+    if path is None or not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path.name}: expected a JSON object")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken object."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(cfg: dict[str, Any], template_path: Path | None) -> str | None:
+    """The chat template: chat_template.jinja where there is one (transformers gives it priority),
+    else tokenizer_config.json's `chat_template` (a string, or a list of named templates: "default")."""
+    if template_path is not None and template_path.is_file():
+        return template_path.read_text(encoding="utf-8")
+    value = cfg.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _special_strings(cfg: dict[str, Any], defaults: Mapping[str, str | None]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        text = _token_text(cfg[key]) if key in cfg else defaults.get(key)
+        if text is not None:
+            out[key] = text
+    return out
+
+
+def _union(*groups: Iterable[int | None]) -> tuple[int, ...]:
+    out: list[int] = []
+    for group in groups:
+        for i in group:
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+    return tuple(out)
 
 
 def _eos_tuple(v: Any) -> tuple[int, ...]:
@@ -106,14 +187,36 @@ def _flatten(component: Any) -> list[dict[str, Any]]:
     return [component]
 
 
+def _as_transformers_loads(spec: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Edit a parsed tokenizer.json (in place) into the pipeline transformers 5 builds from it.
+
+    `AutoTokenizer` keeps the file's post-processor (so add_bos_token / add_eos_token in
+    tokenizer_config.json do not change a tokenizer.json's rules: transformers drops them when
+    there is one). Its `LlamaTokenizer` class, named by LLaMA 1/2 checkpoints, replaces the file's
+    normalizer and pre-tokenizer by a Metaspace pre-tokenizer ("first" prepend scheme unless
+    `legacy`, none when `add_prefix_space` is false), which encodes text after special tokens
+    differently from the file's Prepend normalizer."""
+    cls = str(cfg.get("tokenizer_class") or "")
+    if cls.removesuffix("Fast") != "LlamaTokenizer":
+        return
+    add_prefix_space = cfg.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if cfg.get("legacy", False) else "first") if add_prefix_space else "never"
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": False}
+
+
 class HFTokenizer(Tokenizer):
     kind = "hf"
 
-    def __init__(self, path: Path, info: dict[str, Any], config_path: Path | None = None) -> None:
+    def __init__(self, path: Path, info: dict[str, Any], config_path: Path | None = None,
+                 template_path: Path | None = None) -> None:
         import tokenizers
 
-        self._json = path.read_text(encoding="utf-8")
-        spec = json.loads(self._json)
+        cfg = _read_config(config_path)
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        _as_transformers_loads(spec, cfg)
+        self._json = json.dumps(spec)
         self._tok = tokenizers.Tokenizer.from_str(self._json)
         self._tok.encode_special_tokens = True  # special-token text is plain text by default
         self._tok_special: Any = None
@@ -133,22 +236,18 @@ class HFTokenizer(Tokenizer):
         # Metaspace (Mistral, newer Llama tokenizer.json) drops the dummy prefix per token, like SentencePiece.
         self._metaspace = any(d.get("type") == "Metaspace" and d.get("prepend_scheme", "always") != "never" for d in decoders)
         self.strip_leading_space = self.strip_leading_space or self._metaspace
-        tok_cfg: dict[str, Any] = {}
-        if config_path is not None and config_path.is_file():
-            tok_cfg = json.loads(config_path.read_text(encoding="utf-8"))
 
-        def token_id(key: str, default: str) -> int | None:
-            t = tok_cfg.get(key, default)
-            if isinstance(t, dict):
-                t = t.get("content")
-            return self._tok.token_to_id(t) if isinstance(t, str) else None
+        def token_id(key: str, default: str | None) -> int | None:
+            text = _token_text(cfg[key]) if key in cfg else default
+            return self._tok.token_to_id(text) if text is not None else None
 
         self.bos_id = info["bos_id"] if "bos_id" in info else token_id("bos_token", "<s>")
-        if "eos_ids" in info:
-            self.eos_ids = _eos_tuple(info["eos_ids"])
-        else:
-            e = token_id("eos_token", "</s>")
-            self.eos_ids = (e,) if e is not None else ()
+        # The stop set: the manifest's ids (config.json and generation_config.json) and the eos_token.
+        self.eos_ids = _union(_eos_tuple(info.get("eos_ids")), [token_id("eos_token", None if "eos_ids" in info else "</s>")])
+        defaults = {"bos_token": self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None,
+                    "eos_token": self._tok.id_to_token(self.eos_ids[0]) if self.eos_ids else None}
+        self.special_token_strings = _special_strings(cfg, defaults)
+        self.chat_template = _chat_template(cfg, template_path)
         self._bytes_cache: dict[int, bytes] = {}
 
     def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
@@ -159,7 +258,13 @@ class HFTokenizer(Tokenizer):
 
                 self._tok_special = tokenizers.Tokenizer.from_str(self._json)
             tok = self._tok_special
-        return self._with_bos(list(tok.encode(text, add_special_tokens=False).ids), add_bos)
+        body = tok.encode(text, add_special_tokens=False)
+        if not add_bos:
+            return list(body.ids)
+        ids = list(tok.post_process(body, add_special_tokens=True).ids)
+        if self.bos_id is not None and body.ids[:1] == [self.bos_id] and ids[:2] == [self.bos_id, self.bos_id]:
+            ids = ids[1:]  # the text starts with BOS already (a chat template wrote it)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -202,7 +307,8 @@ class HFTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
-    def __init__(self, path: Path, info: dict[str, Any]) -> None:
+    def __init__(self, path: Path, info: dict[str, Any], config_path: Path | None = None,
+                 template_path: Path | None = None) -> None:
         import sentencepiece as spm
 
         try:
@@ -212,8 +318,20 @@ class SentencePieceTokenizer(Tokenizer):
         sp = self._sp
         self.vocab_size = sp.get_piece_size()
         self.bos_id = info["bos_id"] if "bos_id" in info else (sp.bos_id() if sp.bos_id() >= 0 else None)
-        self.eos_ids = _eos_tuple(info["eos_ids"]) if "eos_ids" in info else \
-            ((sp.eos_id(),) if sp.eos_id() >= 0 else ())
+        cfg = _read_config(config_path)
+        eos_text = _token_text(cfg.get("eos_token"))
+        eos_piece = sp.piece_to_id(eos_text) if eos_text is not None else -1
+        self.eos_ids = _union(_eos_tuple(info["eos_ids"]) if "eos_ids" in info else
+                              ((sp.eos_id(),) if sp.eos_id() >= 0 else ()),
+                              [eos_piece if eos_text is not None and sp.id_to_piece(eos_piece) == eos_text else None])
+        # LlamaTokenizer's defaults (BOS, no EOS) unless tokenizer_config.json says otherwise.
+        self._add_bos_token = bool(cfg.get("add_bos_token", True))
+        self._add_eos_token = bool(cfg.get("add_eos_token", False))
+        self.special_token_strings = _special_strings(cfg, {
+            "bos_token": sp.id_to_piece(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": sp.id_to_piece(self.eos_ids[0]) if self.eos_ids else None,
+            "unk_token": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None})
+        self.chat_template = _chat_template(cfg, template_path)
         self._control = {i for i in range(self.vocab_size) if sp.is_control(i)}
         probe = sp.encode("a", out_type=str)
         self.strip_leading_space = bool(probe) and probe[0].startswith("\u2581")
@@ -222,7 +340,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
         if not allow_special or self._control_re is None:
-            return self._with_bos(list(self._sp.encode(text)), add_bos)
+            return self._with_specials(list(self._sp.encode(text)), add_bos, self._add_bos_token, self._add_eos_token)
         ids: list[int] = []
         pos = 0
         for m in self._control_re.finditer(text):
@@ -232,7 +350,7 @@ class SentencePieceTokenizer(Tokenizer):
             pos = m.end()
         if pos < len(text):
             ids.extend(self._sp.encode(text[pos:]))
-        return self._with_bos(ids, add_bos)
+        return self._with_specials(ids, add_bos, self._add_bos_token, self._add_eos_token)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = list(ids)
@@ -320,7 +438,8 @@ def _split_long_runs(s: str, max_len: int) -> Iterator[str]:
 class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
 
-    def __init__(self, path: Path, info: dict[str, Any]) -> None:
+    def __init__(self, path: Path, info: dict[str, Any], config_path: Path | None = None,
+                 template_path: Path | None = None) -> None:
         import tiktoken
 
         ranks = load_tiktoken_ranks(path)
@@ -345,11 +464,19 @@ class TiktokenTokenizer(Tokenizer):
         )
         self.vocab_size = self._enc.n_vocab
         self.bos_id = info["bos_id"] if "bos_id" in info else self._specials.get("<|begin_of_text|>")
-        if "eos_ids" in info:
-            self.eos_ids = _eos_tuple(info["eos_ids"])
-        else:
-            e = self._specials.get("<|end_of_text|>")
-            self.eos_ids = (e,) if e is not None else ()
+        cfg = _read_config(config_path)
+        eos_text = _token_text(cfg.get("eos_token"))
+        self.eos_ids = _union(_eos_tuple(info["eos_ids"]) if "eos_ids" in info else
+                              [self._specials.get("<|end_of_text|>")],
+                              [self._specials.get(eos_text) if eos_text is not None else None])
+        # Meta's Llama 3 tokenizer encodes with bos=True, eos=False unless tokenizer_config.json says otherwise.
+        self._add_bos_token = bool(cfg.get("add_bos_token", True))
+        self._add_eos_token = bool(cfg.get("add_eos_token", False))
+        special_names = {i: t for t, i in self._specials.items()}
+        self.special_token_strings = _special_strings(cfg, {
+            "bos_token": special_names.get(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": special_names.get(self.eos_ids[0]) if self.eos_ids else None})
+        self.chat_template = _chat_template(cfg, template_path)
 
     def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
         allowed: Any = "all" if allow_special else set()
@@ -357,7 +484,7 @@ class TiktokenTokenizer(Tokenizer):
         for i in range(0, max(len(text), 1), _TIKTOKEN_MAX_ENCODE_CHARS):
             for part in _split_long_runs(text[i:i + _TIKTOKEN_MAX_ENCODE_CHARS], _MAX_NO_WHITESPACES_CHARS):
                 ids.extend(self._enc.encode(part, allowed_special=allowed, disallowed_special=()))
-        return self._with_bos(ids, add_bos)
+        return self._with_specials(ids, add_bos, self._add_bos_token, self._add_eos_token)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = list(ids)
@@ -387,11 +514,14 @@ def load_tokenizer(engine_dir: str | Path, info: dict[str, Any]) -> Tokenizer:
     path = d / file
     if not path.is_file():
         raise TokenizerError(f"{file}: tokenizer file not found in {d}")
+    cfg = info.get("config_file")
+    template = info.get("chat_template_file")
+    config_path = d / cfg if cfg else None
+    template_path = d / template if template else None
     if kind == "hf":
-        cfg = info.get("config_file")
-        return HFTokenizer(path, info, d / cfg if cfg else None)
+        return HFTokenizer(path, info, config_path, template_path)
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(path, info)
+        return SentencePieceTokenizer(path, info, config_path, template_path)
     if kind == "tiktoken":
-        return TiktokenTokenizer(path, info)
+        return TiktokenTokenizer(path, info, config_path, template_path)
     raise TokenizerError(f"{file}: unknown tokenizer kind {kind!r} (expected hf, sentencepiece or tiktoken)")

@@ -198,10 +198,11 @@ def declare_tensors(cfg: mc.ModelConfig, inputs: Sequence[TensorSpec], outputs: 
         cfg.output.add(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=list(t.dims))
 
 
-def model_config(spec: ModelSpec, served_name: str | None = None) -> mc.ModelConfig:
-    """The Triton `ModelConfig` of a model: max_batch_size 0, decoupled (it streams)."""
+def model_config(spec: ModelSpec, served_name: str | None = None, decoupled: bool = True) -> mc.ModelConfig:
+    """The Triton `ModelConfig` of a model: max_batch_size 0; `model_transaction_policy.decoupled`
+    as deployed (decoupled: it streams; not: one response per request)."""
     cfg = mc.ModelConfig(name=served_name or spec.name, backend="llama-forge", max_batch_size=0)
-    cfg.model_transaction_policy.decoupled = True
+    cfg.model_transaction_policy.decoupled = decoupled
     declare_tensors(cfg, spec.inputs, spec.outputs)
     cfg.parameters["model_kind"].string_value = spec.kind
     return cfg

@@ -16,8 +16,9 @@ Semantics
 * Streams never include the prompt (TRT-LLM: exclude_input_in_output only applies to non-streaming
   responses), so concatenating a stream's text_output gives the unary text_output of the same
   request with exclude_input_in_output = true, byte for byte.
-* Prompt text is tokenized with a BOS and with special-token text recognised ("<|eot_id|>" is the
-  special token), as TRT-LLM's preprocessing (HF `encode`) does.
+* Prompt text is tokenized by the checkpoint's own rules (its BOS only where its tokenizer adds
+  one, never a second one before a BOS the text starts with) and with special-token text
+  recognised ("<|eot_id|>" is the special token), as TRT-LLM's preprocessing (HF `encode`) does.
 * Request parameters: "priority" and "timeout" are accepted and ignored, "sequence_id" only as 0 /
   "" (no sequence batching), "triton_enable_empty_final_response" is honoured; any other parameter
   (and any input, output or tensor parameter not listed above) is refused with the field named.
@@ -287,8 +288,10 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
 
 
 def encode_prompt(tokenizer: Any, prompt: Any) -> tuple[str, list[int]]:
-    """`text_input` (UTF-8 bytes) -> (text, ids): BOS added and special-token text recognised, as
-    TensorRT-LLM's preprocessing (HF `encode`) does."""
+    """`text_input` (UTF-8 bytes) -> (text, ids): the special tokens the tokenizer's own rules add
+    (`Tokenizer.encode`: BOS only where the checkpoint's tokenizer adds one, and not before a BOS
+    the text already starts with) and special-token text recognised, as TensorRT-LLM's
+    preprocessing (HF `encode`) does."""
     if not isinstance(prompt, (bytes, bytearray)):
         raise RequestError("text_input", "expected BYTES")
     text = _utf8("text_input", bytes(prompt))

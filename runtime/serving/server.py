@@ -23,13 +23,26 @@ request's `id` in `infer_response.id`, and the stream stays open):
     CANCELLED           the request was cancelled (client gone, server stopping)
     INTERNAL            the engine failed while running the request
 
-Streaming is decoupled, as Triton's decoupled models: one response per new piece of text (token
-model: per new token), each with `triton_final_response` set (false, then true on the last).
+Decoupled mode is a deployment choice (`decoupled`, `llamaforge serve --no-decoupled`, `make serve
+DECOUPLED=false`); ModelConfig reports it as `model_transaction_policy.decoupled`.
+
+Decoupled (the default): streaming as Triton's decoupled models: one response per new piece of text
+(token model: per new token), each with `triton_final_response` set (false, then true on the last).
 With `triton_enable_empty_final_response` (tritonclient `enable_empty_final_response=True`) every
 data response has it false and an extra response without outputs carries true, which is what
 Triton sends for ensembles. A request with stream=false on the stream gets one response.
 Unary ModelInfer on the same (decoupled) models serves stream=false requests whole; stream=true on
 a unary call is INVALID_ARGUMENT naming `stream` (Triton refuses unary calls to decoupled models).
+
+Non-decoupled: one response per request, as Triton's non-decoupled models. Unary ModelInfer serves
+every model (what perf_analyzer's and genai-perf's non-streaming modes send); ModelStreamInfer is
+served too, as Triton serves it for non-decoupled models, with one response per request
+(`triton_final_response` true). A request that asks to stream (stream / streaming = true) is
+INVALID_ARGUMENT naming the field on either RPC: streaming needs the decoupled deployment.
+
+ModelStatistics is filled as Triton fills it (runtime/serving/model_stats.py: success, fail, queue,
+compute_input, compute_infer, compute_output, inference_count, execution_count, last_inference),
+per model and version "1"; an unknown model or version is NOT_FOUND.
 
 Cancellation: when a unary call's client cancels or disconnects, or a stream is cancelled or
 closed by the client, each of its requests is cancelled in the core (KV freed within one step).
@@ -45,7 +58,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -56,6 +69,7 @@ from llamaforge.runtime.core.requests import GenerationOutput, OutputSink, Queue
 from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
+from llamaforge.runtime.serving.model_stats import InferStats, RequestTimer
 from llamaforge.runtime.serving.protocol import FINAL_PARAM, ModelContext, ParsedRequest, ResponseBuilder, parse_request
 
 if TYPE_CHECKING:
@@ -75,26 +89,6 @@ class _Refused(Exception):
         self.message = message
 
 
-@dataclass
-class _Stats:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    success: int = 0
-    success_ns: int = 0
-    fail: int = 0
-    fail_ns: int = 0
-    last_ms: int = 0
-
-    def record(self, ok: bool, ns: int) -> None:
-        with self.lock:
-            if ok:
-                self.success += 1
-                self.success_ns += ns
-            else:
-                self.fail += 1
-                self.fail_ns += ns
-            self.last_ms = int(time.time() * 1000)
-
-
 def _package_version() -> str:
     try:
         from importlib.metadata import version
@@ -105,11 +99,13 @@ def _package_version() -> str:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 gRPC over an engine core (runtime/serving/engine_client.py `EngineClient`)."""
+    """KServe v2 gRPC over an engine core (runtime/serving/engine_client.py `EngineClient`);
+    `decoupled`: the models' transaction policy (see the module docstring)."""
 
-    def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None, decoupled: bool = True) -> None:
         self.core = core
         self.metrics = metrics
+        self.decoupled = decoupled
         self.ctx = ModelContext.from_core(core)
         self.models: dict[str, ModelSpec] = {}
         if core.tokenizer is not None:
@@ -117,7 +113,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if name and name != TOKEN_MODEL.name:
                     self.models.setdefault(name, TEXT_MODEL)
         self.models[TOKEN_MODEL.name] = TOKEN_MODEL
-        self.stats = {name: _Stats() for name in self.models}
+        self.stats = {name: InferStats() for name in self.models}
         self.ready = True
         self._version = _package_version()
 
@@ -135,13 +131,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _new_id(self) -> str:
         return uuid.uuid4().hex
 
-    def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool,
+    def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool, timer: RequestTimer,
                 sink: Callable[[ParsedRequest], OutputSink] | None = None) -> tuple[ParsedRequest, RequestHandle]:
         """Resolve, parse and submit; raises _Refused with the status to answer. `sink`, given the
         parsed request, makes the sink its outputs go to (see RequestHandle)."""
         spec = self._resolve(request.model_name, request.model_version)
         try:
-            parsed = parse_request(request, spec, self.ctx, self._new_id(), streaming_rpc)
+            # Non-decoupled models refuse streaming on either RPC, with their own message.
+            parsed = parse_request(request, spec, self.ctx, self._new_id(), streaming_rpc or not self.decoupled)
+            if parsed.stream and not self.decoupled:
+                field_name = "stream" if spec.kind == "text" else "streaming"
+                raise RequestError(field_name, f"model '{request.model_name}' is deployed non-decoupled (one response "
+                                               "per request), so it cannot stream; send "
+                                               f"{field_name}=false, or serve it decoupled (--decoupled)")
+            timer.submitted()
             handle = self.core.submit(parsed.generation, sink(parsed) if sink else None)
         except RequestError as e:
             if self.metrics:
@@ -155,14 +158,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.on_admitted(len(parsed.generation.prompt_ids))
         return parsed, handle
 
-    def _record(self, model: str, ok: bool, t0: int) -> None:
+    def _record(self, model: str, ok: bool, timer: RequestTimer) -> None:
         """Statistics of an admitted request that has ended."""
-        ns = time.monotonic_ns() - t0
         st = self.stats.get(model)
         if st is not None:
-            st.record(ok, ns)
+            (st.record_success if ok else st.record_failure)(timer)
         if self.metrics:
-            self.metrics.on_request_done(ns / 1e9)
+            self.metrics.on_request_done((time.monotonic_ns() - timer.received) / 1e9)
+
+    def _record_refused(self, request: pb.ModelInferRequest, timer: RequestTimer) -> None:
+        """A request answered with an error before it reached the core counts as failed in the model
+        version it named, as in Triton (a version that does not exist has no statistics)."""
+        st = self.stats.get(request.model_name)
+        if st is not None and request.model_version in ("", "1"):
+            st.record_failure(timer)
 
     # -- health and metadata ---------------------------------------------------------------------------
     def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
@@ -191,7 +200,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             spec = self._resolve(request.name, request.version)
         except _Refused as e:
             context.abort(e.code, e.message)
-        return pb.ModelConfigResponse(config=model_config(spec, request.name))
+        return pb.ModelConfigResponse(config=model_config(spec, request.name, decoupled=self.decoupled))
 
     def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
         if request.name:
@@ -204,14 +213,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             names = sorted(self.models)
         resp = pb.ModelStatisticsResponse()
         for name in names:
-            st = self.stats[name]
-            with st.lock:
-                ms = resp.model_stats.add(name=name, version="1", last_inference=st.last_ms,
-                                          inference_count=st.success, execution_count=st.success)
-                ms.inference_stats.success.count = st.success
-                ms.inference_stats.success.ns = st.success_ns
-                ms.inference_stats.fail.count = st.fail
-                ms.inference_stats.fail.ns = st.fail_ns
+            self.stats[name].fill(resp.model_stats.add(name=name, version="1"))
         return resp
 
     def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
@@ -222,12 +224,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------------------
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        t0 = time.monotonic_ns()
+        timer = RequestTimer()
         try:
-            parsed, handle = self._submit(request, streaming_rpc=False)
+            parsed, handle = self._submit(request, streaming_rpc=False, timer=timer)
         except _Refused as e:
-            if request.model_name in self.stats:
-                self.stats[request.model_name].record(False, time.monotonic_ns() - t0)
+            self._record_refused(request, timer)
             context.abort(e.code, e.message)
         rid = parsed.generation.request_id
         context.add_callback(lambda: None if handle.done.is_set() else self.core.cancel(rid))
@@ -239,16 +240,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if not context.is_active():
                     self.core.cancel(rid)
                 continue
-            builder.add(out)
+            timer.output(out)
+            with timer.building():
+                builder.add(out)
             if out.finished:
                 break
         ok = out.finish_reason in ("stop", "length")
-        self._record(request.model_name, ok, t0)
+        if ok:
+            with timer.building():
+                response = builder.whole()
+        self._record(request.model_name, ok, timer)
         if out.finish_reason == "cancelled":
             context.abort(grpc.StatusCode.CANCELLED, f"request {request.id or rid} was cancelled")
         if not ok:
             context.abort(grpc.StatusCode.INTERNAL, f"request {request.id or rid} failed: {out.error or out.finish_reason}")
-        return builder.whole()
+        return response
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
         stream = _Stream(self, context)
@@ -267,7 +273,7 @@ class _StreamRequest:
 
     request: pb.ModelInferRequest
     parsed: ParsedRequest
-    t0: int
+    timer: RequestTimer
     builder: ResponseBuilder
     ended: bool = False
 
@@ -297,22 +303,22 @@ class _Stream:
             self.out.put(_READER_DONE)
 
     def start(self, request: pb.ModelInferRequest) -> None:
-        t0 = time.monotonic_ns()
+        timer = RequestTimer()
         entry: list[_StreamRequest] = []
 
         def sink(parsed: ParsedRequest) -> OutputSink:
-            state = _StreamRequest(request, parsed, t0, ResponseBuilder(parsed, request.model_name))
+            state = _StreamRequest(request, parsed, timer, ResponseBuilder(parsed, request.model_name))
             entry.append(state)
 
             def put(out: GenerationOutput) -> None:
+                timer.output(out)
                 self.out.put((state, out))
             return put
 
         try:
-            parsed, _ = self.servicer._submit(request, streaming_rpc=True, sink=sink)
+            parsed, _ = self.servicer._submit(request, streaming_rpc=True, timer=timer, sink=sink)
         except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
-            if request.model_name in self.servicer.stats:
-                self.servicer.stats[request.model_name].record(False, time.monotonic_ns() - t0)
+            self.servicer._record_refused(request, timer)
             message = e.message if isinstance(e, _Refused) else f"internal error: {e!r}"
             self.out.put(self.error(request, message))
             return
@@ -339,25 +345,28 @@ class _Stream:
         responses = []
         parsed, failure = st.parsed, None
         completed = not out.finished or out.finish_reason in ("stop", "length")  # else: cancelled or failed
+        # A non-decoupled model sends its one response final, with no empty final response.
+        empty_final = parsed.empty_final and self.servicer.decoupled
         try:
-            if completed and parsed.stream:
-                resp = st.builder.piece(out, out.finished and not parsed.empty_final)
-                if resp is not None:
-                    responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-            elif completed:
-                st.builder.add(out)
-                if out.finished:
-                    resp = st.builder.whole()
-                    resp.parameters[FINAL_PARAM].bool_param = not parsed.empty_final
-                    responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-            if completed and out.finished and parsed.empty_final:
-                responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
+            with st.timer.building():
+                if completed and parsed.stream:
+                    resp = st.builder.piece(out, out.finished and not empty_final)
+                    if resp is not None:
+                        responses.append(pb.ModelStreamInferResponse(infer_response=resp))
+                elif completed:
+                    st.builder.add(out)
+                    if out.finished:
+                        resp = st.builder.whole()
+                        resp.parameters[FINAL_PARAM].bool_param = not empty_final
+                        responses.append(pb.ModelStreamInferResponse(infer_response=resp))
+                if completed and out.finished and empty_final:
+                    responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
         except Exception as e:  # noqa: BLE001 - report it on the stream rather than leave the client waiting
             self.servicer.core.cancel(parsed.generation.request_id)
             failure = f"internal error: {e!r}"
         if out.finished or failure is not None:
             ok = failure is None and completed
-            self.servicer._record(st.request.model_name, ok, st.t0)
+            self.servicer._record(st.request.model_name, ok, st.timer)
             if not ok:
                 if failure is None:
                     failure = f"request {out.finish_reason}" + (f": {out.error}" if out.error else "")
@@ -404,14 +413,14 @@ class InferenceServer:
 
     def __init__(self, core: EngineClient, host: str = "127.0.0.1", port: int = 8001, metrics_port: int | None = 8002,
                  metrics: ServerMetrics | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_workers: int | None = None, own_core: bool = True) -> None:
+                 max_workers: int | None = None, own_core: bool = True, decoupled: bool = True) -> None:
         self.core = core
         self.host = host
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.metrics.attach(core)
         if core.observer is None:
             core.observer = self.metrics  # the core was made without one: observe it from now on
-        self.servicer = InferenceServicer(core, self.metrics)
+        self.servicer = InferenceServicer(core, self.metrics, decoupled=decoupled)
         # Every admitted request can hold a handler thread while it runs or waits, plus room for
         # health checks and requests that will be refused with RESOURCE_EXHAUSTED.
         self.max_workers = max_workers or core.config.max_num_seqs + core.config.max_queue + 8
@@ -462,16 +471,18 @@ class InferenceServer:
 
 def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8001,
           metrics_port: int | None = 8002, core_config: CoreConfig | None = None,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-    """Load the engine, serve until SIGINT/SIGTERM."""
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, decoupled: bool = True) -> None:
+    """Load the engine, serve until SIGINT/SIGTERM; `decoupled`: the models' transaction policy."""
     from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
 
     metrics = ServerMetrics()
     core: EngineClient = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
-    server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes)
+    server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes,
+                             decoupled=decoupled)
     server.start()
     names = ", ".join(sorted(server.servicer.models))
-    print(f"llama-forge: serving {engine_dir} (models: {names}) on grpc {host}:{server.port}"
+    mode = "decoupled" if decoupled else "non-decoupled"
+    print(f"llama-forge: serving {engine_dir} (models: {names}; {mode}) on grpc {host}:{server.port}"
           + (f", metrics http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
     done = threading.Event()
 

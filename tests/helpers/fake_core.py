@@ -56,7 +56,8 @@ class ByteTokenizer(Tokenizer):
             else:
                 ids.append(data[i])
                 i += 1
-        return self._with_bos(ids, add_bos)
+        # BOS when asked, never a second one (the Tokenizer contract), without the base class's helpers
+        return [BOS, *ids] if add_bos and ids[:1] != [BOS] else ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return b"".join(self.id_to_bytes(i) for i in ids if not (skip_special_tokens and self.is_special(i))) \
@@ -100,6 +101,7 @@ class _Req:
     pending: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     last_at: float = 0.0
+    admitted: float | None = None  # perf_counter when the step loop first took it into the batch
 
 
 class FakeCore:
@@ -192,7 +194,9 @@ class FakeCore:
                     (self._waiting if r in self._waiting else self._running).remove(r)
                     self._finish(r, "cancelled")
                 while self._waiting and len(self._running) < self.config.max_num_seqs:
-                    self._running.append(self._waiting.pop(0))
+                    admitted = self._waiting.pop(0)
+                    admitted.admitted = time.perf_counter()
+                    self._running.append(admitted)
                 running = list(self._running)
             for r in running:
                 self._step(r)
@@ -233,7 +237,8 @@ class FakeCore:
 
     def _emit(self, r: _Req, finished: bool = False, reason: str | None = None) -> None:
         out = GenerationOutput(r.request.request_id, r.pending, "".join(r.text), [-0.5] * len(r.pending), finished,
-                               reason, None, len(r.request.prompt_ids), len(r.generated), -0.5 * len(r.generated))
+                               reason, None, len(r.request.prompt_ids), len(r.generated), -0.5 * len(r.generated),
+                               queue_s=None if r.admitted is None else r.admitted - r.arrived)
         r.pending, r.text = [], []
         r.handle.put(out)
 

@@ -23,7 +23,9 @@ initialises each Python model with the `args` Triton passes, checks request tens
 config as Triton does (names, datatypes, optional inputs, dims), runs the ensemble's steps by its
 input_map/output_map (one downstream run per response of a decoupled step, as Triton does), routes
 BLS calls and propagates a client's cancellation to the requests it caused. Responses a model
-sends after its final one, or a request it never finishes, fail the test.
+sends after its final one, or a request it never finishes, fail the test. As Triton (one instance
+per model here), it runs one `execute` of a model at a time; a decoupled model's must return None,
+a non-decoupled model's must return one response per request (and it has no response sender).
 """
 
 from __future__ import annotations
@@ -317,6 +319,7 @@ class StandInServer:
         self.repo = Path(repo)
         self.configs: dict[str, mc.ModelConfig] = {}
         self.models: dict[str, Any] = {}
+        self._executing: dict[str, threading.Lock] = {}  # one execute at a time per model (instance)
         for config_path in sorted(self.repo.glob("*/config.pbtxt")):
             cfg = text_format.Parse(config_path.read_text(), mc.ModelConfig())
             self.configs[cfg.name] = cfg
@@ -331,6 +334,7 @@ class StandInServer:
                     "model_version": "1", "model_name": name,
                 })
                 self.models[name] = model
+                self._executing[name] = threading.Lock()
         _SERVER = self
 
     def stop(self) -> None:
@@ -397,11 +401,15 @@ class StandInServer:
 
         if cfg.model_transaction_policy.decoupled:
             request._sender = InferenceResponseSender(on_response, cancelled)
-            result = self.models[model].execute([request])
+            with self._executing[model]:
+                result = self.models[model].execute([request])
             assert result is None, f"decoupled model {model} must return None from execute()"
         else:
-            responses = self.models[model].execute([request])
-            assert len(responses) == 1, f"model {model} must return one response per request"
+            with self._executing[model]:
+                responses = self.models[model].execute([request])
+            assert isinstance(responses, list) and len(responses) == 1, \
+                f"model {model} must return one response per request, got {responses!r}"
+            assert isinstance(responses[0], InferenceResponse), f"model {model} returned {responses[0]!r}"
             on_response(responses[0], TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _run_ensemble(self, cfg: mc.ModelConfig, tensors: dict[str, np.ndarray], request_id: str,

@@ -221,6 +221,10 @@ def make_hf_checkpoint(dest: str | Path, config: ModelConfig | None = None, seed
         max_shard_size = max(max(sizes), sum(sizes) // 3)
     model.save_pretrained(dest, max_shard_size=max_shard_size)
     tok = train_tiny_tokenizer(config.vocab_size)
+    # LLaMA's rule (its tokenizer.json post-processor): every encoded text starts with <s>.
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", 1)])
     tok.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

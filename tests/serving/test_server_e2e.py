@@ -4,6 +4,7 @@ greedy parity with transformers, and many concurrent streams with cancellations.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from server_utils import grpc_client, is_final, running_server, text_inputs, token_inputs, wait_until
+from server_utils import grpc_client, is_final, running_server, stream_infer, text_inputs, token_inputs, wait_until
 from tiny_models import load_hf_oracle
+from tritonclient.utils import InferenceServerException
 
 from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
 from llamaforge.runtime.core.engine_core import EngineCore
@@ -118,3 +120,61 @@ def test_32_concurrent_streams_with_cancellations(built: tuple[Path, Path]) -> N
         wait_until(lambda: core.stats()["running"] == 0 and core.stats()["waiting"] == 0, timeout=60)
         assert core.kv.all_free(), "the KV manager must end fully free"
         assert np.isclose(core.stats()["kv_free_fraction"], 1.0)
+
+
+def test_non_decoupled_serving_and_statistics_with_the_real_core(built: tuple[Path, Path]) -> None:
+    """`make serve DECOUPLED=false` with the real engine core: unary ModelInfer answers every model
+    with what the decoupled deployment streams, a streaming request is refused, and ModelStatistics
+    counts every phase of every request, the queue time being what the scheduler made them wait
+    (max_num_seqs 1: three requests wait while a long one runs)."""
+    _, engine = built
+    prompt, n = "def main(args):\n", 12
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=1024), SchedulerConfig(max_num_seqs=1), max_queue=8))
+    with running_server(core) as server:  # decoupled: what the stream says
+        pieces = stream_infer(grpc_client(server), "ensemble", text_inputs(prompt, n, stream=True, min_tokens=n))
+        streamed = pieces.text()
+    assert len(pieces.results) > 1 and streamed
+
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=1024), SchedulerConfig(max_num_seqs=1), max_queue=8))
+    with running_server(core, decoupled=False) as server:
+        client = grpc_client(server)
+        assert not client.get_model_config("ensemble").config.model_transaction_policy.decoupled
+        texts: dict[int, bytes] = {}
+
+        def one(i: int, tokens: int) -> None:
+            c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+            r = c.infer("ensemble", text_inputs(prompt, tokens, exclude_input_in_output=True, min_tokens=tokens))
+            texts[i] = r.as_numpy("text_output")[0]
+
+        # A long request holds the one slot; three more wait in the queue until it ends.
+        threads = [threading.Thread(target=one, args=(0, 300))]
+        threads[0].start()
+        wait_until(lambda: core.stats()["running"] == 1, timeout=60)
+        threads += [threading.Thread(target=one, args=(i, n)) for i in (1, 2, 3)]
+        for t in threads[1:]:
+            t.start()
+        wait_until(lambda: core.stats()["waiting"] == 3, timeout=60)
+        all_queued = time.monotonic()
+        wait_until(lambda: core.stats()["waiting"] < 3, timeout=60)
+        first_admitted = time.monotonic()
+        for t in threads:
+            t.join(120)
+        assert texts[1] == texts[2] == texts[3] == streamed and texts[0].startswith(streamed)
+        ids = core.tokenizer.encode(prompt, add_bos=True, allow_special=True)
+        r = client.infer("tensorrt_llm", token_inputs(ids, n, exclude_input_in_output=True, min_tokens=n))
+        assert core.tokenizer.decode(r.as_numpy("output_ids").reshape(-1).tolist()).encode() == streamed
+        with pytest.raises(InferenceServerException, match="non-decoupled"):
+            client.infer("ensemble", text_inputs(prompt, n, stream=True))
+
+        ms = client.get_inference_statistics("ensemble").model_stats[0]
+        st = ms.inference_stats
+        assert (ms.version, st.success.count, st.fail.count, ms.execution_count) == ("1", 4, 1, 4)
+        for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+            assert getattr(st, phase).count == 4 and getattr(st, phase).ns > 0, phase
+        # Each of the three was queued before `all_queued` and admitted after `first_admitted`
+        # (less one poll of wait_until).
+        waited = first_admitted - all_queued - 0.02
+        assert waited > 0.05, "the long request must hold the slot for a while"
+        assert st.queue.ns >= 3 * waited * 1e9
+        assert st.success.ns >= st.queue.ns + st.compute_input.ns + st.compute_infer.ns
+        assert client.get_inference_statistics("tensorrt_llm").model_stats[0].inference_stats.queue.count == 1

@@ -19,7 +19,7 @@ from llamaforge.runtime.core.tokenizer import Tokenizer, load_tokenizer
 from llamaforge.triton_repo.models.interfaces import LLAMA_TO_ENSEMBLE
 
 __all__ = ["parameters", "engine_dir", "load_engine_tokenizer", "input_tensors", "output_tensors", "error_response",
-           "request_parameters", "FINAL"]
+           "request_parameters", "decoupled", "FINAL"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -28,6 +28,13 @@ def parameters(args: Mapping[str, str]) -> dict[str, str]:
     """The config.pbtxt `parameters` of the model being initialised (key -> string_value)."""
     config = json.loads(args["model_config"])
     return {k: str(v.get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
+
+
+def decoupled(args: Mapping[str, str]) -> bool:
+    """Whether the model being initialised is deployed decoupled (config.pbtxt
+    `model_transaction_policy.decoupled`; absent: false, as in Triton)."""
+    config = json.loads(args["model_config"])
+    return bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
 
 
 def engine_dir(params: Mapping[str, str], args: Mapping[str, str]) -> Path:

@@ -1,4 +1,5 @@
-"""`bls`: the ensemble's text interface in one decoupled model (one hop for the client).
+"""`bls`: the ensemble's text interface in one model (one hop for the client), decoupled as llama
+is (`make repo DECOUPLED=...`; config.pbtxt `model_transaction_policy.decoupled`).
 
 Per request, on its own thread: `preprocess` in-process, then the `llama` model through a BLS call
 (`pb_utils.InferenceRequest(model_name="llama", ...).exec(decoupled=True)`), then `postprocess`
@@ -19,6 +20,10 @@ and detokenization are in-process (the same functions as the `preprocessing` and
 models, so both paths give the same text). A cancelled BLS request cancels its llama call through
 the response iterator's `cancel()` (checked between llama's responses), and llama frees its KV.
 config.pbtxt parameters: `engine_dir` (tokenizer), `llama_model` (default "llama").
+
+Non-decoupled (llama is then non-decoupled too): `execute` serves its requests in turn, each with
+one BLS call (`exec()`, one response) and one postprocessed response, and returns the responses;
+a stream=true request comes back as llama's INVALID_ARG error.
 """
 
 from __future__ import annotations
@@ -54,10 +59,13 @@ class TritonPythonModel:
         params = backend.parameters(args)
         self.tokenizer = backend.load_engine_tokenizer(backend.engine_dir(params, args))
         self.llama_model = params.get("llama_model", "").strip() or LLAMA
+        self.decoupled = backend.decoupled(args)
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
-    def execute(self, requests: list[Any]) -> None:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if not self.decoupled:
+            return [self._one_response(request) for request in requests]
         for request in requests:
             thread = threading.Thread(target=self._serve, args=(request,), name="bls-request", daemon=True)
             with self._lock:
@@ -84,13 +92,28 @@ class TritonPythonModel:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
-    def _run(self, request: Any, sender: Any) -> None:
-        tensors = backend.input_tensors(request)
+    def _llama_call(self, request: Any, tensors: Mapping[str, np.ndarray]) -> Any:
         pre = preprocess(self.tokenizer, tensors)  # a bad text_input is INVALID_ARG before llama is called
-        call = pb_utils.InferenceRequest(
+        return pb_utils.InferenceRequest(
             model_name=self.llama_model, requested_output_names=list(_POSTPROCESSING_LLAMA_OUTPUTS),
             inputs=backend.output_tensors(llama_inputs(tensors, pre)), request_id=request.request_id())
-        responses = call.exec(decoupled=True)
+
+    def _one_response(self, request: Any) -> Any:
+        """Non-decoupled: the request's one response (its whole text, or its error)."""
+        try:
+            tensors = backend.input_tensors(request)
+            response = self._llama_call(request, tensors).exec()
+            if response.has_error():
+                return pb_utils.InferenceResponse(error=response.error())
+            outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+            text = postprocess(self.tokenizer, {**tensors, **outputs})
+            return pb_utils.InferenceResponse(output_tensors=backend.output_tensors(text))
+        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
+            return backend.error_response(e)
+
+    def _run(self, request: Any, sender: Any) -> None:
+        tensors = backend.input_tensors(request)
+        responses = self._llama_call(request, tensors).exec(decoupled=True)
         cancelled = False
         for response in responses:
             if cancelled:

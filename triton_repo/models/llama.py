@@ -1,4 +1,5 @@
-"""`llama`: the in-flight batching engine as a decoupled Triton Python-backend model.
+"""`llama`: the in-flight batching engine as a Triton Python-backend model, decoupled (the default)
+or not (`make repo DECOUPLED=false`; config.pbtxt `model_transaction_policy.decoupled`).
 
 One `EngineCore` per model instance (runtime/core/engine_core.py, the step loop the standalone server
 runs too) is started in `initialize`; the model drives it through runtime/serving/engine_client.py
@@ -11,6 +12,13 @@ the queue is full, CANCELLED, INTERNAL). One thread per instance polls `is_cance
 request in flight (the only cancellation signal the Python backend gives) and cancels a cancelled
 one in the core, which frees its KV blocks within one step. `max_batch_size: 0`: Triton hands
 requests over as they come and our scheduler batches.
+
+Non-decoupled, a Python model must return one response per request from `execute`, so `execute`
+submits its requests the same way, but each one's sender is a `_OneResponse` that keeps the final
+response, and `execute` returns them once every request has ended. A request that asks to stream
+(streaming = true) is INVALID_ARG. Triton runs one `execute` per instance at a time, so a
+non-decoupled instance batches only the requests of one `execute` call: for concurrency, deploy
+decoupled (or more instances).
 
 config.pbtxt parameters (all strings; triton_repo/repository.py writes them):
 
@@ -125,6 +133,20 @@ class _ContextWindow:
                 "is_final": np.array([final])}
 
 
+class _OneResponse:
+    """A non-decoupled request's stand-in for a response sender: keeps the final response for
+    `execute` to return (the request is never streamed, so only the final one comes)."""
+
+    def __init__(self) -> None:
+        self.response: Any = None
+        self.done = threading.Event()
+
+    def send(self, response: Any = None, flags: int = 0) -> None:
+        if flags & backend.FINAL:
+            self.response = response
+            self.done.set()
+
+
 @dataclass(eq=False)
 class _InFlight:
     """One admitted request: where its responses go and what building them needs."""
@@ -150,6 +172,7 @@ class TritonPythonModel:
         self.core.observer = self.metrics
         self.metrics.attach(self.core)
         self.ctx = ModelContext.from_core(self.core)
+        self.decoupled = backend.decoupled(args)
         self._lock = threading.Lock()
         self._in_flight: dict[str, _InFlight] = {}
         self._stopping = threading.Event()
@@ -157,10 +180,19 @@ class TritonPythonModel:
         self._poller = threading.Thread(target=self._poll_cancellations, name="llama-cancellations", daemon=True)
         self._poller.start()
 
-    def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            self._submit(request)
-        return None
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        """Decoupled: submit and return None (responses go through each request's sender).
+        Otherwise: submit all, wait for each one's final response, return them in order."""
+        if self.decoupled:
+            for request in requests:
+                self._submit(request, request.get_response_sender())
+            return None
+        senders = [_OneResponse() for _ in requests]
+        for request, sender in zip(requests, senders):
+            self._submit(request, sender)
+        for sender in senders:
+            sender.done.wait()
+        return [sender.response for sender in senders]
 
     def finalize(self) -> None:
         self.core.stop()  # what is left finishes as cancelled: its sink sends the final response
@@ -173,11 +205,14 @@ class TritonPythonModel:
                 f"request {self._request_id(entry)} was cancelled", pb_utils.TritonError.CANCELLED)))
 
     # -- per request -------------------------------------------------------------------------------
-    def _submit(self, request: Any) -> None:
-        sender = request.get_response_sender()
+    def _submit(self, request: Any, sender: Any) -> None:
         try:
             parsed = parse_inputs(backend.input_tensors(request), LLAMA_MODEL, self.ctx, uuid.uuid4().hex,
                                   params=backend.request_parameters(request), client_id=request.request_id())
+            if parsed.stream and not self.decoupled:
+                raise RequestError("streaming", "this model is deployed non-decoupled (one response per request), "
+                                                "so it cannot stream; send streaming=false, or generate the "
+                                                "repository decoupled (make repo DECOUPLED=true)")
             # Text-aligned chunks: the core emits a stream response when its text grows, so no
             # response of the ensemble carries an empty piece of a split character.
             parsed.generation.detokenize = self.core.tokenizer is not None
