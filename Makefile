@@ -18,6 +18,7 @@ KV_CACHE    ?=
 CALIB       ?=
 PORT        ?= 8001
 METRICS_PORT ?= 8002
+HTTP_PORT   ?= 8000
 # serve / repo: DECOUPLED=false deploys the models non-decoupled (one response per request, no streaming)
 DECOUPLED   ?= true
 DECOUPLED_ARG = $(if $(filter false False FALSE 0 no,$(DECOUPLED)),--no-decoupled,--decoupled)
@@ -85,9 +86,9 @@ ENGINE ?= engines/$(MODEL)
 generate: $(VENV)/.installed
 	$(BIN)/llamaforge generate $(ENGINE) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
 
-## make serve [ENGINE=engines/MODEL] [PORT=8001] [METRICS_PORT=8002] [DECOUPLED=true|false]: Triton-protocol gRPC server (+ /metrics)
+## make serve [ENGINE=engines/MODEL] [PORT=8001] [HTTP_PORT=8000] [METRICS_PORT=8002] [DECOUPLED=true|false]: Triton-protocol gRPC server, OpenAI-compatible HTTP (HTTP_PORT=-1: none) (+ /metrics)
 serve: $(VENV)/.installed
-	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --metrics-port $(METRICS_PORT) $(DECOUPLED_ARG)
+	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(DECOUPLED_ARG)
 
 NAME        ?=
 DEVICE      ?= gpu

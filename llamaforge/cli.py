@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
           core_config=_core_config(args), max_message_bytes=args.max_message_mb * 1024 * 1024,
-          decoupled=args.decoupled)
+          decoupled=args.decoupled, http_port=None if args.http_port < 0 else args.http_port)
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
@@ -278,14 +278,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
 
-    s = sub.add_parser("serve", help="serve an engine over Triton's gRPC protocol (make serve)")
+    s = sub.add_parser("serve", help="serve an engine over Triton's gRPC protocol and OpenAI's HTTP API (make serve)")
     s.add_argument("engine")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics port (default 8002; 0: a free one; -1: none)")
-    _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED", policy=False)
-    s.add_argument("--max-message-mb", type=int, default=64, help="largest request message accepted")
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP port, with /v2/health (default 8000; 0: a free one; -1: none)")
+    _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED (HTTP 429)",
+                        policy=False)
+    s.add_argument("--max-message-mb", type=int, default=64,
+                   help="largest request message (gRPC) or body (HTTP, else 413) accepted")
     _add_decoupled_argument(s, "the models")
     s.set_defaults(fn=cmd_serve)
 

@@ -42,7 +42,7 @@ import llamaforge.triton_repo.models
 from llamaforge.build.atomic import staged_dir
 from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig
 from llamaforge.runtime.core.engine import EngineError, read_manifest
-from llamaforge.runtime.serving.model_interface import declare_tensors
+from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, declare_tensors
 from llamaforge.triton_repo.models.interfaces import (
     BLS,
     ENSEMBLE,
@@ -122,7 +122,9 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
     configs: dict[str, mc.ModelConfig] = {}
     for name in PYTHON_MODELS:
         iface = INTERFACES[name]
-        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)  # our scheduler batches
+        # A batch dimension as TensorRT-LLM's models declare (no dynamic_batching: Triton hands each
+        # request over as it comes and our scheduler batches its rows with everything in flight).
+        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=MAX_BATCH_SIZE)
         if iface.decoupled:  # the models that can stream; the deployment decides whether they do
             cfg.model_transaction_policy.SetInParent()
             cfg.model_transaction_policy.decoupled = opts.decoupled
@@ -147,7 +149,7 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
             cfg.parameters["llama_model"].string_value = LLAMA
         configs[name] = cfg
 
-    ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
+    ens = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
     declare_tensors(ens, INTERFACES[ENSEMBLE].inputs, INTERFACES[ENSEMBLE].outputs)
     for step in ENSEMBLE_STEPS:
         s = ens.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)

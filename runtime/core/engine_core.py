@@ -166,11 +166,14 @@ class EngineCore:
                 admitted.admitted = now
         for sampled in self.runner.execute(out):
             states = [(self._live[seq.seq_id], logits) for seq, logits in sampled if seq.seq_id in self._live]
+            for state, _ in states:  # for its perf metrics, before `update` may finish (and free) it
+                state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ()))
             for state, reason in self.output_processor.update(states):
                 self._finish(state, reason)
 
     def _finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
         """Free the request's sequence and KV blocks, then send its final output."""
+        state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ())) or state.kv_blocks
         self.scheduler.finish(state.seq)
         self._live.pop(state.request.request_id, None)
         self.output_processor.finish(state, reason, error)

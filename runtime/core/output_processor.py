@@ -47,6 +47,8 @@ class RequestState:
     pending_log_probs: list[float] = field(default_factory=list)
     last_token_at: float = 0.0
     admitted: float | None = None  # perf_counter when the scheduler first admitted it
+    first_token_at: float | None = None  # perf_counter when its first token was sampled
+    kv_blocks: int = 0  # KV blocks its sequence holds, as of the last step (the core keeps it)
 
 
 class OutputProcessor:
@@ -92,6 +94,8 @@ class OutputProcessor:
             else:
                 self.observer.on_token(req.request_id, now - state.last_token_at)
         state.last_token_at = now
+        if state.first_token_at is None:
+            state.first_token_at = now
         self.stats.generated_tokens += 1
         if token in state.end_ids:
             return "stop"
@@ -141,6 +145,14 @@ class OutputProcessor:
             num_input_tokens=state.seq.num_prompt, num_output_tokens=len(state.generated),
             cum_log_prob=float(sum(state.log_probs)),
             queue_s=None if state.admitted is None else state.admitted - state.arrived,
+            arrival_ns=_ns(state.arrived), first_scheduled_ns=_ns(state.admitted),
+            first_token_ns=_ns(state.first_token_at), last_token_ns=None if state.first_token_at is None else _ns(state.last_token_at),
+            kv_blocks=state.kv_blocks,
         )
         state.pending_ids, state.pending_log_probs, state.text = [], [], []
         state.handle.put(out)
+
+
+def _ns(perf_counter_s: float | None) -> int | None:
+    """A `time.perf_counter()` reading in nanoseconds of the same clock (`perf_counter_ns`)."""
+    return None if perf_counter_s is None else int(perf_counter_s * 1e9)

@@ -55,6 +55,15 @@ class GenerationOutput:
     # Seconds from `submit` until the scheduler first admitted the request into the running batch;
     # None until then (front ends report it as the request's queue time).
     queue_s: float | None = None
+    # TensorRT-LLM's per-request perf metrics (return_perf_metrics), in nanoseconds of the monotonic
+    # clock `time.perf_counter_ns` reads (TRT-LLM's steady clock); None until the event happened.
+    arrival_ns: int | None = None
+    first_scheduled_ns: int | None = None
+    first_token_ns: int | None = None
+    last_token_ns: int | None = None
+    # KV-cache blocks the request's sequence holds (at its final output: those it held when it
+    # finished). No prefix reuse here, so every one of them was newly allocated.
+    kv_blocks: int = 0
 
 
 OutputSink = Callable[[GenerationOutput], None]

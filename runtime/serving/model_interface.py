@@ -2,8 +2,14 @@
 compatible with TensorRT-LLM's Triton models so their clients work unchanged. Their tensors
 (`TensorSpec`) are the one source of truth for config.pbtxt, metadata and request parsing.
 
-Models (max_batch_size 0: the declared dims are the whole shape; a leading batch dimension of 1 is
-also accepted, which is what TensorRT-LLM clients send: `[[prompt]]`, `[[64]]`, `[[ids...]]`)
+Batching (as TensorRT-LLM's models): `max_batch_size` is MAX_BATCH_SIZE (> 0), so every tensor has
+a leading batch dimension before its declared dims: a request sends `text_input` [B, 1],
+`max_tokens` [B, 1], `stop_words` [B, N], `input_ids` [B, L] (rows padded, `input_lengths` [B, 1]
+gives each row's length), `stop_words_list` [B, 2, L]. Every input of a request has the same B.
+Each row is its own sequence in flight; every response of a row carries `batch_index` [[row]]
+(streams and the decoupled models send one response per row's piece; a unary call's one
+response stacks the rows, outputs of different lengths padded with 0). The standalone server also
+accepts an input without the batch dimension (the declared dims alone) as one row.
 
 text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's variant name):
 
@@ -23,31 +29,48 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     stop_words               BYTES   [-1]  generation ends before the first one; it is not returned
     bad_words                BYTES   [-1]  token sequences (as tokenized) never generated
     return_log_probs         BOOL    [1]   false; true adds the log-prob outputs to the default set
+    return_perf_metrics      BOOL    [1]   false; true adds the perf-metric outputs to the default set
+    return_num_input_tokens, return_num_output_tokens  BOOL [1]  accepted (the counts are default outputs)
     beam_width, num_return_sequences (must be 1), length_penalty (no effect without beam search),
     presence_penalty, frequency_penalty (must be 0), return_context_logits,
-    return_generation_logits (must be false): accepted for TRT-LLM clients, which send them.
+    return_generation_logits (must be false: logits are not returned by this runtime; true is
+    INVALID_ARGUMENT naming the flag): accepted for TRT-LLM clients, which send them.
 
-    output            dtype  shape      meaning
-    text_output       BYTES  [1]        the text (streams: only the new text of this response)
-    cum_log_probs     FP32   [1, 1]     sum of the generated tokens' log probs so far
-    output_log_probs  FP32   [1, 1, N]  per generated token (streams: this response's tokens)
-    num_input_tokens  INT32  [1]        prompt tokens (BOS included)
-    num_output_tokens INT32  [1]        generated tokens so far (EOS not counted)
+    output (dims after the batch dim)  dtype  shape of one row's response
+    text_output       BYTES  [-1]      [1]  the text (streams: only the new text of this response)
+    cum_log_probs     FP32   [-1]      [1, 1]  sum of the generated tokens' log probs so far
+    output_log_probs  FP32   [-1, -1]  [1, 1, N]  per generated token (streams: this response's tokens)
+    context_logits    FP32   [-1, -1]  never returned (return_context_logits is refused)
+    generation_logits FP32   [-1,-1,-1] never returned (return_generation_logits is refused)
+    batch_index       INT32  [1]       [1, 1]  the row of the request this response belongs to
+    sequence_index    INT32  [1]       [1, 1]  0 (num_return_sequences is 1)
+    num_input_tokens  INT32  [1]       [1, 1]  prompt tokens (BOS included)
+    num_output_tokens INT32  [1]       [1, 1]  generated tokens so far (EOS not counted)
+    perf metrics (TRT-LLM's return_perf_metrics), each [1] -> [1, 1]:
+      kv_cache_alloc_new_blocks, kv_cache_reused_blocks, kv_cache_alloc_total_blocks  INT32
+          KV blocks the sequence holds (so far; at the end: when it finished); reused is 0 (no
+          prefix reuse), new = total
+      arrival_time_ns, first_scheduled_time_ns, first_token_time_ns, last_token_time_ns  INT64
+          monotonic-clock ns (CLOCK_MONOTONIC, as TRT-LLM's steady clock); 0 before the event
+      acceptance_rate FP32, total_accepted_draft_tokens, total_draft_tokens INT32: 0 (no
+          speculative decoding)
 
 token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names):
 
-    input_ids INT32 [-1] (required), input_lengths INT32 [1] (optional; must equal the ids' count),
-    request_output_len INT32 [1] (required; alias max_tokens), streaming BOOL [1] (alias stream),
+    input_ids INT32 [-1] (required), input_lengths INT32 [1] (optional; at most the ids' count: the
+    row's first input_lengths ids are its prompt, the rest padding), request_output_len INT32 [1]
+    (required; alias max_tokens), streaming BOOL [1] (alias stream),
     runtime_top_k INT32 (alias top_k), runtime_top_p FP32 (alias top_p), temperature,
     repetition_penalty, min_tokens, seed, end_id, pad_id, exclude_input_in_output, return_log_probs,
-    stop_words_list / bad_words_list INT32 [2, -1] in TRT-LLM's layout (row 0: the sequences'
-    ids concatenated, row 1: each sequence's end offset, -1 padded; a leading batch dim allowed),
-    plus the same accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
+    return_perf_metrics, stop_words_list / bad_words_list INT32 [2, -1] in TRT-LLM's layout (row 0:
+    the sequences' ids concatenated, row 1: each sequence's end offset, -1 padded), plus the same
+    accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
     Stop sequences of the token model must be single tokens (they are added to the end ids).
 
-    output_ids INT32 [1, 1, N] (non-streaming with exclude_input_in_output false: prompt ids then
-    generated ids, as TRT-LLM), sequence_length INT32 [1, 1], cum_log_probs FP32 [1, 1],
-    output_log_probs FP32 [1, 1, N], num_input_tokens / num_output_tokens INT32 [1].
+    output_ids INT32 [-1, -1] -> [1, 1, N] (non-streaming with exclude_input_in_output false: prompt
+    ids then generated ids, as TRT-LLM), sequence_length INT32 [-1] -> [1, 1], cum_log_probs,
+    output_log_probs, context_logits, generation_logits, batch_index, sequence_index, the perf
+    metrics, num_input_tokens / num_output_tokens as the text model's.
 """
 
 from __future__ import annotations
@@ -61,7 +84,13 @@ from tritonclient.grpc import service_pb2 as pb
 
 from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES
 
-__all__ = ["TensorSpec", "ModelSpec", "TEXT_MODEL", "TOKEN_MODEL", "declare_tensors", "model_config", "model_metadata"]
+__all__ = ["TensorSpec", "ModelSpec", "TEXT_MODEL", "TOKEN_MODEL", "MAX_BATCH_SIZE", "PERF_METRIC_OUTPUTS",
+           "declare_tensors", "model_config", "model_metadata"]
+
+# config.pbtxt `max_batch_size` of every model (TensorRT-LLM's models declare one > 0, and
+# perf_analyzer's `-b N` needs it): the most rows one request may carry. Rows beyond the running
+# batch (the core's max_num_seqs) wait in its queue like any request.
+MAX_BATCH_SIZE = 64
 
 _CONFIG_TYPE = {
     "BOOL": mc.TYPE_BOOL, "INT8": mc.TYPE_INT8, "INT16": mc.TYPE_INT16, "INT32": mc.TYPE_INT32,
@@ -100,6 +129,7 @@ class ModelSpec:
     aliases: dict[str, str] = field(default_factory=dict)  # legacy input name -> input name
     default_outputs: tuple[str, ...] = ()
     log_prob_outputs: tuple[str, ...] = ("cum_log_probs", "output_log_probs")
+    perf_metric_outputs: tuple[str, ...] = ()
 
     def input(self, name: str) -> TensorSpec | None:
         name = self.aliases.get(name, name)
@@ -123,6 +153,9 @@ _SAMPLING = (
     _s("pad_id", "INT32", doc="accepted, unused"),
     _s("exclude_input_in_output", "BOOL", doc="false: non-streaming outputs start with the prompt"),
     _s("return_log_probs", "BOOL", doc="false"),
+    _s("return_perf_metrics", "BOOL", doc="false"),
+    _s("return_num_input_tokens", "BOOL", doc="accepted: num_input_tokens is a default output anyway"),
+    _s("return_num_output_tokens", "BOOL", doc="accepted: num_output_tokens is a default output anyway"),
     _s("beam_width", "INT32", neutral=1),
     _s("num_return_sequences", "INT32", neutral=1),
     _s("presence_penalty", "FP32", neutral=0.0),
@@ -130,6 +163,32 @@ _SAMPLING = (
     _s("return_context_logits", "BOOL", neutral=False),
     _s("return_generation_logits", "BOOL", neutral=False),
 )
+
+PERF_METRIC_OUTPUTS = (
+    TensorSpec("kv_cache_alloc_new_blocks", "INT32", (1,)),
+    TensorSpec("kv_cache_reused_blocks", "INT32", (1,)),
+    TensorSpec("kv_cache_alloc_total_blocks", "INT32", (1,)),
+    TensorSpec("arrival_time_ns", "INT64", (1,)),
+    TensorSpec("first_scheduled_time_ns", "INT64", (1,)),
+    TensorSpec("first_token_time_ns", "INT64", (1,)),
+    TensorSpec("last_token_time_ns", "INT64", (1,)),
+    TensorSpec("acceptance_rate", "FP32", (1,)),
+    TensorSpec("total_accepted_draft_tokens", "INT32", (1,)),
+    TensorSpec("total_draft_tokens", "INT32", (1,)),
+)
+# The outputs after the model's own, the same in both (and in TensorRT-LLM's ensemble and
+# tensorrt_llm models): logits (declared, never returned), the row indices, the perf metrics and
+# the token counts.
+_COMMON_OUTPUTS = (
+    TensorSpec("context_logits", "FP32", (-1, -1)),
+    TensorSpec("generation_logits", "FP32", (-1, -1, -1)),
+    TensorSpec("batch_index", "INT32", (1,)),
+    TensorSpec("sequence_index", "INT32", (1,)),
+    *PERF_METRIC_OUTPUTS,
+    TensorSpec("num_input_tokens", "INT32", (1,)),
+    TensorSpec("num_output_tokens", "INT32", (1,)),
+)
+_PERF_NAMES = tuple(t.name for t in PERF_METRIC_OUTPUTS)
 
 TEXT_MODEL = ModelSpec(
     name="ensemble",
@@ -147,13 +206,13 @@ TEXT_MODEL = ModelSpec(
     ),
     outputs=(
         TensorSpec("text_output", "BYTES", (-1,)),
-        TensorSpec("cum_log_probs", "FP32", (-1, -1)),
-        TensorSpec("output_log_probs", "FP32", (-1, -1, -1)),
-        TensorSpec("num_input_tokens", "INT32", (1,)),
-        TensorSpec("num_output_tokens", "INT32", (1,)),
+        TensorSpec("cum_log_probs", "FP32", (-1,)),
+        TensorSpec("output_log_probs", "FP32", (-1, -1)),
+        *_COMMON_OUTPUTS,
     ),
     aliases={"min_length": "min_tokens", "random_seed": "seed"},
-    default_outputs=("text_output", "num_input_tokens", "num_output_tokens"),
+    default_outputs=("text_output", "batch_index", "num_input_tokens", "num_output_tokens"),
+    perf_metric_outputs=_PERF_NAMES,
 )
 
 TOKEN_MODEL = ModelSpec(
@@ -172,16 +231,16 @@ TOKEN_MODEL = ModelSpec(
         TensorSpec("bad_words_list", "INT32", (2, -1), kind="words"),
     ),
     outputs=(
-        TensorSpec("output_ids", "INT32", (-1, -1, -1)),
-        TensorSpec("sequence_length", "INT32", (-1, -1)),
-        TensorSpec("cum_log_probs", "FP32", (-1, -1)),
-        TensorSpec("output_log_probs", "FP32", (-1, -1, -1)),
-        TensorSpec("num_input_tokens", "INT32", (1,)),
-        TensorSpec("num_output_tokens", "INT32", (1,)),
+        TensorSpec("output_ids", "INT32", (-1, -1)),
+        TensorSpec("sequence_length", "INT32", (-1,)),
+        TensorSpec("cum_log_probs", "FP32", (-1,)),
+        TensorSpec("output_log_probs", "FP32", (-1, -1)),
+        *_COMMON_OUTPUTS,
     ),
     aliases={"max_tokens": "request_output_len", "stream": "streaming", "top_k": "runtime_top_k",
              "top_p": "runtime_top_p", "min_length": "min_tokens", "random_seed": "seed"},
-    default_outputs=("output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"),
+    default_outputs=("output_ids", "sequence_length", "batch_index", "num_input_tokens", "num_output_tokens"),
+    perf_metric_outputs=_PERF_NAMES,
 )
 
 
@@ -199,9 +258,10 @@ def declare_tensors(cfg: mc.ModelConfig, inputs: Sequence[TensorSpec], outputs: 
 
 
 def model_config(spec: ModelSpec, served_name: str | None = None, decoupled: bool = True) -> mc.ModelConfig:
-    """The Triton `ModelConfig` of a model: max_batch_size 0; `model_transaction_policy.decoupled`
-    as deployed (decoupled: it streams; not: one response per request)."""
-    cfg = mc.ModelConfig(name=served_name or spec.name, backend="llama-forge", max_batch_size=0)
+    """The Triton `ModelConfig` of a model: max_batch_size MAX_BATCH_SIZE (the declared dims follow
+    the batch dimension); `model_transaction_policy.decoupled` as deployed (decoupled: it streams;
+    not: one response per request)."""
+    cfg = mc.ModelConfig(name=served_name or spec.name, backend="llama-forge", max_batch_size=MAX_BATCH_SIZE)
     cfg.model_transaction_policy.decoupled = decoupled
     declare_tensors(cfg, spec.inputs, spec.outputs)
     cfg.parameters["model_kind"].string_value = spec.kind
@@ -209,9 +269,10 @@ def model_config(spec: ModelSpec, served_name: str | None = None, decoupled: boo
 
 
 def model_metadata(spec: ModelSpec, served_name: str | None = None) -> pb.ModelMetadataResponse:
+    """Metadata as Triton reports a batching model's: each shape with the batch dimension (-1) first."""
     md = pb.ModelMetadataResponse(name=served_name or spec.name, versions=["1"], platform="llama-forge")
     for t in spec.inputs:
-        md.inputs.add(name=t.name, datatype=t.datatype, shape=list(t.dims))
+        md.inputs.add(name=t.name, datatype=t.datatype, shape=[-1, *t.dims])
     for t in spec.outputs:
-        md.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.dims))
+        md.outputs.add(name=t.name, datatype=t.datatype, shape=[-1, *t.dims])
     return md

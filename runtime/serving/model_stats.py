@@ -15,9 +15,9 @@ What Triton fills, and how the phases of a request here map onto it (docs/servin
     compute_infer    admission -> the request's final output (its last token) leaves the core
     compute_output   building the request's responses (all of them, for a stream)
     inference_count, execution_count
-                     completed requests: with max_batch_size 0 every execution Triton counts is
-                     one request (inference_count == execution_count); the engine's own step
-                     batching is not Triton batching
+                     completed requests, each counted once whatever its batch size
+                     (inference_count == execution_count); the engine's own step batching is
+                     not Triton batching
     batch_stats      one entry, batch_size 1, with the same count and compute durations
     last_inference   ms since the epoch when the last request (success or failure) ended
 

@@ -19,7 +19,11 @@ Semantics
 * Prompt text is tokenized by the checkpoint's own rules (its BOS only where its tokenizer adds
   one, never a second one before a BOS the text starts with) and with special-token text
   recognised ("<|eot_id|>" is the special token), as TRT-LLM's preprocessing (HF `encode`) does.
-* Request parameters: "priority" and "timeout" are accepted and ignored, "sequence_id" only as 0 /
+* Batches (max_batch_size > 0, as TensorRT-LLM's models): every input's first dimension is the
+  batch; `parse_batch` splits a request into its rows (`split_rows`) and parses each as its own
+  request (`parse_inputs`), so each row is its own sequence in flight, and answers carry the
+  row's `batch_index`. A bad row refuses the whole request, naming the field.
+* Request parameters: "priority", "timeout" and "Streaming" (TRT-LLM's client) are accepted and ignored, "sequence_id" only as 0 /
   "" (no sequence batching), "triton_enable_empty_final_response" is honoured; any other parameter
   (and any input, output or tensor parameter not listed above) is refused with the field named.
 
@@ -41,12 +45,13 @@ from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest
 from llamaforge.runtime.core.sampling import SamplingParams
 from llamaforge.runtime.core.validation import RequestLimits, check_context, check_max_tokens, check_prompt_ids
 from llamaforge.runtime.serving.engine_client import EngineClient
-from llamaforge.runtime.serving.model_interface import ModelSpec
+from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, ModelSpec
 from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_TYPES, decode_inputs, encode_output
 
 __all__ = [
-    "ModelContext", "ParsedRequest", "parse_request", "parse_inputs", "encode_prompt", "encode_bad_words",
-    "decode_words", "words_array", "output_tensors", "ResponseBuilder", "FINAL_PARAM", "EMPTY_FINAL_PARAM",
+    "ModelContext", "ParsedRequest", "parse_request", "parse_batch", "split_rows", "parse_inputs", "encode_prompt",
+    "encode_bad_words", "decode_words", "words_array", "output_tensors", "stack_rows", "ResponseBuilder",
+    "FINAL_PARAM", "EMPTY_FINAL_PARAM",
 ]
 
 FINAL_PARAM = "triton_final_response"
@@ -79,9 +84,12 @@ class ParsedRequest:
     prompt_text: str | None
     outputs: tuple[str, ...]  # the outputs to return
     empty_final: bool  # triton_enable_empty_final_response
+    batch_index: int = 0  # the request's row this is (its responses' batch_index)
 
 
-_IGNORED_PARAMS = {"priority", "timeout", "sequence_start", "sequence_end"}
+# "Streaming": TensorRT-LLM's inflight_batcher_llm_client sends it on unary calls; the
+# `streaming` input is what decides.
+_IGNORED_PARAMS = {"priority", "timeout", "sequence_start", "sequence_end", "Streaming"}
 
 
 _BY_NP = {np.dtype(v): k for k, v in NP_TYPES.items()}
@@ -139,9 +147,9 @@ def _utf8(name: str, b: bytes) -> str:
 
 
 def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelContext, request_id: str,
-                  streaming_rpc: bool) -> ParsedRequest:
-    """Validate a ModelInferRequest for `spec` and turn it into a `GenerationRequest` with id
-    `request_id` (the engine-side id; the client's own `id` is echoed separately)."""
+                  streaming_rpc: bool) -> list[ParsedRequest]:
+    """Validate a ModelInferRequest for `spec` and turn each of its rows into a `GenerationRequest`
+    (`parse_batch`; engine-side ids from `request_id`; the client's own `id` is echoed separately)."""
     params = {key: _param_value(p) for key, p in request.parameters.items()}
     _check_params(params)  # before decoding: a bad parameter is reported before any tensor problem
     tensors = decode_inputs(request)
@@ -151,8 +159,52 @@ def parse_request(request: pb.ModelInferRequest, spec: ModelSpec, ctx: ModelCont
             if key != "binary_data":
                 raise RequestError(f"outputs.{o.name}.parameters.{key}", "output parameter not supported")
         requested.append(o.name)
-    return parse_inputs(tensors, spec, ctx, request_id, params=params, requested_outputs=requested,
-                        client_id=request.id, streaming_rpc=streaming_rpc)
+    return parse_batch(tensors, spec, ctx, request_id, params=params, requested_outputs=requested,
+                       client_id=request.id, streaming_rpc=streaming_rpc)
+
+
+def split_rows(tensors: Mapping[str, np.ndarray], spec: ModelSpec) -> list[dict[str, np.ndarray]]:
+    """A request's tensors as one name -> array mapping per batch row. An input with one dimension
+    more than its declared dims is batched (its first dimension is the batch); one with exactly its
+    declared dims is a single row (the standalone server's batch-less form). Every batched input
+    must have the same batch size, 1 to MAX_BATCH_SIZE. Unknown inputs go to every row unsplit
+    (`parse_inputs` names them)."""
+    sizes: dict[str, int] = {}
+    for name, arr in tensors.items():
+        t = spec.input(name)
+        if t is None:
+            continue
+        if arr.ndim == len(t.dims) + 1:
+            sizes[name] = arr.shape[0]
+        elif arr.ndim != len(t.dims):
+            dims = ", ".join(str(d) for d in t.dims)
+            raise RequestError(name, f"expected shape [batch, {dims}], got {list(arr.shape)}")
+    first = next(iter(sizes), None)
+    batch = sizes[first] if first is not None else 1
+    for name, n in sizes.items():
+        if n != batch:
+            raise RequestError(name, f"batch size {n}, but {first} has batch size {batch} (every input of a "
+                                     "request has the same batch size)")
+    if not 1 <= batch <= MAX_BATCH_SIZE:
+        raise RequestError(str(first), f"batch size must be in [1, {MAX_BATCH_SIZE}] (max_batch_size), got {batch}")
+    return [{name: (arr[row] if name in sizes else arr) for name, arr in tensors.items()} for row in range(batch)]
+
+
+def parse_batch(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelContext, request_id: str, *,
+                params: Mapping[str, Any] | None = None, requested_outputs: Sequence[str] | None = None,
+                client_id: str = "", streaming_rpc: bool = True) -> list[ParsedRequest]:
+    """A batched request (`split_rows`) as one `ParsedRequest` per row, in row order, each with its
+    `batch_index`; engine-side ids are `request_id` for a single row, `request_id:row` otherwise.
+    Any bad row refuses the whole request (nothing is submitted)."""
+    rows = split_rows(tensors, spec)
+    parsed = []
+    for row, row_tensors in enumerate(rows):
+        rid = request_id if len(rows) == 1 else f"{request_id}:{row}"
+        p = parse_inputs(row_tensors, spec, ctx, rid, params=params, requested_outputs=requested_outputs,
+                         client_id=client_id, streaming_rpc=streaming_rpc)
+        p.batch_index = row
+        parsed.append(p)
+    return parsed
 
 
 def _check_params(params: Mapping[str, Any]) -> bool:
@@ -173,9 +225,10 @@ def _check_params(params: Mapping[str, Any]) -> bool:
 def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelContext, request_id: str, *,
                  params: Mapping[str, Any] | None = None, requested_outputs: Sequence[str] | None = None,
                  client_id: str = "", streaming_rpc: bool = True) -> ParsedRequest:
-    """Validate input tensors (name -> NumPy array, BYTES as object arrays of `bytes`) for `spec` and
-    turn them into a `GenerationRequest` with id `request_id`. Shared by the gRPC server (after
-    `decode_inputs`) and the Triton Python-backend models (from `pb_utils` tensors).
+    """Validate the input tensors of one row (name -> NumPy array, BYTES as object arrays of `bytes`;
+    a scalar [1] or [1, 1], a list [N] or [1, N]) for `spec` and turn them into a
+    `GenerationRequest` with id `request_id`. Shared by the gRPC server and the Triton
+    Python-backend models, through `parse_batch`.
     `requested_outputs`: the outputs the client asked for (None or empty: the model's defaults)."""
     empty_final = _check_params(params or {})
     raw = tensors
@@ -233,9 +286,13 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
     else:
         ids = _list("input_ids", arrays["input_ids"])
         prompt_ids = [int(i) for i in ids.tolist()]
+        if "input_lengths" in values:  # a batch pads its rows' ids: the length says where each one ends
+            length = values["input_lengths"]
+            if not 0 < length <= len(prompt_ids):
+                raise RequestError("input_lengths", f"is {length} but {len(prompt_ids)} input_ids were sent "
+                                                    "(must be in [1, the number of input_ids])")
+            prompt_ids = prompt_ids[:length]
         check_prompt_ids(prompt_ids, ctx.vocab_size, "input_ids")
-        if "input_lengths" in values and values["input_lengths"] != len(prompt_ids):
-            raise RequestError("input_lengths", f"is {values['input_lengths']} but {len(prompt_ids)} input_ids were sent")
         prompt_field = "input_ids"
 
     check_context(len(prompt_ids), max_tokens, RequestLimits(ctx.context_length, ctx.vocab_size), prompt_field, max_field)
@@ -275,7 +332,8 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
             if stops:
                 end_ids = tuple(dict.fromkeys((*(end_ids or ctx.eos_ids), *(s[0] for s in stops))))
 
-    outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)))
+    outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)),
+                              bool(values.get("return_perf_metrics", False)))
     gen = GenerationRequest(
         request_id=request_id, prompt_ids=list(prompt_ids), max_tokens=int(max_tokens), sampling=sampling,
         min_tokens=int(min_tokens), end_ids=end_ids, stop_words=stop_words, bad_words=bad_words, stream=stream,
@@ -353,9 +411,11 @@ def _sampling(values: dict[str, Any], k_field: str, p_field: str) -> SamplingPar
                           repetition_penalty=penalty, seed=seed)
 
 
-def _select_outputs(spec: ModelSpec, requested: Sequence[str] | None, log_probs: bool) -> tuple[str, ...]:
+def _select_outputs(spec: ModelSpec, requested: Sequence[str] | None, log_probs: bool,
+                    perf_metrics: bool) -> tuple[str, ...]:
     if not requested:
-        return spec.default_outputs + (spec.log_prob_outputs if log_probs else ())
+        return (spec.default_outputs + (spec.log_prob_outputs if log_probs else ())
+                + (spec.perf_metric_outputs if perf_metrics else ()))
     names: list[str] = []
     for name in requested:
         if name not in spec.output_names:
@@ -403,7 +463,7 @@ class ResponseBuilder:
                 text = (p.prompt_text or "") + text
             else:
                 ids = list(p.generation.prompt_ids) + ids
-        return output_tensors(text, ids, self._log_probs, last)
+        return output_tensors(text, ids, self._log_probs, last, batch_index=self.parsed.batch_index)
 
     def piece(self, out: GenerationOutput, final: bool | None) -> pb.ModelInferResponse | None:
         """A stream response with only what `out` brings; None if nothing new and not final.
@@ -411,7 +471,8 @@ class ResponseBuilder:
         self.last = out
         if not out.text and not out.token_ids and not final:
             return None
-        tensors = output_tensors(out.text, list(out.token_ids), list(out.log_probs), out, self.parsed.outputs)
+        tensors = output_tensors(out.text, list(out.token_ids), list(out.log_probs), out, self.parsed.outputs,
+                                 batch_index=self.parsed.batch_index)
         resp = self._encode(tensors)
         if final is not None:
             resp.parameters[FINAL_PARAM].bool_param = final
@@ -423,26 +484,71 @@ class ResponseBuilder:
         return resp
 
     def _encode(self, tensors: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
-        resp = pb.ModelInferResponse(model_name=self.model_name, model_version="1", id=self.parsed.client_id)
-        for name in self.parsed.outputs:
-            dtype, arr = tensors[name]
-            tensor, data = encode_output(name, dtype, arr)
-            resp.outputs.append(tensor)
-            resp.raw_output_contents.append(data)
-        return resp
+        return encode_response(tensors, self.parsed, self.model_name)
+
+
+def encode_response(tensors: Mapping[str, tuple[str, np.ndarray]], parsed: ParsedRequest,
+                    model_name: str) -> pb.ModelInferResponse:
+    """A ModelInferResponse with the outputs `parsed` asks for, in its order; a requested output
+    this runtime never produces (context_logits, generation_logits) is left out, as TensorRT-LLM
+    leaves out the outputs a request did not ask it to compute."""
+    resp = pb.ModelInferResponse(model_name=model_name, model_version="1", id=parsed.client_id)
+    for name in parsed.outputs:
+        if name not in tensors:
+            continue
+        dtype, arr = tensors[name]
+        tensor, data = encode_output(name, dtype, arr)
+        resp.outputs.append(tensor)
+        resp.raw_output_contents.append(data)
+    return resp
 
 
 def output_tensors(text: str, ids: list[int], log_probs: list[float], out: GenerationOutput,
-                   names: Iterable[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
-    """Output tensors for one response: name -> (datatype, array); those in `names`, or every
-    output of the text and token models. A stream response builds only what its request asked for."""
+                   names: Iterable[str] | None = None, batch_index: int = 0) -> dict[str, tuple[str, np.ndarray]]:
+    """Output tensors for one row's response: name -> (datatype, array); those in `names` (skipping
+    the logits, never produced), or every output of the text and token models. Shapes are one
+    batch row's (`[1, ...]`) except text_output, which is `[1]` as TensorRT-LLM's postprocessing
+    sends it (its clients read `text_output[0]` as the string). A stream response builds only what
+    its request asked for."""
+
+    def one(dtype: str, value: float | int | None) -> Callable[[], tuple[str, np.ndarray]]:
+        return lambda: (dtype, np.array([[0 if value is None else value]], dtype=NP_TYPES[dtype]))
+
     make: dict[str, Callable[[], tuple[str, np.ndarray]]] = {
         "text_output": lambda: ("BYTES", np.array([text.encode("utf-8")], dtype=np.object_)),
         "output_ids": lambda: ("INT32", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
         "sequence_length": lambda: ("INT32", np.array([[len(ids)]], dtype=np.int32)),
         "cum_log_probs": lambda: ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
         "output_log_probs": lambda: ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
-        "num_input_tokens": lambda: ("INT32", np.array([out.num_input_tokens], dtype=np.int32)),
-        "num_output_tokens": lambda: ("INT32", np.array([out.num_output_tokens], dtype=np.int32)),
+        "batch_index": one("INT32", batch_index),
+        "sequence_index": one("INT32", 0),
+        "kv_cache_alloc_new_blocks": one("INT32", out.kv_blocks),
+        "kv_cache_reused_blocks": one("INT32", 0),
+        "kv_cache_alloc_total_blocks": one("INT32", out.kv_blocks),
+        "arrival_time_ns": one("INT64", out.arrival_ns),
+        "first_scheduled_time_ns": one("INT64", out.first_scheduled_ns),
+        "first_token_time_ns": one("INT64", out.first_token_ns),
+        "last_token_time_ns": one("INT64", out.last_token_ns),
+        "acceptance_rate": one("FP32", 0.0),
+        "total_accepted_draft_tokens": one("INT32", 0),
+        "total_draft_tokens": one("INT32", 0),
+        "num_input_tokens": one("INT32", out.num_input_tokens),
+        "num_output_tokens": one("INT32", out.num_output_tokens),
     }
-    return {name: make[name]() for name in (make if names is None else names)}
+    return {name: make[name]() for name in (make if names is None else names) if name in make}
+
+
+def stack_rows(rows: Sequence[Mapping[str, tuple[str, np.ndarray]]]) -> dict[str, tuple[str, np.ndarray]]:
+    """The rows' tensors (`output_tensors` of each row, in row order) as one batch: each output
+    concatenated along its first dimension, shorter trailing dimensions padded with 0 (as a
+    batch's output_ids are padded; sequence_length gives each row's real length)."""
+    stacked: dict[str, tuple[str, np.ndarray]] = {}
+    for name, (dtype, first) in rows[0].items():
+        arrays = [row[name][1] for row in rows]
+        shape = tuple(max(a.shape[d] for a in arrays) for d in range(1, first.ndim))
+        padded = []
+        for a in arrays:
+            pad = [(0, 0)] + [(0, want - have) for want, have in zip(shape, a.shape[1:])]
+            padded.append(a if not any(p for _, p in pad) else np.pad(a, pad, constant_values=0))
+        stacked[name] = (dtype, np.concatenate(padded, axis=0))
+    return stacked

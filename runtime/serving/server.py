@@ -3,6 +3,9 @@ protocol) over one `EngineCore`, plus Prometheus metrics on a second port.
 
     llamaforge serve ENGINE [--port 8001] [--metrics-port 8002] ...      (make serve ENGINE=dir)
 
+`serve()` also runs the OpenAI-compatible HTTP front end (runtime/serving/openai_server.py, --http-port
+8000) in the same process, on the same core.
+
 Models (interfaces in `runtime/serving/model_interface.py`): the text model as "ensemble" (what TensorRT-LLM
 ensemble clients call), "tensorrt_llm_bls" and the engine's variant name; the token model as
 "tensorrt_llm". Version "" or "1".
@@ -44,6 +47,13 @@ ModelStatistics is filled as Triton fills it (runtime/serving/model_stats.py: su
 compute_input, compute_infer, compute_output, inference_count, execution_count, last_inference),
 per model and version "1"; an unknown model or version is NOT_FOUND.
 
+Batches (max_batch_size > 0, as TensorRT-LLM's models; runtime/serving/model_interface.py): each
+row of a request is its own sequence in flight. On a stream every response belongs to one row and
+carries its `batch_index`; `triton_final_response` is true only on the last response of the
+request's last row to end (or on the empty final response after it). A unary call answers once,
+when every row has ended, with the rows stacked (`stack_rows`). A request counts once in the
+statistics, as failed if any of its rows failed.
+
 Cancellation: when a unary call's client cancels or disconnects, or a stream is cancelled or
 closed by the client, each of its requests is cancelled in the core (KV freed within one step).
 """
@@ -56,7 +66,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,7 +80,15 @@ from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
 from llamaforge.runtime.serving.model_stats import InferStats, RequestTimer
-from llamaforge.runtime.serving.protocol import FINAL_PARAM, ModelContext, ParsedRequest, ResponseBuilder, parse_request
+from llamaforge.runtime.serving.protocol import (
+    FINAL_PARAM,
+    ModelContext,
+    ParsedRequest,
+    ResponseBuilder,
+    encode_response,
+    parse_request,
+    stack_rows,
+)
 
 if TYPE_CHECKING:
     from llamaforge.runtime.core.engine_core import CoreConfig
@@ -83,10 +101,16 @@ _POLL_S = 0.25  # how often a waiting handler checks that its client is still th
 
 
 class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, admitted: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # Rows of the refused request the core had already taken: the caller cancels them once
+        # it has stopped listening to them.
+        self.admitted = admitted
+
+
+_Rows = list[tuple[ParsedRequest, RequestHandle]]
 
 
 def _package_version() -> str:
@@ -132,20 +156,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return uuid.uuid4().hex
 
     def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool, timer: RequestTimer,
-                sink: Callable[[ParsedRequest], OutputSink] | None = None) -> tuple[ParsedRequest, RequestHandle]:
-        """Resolve, parse and submit; raises _Refused with the status to answer. `sink`, given the
-        parsed request, makes the sink its outputs go to (see RequestHandle)."""
+                sink: Callable[[ParsedRequest], OutputSink]) -> _Rows:
+        """Resolve, parse and submit every row of the request; raises _Refused with the status to
+        answer (every row is checked before any is submitted; rows taken before the core refused
+        one are in `_Refused.admitted`). `sink`, given a row's parsed request, makes the sink its
+        outputs go to (see RequestHandle)."""
         spec = self._resolve(request.model_name, request.model_version)
+        rows: _Rows = []
         try:
             # Non-decoupled models refuse streaming on either RPC, with their own message.
-            parsed = parse_request(request, spec, self.ctx, self._new_id(), streaming_rpc or not self.decoupled)
-            if parsed.stream and not self.decoupled:
+            parsed_rows = parse_request(request, spec, self.ctx, self._new_id(), streaming_rpc or not self.decoupled)
+            if any(p.stream for p in parsed_rows) and not self.decoupled:
                 field_name = "stream" if spec.kind == "text" else "streaming"
                 raise RequestError(field_name, f"model '{request.model_name}' is deployed non-decoupled (one response "
                                                "per request), so it cannot stream; send "
                                                f"{field_name}=false, or serve it decoupled (--decoupled)")
             timer.submitted()
-            handle = self.core.submit(parsed.generation, sink(parsed) if sink else None)
+            sinks = [sink(parsed) for parsed in parsed_rows]  # all before any row can end: see _Stream
+            for parsed, row_sink in zip(parsed_rows, sinks):
+                rows.append((parsed, self.core.submit(parsed.generation, row_sink)))
         except RequestError as e:
             if self.metrics:
                 self.metrics.on_invalid()
@@ -153,10 +182,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except QueueFullError as e:
             if self.metrics:
                 self.metrics.on_rejected()
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {e}") from None
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {e}",
+                           tuple(p.generation.request_id for p, _ in rows)) from None
         if self.metrics:
-            self.metrics.on_admitted(len(parsed.generation.prompt_ids))
-        return parsed, handle
+            for parsed, _ in rows:
+                self.metrics.on_admitted(len(parsed.generation.prompt_ids))
+        return rows
+
+    def _cancel(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self.core.cancel(rid)
 
     def _record(self, model: str, ok: bool, timer: RequestTimer) -> None:
         """Statistics of an admitted request that has ended."""
@@ -225,35 +260,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------------------
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         timer = RequestTimer()
+        outputs: queue.Queue[tuple[int, GenerationOutput]] = queue.Queue()  # (batch index, output) of every row
+
+        def sink(parsed: ParsedRequest) -> OutputSink:
+            return lambda out: outputs.put((parsed.batch_index, out))
         try:
-            parsed, handle = self._submit(request, streaming_rpc=False, timer=timer)
+            rows = self._submit(request, streaming_rpc=False, timer=timer, sink=sink)
         except _Refused as e:
+            self._cancel(e.admitted)
             self._record_refused(request, timer)
             context.abort(e.code, e.message)
-        rid = parsed.generation.request_id
-        context.add_callback(lambda: None if handle.done.is_set() else self.core.cancel(rid))
-        builder = ResponseBuilder(parsed, request.model_name)
-        while True:
+
+        def unfinished() -> list[str]:
+            return [p.generation.request_id for p, h in rows if not h.done.is_set()]
+        context.add_callback(lambda: self._cancel(unfinished()))
+        builders = [ResponseBuilder(parsed, request.model_name) for parsed, _ in rows]
+        ends: dict[int, GenerationOutput] = {}
+        while len(ends) < len(rows):
             try:
-                out = handle.get(timeout=_POLL_S)
+                row, out = outputs.get(timeout=_POLL_S)
             except queue.Empty:
                 if not context.is_active():
-                    self.core.cancel(rid)
+                    self._cancel(unfinished())
                 continue
             timer.output(out)
             with timer.building():
-                builder.add(out)
+                builders[row].add(out)
             if out.finished:
-                break
-        ok = out.finish_reason in ("stop", "length")
-        if ok:
+                ends[row] = out
+        failed = [out for _, out in sorted(ends.items()) if out.finish_reason not in ("stop", "length")]
+        if not failed:
             with timer.building():
-                response = builder.whole()
-        self._record(request.model_name, ok, timer)
-        if out.finish_reason == "cancelled":
-            context.abort(grpc.StatusCode.CANCELLED, f"request {request.id or rid} was cancelled")
-        if not ok:
-            context.abort(grpc.StatusCode.INTERNAL, f"request {request.id or rid} failed: {out.error or out.finish_reason}")
+                if len(builders) == 1:
+                    response = builders[0].whole()
+                else:
+                    response = encode_response(stack_rows([b.whole_tensors() for b in builders]), rows[0][0],
+                                               request.model_name)
+        self._record(request.model_name, not failed, timer)
+        name = request.id or rows[0][0].generation.request_id
+        if any(out.finish_reason == "cancelled" for out in failed):
+            context.abort(grpc.StatusCode.CANCELLED, f"request {name} was cancelled")
+        if failed:
+            context.abort(grpc.StatusCode.INTERNAL, f"request {name} failed: {failed[0].error or failed[0].finish_reason}")
         return response
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
@@ -268,14 +316,31 @@ _READER_DONE = object()
 
 
 @dataclass(eq=False)
-class _StreamRequest:
-    """One request on a stream, as the stream's sender sees it."""
+class _StreamGroup:
+    """The rows of one request on a stream: its final flag and statistics wait for the last one."""
 
     request: pb.ModelInferRequest
-    parsed: ParsedRequest
     timer: RequestTimer
+    open_rows: int = 0  # rows admitted and not yet ended
+    failed: bool = False
+
+
+@dataclass(eq=False)
+class _StreamRequest:
+    """One row of a request on a stream, as the stream's sender sees it."""
+
+    group: _StreamGroup
+    parsed: ParsedRequest
     builder: ResponseBuilder
     ended: bool = False
+
+    @property
+    def request(self) -> pb.ModelInferRequest:
+        return self.group.request
+
+    @property
+    def timer(self) -> RequestTimer:
+        return self.group.timer
 
 
 class _Stream:
@@ -304,11 +369,14 @@ class _Stream:
 
     def start(self, request: pb.ModelInferRequest) -> None:
         timer = RequestTimer()
-        entry: list[_StreamRequest] = []
+        group = _StreamGroup(request, timer)
+        entries: list[_StreamRequest] = []
 
         def sink(parsed: ParsedRequest) -> OutputSink:
-            state = _StreamRequest(request, parsed, timer, ResponseBuilder(parsed, request.model_name))
-            entry.append(state)
+            state = _StreamRequest(group, parsed, ResponseBuilder(parsed, request.model_name))
+            with self.lock:
+                entries.append(state)
+                group.open_rows += 1
 
             def put(out: GenerationOutput) -> None:
                 timer.output(out)
@@ -316,20 +384,26 @@ class _Stream:
             return put
 
         try:
-            parsed, _ = self.servicer._submit(request, streaming_rpc=True, timer=timer, sink=sink)
+            rows = self.servicer._submit(request, streaming_rpc=True, timer=timer, sink=sink)
         except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
+            with self.lock:  # rows the core took before refusing one: their outputs are dropped
+                for state in entries:
+                    state.ended = True
+            if isinstance(e, _Refused):
+                self.servicer._cancel(e.admitted)
             self.servicer._record_refused(request, timer)
             message = e.message if isinstance(e, _Refused) else f"internal error: {e!r}"
             self.out.put(self.error(request, message))
             return
-        rid = parsed.generation.request_id
+        ids = [parsed.generation.request_id for parsed, _ in rows]
         with self.lock:
-            self.started += 1
-            if not entry[0].ended:  # its last output may already have been sent
-                self.active.add(rid)
+            self.started += len(rows)
+            for state in entries:
+                if not state.ended:  # its last output may already have been sent
+                    self.active.add(state.parsed.generation.request_id)
             closed = self.closed
         if closed:
-            self.servicer.core.cancel(rid)
+            self.servicer._cancel(ids)
 
     def error(self, request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
         if request.id:  # tritonclient hands a stream callback only the message
@@ -340,33 +414,34 @@ class _Stream:
     def responses_for(self, st: _StreamRequest, out: GenerationOutput) -> list[pb.ModelStreamInferResponse]:
         """The responses one core output makes: a piece of the stream (stream=true), the whole
         answer (stream=false, at the end), an empty final response, or the error it ended with."""
-        if st.ended:  # failed while building an earlier response: already answered
+        if st.ended:  # failed while building an earlier response, or refused: already answered
             return []
         responses = []
-        parsed, failure = st.parsed, None
+        parsed, group, failure = st.parsed, st.group, None
         completed = not out.finished or out.finish_reason in ("stop", "length")  # else: cancelled or failed
         # A non-decoupled model sends its one response final, with no empty final response.
         empty_final = parsed.empty_final and self.servicer.decoupled
+        # The request's last response: this row's last, when no other row is still open.
+        last_row = out.finished and group.open_rows == 1
         try:
             with st.timer.building():
                 if completed and parsed.stream:
-                    resp = st.builder.piece(out, out.finished and not empty_final)
+                    resp = st.builder.piece(out, out.finished and last_row and not empty_final)
                     if resp is not None:
                         responses.append(pb.ModelStreamInferResponse(infer_response=resp))
                 elif completed:
                     st.builder.add(out)
                     if out.finished:
                         resp = st.builder.whole()
-                        resp.parameters[FINAL_PARAM].bool_param = not empty_final
+                        resp.parameters[FINAL_PARAM].bool_param = last_row and not empty_final
                         responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-                if completed and out.finished and empty_final:
+                if completed and last_row and empty_final:
                     responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
         except Exception as e:  # noqa: BLE001 - report it on the stream rather than leave the client waiting
             self.servicer.core.cancel(parsed.generation.request_id)
             failure = f"internal error: {e!r}"
         if out.finished or failure is not None:
             ok = failure is None and completed
-            self.servicer._record(st.request.model_name, ok, st.timer)
             if not ok:
                 if failure is None:
                     failure = f"request {out.finish_reason}" + (f": {out.error}" if out.error else "")
@@ -375,6 +450,11 @@ class _Stream:
                 st.ended = True
                 self.ended += 1
                 self.active.discard(parsed.generation.request_id)
+                group.open_rows -= 1
+                group.failed = group.failed or not ok
+                request_done = group.open_rows == 0
+            if request_done:
+                self.servicer._record(st.request.model_name, not group.failed, st.timer)
         return responses
 
     def cancel_all(self) -> None:
@@ -471,19 +551,31 @@ class InferenceServer:
 
 def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8001,
           metrics_port: int | None = 8002, core_config: CoreConfig | None = None,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, decoupled: bool = True) -> None:
-    """Load the engine, serve until SIGINT/SIGTERM; `decoupled`: the models' transaction policy."""
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, decoupled: bool = True,
+          http_port: int | None = None) -> None:
+    """Load the engine, serve until SIGINT/SIGTERM; `decoupled`: the models' transaction policy.
+    `http_port`: also serve the OpenAI-compatible HTTP front end (runtime/serving/openai_server.py)
+    on the same core, with `max_message_bytes` as its body limit (None: no HTTP; 0: a free port)."""
     from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
+    from llamaforge.runtime.serving.openai_server import HttpServer, OpenAIFrontend
 
     metrics = ServerMetrics()
     core: EngineClient = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
     server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes,
                              decoupled=decoupled)
+    http = None
+    if http_port is not None:
+        frontend = OpenAIFrontend(core, metrics, max_body_bytes=max_message_bytes,
+                                  ready=lambda: server.servicer.ready)
+        http = HttpServer(frontend, host, http_port)  # bound now: a busy port fails before anything starts
     server.start()
+    if http is not None:
+        http.start()
     names = ", ".join(sorted(server.servicer.models))
     mode = "decoupled" if decoupled else "non-decoupled"
     print(f"llama-forge: serving {engine_dir} (models: {names}; {mode}) on grpc {host}:{server.port}"
-          + (f", metrics http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+          + (f", metrics http://{host}:{server.metrics_port}/metrics" if server.metrics_port else "")
+          + (f", openai http://{host}:{http.port}/v1" if http is not None else ""), flush=True)
     done = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -497,4 +589,6 @@ def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int
         for s, h in old.items():
             signal.signal(s, h)
         print("llama-forge: shutting down", flush=True)
-        server.stop(grace=5.0)
+        server.stop(grace=5.0)  # not ready from here; the core's requests end, which ends the HTTP ones too
+        if http is not None:
+            http.stop()

@@ -34,6 +34,11 @@ from llamaforge.runtime.core.requests import (
 from llamaforge.runtime.core.tokenizer import Tokenizer
 
 BOS, EOS = 256, 257
+KV_BLOCK = 16  # tokens per KV block the fake reports its requests hold (perf metrics)
+
+
+def _ns(perf_counter_s: float | None) -> int | None:
+    return None if perf_counter_s is None else int(perf_counter_s * 1e9)
 
 
 class ByteTokenizer(Tokenizer):
@@ -102,6 +107,7 @@ class _Req:
     text: list[str] = field(default_factory=list)
     last_at: float = 0.0
     admitted: float | None = None  # perf_counter when the step loop first took it into the batch
+    first_at: float | None = None  # perf_counter of its first token
 
 
 class FakeCore:
@@ -217,6 +223,8 @@ class FakeCore:
             else:
                 self.observer.on_token(req.request_id, now - r.last_at)
         r.last_at = now
+        if r.first_at is None:
+            r.first_at = now
         self.generated_tokens += 1
         if token in r.end_ids and i >= req.min_tokens:
             self._finish(r, "stop")
@@ -238,7 +246,10 @@ class FakeCore:
     def _emit(self, r: _Req, finished: bool = False, reason: str | None = None) -> None:
         out = GenerationOutput(r.request.request_id, r.pending, "".join(r.text), [-0.5] * len(r.pending), finished,
                                reason, None, len(r.request.prompt_ids), len(r.generated), -0.5 * len(r.generated),
-                               queue_s=None if r.admitted is None else r.admitted - r.arrived)
+                               queue_s=None if r.admitted is None else r.admitted - r.arrived,
+                               arrival_ns=_ns(r.arrived), first_scheduled_ns=_ns(r.admitted),
+                               first_token_ns=_ns(r.first_at), last_token_ns=_ns(r.first_at and r.last_at),
+                               kv_blocks=-(-(len(r.request.prompt_ids) + len(r.generated)) // KV_BLOCK))
         r.pending, r.text = [], []
         r.handle.put(out)
 

@@ -20,7 +20,8 @@ Cancellation Handling", "Business Logic Scripting", "Custom Metrics"):
 
 and, in place of the server, `StandInServer`: loads a generated repository's config.pbtxt files,
 initialises each Python model with the `args` Triton passes, checks request tensors against the
-config as Triton does (names, datatypes, optional inputs, dims), runs the ensemble's steps by its
+config as Triton does (names, datatypes, optional inputs, dims after the batch dimension of a
+model with max_batch_size > 0, one batch size per request), runs the ensemble's steps by its
 input_map/output_map (one downstream run per response of a decoupled step, as Triton does), routes
 BLS calls and propagates a client's cancellation to the requests it caused. Responses a model
 sends after its final one, or a request it never finishes, fail the test. As Triton (one instance
@@ -346,8 +347,12 @@ class StandInServer:
 
     # -- Triton's request validation ------------------------------------------------------------------
     def check_inputs(self, model: str, tensors: Mapping[str, np.ndarray]) -> TritonError | None:
+        """As Triton: names, datatypes, required inputs, and shapes against the dims; with
+        max_batch_size > 0 every shape is [batch, *dims], every input has the same batch size, and
+        that is at most max_batch_size."""
         cfg = self.configs[model]
         declared = {i.name: i for i in cfg.input}
+        batch: int | None = None
         for name, arr in tensors.items():
             spec = declared.get(name)
             if spec is None:
@@ -357,8 +362,22 @@ class StandInServer:
             if arr.dtype != want:
                 return TritonError(f"input '{name}': datatype {arr.dtype} does not match {want}", TritonError.INVALID_ARG)
             dims = list(spec.dims)
-            if len(arr.shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, arr.shape)):
-                return TritonError(f"input '{name}': shape {list(arr.shape)} does not match the config dims {dims}",
+            shape = list(arr.shape)
+            if cfg.max_batch_size > 0:
+                if not shape:
+                    return TritonError(f"input '{name}': shape [] has no batch dimension", TritonError.INVALID_ARG)
+                if batch is None:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    return TritonError(f"input '{name}' batch size does not match other inputs for '{model}'",
+                                       TritonError.INVALID_ARG)
+                if not 1 <= batch <= cfg.max_batch_size:
+                    return TritonError(f"inference request batch-size must be <= {cfg.max_batch_size} for '{model}'",
+                                       TritonError.INVALID_ARG)
+                shape = shape[1:]
+            if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
+                return TritonError(f"input '{name}': shape {list(arr.shape)} does not match the config dims {dims}"
+                                   + (" after the batch dimension" if cfg.max_batch_size > 0 else ""),
                                    TritonError.INVALID_ARG)
         missing = [i.name for i in cfg.input if not i.optional and i.name not in tensors]
         if missing:

@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 from llamaforge.runtime.core.requests import RequestError
 from llamaforge.runtime.serving.metrics import METRIC_NAMES, ServerMetrics
-from llamaforge.runtime.serving.model_interface import TEXT_MODEL
+from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, TEXT_MODEL
 from llamaforge.runtime.serving.protocol import ModelContext, _sampling, parse_request
 from llamaforge.runtime.serving.tensor_codec import decode_inputs, deserialize_bytes, serialize_bytes
 
@@ -147,13 +147,14 @@ def test_health_metadata_config_index_statistics(fake: Any) -> None:
 
     md = client.get_model_metadata("ensemble")
     inputs = {t.name: (t.datatype, list(t.shape)) for t in md.inputs}
-    assert inputs["text_input"] == ("BYTES", [1]) and inputs["max_tokens"] == ("INT32", [1])
-    assert inputs["stop_words"] == ("BYTES", [-1]) and inputs["seed"] == ("UINT64", [1])
+    # A batching model's metadata shapes start with the batch dimension, as Triton reports them.
+    assert inputs["text_input"] == ("BYTES", [-1, 1]) and inputs["max_tokens"] == ("INT32", [-1, 1])
+    assert inputs["stop_words"] == ("BYTES", [-1, -1]) and inputs["seed"] == ("UINT64", [-1, 1])
     assert {t.name for t in md.outputs} >= {"text_output", "cum_log_probs", "output_log_probs",
                                             "num_input_tokens", "num_output_tokens"}
 
     cfg = client.get_model_config("ensemble").config
-    assert cfg.name == "ensemble" and cfg.max_batch_size == 0 and cfg.model_transaction_policy.decoupled
+    assert cfg.name == "ensemble" and cfg.max_batch_size == MAX_BATCH_SIZE > 0 and cfg.model_transaction_policy.decoupled
     required = {i.name for i in cfg.input if not i.optional}
     assert required == {"text_input", "max_tokens"}
     tok = client.get_model_config("tensorrt_llm").config
@@ -183,8 +184,8 @@ def test_unary_text_includes_prompt_unless_excluded(fake: Any) -> None:
     r = client.infer("ensemble", text_inputs(PROMPT, 200))
     assert r.as_numpy("text_output")[0].decode("utf-8") == PROMPT + PROMPT  # TRT-LLM default: prompt + generated
     n = len(PROMPT.encode())
-    assert r.as_numpy("num_input_tokens").tolist() == [n + 1]  # + BOS
-    assert r.as_numpy("num_output_tokens").tolist() == [n]
+    assert r.as_numpy("num_input_tokens").tolist() == [[n + 1]]  # + BOS
+    assert r.as_numpy("num_output_tokens").tolist() == [[n]]
     assert r.as_numpy("cum_log_probs") is None  # not asked for
 
     r = client.infer("ensemble", text_inputs(PROMPT, 5, exclude_input_in_output=True, return_log_probs=True))
@@ -208,7 +209,7 @@ def test_unary_text_includes_prompt_unless_excluded(fake: Any) -> None:
 
     # Requested outputs only; a log-prob output asked for by name makes the core compute log probs.
     r = client.infer("ensemble", text_inputs("abc", 8), outputs=[grpcclient.InferRequestedOutput("num_output_tokens")])
-    assert r.as_numpy("text_output") is None and r.as_numpy("num_output_tokens").tolist() == [3]
+    assert r.as_numpy("text_output") is None and r.as_numpy("num_output_tokens").tolist() == [[3]]
     assert not core.submitted[-1].return_log_probs
     r = client.infer("ensemble", text_inputs("abc", 8), outputs=[grpcclient.InferRequestedOutput("cum_log_probs")])
     assert core.submitted[-1].return_log_probs and r.as_numpy("cum_log_probs").shape == (1, 1)
@@ -235,7 +236,7 @@ def test_stream_concatenation_equals_unary_byte_for_byte(fake: Any) -> None:
         p.decode("utf-8")  # every piece is whole characters
     assert [is_final(r) for r in res.results] == [False] * (len(pieces) - 1) + [True]
     last = res.results[-1]
-    assert last.as_numpy("num_output_tokens").tolist() == [len(PROMPT.encode())]
+    assert last.as_numpy("num_output_tokens").tolist() == [[len(PROMPT.encode())]]
 
     # Streams never carry the prompt, whatever exclude_input_in_output says (TRT-LLM).
     res = stream_infer(client, "ensemble", text_inputs(PROMPT, 200, stream=True, exclude_input_in_output=False))
@@ -369,8 +370,9 @@ BAD = {
     "text_input wrong dtype": (lambda: _replace("text_input", tensor("text_input", np.array([[1]], np.int32))),
                                "text_input"),
     "stream wrong dtype": (lambda: text_inputs("abc", 4, stream=3), "stream"),
-    "text_input two prompts": (lambda: _replace("text_input", tensor("text_input", np.array([[b"a"], [b"b"]], object))),
-                               "text_input"),
+    # Two rows of text_input are a batch of 2 (max_batch_size > 0); max_tokens' one row disagrees.
+    "batch sizes differ": (lambda: _replace("text_input", tensor("text_input", np.array([[b"a"], [b"b"]], object))),
+                           "max_tokens"),
     "max_tokens wrong shape": (lambda: _replace("max_tokens", tensor("max_tokens", np.array([[4, 4]], np.int32))),
                                "max_tokens"),
     "shape does not match data": (_shape_lie, "text_input"),
@@ -538,7 +540,7 @@ def test_real_core_stream_equals_unary_and_greedy(real: Any) -> None:
     prompt = "def f(x):\n    return"
     unary = client.infer("ensemble", text_inputs(prompt, 24, exclude_input_in_output=True, min_tokens=24))
     text = unary.as_numpy("text_output")[0]
-    assert unary.as_numpy("num_output_tokens").tolist() == [24]
+    assert unary.as_numpy("num_output_tokens").tolist() == [[24]]
     res = stream_infer(client, "ensemble", text_inputs(prompt, 24, stream=True, min_tokens=24))
     assert not res.errors and is_final(res.results[-1])
     assert res.text() == text
@@ -569,7 +571,7 @@ def test_real_core_disconnect_frees_kv_and_context_limit(real: Any) -> None:
 
 def assert_serves_real(client: grpcclient.InferenceServerClient) -> None:
     r = client.infer("ensemble", text_inputs("ok", 4, min_tokens=4))
-    assert r.as_numpy("num_output_tokens").tolist() == [4]
+    assert r.as_numpy("num_output_tokens").tolist() == [[4]]
 
 
 @pytest.mark.slow
@@ -584,7 +586,7 @@ def test_cli_serve_process_serves_and_stops_on_sigterm(tiny_engine: Path) -> Non
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
-         str(tiny_engine), "--port", "0", "--metrics-port", "0", "--max-num-seqs", "2", "--max-queue", "4",
+         str(tiny_engine), "--port", "0", "--metrics-port", "0", "--http-port", "0", "--max-num-seqs", "2", "--max-queue", "4",
          "--kv-budget-tokens", "1024"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -594,7 +596,7 @@ def test_cli_serve_process_serves_and_stops_on_sigterm(tiny_engine: Path) -> Non
         assert m, line
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{m.group(1)}")
         r = client.infer("ensemble", text_inputs("hi", 3, min_tokens=3))
-        assert r.as_numpy("num_output_tokens").tolist() == [3]
+        assert r.as_numpy("num_output_tokens").tolist() == [[3]]
         with urllib.request.urlopen(f"http://127.0.0.1:{m.group(2)}/metrics", timeout=10) as resp:
             assert 'llamaforge_requests_total{outcome="length"} 1.0' in resp.read().decode()
         proc.send_signal(signal.SIGTERM)

@@ -36,7 +36,7 @@ from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer, decode_w
 from llamaforge.runtime.core.engine import EngineError
 from llamaforge.runtime.core.tokenizer import load_tokenizer
 from llamaforge.runtime.serving.metrics import CORE_GAUGES, METRIC_NAMES, PREFIX
-from llamaforge.runtime.serving.model_interface import TEXT_MODEL
+from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, TEXT_MODEL
 from llamaforge.triton_repo.repository import PYTHON_MODELS, RepoOptions, model_configs, write_repo
 
 pb.install()
@@ -108,7 +108,8 @@ def test_every_config_parses_against_tritons_schema(repo: Path, built: tuple[Pat
     configs = configs_of(repo)
     assert set(configs) == {"preprocessing", "llama", "postprocessing", "ensemble", "bls"}
     for name, cfg in configs.items():
-        assert cfg.name == name and cfg.max_batch_size == 0
+        # A batch dimension as TensorRT-LLM's models declare (perf_analyzer's -b N needs one).
+        assert cfg.name == name and cfg.max_batch_size == MAX_BATCH_SIZE > 0
         assert (cfg.platform, cfg.backend) == (("ensemble", "") if name == "ensemble" else ("", "python"))
         if name in PYTHON_MODELS:
             assert (repo / name / "1" / "model.py").is_file() and (repo / name / "1" / "llamaforge" / "runtime" / "core" / "engine_core.py").is_file()
@@ -138,7 +139,14 @@ def test_ensemble_interface_is_tensorrt_llms(repo: Path) -> None:
                      "pad_id": "TYPE_INT32", "seed": "TYPE_UINT64", "stop_words": "TYPE_STRING",
                      "bad_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL", "return_log_probs": "TYPE_BOOL"}
     trtllm_outputs = {"text_output": "TYPE_STRING", "output_log_probs": "TYPE_FP32", "cum_log_probs": "TYPE_FP32",
-                      "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32"}
+                      "context_logits": "TYPE_FP32", "generation_logits": "TYPE_FP32", "batch_index": "TYPE_INT32",
+                      "sequence_index": "TYPE_INT32", "kv_cache_alloc_new_blocks": "TYPE_INT32",
+                      "kv_cache_reused_blocks": "TYPE_INT32", "kv_cache_alloc_total_blocks": "TYPE_INT32",
+                      "arrival_time_ns": "TYPE_INT64", "first_scheduled_time_ns": "TYPE_INT64",
+                      "first_token_time_ns": "TYPE_INT64", "last_token_time_ns": "TYPE_INT64",
+                      "acceptance_rate": "TYPE_FP32", "total_accepted_draft_tokens": "TYPE_INT32",
+                      "total_draft_tokens": "TYPE_INT32", "num_input_tokens": "TYPE_INT32",
+                      "num_output_tokens": "TYPE_INT32"}
     for name in ("ensemble", "bls"):
         cfg = configs_of(repo)[name]
         inputs = {i.name: mc.DataType.Name(i.data_type) for i in cfg.input}
@@ -282,7 +290,7 @@ def test_streams_equal_unary_equal_transformers(server: Any, built: tuple[Path, 
             stream = server.infer(model, text_request(prompt, NEW_TOKENS, stream=True)).wait()
             assert len(stream.outputs) > 3, "a stream answers piece by piece"
             assert text_of(stream) == want, model
-            assert int(stream.outputs[-1]["num_output_tokens"][0]) == len(hf_greedy(hf, ids, core.eos_ids[0]))
+            assert int(stream.outputs[-1]["num_output_tokens"][0][0]) == len(hf_greedy(hf, ids, core.eos_ids[0]))
     assert core.kv.all_free()
 
 

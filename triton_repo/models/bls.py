@@ -1,10 +1,13 @@
 """`bls`: the ensemble's text interface in one model (one hop for the client), decoupled as llama
 is (`make repo DECOUPLED=...`; config.pbtxt `model_transaction_policy.decoupled`).
 
-Per request, on its own thread: `preprocess` in-process, then the `llama` model through a BLS call
-(`pb_utils.InferenceRequest(model_name="llama", ...).exec(decoupled=True)`), then `postprocess`
-in-process on each of llama's responses, each result sent through the request's response sender;
-the last one carries TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+Per row of a request (max_batch_size > 0: each row its own sequence, as TensorRT-LLM's), on its own
+thread: `preprocess` in-process, then the `llama` model through a BLS call
+(`pb_utils.InferenceRequest(model_name="llama", ...).exec(decoupled=True)`) with that row's
+tensors, then `postprocess` in-process on each of llama's responses, each result (with the row's
+`batch_index`) sent through the request's response sender; the last response of the last row to
+end carries TRITONSERVER_RESPONSE_COMPLETE_FINAL. A row's error is the request's final response
+(the other rows' llama calls are cancelled).
 
 Why a thread per request here, when `llama` has none: this model holds no engine core, so there is
 no sink to hand outputs to; it reads llama's responses through the iterator that
@@ -21,9 +24,9 @@ models, so both paths give the same text). A cancelled BLS request cancels its l
 the response iterator's `cancel()` (checked between llama's responses), and llama frees its KV.
 config.pbtxt parameters: `engine_dir` (tokenizer), `llama_model` (default "llama").
 
-Non-decoupled (llama is then non-decoupled too): `execute` serves its requests in turn, each with
-one BLS call (`exec()`, one response) and one postprocessed response, and returns the responses;
-a stream=true request comes back as llama's INVALID_ARG error.
+Non-decoupled (llama is then non-decoupled too): `execute` serves its requests in turn, each row
+with one BLS call (`exec()`, one response) postprocessed, the rows stacked into the request's one
+response; a stream=true request comes back as llama's INVALID_ARG error.
 """
 
 from __future__ import annotations
@@ -35,12 +38,21 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from llamaforge.runtime.serving.model_interface import TEXT_MODEL
+from llamaforge.runtime.serving.protocol import split_rows, stack_rows
 from llamaforge.triton_repo.models import backend
-from llamaforge.triton_repo.models.interfaces import ENSEMBLE_TO_LLAMA, INTERFACES, LLAMA, NOT_FOR_LLAMA
+from llamaforge.triton_repo.models.interfaces import (
+    ECHOED,
+    ENSEMBLE_TO_LLAMA,
+    INTERFACES,
+    LLAMA,
+    NOT_FOR_LLAMA,
+    POSTPROCESSING,
+)
 from llamaforge.triton_repo.models.text import postprocess, preprocess
 
-_POSTPROCESSING_LLAMA_OUTPUTS = ("output_ids", "context_ids", "context_continues", "is_final", "cum_log_probs",
-                                 "output_log_probs", "num_input_tokens", "num_output_tokens")
+# What postprocessing reads from llama (the echoed inputs bls has itself, per row).
+_POSTPROCESSING_LLAMA_OUTPUTS = tuple(t.name for t in INTERFACES[POSTPROCESSING].inputs if t.name not in ECHOED)
 
 
 def llama_inputs(tensors: Mapping[str, np.ndarray], pre: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,6 +64,41 @@ def llama_inputs(tensors: Mapping[str, np.ndarray], pre: Mapping[str, np.ndarray
         if target in llama_names and name not in NOT_FOR_LLAMA:
             inputs[target] = arr
     return inputs
+
+
+def _rows(tensors: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A request's rows, each as a batch of one (what a one-row client would send)."""
+    return [{name: arr[None] for name, arr in row.items()} for row in split_rows(tensors, TEXT_MODEL)]
+
+
+class _Request:
+    """The rows of one decoupled request: the final flag goes with the last response of the last
+    row to end; an error ends the request (its other rows stop at their next response)."""
+
+    def __init__(self, sender: Any, rows: int) -> None:
+        self.sender = sender
+        self.open_rows = rows
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def send(self, response: Any = None, row_done: bool = False) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            if row_done:
+                self.open_rows -= 1
+            final = self.open_rows == 0
+            self.closed = final
+        if response is None and not final:
+            return
+        self.sender.send(response, flags=backend.FINAL if final else 0)
+
+    def fail(self, response: Any) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.sender.send(response, flags=backend.FINAL)
 
 
 class TritonPythonModel:
@@ -67,10 +114,19 @@ class TritonPythonModel:
         if not self.decoupled:
             return [self._one_response(request) for request in requests]
         for request in requests:
-            thread = threading.Thread(target=self._serve, args=(request,), name="bls-request", daemon=True)
-            with self._lock:
-                self._threads.add(thread)
-            thread.start()
+            sender = request.get_response_sender()
+            try:
+                rows = _rows(backend.input_tensors(request))
+            except Exception as e:  # noqa: BLE001 - answer the request rather than leave it hanging
+                sender.send(backend.error_response(e), flags=backend.FINAL)
+                continue
+            group = _Request(sender, len(rows))
+            for index, row in enumerate(rows):
+                thread = threading.Thread(target=self._serve, args=(request, group, index, row), name="bls-row",
+                                          daemon=True)
+                with self._lock:
+                    self._threads.add(thread)
+                thread.start()
         return None
 
     def finalize(self) -> None:
@@ -79,13 +135,12 @@ class TritonPythonModel:
         for t in threads:
             t.join(timeout=5)
 
-    def _serve(self, request: Any) -> None:
-        sender = request.get_response_sender()
+    def _serve(self, request: Any, group: _Request, index: int, row: dict[str, np.ndarray]) -> None:
         try:
-            self._run(request, sender)
+            self._run(request, group, index, row)
         except Exception as e:  # noqa: BLE001 - the client must get its final response
             try:
-                sender.send(backend.error_response(e), flags=backend.FINAL)
+                group.fail(backend.error_response(e))
             except Exception:  # noqa: BLE001 - the request is already gone
                 pass
         finally:
@@ -98,44 +153,52 @@ class TritonPythonModel:
             model_name=self.llama_model, requested_output_names=list(_POSTPROCESSING_LLAMA_OUTPUTS),
             inputs=backend.output_tensors(llama_inputs(tensors, pre)), request_id=request.request_id())
 
+    def _postprocess(self, row: Mapping[str, np.ndarray], response: Any, index: int) -> dict[str, np.ndarray]:
+        outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+        text = postprocess(self.tokenizer, {**row, **outputs})
+        text["batch_index"] = np.array([[index]], dtype=np.int32)  # llama saw this row alone, as row 0
+        return text
+
     def _one_response(self, request: Any) -> Any:
-        """Non-decoupled: the request's one response (its whole text, or its error)."""
+        """Non-decoupled: the request's one response (its rows' whole texts stacked, or an error)."""
         try:
-            tensors = backend.input_tensors(request)
-            response = self._llama_call(request, tensors).exec()
-            if response.has_error():
-                return pb_utils.InferenceResponse(error=response.error())
-            outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
-            text = postprocess(self.tokenizer, {**tensors, **outputs})
-            return pb_utils.InferenceResponse(output_tensors=backend.output_tensors(text))
+            rows = _rows(backend.input_tensors(request))
+            texts = []
+            for index, row in enumerate(rows):
+                response = self._llama_call(request, row).exec()
+                if response.has_error():
+                    return pb_utils.InferenceResponse(error=response.error())
+                texts.append(self._postprocess(row, response, index))
+            if len(texts) > 1:
+                stacked = stack_rows([{name: ("", arr) for name, arr in text.items()} for text in texts])
+                texts = [{name: arr for name, (_, arr) in stacked.items()}]
+            return pb_utils.InferenceResponse(output_tensors=backend.output_tensors(texts[0]))
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
             return backend.error_response(e)
 
-    def _run(self, request: Any, sender: Any) -> None:
-        tensors = backend.input_tensors(request)
-        responses = self._llama_call(request, tensors).exec(decoupled=True)
+    def _run(self, request: Any, group: _Request, index: int, row: dict[str, np.ndarray]) -> None:
+        responses = self._llama_call(request, row).exec(decoupled=True)
         cancelled = False
         for response in responses:
             if cancelled:
                 continue  # drain until llama's final response: then its KV blocks are free
-            if request.is_cancelled():
+            if request.is_cancelled() or group.closed:
                 responses.cancel()
                 cancelled = True
                 continue
             if response.has_error():
-                sender.send(pb_utils.InferenceResponse(error=response.error()), flags=backend.FINAL)
+                group.fail(pb_utils.InferenceResponse(error=response.error()))
                 return
             outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
             if not outputs:  # a final flag with no data
                 continue
-            text = postprocess(self.tokenizer, {**tensors, **outputs})
+            text = self._postprocess(row, response, index)
             final = bool(outputs["is_final"].reshape(-1)[0])
-            sender.send(pb_utils.InferenceResponse(output_tensors=backend.output_tensors(text)),
-                        flags=backend.FINAL if final else 0)
+            group.send(pb_utils.InferenceResponse(output_tensors=backend.output_tensors(text)), row_done=final)
             if final:
                 return
         if cancelled:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                f"request {request.request_id()} was cancelled", pb_utils.TritonError.CANCELLED)), flags=backend.FINAL)
+            group.fail(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"request {request.request_id()} was cancelled", pb_utils.TritonError.CANCELLED)))
         else:
-            sender.send(flags=backend.FINAL)  # llama ended without a final data response
+            group.send(row_done=True)  # llama ended without a final data response

@@ -5,18 +5,24 @@ the TensorRT-LLM-compatible interfaces):
 
 * `ensemble` and `bls` expose `TEXT_MODEL` (text_input, max_tokens, stream, ... -> text_output, ...);
 * `llama` is `TOKEN_MODEL` (TensorRT-LLM's `tensorrt_llm` tensors: input_ids, request_output_len,
-  streaming, ... -> output_ids, ...) plus text `stop_words`, and three outputs that let the
-  stateless `postprocessing` step stream text exactly (see runtime/core/detokenizer.py):
-  `context_ids` (the generated ids before this response's, from a resume point),
-  `context_continues` (text was generated before them) and `is_final` (the request's last response);
+  streaming, ... -> output_ids, ...) plus text `stop_words` and the prompt `text_input`, and
+  outputs that let the stateless `postprocessing` step make each row's text exactly (see
+  runtime/core/detokenizer.py): `context_ids` (the generated ids before this response's, from a
+  resume point), `context_continues` (text was generated before them), `is_final` (the row's last
+  response), and the row's own request inputs that postprocessing reads, echoed (`echo_text_input`,
+  `echo_stop_words`, `echo_stream`, `echo_exclude_input_in_output`): a response of llama is one
+  row's, so postprocessing must not read the ensemble's (B-row) inputs;
 * `preprocessing`: text_input (+ bad_words) -> input_ids, input_lengths, bad_words_list;
-* `postprocessing`: llama's outputs (+ text_input, stop_words, stream, exclude_input_in_output)
-  -> the ensemble's outputs, log probs and token counts passed through so that every ensemble
-  response comes out of one step.
+* `postprocessing`: llama's outputs (with the echoed text_input, stop_words, stream,
+  exclude_input_in_output under those names) -> the ensemble's outputs; log probs, batch and
+  sequence index, perf metrics and token counts passed through so that every ensemble response
+  comes out of one step.
 
-Triton checks request shapes against the declared dims exactly, and with max_batch_size 0 there
-is no implicit batch dimension, so client-facing inputs are declared with the leading 1 that
-TensorRT-LLM clients send (`[[prompt]]`, `[[64]]`, `[ids]`): `batched()`.
+Every model declares `max_batch_size` MAX_BATCH_SIZE (> 0, as TensorRT-LLM's models), so Triton
+puts the batch dimension before the declared dims: a client sends `[[prompt]]` ([1, 1]), `[[64]]`,
+`[[ids...]]` for one row, `[B, 1]` ... for B rows (TensorRT-LLM's `--batch-inputs`), and checks
+that every input of a request has the same batch size. Each of `llama`'s responses is one row's
+(`[1, ...]` tensors with its `batch_index`), so every step after it runs on batch-1 tensors.
 """
 
 from __future__ import annotations
@@ -27,15 +33,10 @@ from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, 
 
 __all__ = [
     "PREPROCESSING", "LLAMA", "POSTPROCESSING", "ENSEMBLE", "BLS", "LLAMA_MODEL", "ENSEMBLE_TO_LLAMA",
-    "LLAMA_TO_ENSEMBLE", "NOT_FOR_LLAMA", "INTERFACES", "Step", "ENSEMBLE_STEPS", "ModelInterface", "batched",
+    "LLAMA_TO_ENSEMBLE", "NOT_FOR_LLAMA", "ECHOED", "INTERFACES", "Step", "ENSEMBLE_STEPS", "ModelInterface",
 ]
 
 PREPROCESSING, LLAMA, POSTPROCESSING, ENSEMBLE, BLS = "preprocessing", "llama", "postprocessing", "ensemble", "bls"
-
-
-def batched(t: TensorSpec) -> TensorSpec:
-    """The spec as declared in a config.pbtxt: the client's leading batch dimension of 1 added."""
-    return replace(t, dims=(1, *t.dims))
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,22 @@ class ModelInterface:
 
 
 _TEXT_STOP_WORDS = next(t for t in TEXT_MODEL.inputs if t.name == "stop_words")
+_TEXT_INPUT = replace(next(t for t in TEXT_MODEL.inputs if t.name == "text_input"), optional=True,
+                      doc="the prompt's text (ensemble, bls): echoed per row for postprocessing")
 _CONTEXT_OUTPUTS = (
     TensorSpec("context_ids", "INT32", (-1,), doc="generated ids before this response's, from a resume point"),
     TensorSpec("context_continues", "BOOL", (1,), doc="text was generated before context_ids"),
-    TensorSpec("is_final", "BOOL", (1,), doc="the request's last response"),
+    TensorSpec("is_final", "BOOL", (1,), doc="the row's last response"),
 )
+# The text model's inputs that postprocessing reads, which llama echoes per row as echo_<name>.
+ECHOED = ("text_input", "stop_words", "stream", "exclude_input_in_output")
+_ECHO_OUTPUTS = tuple(replace(t, name=f"echo_{t.name}", optional=True) for t in TEXT_MODEL.inputs if t.name in ECHOED)
 
-# What `llama` parses requests against: the token model plus text stop words.
+# What `llama` parses requests against: the token model plus text stop words and the prompt text.
 LLAMA_MODEL = ModelSpec(
-    name=LLAMA, kind="tokens", inputs=(*TOKEN_MODEL.inputs, _TEXT_STOP_WORDS),
-    outputs=(*TOKEN_MODEL.outputs, *_CONTEXT_OUTPUTS), aliases=TOKEN_MODEL.aliases,
-    default_outputs=TOKEN_MODEL.default_outputs,
+    name=LLAMA, kind="tokens", inputs=(*TOKEN_MODEL.inputs, _TEXT_STOP_WORDS, _TEXT_INPUT),
+    outputs=(*TOKEN_MODEL.outputs, *_CONTEXT_OUTPUTS, *_ECHO_OUTPUTS), aliases=TOKEN_MODEL.aliases,
+    default_outputs=TOKEN_MODEL.default_outputs, perf_metric_outputs=TOKEN_MODEL.perf_metric_outputs,
 )
 
 # Ensemble input -> llama input where TensorRT-LLM's names differ between its ensemble and its
@@ -73,38 +79,34 @@ LLAMA_MODEL = ModelSpec(
 ENSEMBLE_TO_LLAMA = {"max_tokens": "request_output_len", "stream": "streaming", "top_k": "runtime_top_k",
                      "top_p": "runtime_top_p", "length_penalty": "len_penalty"}
 LLAMA_TO_ENSEMBLE = {v: k for k, v in ENSEMBLE_TO_LLAMA.items()}
-# Ensemble inputs consumed by the pre/postprocessing steps rather than by llama.
-NOT_FOR_LLAMA = {"text_input", "bad_words", "exclude_input_in_output"}
-_FROM_POSTPROCESSING_INPUTS = ("text_input", "stop_words", "stream", "exclude_input_in_output")
+# Ensemble inputs consumed by the preprocessing step rather than by llama.
+NOT_FOR_LLAMA = {"bad_words"}
+# llama's outputs that postprocessing does not read (the logits are never produced).
+_NOT_FOR_POSTPROCESSING = {"context_logits", "generation_logits", *(t.name for t in _ECHO_OUTPUTS)}
 
 INTERFACES: dict[str, ModelInterface] = {
     PREPROCESSING: ModelInterface(
         PREPROCESSING,
-        inputs=tuple(batched(t) for t in TEXT_MODEL.inputs if t.name in ("text_input", "bad_words")),
+        inputs=tuple(t for t in TEXT_MODEL.inputs if t.name in ("text_input", "bad_words")),
         outputs=(
-            TensorSpec("input_ids", "INT32", (1, -1)),
-            TensorSpec("input_lengths", "INT32", (1, 1)),
-            TensorSpec("bad_words_list", "INT32", (1, 2, -1)),
+            TensorSpec("input_ids", "INT32", (-1,)),
+            TensorSpec("input_lengths", "INT32", (1,)),
+            TensorSpec("bad_words_list", "INT32", (2, -1)),
         ),
         decoupled=False,
     ),
-    LLAMA: ModelInterface(LLAMA, inputs=tuple(batched(t) for t in LLAMA_MODEL.inputs), outputs=LLAMA_MODEL.outputs,
-                          decoupled=True),
+    LLAMA: ModelInterface(LLAMA, inputs=LLAMA_MODEL.inputs, outputs=LLAMA_MODEL.outputs, decoupled=True),
     POSTPROCESSING: ModelInterface(
         POSTPROCESSING,
         inputs=(
-            *(replace(t, optional=False) for t in LLAMA_MODEL.outputs
-              if t.name in ("output_ids", "context_ids", "context_continues", "is_final", "cum_log_probs",
-                            "output_log_probs", "num_input_tokens", "num_output_tokens")),
-            *(batched(t) for t in TEXT_MODEL.inputs if t.name in _FROM_POSTPROCESSING_INPUTS),
+            *(replace(t, optional=False) for t in LLAMA_MODEL.outputs if t.name not in _NOT_FOR_POSTPROCESSING),
+            *(t for t in TEXT_MODEL.inputs if t.name in ECHOED),
         ),
         outputs=TEXT_MODEL.outputs,
         decoupled=False,
     ),
-    ENSEMBLE: ModelInterface(ENSEMBLE, inputs=tuple(batched(t) for t in TEXT_MODEL.inputs),
-                             outputs=TEXT_MODEL.outputs, decoupled=True),
-    BLS: ModelInterface(BLS, inputs=tuple(batched(t) for t in TEXT_MODEL.inputs), outputs=TEXT_MODEL.outputs,
-                        decoupled=True),
+    ENSEMBLE: ModelInterface(ENSEMBLE, inputs=TEXT_MODEL.inputs, outputs=TEXT_MODEL.outputs, decoupled=True),
+    BLS: ModelInterface(BLS, inputs=TEXT_MODEL.inputs, outputs=TEXT_MODEL.outputs, decoupled=True),
 }
 
 
@@ -131,8 +133,7 @@ def _steps() -> tuple[Step, ...]:
             assert target in llama_inputs, f"ensemble input {t.name} has no llama input {target}"
             llama_map[target] = t.name
     post = INTERFACES[POSTPROCESSING]
-    post_map = {t.name: (t.name if t.name in _FROM_POSTPROCESSING_INPUTS else _internal(LLAMA, t.name))
-                for t in post.inputs}
+    post_map = {t.name: _internal(LLAMA, f"echo_{t.name}" if t.name in ECHOED else t.name) for t in post.inputs}
     return (
         Step(PREPROCESSING, {t.name: t.name for t in pre.inputs}, {t.name: _internal(PREPROCESSING, t.name)
                                                                    for t in pre.outputs}),

@@ -10,12 +10,18 @@ through the request's `response_sender` and always ends with TRITONSERVER_RESPON
 on the last data response, or on an error response (INVALID_ARG naming the field, UNAVAILABLE when
 the queue is full, CANCELLED, INTERNAL). One thread per instance polls `is_cancelled()` of every
 request in flight (the only cancellation signal the Python backend gives) and cancels a cancelled
-one in the core, which frees its KV blocks within one step. `max_batch_size: 0`: Triton hands
-requests over as they come and our scheduler batches.
+one in the core, which frees its KV blocks within one step. Triton hands requests over as they
+come (no dynamic batching; our scheduler batches), each with its own batch dimension
+(`max_batch_size` > 0, as TensorRT-LLM's): every row of a request is submitted as its own sequence
+(runtime/serving/protocol.py `parse_batch`), each of its responses is that row's (`[1, ...]`
+tensors with its `batch_index`), and TRITONSERVER_RESPONSE_COMPLETE_FINAL comes with the last
+response of the request's last row to end. A row that fails ends the request: the others are
+cancelled and the error is the final response.
 
 Non-decoupled, a Python model must return one response per request from `execute`, so `execute`
-submits its requests the same way, but each one's sender is a `_OneResponse` that keeps the final
-response, and `execute` returns them once every request has ended. A request that asks to stream
+submits its requests the same way, but each one's sender is a `_OneResponse` that keeps the rows'
+responses (stacked into one, `stack_rows`, for a batch), and `execute` returns them once every
+request has ended. A request that asks to stream
 (streaming = true) is INVALID_ARG. Triton runs one `execute` per instance at a time, so a
 non-decoupled instance batches only the requests of one `execute` call: for concurrency, deploy
 decoupled (or more instances).
@@ -41,6 +47,7 @@ here; "trt" fails to load with a message, as this runtime has no TensorRT runner
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from dataclasses import dataclass
@@ -60,7 +67,9 @@ from llamaforge.runtime.serving.protocol import (
     ParsedRequest,
     ResponseBuilder,
     output_tensors,
-    parse_inputs,
+    parse_batch,
+    split_rows,
+    stack_rows,
 )
 from llamaforge.triton_repo.models import backend
 from llamaforge.triton_repo.models.interfaces import LLAMA_MODEL
@@ -129,35 +138,61 @@ class _ContextWindow:
             start, continuing = resume_point(self.tokenizer, self.generated, len(self.generated), self.stop_words)
         context = self.generated[start:]
         self.generated.extend(new_ids)
-        return {"context_ids": np.array(context, dtype=np.int32), "context_continues": np.array([continuing]),
-                "is_final": np.array([final])}
+        return {"context_ids": np.array([context], dtype=np.int32), "context_continues": np.array([[continuing]]),
+                "is_final": np.array([[final]])}
 
 
 class _OneResponse:
-    """A non-decoupled request's stand-in for a response sender: keeps the final response for
-    `execute` to return (the request is never streamed, so only the final one comes)."""
+    """A non-decoupled request's stand-in for a response sender: keeps each row's response (the
+    request is never streamed, so each row sends one) and, at the final one, the request's one
+    response for `execute` to return: the rows stacked, or the error that ended it."""
 
     def __init__(self) -> None:
         self.response: Any = None
+        self.rows: list[dict[str, np.ndarray]] = []
         self.done = threading.Event()
 
     def send(self, response: Any = None, flags: int = 0) -> None:
+        if response is not None and not response.has_error():
+            self.rows.append({t.name(): t.as_numpy() for t in response.output_tensors()})
         if flags & backend.FINAL:
-            self.response = response
+            if response is not None and response.has_error():
+                self.response = response
+            elif len(self.rows) == 1:
+                self.response = response
+            else:
+                stacked = stack_rows([{name: ("", arr) for name, arr in row.items()} for row in self.rows])
+                self.response = pb_utils.InferenceResponse(
+                    output_tensors=backend.output_tensors({name: arr for name, (_, arr) in stacked.items()}))
             self.done.set()
+
+
+@dataclass(eq=False)
+class _Request:
+    """One Triton request: its sender, and how many of its rows have not ended."""
+
+    request: Any
+    sender: Any
+    open_rows: int
+    rows: list[_InFlight]
+    closed: bool = False  # its final response is sent
 
 
 @dataclass(eq=False)
 class _InFlight:
     """One admitted request: where its responses go and what building them needs."""
 
-    request: Any  # the Triton request: is_cancelled() is polled
-    sender: Any  # its response sender
+    group: _Request  # the Triton request this row belongs to
     parsed: ParsedRequest
     builder: ResponseBuilder
     window: _ContextWindow
+    echo: dict[str, np.ndarray]  # the row's inputs postprocessing reads, as llama's echo_* outputs
     cancel_sent: bool = False
-    ended: bool = False  # its final response is sent: later outputs are dropped
+    ended: bool = False  # its last response is sent: later outputs are dropped
+
+    @property
+    def request(self) -> Any:  # the Triton request: is_cancelled() is polled
+        return self.group.request
 
 
 class TritonPythonModel:
@@ -207,31 +242,42 @@ class TritonPythonModel:
     # -- per request -------------------------------------------------------------------------------
     def _submit(self, request: Any, sender: Any) -> None:
         try:
-            parsed = parse_inputs(backend.input_tensors(request), LLAMA_MODEL, self.ctx, uuid.uuid4().hex,
-                                  params=backend.request_parameters(request), client_id=request.request_id())
-            if parsed.stream and not self.decoupled:
-                raise RequestError("streaming", "this model is deployed non-decoupled (one response per request), "
-                                                "so it cannot stream; send streaming=false, or generate the "
-                                                "repository decoupled (make repo DECOUPLED=true)")
-            # Text-aligned chunks: the core emits a stream response when its text grows, so no
-            # response of the ensemble carries an empty piece of a split character.
-            parsed.generation.detokenize = self.core.tokenizer is not None
+            tensors = backend.input_tensors(request)
+            rows = parse_batch(tensors, LLAMA_MODEL, self.ctx, uuid.uuid4().hex,
+                               params=backend.request_parameters(request), client_id=request.request_id())
+            row_tensors = split_rows(tensors, LLAMA_MODEL)
+            for parsed in rows:
+                if parsed.stream and not self.decoupled:
+                    raise RequestError("streaming", "this model is deployed non-decoupled (one response per "
+                                                    "request), so it cannot stream; send streaming=false, or "
+                                                    "generate the repository decoupled (make repo DECOUPLED=true)")
+                # Text-aligned chunks: the core emits a stream response when its text grows, so no
+                # response of the ensemble carries an empty piece of a split character.
+                parsed.generation.detokenize = self.core.tokenizer is not None
         except Exception as e:  # noqa: BLE001 - answer the request rather than leave it hanging
             self._refuse(sender, e)
             return
-        entry = _InFlight(request, sender, parsed, ResponseBuilder(parsed, "llama"),
-                          _ContextWindow(self.core.tokenizer, parsed.generation.stop_words))
-        rid = parsed.generation.request_id
-        with self._lock:  # before submit: the sink may run (and end it) before submit returns
-            self._in_flight[rid] = entry
-        try:
-            self.core.submit(parsed.generation, sink=lambda out: self._forward(entry, out))
-        except Exception as e:  # noqa: BLE001 - refused by the core: nothing was queued
-            with self._lock:
-                self._in_flight.pop(rid, None)
-            self._refuse(sender, e)
-            return
-        self.metrics.on_admitted(len(parsed.generation.prompt_ids))
+        group = _Request(request, sender, len(rows), [])
+        for parsed, row in zip(rows, row_tensors):
+            group.rows.append(_InFlight(group, parsed, ResponseBuilder(parsed, "llama"),
+                                        _ContextWindow(self.core.tokenizer, parsed.generation.stop_words),
+                                        _echo(row)))
+        with self._lock:  # before submit: a sink may run (and end its row) before submit returns
+            for entry in group.rows:
+                self._in_flight[entry.parsed.generation.request_id] = entry
+        for i, entry in enumerate(group.rows):
+            try:
+                self.core.submit(entry.parsed.generation, sink=functools.partial(self._forward, entry))
+            except Exception as e:  # noqa: BLE001 - refused by the core: this row and the rest were not queued
+                with self._lock:
+                    for later in group.rows[i:]:
+                        later.ended = True
+                        self._in_flight.pop(later.parsed.generation.request_id, None)
+                self._fail(group, backend.error_response(e))
+                if isinstance(e, (RequestError, QueueFullError)):
+                    self.metrics.on_refused("invalid" if isinstance(e, RequestError) else "rejected")
+                return
+            self.metrics.on_admitted(len(entry.parsed.generation.prompt_ids))
 
     def _refuse(self, sender: Any, error: Exception) -> None:
         if isinstance(error, (RequestError, QueueFullError)):
@@ -253,22 +299,49 @@ class TritonPythonModel:
             self._end(entry, response)
         elif response is not None:
             try:
-                entry.sender.send(response, flags=0)
+                entry.group.sender.send(response, flags=0)
             except Exception:  # noqa: BLE001 - the request is gone: stop generating for it
                 self.core.cancel(entry.parsed.generation.request_id)
                 self._end(entry, None)
 
     def _end(self, entry: _InFlight, response: Any) -> None:
-        """Send the final response (None: nothing more can be sent) once, and forget the request."""
+        """Send the row's last response (None: nothing more can be sent) once, and forget the row;
+        final for the request when it is its last open row. An error ends the whole request."""
+        group = entry.group
         with self._lock:
             if entry.ended:
                 return
             entry.ended = True
             self._in_flight.pop(entry.parsed.generation.request_id, None)
-        if response is None:
+            group.open_rows -= 1
+            error = response is not None and response.has_error()
+            last = group.open_rows == 0 and not group.closed
+            if not error:
+                group.closed = group.closed or last
+        if error:
+            self._fail(group, response)
+            return
+        if response is None or (not last and group.closed):
             return
         try:
-            entry.sender.send(response, flags=backend.FINAL)
+            group.sender.send(response, flags=backend.FINAL if last else 0)
+        except Exception:  # noqa: BLE001 - the request is already gone
+            pass
+
+    def _fail(self, group: _Request, response: Any) -> None:
+        """End the request with an error response: its other rows are cancelled, their outputs dropped."""
+        with self._lock:
+            if group.closed:
+                return
+            group.closed = True
+            others = [e for e in group.rows if not e.ended]
+            for entry in others:
+                entry.ended = True
+                self._in_flight.pop(entry.parsed.generation.request_id, None)
+        for entry in others:
+            self.core.cancel(entry.parsed.generation.request_id)
+        try:
+            group.sender.send(response, flags=backend.FINAL)
         except Exception:  # noqa: BLE001 - the request is already gone
             pass
 
@@ -284,8 +357,8 @@ class TritonPythonModel:
                                              pb_utils.TritonError.INTERNAL)
             return pb_utils.InferenceResponse(error=error), True
         if parsed.stream:
-            tensors = {name: arr for name, (_, arr) in output_tensors(out.text, list(out.token_ids),
-                                                                       list(out.log_probs), out).items()}
+            tensors = {name: arr for name, (_, arr) in output_tensors(out.text, list(out.token_ids), list(out.log_probs),
+                                                                       out, batch_index=parsed.batch_index).items()}
             tensors.update(entry.window.tensors(list(out.token_ids), out.finished))
         elif out.finished:
             entry.builder.add(out)
@@ -294,7 +367,8 @@ class TritonPythonModel:
         else:
             entry.builder.add(out)
             return None, False
-        outputs = {t.name: tensors[t.name] for t in LLAMA_MODEL.outputs}
+        tensors.update(entry.echo)
+        outputs = {t.name: tensors[t.name] for t in LLAMA_MODEL.outputs if t.name in tensors}
         return pb_utils.InferenceResponse(output_tensors=backend.output_tensors(outputs)), out.finished
 
     @staticmethod
@@ -318,3 +392,10 @@ class TritonPythonModel:
                 if cancelled:
                     entry.cancel_sent = True
                     self.core.cancel(entry.parsed.generation.request_id)
+
+
+def _echo(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A row's inputs that postprocessing reads, as llama's echo_* outputs (with a batch dim of 1)."""
+    names = {"text_input": "text_input", "stop_words": "stop_words", "streaming": "stream",
+             "exclude_input_in_output": "exclude_input_in_output"}
+    return {f"echo_{ensemble}": row[name][None] for name, ensemble in names.items() if name in row}

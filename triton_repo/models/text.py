@@ -12,9 +12,13 @@ import numpy as np
 
 from llamaforge.runtime.core.detokenizer import decode_window
 from llamaforge.runtime.core.requests import RequestError
-from llamaforge.runtime.serving.protocol import decode_words, encode_bad_words, encode_prompt, words_array
+from llamaforge.runtime.serving.model_interface import TEXT_MODEL
+from llamaforge.runtime.serving.protocol import decode_words, encode_bad_words, encode_prompt, split_rows, words_array
 
 __all__ = ["preprocess", "postprocess", "flag"]
+
+# llama's per-row outputs that postprocessing hands on unchanged (text_output is its own).
+_PASSED_ON = tuple(name for name in TEXT_MODEL.output_names if name != "text_output")
 
 
 def _one(name: str, tensors: Mapping[str, np.ndarray]) -> Any:
@@ -31,26 +35,43 @@ def flag(tensors: Mapping[str, np.ndarray], name: str, default: bool = False) ->
 
 
 def preprocess(tokenizer: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """text_input (+ bad_words) -> input_ids [1, N], input_lengths [1, 1], bad_words_list [1, 2, L]
-    (TensorRT-LLM's word-list layout), tokenized exactly as the standalone server does."""
+    """text_input [B, 1] (+ bad_words [B, N]) -> input_ids [B, L] (each row's ids, padded with 0
+    to the longest), input_lengths [B, 1], bad_words_list [B, 2, W] (TensorRT-LLM's word-list
+    layout, padded), tokenized exactly as the standalone server does."""
     if "text_input" not in tensors:
         raise RequestError("text_input", "required input is missing")
-    _, ids = encode_prompt(tokenizer, _one("text_input", tensors))
-    bad = encode_bad_words(tokenizer, tensors["bad_words"]) if "bad_words" in tensors else ()
+    rows = split_rows({k: v for k, v in tensors.items() if k in ("text_input", "bad_words")}, TEXT_MODEL)
+    ids_rows, words_rows = [], []
+    for row in rows:
+        _, ids = encode_prompt(tokenizer, _one("text_input", row))
+        ids_rows.append(ids)
+        words_rows.append(words_array(encode_bad_words(tokenizer, row["bad_words"]) if "bad_words" in row else ()))
+    input_ids = np.zeros((len(rows), max(len(ids) for ids in ids_rows)), dtype=np.int32)
+    bad_words = np.tile(np.array([[0], [-1]], dtype=np.int32), (len(rows), 1, max(w.shape[1] for w in words_rows)))
+    for i, (ids, words) in enumerate(zip(ids_rows, words_rows)):
+        input_ids[i, : len(ids)] = ids
+        bad_words[i, :, : words.shape[1]] = words
     return {
-        "input_ids": np.array([ids], dtype=np.int32),
-        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
-        "bad_words_list": words_array(bad)[None],
+        "input_ids": input_ids,
+        "input_lengths": np.array([[len(ids)] for ids in ids_rows], dtype=np.int32),
+        "bad_words_list": bad_words,
     }
 
 
 def postprocess(tokenizer: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One `llama` response (+ the request's text_input, stop_words, stream, exclude_input_in_output)
-    -> the ensemble's outputs. Stateless: a stream piece is decoded after its `context_ids` window
+    """One `llama` response (one row's, with that row's text_input, stop_words, stream,
+    exclude_input_in_output) -> the ensemble's outputs, llama's per-row outputs handed on. Stateless: a stream piece is decoded after its `context_ids` window
     (runtime/core/detokenizer.py `decode_window`), so split UTF-8 characters, SentencePiece spaces and
-    held-back stop-word prefixes come out as in the standalone server's streams."""
+    held-back stop-word prefixes come out as in the standalone server's streams. A response of
+    several rows (a non-decoupled llama's stacked answer to a batch) is made row by row."""
+    rows = tensors["output_ids"].shape[0]
+    if rows > 1:
+        made = [postprocess(tokenizer, {name: arr[i:i + 1] for name, arr in tensors.items()}) for i in range(rows)]
+        return {name: np.concatenate([m[name] for m in made]) for name in made[0]}
     stream = flag(tensors, "stream")
     ids = tensors["output_ids"].reshape(-1).tolist()
+    if "sequence_length" in tensors:  # a stacked batch's ids are padded past each row's length
+        ids = ids[: int(_one("sequence_length", tensors))]
     if not stream:  # one response; output_ids may start with the prompt (exclude_input_in_output false)
         n_generated = int(_one("num_output_tokens", tensors))
         ids = ids[len(ids) - n_generated:] if n_generated else []
@@ -59,13 +80,8 @@ def postprocess(tokenizer: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, 
                          flag(tensors, "context_continues"), stop_words, final=flag(tensors, "is_final"))
     if not stream and not flag(tensors, "exclude_input_in_output"):
         text = _prompt_text(tensors) + text
-    return {
-        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-        "cum_log_probs": tensors["cum_log_probs"],
-        "output_log_probs": tensors["output_log_probs"],
-        "num_input_tokens": tensors["num_input_tokens"],
-        "num_output_tokens": tensors["num_output_tokens"],
-    }
+    return {"text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+            **{name: tensors[name] for name in _PASSED_ON if name in tensors}}
 
 
 def _prompt_text(tensors: Mapping[str, np.ndarray]) -> str:

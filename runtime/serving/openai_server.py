@@ -1,0 +1,417 @@
+"""The OpenAI-compatible HTTP front end: a Starlette app on the same engine core as the gRPC server,
+served by uvicorn in a thread of the same process (`llamaforge serve --http-port 8000`).
+
+Routes:
+
+    GET  /v2/health/live          200 while the process serves
+    GET  /v2/health/ready         200 when the core is running, 503 otherwise
+    GET  /v1/models               the served model (the engine's variant name)
+    GET  /v1/models/{model}       that model, or 404
+    POST /v1/completions          prompt: a string, token ids, or a list of either (one choice each)
+    POST /v1/chat/completions     messages rendered by the checkpoint's chat template
+
+Request bodies are parsed by runtime/serving/openai_protocol.py (which parameters are honoured, which
+are refused). Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`:
+
+    400 invalid_request_error   a parameter is wrong or not supported (`param` names it); the
+                                prompt / max_tokens / context checks are runtime/core/validation.py's
+    404 invalid_request_error   unknown model (code model_not_found), or an unknown route
+    413 invalid_request_error   the body is over `max_body_bytes` (default: the gRPC message limit)
+    429 rate_limit_error        the core's waiting queue is full (nothing was queued)
+    500 server_error            the engine failed while running the request
+    503 service_unavailable     the server is not ready (starting or stopping)
+
+Streaming (`stream: true`) is server-sent events: `data: {chunk}` lines, for chat a first chunk that
+carries only the role, the finish reason in the last chunk of each choice, with
+`stream_options.include_usage` a chunk with no choices and the usage, then `data: [DONE]`. The
+deltas come from the core's outputs as they are made, so they concatenate to the unary text.
+
+A client that disconnects (mid-stream, or while waiting for a unary answer) has its requests
+cancelled in the core, which frees their KV within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from llamaforge.runtime.core.requests import GenerationOutput, QueueFullError, RequestError
+from llamaforge.runtime.core.tokenizer import Tokenizer
+from llamaforge.runtime.core.validation import RequestLimits
+from llamaforge.runtime.serving import openai_protocol as op
+from llamaforge.runtime.serving.engine_client import EngineClient
+from llamaforge.runtime.serving.metrics import ServerMetrics
+
+__all__ = ["OpenAIFrontend", "HttpServer", "DEFAULT_MAX_BODY_BYTES"]
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # the gRPC server's default receive limit
+_POLL_S = 0.25  # how often a unary handler checks that its client is still there
+
+
+class _Refusal(Exception):
+    """An answer other than 200: the status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = op.error_body(message, type_, param, code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+def _invalid(e: RequestError) -> _Refusal:
+    message = str(e)
+    return _Refusal(400, message, "invalid_request_error", e.field)
+
+
+class _Run:
+    """One HTTP request's prompts running in the core: each output arrives, from the core's thread,
+    on this loop's queue as (choice index, output)."""
+
+    def __init__(self, core: EngineClient, req: op.OpenAIRequest, metrics: ServerMetrics | None) -> None:
+        self.core = core
+        self.req = req
+        self.metrics = metrics
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, GenerationOutput]] = asyncio.Queue()
+        self.unfinished: set[int] = set()
+        self.started = time.monotonic()
+
+    def _sink(self, index: int) -> Callable[[GenerationOutput], None]:
+        def put(out: GenerationOutput) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+            except RuntimeError:  # the loop has closed: the HTTP server is gone, nobody is waiting
+                pass
+        return put
+
+    def submit(self, prompt_field: str) -> None:
+        """Submit every prompt; on a refusal cancel those already submitted and raise it."""
+        for job in self.req.jobs:
+            try:
+                self.core.submit(job.generation, self._sink(job.index))
+            except RequestError as e:
+                self.cancel()
+                if self.metrics:
+                    self.metrics.on_invalid()
+                field = prompt_field if e.field == "text_input" else e.field
+                raise _invalid(RequestError(field, str(e).split(": ", 1)[-1])) from None
+            except QueueFullError as e:
+                self.cancel()
+                if self.metrics:
+                    self.metrics.on_rejected()
+                raise _Refusal(429, f"the waiting queue is full: {e}", "rate_limit_error", None, "queue_full") from None
+            self.unfinished.add(job.index)
+            if self.metrics:
+                self.metrics.on_admitted(len(job.generation.prompt_ids))
+
+    def cancel(self) -> None:
+        """Cancel every prompt not yet finished (cancelling a finished one does nothing)."""
+        for job in self.req.jobs:
+            if job.index in self.unfinished:
+                self.core.cancel(job.generation.request_id)
+
+    async def next(self) -> tuple[int, GenerationOutput]:
+        index, out = await self.queue.get()
+        if out.finished:
+            self.unfinished.discard(index)
+            if self.metrics:
+                self.metrics.on_request_done(time.monotonic() - self.started)
+        return index, out
+
+
+def _failure(out: GenerationOutput) -> _Refusal | None:
+    if out.finish_reason == "cancelled":
+        return _Refusal(503, "the request was cancelled (the server is stopping)", "service_unavailable")
+    if out.finish_reason not in ("stop", "length"):
+        return _Refusal(500, f"the engine failed while running the request: {out.error or out.finish_reason}",
+                        "server_error")
+    return None
+
+
+def _sse(payload: Mapping[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+class _EventStream:
+    """An ASGI response that sends `events` as they come and calls `on_close` when the client
+    disconnects (at once, from a task listening for it, so a stream waiting for its next token is
+    cancelled in the core too) or the stream ends."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        self.events = events
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.on_close()
+
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+        watcher = asyncio.create_task(watch())
+        try:
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client has gone (uvicorn's ClientDisconnected)
+            pass
+        finally:
+            watcher.cancel()
+            self.on_close()
+
+
+class OpenAIFrontend:
+    """The ASGI app (`.app`) over an engine core. `ready`: whether the core is running (default: from
+    `start_serving()` until `stop_serving()`); `max_body_bytes`: the largest request body."""
+
+    def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ready: Callable[[], bool] | None = None) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self._serving = False
+        self._ready = ready or (lambda: self._serving)
+        self.model_name = core.model_name
+        self.created = int(time.time())
+        # The core's own limits (it checks them again on submit): its KV cache never grows.
+        self.limits = RequestLimits(core.context_length, core.manifest.vocab_size,
+                                    kv_tokens=int(core.stats()["kv_total_tokens"]) or None)
+        self.app = Starlette(routes=[
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ], exception_handlers={HTTPException: self._http_error})
+
+    def start_serving(self) -> None:
+        self._serving = True
+
+    def stop_serving(self) -> None:
+        self._serving = False
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.core.tokenizer
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        message = exc.detail if isinstance(exc, HTTPException) else str(exc)
+        return JSONResponse(op.error_body(f"{request.method} {request.url.path}: {message}", type_), status_code=status)
+
+    # -- health and models --------------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self._ready() else 503)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama-forge",
+                "max_model_len": self.core.context_length}
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != self.model_name:
+            return self._unknown_model(name).response()
+        return JSONResponse(self._model_card())
+
+    def _unknown_model(self, name: str) -> _Refusal:
+        return _Refusal(404, f"The model `{name}` does not exist (served: {self.model_name})", "invalid_request_error",
+                        "model", "model_not_found")
+
+    # -- generation ----------------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response | _EventStream:
+        return await self._generate(request, op.parse_completion, "prompt")
+
+    async def chat_completions(self, request: Request) -> Response | _EventStream:
+        return await self._generate(request, op.parse_chat, "messages")
+
+    async def _read_body(self, request: Request) -> dict[str, Any]:
+        too_large = _Refusal(413, f"the request body is over {self.max_body_bytes} bytes", "invalid_request_error",
+                             None, "request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise too_large
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > self.max_body_bytes:
+                raise too_large
+        try:
+            body = json.loads(data)
+        except ValueError as e:
+            raise _Refusal(400, f"the body is not valid JSON: {e}", "invalid_request_error") from None
+        if not isinstance(body, dict):
+            raise _Refusal(400, "the body must be a JSON object", "invalid_request_error")
+        return body
+
+    async def _generate(self, request: Request,
+                        parse: Callable[[Mapping[str, Any], Tokenizer | None, RequestLimits], op.OpenAIRequest],
+                        prompt_field: str) -> Response | _EventStream:
+        try:
+            if not self._ready():
+                raise _Refusal(503, "the server is not ready", "service_unavailable", None, "not_ready")
+            body = await self._read_body(request)
+            model = body.get("model")
+            if isinstance(model, str) and model and model != self.model_name:
+                raise self._unknown_model(model)
+            try:
+                req = parse(body, self.tokenizer, self.limits)
+            except RequestError as e:
+                if self.metrics:
+                    self.metrics.on_invalid()
+                raise _invalid(e) from None
+            run = _Run(self.core, req, self.metrics)
+            run.submit(prompt_field)
+        except _Refusal as refusal:
+            return refusal.response()
+        if req.stream:
+            return _EventStream(self._events(run), run.cancel)
+        return await self._whole(request, run)
+
+    async def _whole(self, request: Request, run: _Run) -> Response:
+        """Wait for every prompt's outputs, then answer them in one body."""
+        parts: dict[int, list[GenerationOutput]] = {job.index: [] for job in run.req.jobs}
+        # One getter task at a time, polled, so no output is lost to a timeout's cancellation.
+        getter: asyncio.Task[tuple[int, GenerationOutput]] | None = None
+        while run.unfinished:
+            getter = getter or asyncio.ensure_future(run.next())
+            done, _ = await asyncio.wait({getter}, timeout=_POLL_S)
+            if not done:
+                if await request.is_disconnected():
+                    getter.cancel()
+                    run.cancel()
+                    return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+                continue
+            index, out = getter.result()
+            getter = None
+            parts[index].append(out)
+            failure = _failure(out) if out.finished else None
+            if failure is not None:
+                run.cancel()
+                return failure.response()
+        req, tok = run.req, self.tokenizer
+        finals = [parts[job.index][-1] for job in req.jobs]
+        choices = []
+        for job in req.jobs:
+            outs = parts[job.index]
+            text = "".join(o.text for o in outs)
+            ids = [t for o in outs for t in o.token_ids]
+            lps = [x for o in outs for x in o.log_probs]
+            reason = outs[-1].finish_reason
+            if req.kind == "chat":
+                choices.append({"index": job.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": op.chat_logprobs(tok, ids, lps) if req.logprobs else None,
+                                "finish_reason": reason})
+            else:
+                choices.append({"index": job.index, "text": job.echo + text, "finish_reason": reason,
+                                "logprobs": op.completion_logprobs(tok, ids, lps, len(job.echo))
+                                if req.logprobs else None})
+        usage = op.usage_body(finals)
+        build = op.chat_body if req.kind == "chat" else op.completion_body
+        return JSONResponse(build(req, choices, usage))
+
+    async def _events(self, run: _Run) -> AsyncIterator[bytes]:
+        """The SSE stream of a request (see the module docstring)."""
+        req, tok = run.req, self.tokenizer
+        chat = req.kind == "chat"
+        chunk = op.chat_chunk if chat else op.completion_chunk
+        offsets = {job.index: len(job.echo) for job in req.jobs}
+        finals: list[GenerationOutput] = []
+        if chat:
+            yield _sse(chunk(req, [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                    "finish_reason": None}]))
+        for job in req.jobs:
+            if job.echo:
+                yield _sse(chunk(req, [{"index": job.index, "text": job.echo, "logprobs": None, "finish_reason": None}]))
+        while run.unfinished:
+            index, out = await run.next()
+            failure = _failure(out) if out.finished else None
+            if failure is not None:
+                run.cancel()
+                yield _sse(failure.body)
+                return
+            if not (out.text or out.token_ids or out.finished):
+                continue
+            logprobs = None
+            if req.logprobs:
+                logprobs = (op.chat_logprobs(tok, out.token_ids, out.log_probs) if chat else
+                            op.completion_logprobs(tok, out.token_ids, out.log_probs, offsets[index]))
+            offsets[index] += len(out.text)
+            reason = out.finish_reason if out.finished else None
+            if chat:
+                choice = {"index": index, "delta": {"content": out.text} if out.text else {}, "logprobs": logprobs,
+                          "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": reason}
+            yield _sse(chunk(req, [choice]))
+            if out.finished:
+                finals.append(out)
+        if req.include_usage:
+            yield _sse(chunk(req, [], op.usage_body(finals)))
+        yield _sse("[DONE]")
+
+
+class HttpServer:
+    """uvicorn serving an `OpenAIFrontend` from a thread of this process. The socket is bound here,
+    so a busy port fails in the caller and `port` is known (0: a free one) before `start()`."""
+
+    def __init__(self, frontend: OpenAIFrontend, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.frontend = frontend
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as e:
+            self._socket.close()
+            raise OSError(f"cannot bind the HTTP port {host}:{port}: {e}") from None
+        self.host = host
+        self.port: int = self._socket.getsockname()[1]
+        config = uvicorn.Config(frontend.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> HttpServer:
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="http-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server on {self.host}:{self.port} did not start")
+            time.sleep(0.01)
+        self.frontend.start_serving()
+        return self
+
+    def stop(self) -> None:
+        self.frontend.stop_serving()
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._socket.close()

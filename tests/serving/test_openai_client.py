@@ -1,0 +1,200 @@
+"""The OpenAI-compatible HTTP front end of a real `llamaforge serve` process, driven by the official
+`openai` client: completions unary and streaming, greedy parity with the engine, stop strings, seeds,
+usage, errors, and 32 concurrent streams, some disconnecting, with the KV cache all free after."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai_process import ServerProcess, serve_process
+
+from llamaforge.runtime.core.engine import Engine
+from llamaforge.runtime.core.generate import generate_ids
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "def main("
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine: Path) -> Iterator[ServerProcess]:
+    with serve_process(tiny_engine, "--max-num-seqs", "4", "--max-queue", "64", "--kv-budget-tokens", "2048") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].object == "model"
+    return models[0].id
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine: Path) -> Engine:
+    return Engine(tiny_engine)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def _streamed(client: openai.OpenAI, **kwargs: Any) -> tuple[str, list[str | None], Any]:
+    """(concatenated text, finish reasons in order, usage of the last chunk) of a streamed completion."""
+    text, reasons, usage = [], [], None
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            text.append(c.text)
+            reasons.append(c.finish_reason)
+        usage = chunk.usage or usage
+    return "".join(text), reasons, usage
+
+
+def test_health_on_the_http_port(server: ServerProcess, model: str) -> None:
+    assert _status(f"{server.root_url}/v2/health/live") == 200
+    assert _status(f"{server.root_url}/v2/health/ready") == 200
+    assert _status(f"{server.base_url}/models/{model}") == 200
+
+
+def test_greedy_completion_is_the_engines_and_the_stream_concatenates_to_it(
+        client: openai.OpenAI, model: str, engine: Engine) -> None:
+    assert engine.tokenizer is not None
+    ids = engine.tokenizer.encode(PROMPT)
+    want = generate_ids(engine, [ids], 12, stop_at_eos=True)[0]
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == model and r.id.startswith("cmpl-")
+    (choice,) = r.choices
+    assert choice.text == engine.tokenizer.decode(want.output_ids)
+    assert choice.finish_reason == ("length" if len(want.output_ids) == 12 else "stop")
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want.output_ids))
+    assert r.usage.total_tokens == len(ids) + len(want.output_ids)
+    text, reasons, usage = _streamed(client, model=model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                     stream_options={"include_usage": True})
+    assert text == choice.text and reasons[-1] == choice.finish_reason and set(reasons[:-1]) <= {None}
+    assert usage == r.usage
+    # Token ids and a list of prompts: one choice per prompt, in order.
+    r2 = client.completions.create(model=model, prompt=[ids, PROMPT], max_tokens=12, temperature=0)
+    assert [c.index for c in r2.choices] == [0, 1] and {c.text for c in r2.choices} == {choice.text}
+    assert r2.usage is not None and r2.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_stop_strings_cut_the_text_before_them(client: openai.OpenAI, model: str) -> None:
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+    assert len(full) >= 6, full
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    want = full[:full.index(stop)]
+    for stops in (stop, ["\x00never", stop]):
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=stops)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
+        text, reasons, _ = _streamed(client, model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=stops)
+        assert (text, reasons[-1]) == (want, "stop")
+
+
+def test_a_seed_reproduces_a_sampled_completion(client: openai.OpenAI, model: str) -> None:
+    args: dict[str, Any] = dict(model=model, prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=0.95)
+    first = client.completions.create(seed=1234, **args).choices[0].text
+    assert client.completions.create(seed=1234, **args).choices[0].text == first
+    assert _streamed(client, seed=1234, **args)[0] == first
+    others = {client.completions.create(seed=s, **args).choices[0].text for s in range(5)}
+    assert len(others) > 1  # sampling does sample
+
+
+def test_echo_and_logprobs(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    assert r.choices[0].text == PROMPT + plain
+    lp = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
+    logprobs = lp.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.tokens is not None
+    assert len(logprobs.token_logprobs) == lp.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(x <= 0.0 for x in logprobs.token_logprobs)
+
+
+def test_errors_reach_the_client_in_openais_schema(client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt=PROMPT, n=2)
+    assert e.value.param == "n" and e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=100_000)
+    assert e.value.param == "max_tokens" and "context length" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt=PROMPT, extra_body={"min_p": 0.1})
+    assert e.value.param == "min_p"
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.completions.create(model="gpt-4o", prompt=PROMPT)
+    assert nf.value.code == "model_not_found" and nf.value.param == "model"
+
+
+def test_32_concurrent_streams_some_disconnecting_leave_the_kv_cache_free(
+        server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    cancelled_before = _outcome(server, "cancelled")
+    results: dict[int, tuple[str, str | None]] = {}
+    errors: list[BaseException] = []
+    expected = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0).choices[0]
+    # The disconnecting streams ask for 200 tokens, which greedy decoding of this prompt does not end before.
+    long = client.completions.create(model=model, prompt=PROMPT, max_tokens=200, temperature=0).choices[0]
+    assert long.finish_reason == "length"
+
+    def run(i: int) -> None:
+        try:
+            own = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+            disconnect = i % 4 == 0
+            stream = own.completions.create(model=model, prompt=PROMPT, max_tokens=200 if disconnect else 16,
+                                            temperature=0, stream=True)
+            pieces, reason = [], None
+            for n, chunk in enumerate(stream):
+                pieces.append(chunk.choices[0].text)
+                reason = chunk.choices[0].finish_reason
+                if disconnect and n == 1:
+                    stream.close()  # the client goes away mid-stream
+                    break
+            results[i] = ("".join(pieces), reason)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert len(results) == 32
+    for i, (text, reason) in results.items():
+        if i % 4:
+            assert (text, reason) == (expected.text, expected.finish_reason), i
+    # Every disconnected stream was cancelled in the core, and all the KV is free again.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if (server.metric("llamaforge_kv_cache_free_fraction") == 1.0
+                and server.metric("llamaforge_running_sequences") == 0
+                and _outcome(server, "cancelled") - cancelled_before == 8):
+            break
+        time.sleep(0.05)
+    assert server.metric("llamaforge_kv_cache_free_fraction") == 1.0
+    assert server.metric("llamaforge_kv_cache_used_tokens") == 0
+    assert server.metric("llamaforge_running_sequences") == 0 and server.metric("llamaforge_queue_depth") == 0
+    assert _outcome(server, "cancelled") - cancelled_before == 8
+
+
+def _outcome(server: ServerProcess, outcome: str) -> float:
+    import re
+
+    m = re.search(rf'^llamaforge_requests_total{{outcome="{outcome}"}} (\S+)$', server.metrics(), re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
