@@ -196,6 +196,19 @@ def write_tiktoken_ranks(path: Path, ranks: dict[bytes, int]) -> Path:
 # -- HF checkpoints -----------------------------------------------------------------------------
 
 
+def _randomized(model: torch.nn.Module, seed: int, init_std: float) -> torch.nn.Module:
+    """`model` with seeded random weights: matrices ~ N(0, init_std), 1-D (RMSNorm) ~ 1 + N(0, 0.1),
+    drawn in sorted parameter-name order so a seed always gives the same checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def make_hf_checkpoint(dest: str | Path, config: ModelConfig | None = None, seed: int = 0,
                        max_shard_size: int | str | None = None, init_std: float = 0.1) -> Path:
     """Random-weight `LlamaForCausalLM` (fp32) saved with `save_pretrained` in >= 2 safetensors shards
@@ -208,14 +221,7 @@ def make_hf_checkpoint(dest: str | Path, config: ModelConfig | None = None, seed
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     hf_logging.set_verbosity_error()
-    gen = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config.to_hf()))
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+    model = _randomized(LlamaForCausalLM(LlamaConfig(**config.to_hf())), seed, init_std)
     if max_shard_size is None:
         sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
         max_shard_size = max(max(sizes), sum(sizes) // 3)
@@ -394,14 +400,7 @@ def make_llama4_checkpoint(dest: str | Path, config: ModelConfig, seed: int = 0,
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     hf_logging.set_verbosity_error()
-    gen = torch.Generator().manual_seed(seed)
-    model = Llama4ForCausalLM(Llama4TextConfig(**config.to_hf()))
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+    model = _randomized(Llama4ForCausalLM(Llama4TextConfig(**config.to_hf())), seed, init_std)
     sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
     model.save_pretrained(dest, max_shard_size=max(max(sizes), sum(sizes) // 3))
     train_tiny_tokenizer(config.vocab_size).save(str(dest / "tokenizer.json"))

@@ -10,8 +10,8 @@ from typing import Any
 
 import openai
 import pytest
-from openai_process import ServerProcess, serve_process
 from real_tokenizer_configs import build_engine_with_tokenizer, write_llama3_instruct
+from server_process import ServerProcess, serve_process
 
 pytestmark = pytest.mark.slow
 

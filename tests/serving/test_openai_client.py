@@ -14,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from openai_process import ServerProcess, serve_process
+from server_process import ServerProcess, serve_process
 
 from llamaforge.runtime.core.engine import Engine
 from llamaforge.runtime.core.generate import generate_ids

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from fake_core import EOS, FakeConfig, FakeCore
+from server_process import serve_process
 from server_utils import (
     grpc_client,
     is_final,
@@ -576,32 +577,9 @@ def assert_serves_real(client: grpcclient.InferenceServerClient) -> None:
 
 @pytest.mark.slow
 def test_cli_serve_process_serves_and_stops_on_sigterm(tiny_engine: Path) -> None:
-    """`llamaforge serve` end to end: free ports, one request, metrics, SIGTERM -> exit 0."""
-    import re
-    import signal
-    import subprocess
-    import sys
-    import urllib.request
-
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
-         str(tiny_engine), "--port", "0", "--metrics-port", "0", "--http-port", "0", "--max-num-seqs", "2", "--max-queue", "4",
-         "--kv-budget-tokens", "1024"],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        m = re.search(r"on grpc 127\.0\.0\.1:(\d+), metrics http://127\.0\.0\.1:(\d+)/metrics", line)
-        assert m, line
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{m.group(1)}")
+    """`llamaforge serve` end to end: free ports, one request, metrics, SIGTERM -> exit 0 (serve_process)."""
+    with serve_process(tiny_engine, "--max-num-seqs", "2", "--max-queue", "4", "--kv-budget-tokens", "1024") as server:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         r = client.infer("ensemble", text_inputs("hi", 3, min_tokens=3))
         assert r.as_numpy("num_output_tokens").tolist() == [[3]]
-        with urllib.request.urlopen(f"http://127.0.0.1:{m.group(2)}/metrics", timeout=10) as resp:
-            assert 'llamaforge_requests_total{outcome="length"} 1.0' in resp.read().decode()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert 'llamaforge_requests_total{outcome="length"} 1.0' in server.metrics()

@@ -1,4 +1,5 @@
-"""A real `llamaforge serve` process for the OpenAI front-end tests (a helper module, not a test file).
+"""A real `llamaforge serve` process on free ports, for the tests of the CLI and the OpenAI front end
+(a helper module, not a test file).
 
     with serve_process(engine_dir) as server:     # free gRPC, HTTP and metrics ports on 127.0.0.1
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
