@@ -50,7 +50,7 @@ from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_T
 
 __all__ = [
     "ModelContext", "ParsedRequest", "parse_request", "parse_batch", "split_rows", "parse_inputs", "encode_prompt",
-    "encode_bad_words", "decode_words", "words_array", "output_tensors", "stack_rows", "ResponseBuilder",
+    "encode_bad_words", "decode_words", "words_array", "output_tensors", "stack_arrays", "stack_rows", "ResponseBuilder",
     "FINAL_PARAM", "EMPTY_FINAL_PARAM",
 ]
 
@@ -538,17 +538,23 @@ def output_tensors(text: str, ids: list[int], log_probs: list[float], out: Gener
     return {name: make[name]() for name in (make if names is None else names) if name in make}
 
 
-def stack_rows(rows: Sequence[Mapping[str, tuple[str, np.ndarray]]]) -> dict[str, tuple[str, np.ndarray]]:
-    """The rows' tensors (`output_tensors` of each row, in row order) as one batch: each output
-    concatenated along its first dimension, shorter trailing dimensions padded with 0 (as a
-    batch's output_ids are padded; sequence_length gives each row's real length)."""
-    stacked: dict[str, tuple[str, np.ndarray]] = {}
-    for name, (dtype, first) in rows[0].items():
-        arrays = [row[name][1] for row in rows]
+def stack_arrays(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The rows' tensors (in row order) as one batch: each tensor concatenated along its first
+    dimension, shorter trailing dimensions padded with 0 (as a batch's output_ids are padded;
+    sequence_length gives each row's real length)."""
+    stacked: dict[str, np.ndarray] = {}
+    for name, first in rows[0].items():
+        arrays = [row[name] for row in rows]
         shape = tuple(max(a.shape[d] for a in arrays) for d in range(1, first.ndim))
         padded = []
         for a in arrays:
             pad = [(0, 0)] + [(0, want - have) for want, have in zip(shape, a.shape[1:])]
             padded.append(a if not any(p for _, p in pad) else np.pad(a, pad, constant_values=0))
-        stacked[name] = (dtype, np.concatenate(padded, axis=0))
+        stacked[name] = np.concatenate(padded, axis=0)
     return stacked
+
+
+def stack_rows(rows: Sequence[Mapping[str, tuple[str, np.ndarray]]]) -> dict[str, tuple[str, np.ndarray]]:
+    """`stack_arrays` for `output_tensors` rows ({name: (datatype, array)})."""
+    stacked = stack_arrays([{name: arr for name, (_, arr) in row.items()} for row in rows])
+    return {name: (rows[0][name][0], arr) for name, arr in stacked.items()}

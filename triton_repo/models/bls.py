@@ -39,7 +39,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL
-from llamaforge.runtime.serving.protocol import split_rows, stack_rows
+from llamaforge.runtime.serving.protocol import split_rows, stack_arrays
 from llamaforge.triton_repo.models import backend
 from llamaforge.triton_repo.models.interfaces import (
     ECHOED,
@@ -170,8 +170,7 @@ class TritonPythonModel:
                     return pb_utils.InferenceResponse(error=response.error())
                 texts.append(self._postprocess(row, response, index))
             if len(texts) > 1:
-                stacked = stack_rows([{name: ("", arr) for name, arr in text.items()} for text in texts])
-                texts = [{name: arr for name, (_, arr) in stacked.items()}]
+                texts = [stack_arrays(texts)]
             return pb_utils.InferenceResponse(output_tensors=backend.output_tensors(texts[0]))
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others
             return backend.error_response(e)

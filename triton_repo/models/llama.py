@@ -20,7 +20,7 @@ cancelled and the error is the final response.
 
 Non-decoupled, a Python model must return one response per request from `execute`, so `execute`
 submits its requests the same way, but each one's sender is a `_OneResponse` that keeps the rows'
-responses (stacked into one, `stack_rows`, for a batch), and `execute` returns them once every
+responses (stacked into one, `stack_arrays`, for a batch), and `execute` returns them once every
 request has ended. A request that asks to stream
 (streaming = true) is INVALID_ARG. Triton runs one `execute` per instance at a time, so a
 non-decoupled instance batches only the requests of one `execute` call: for concurrency, deploy
@@ -69,7 +69,7 @@ from llamaforge.runtime.serving.protocol import (
     output_tensors,
     parse_batch,
     split_rows,
-    stack_rows,
+    stack_arrays,
 )
 from llamaforge.triton_repo.models import backend
 from llamaforge.triton_repo.models.interfaces import LLAMA_MODEL
@@ -161,9 +161,8 @@ class _OneResponse:
             elif len(self.rows) == 1:
                 self.response = response
             else:
-                stacked = stack_rows([{name: ("", arr) for name, arr in row.items()} for row in self.rows])
                 self.response = pb_utils.InferenceResponse(
-                    output_tensors=backend.output_tensors({name: arr for name, (_, arr) in stacked.items()}))
+                    output_tensors=backend.output_tensors(stack_arrays(self.rows)))
             self.done.set()
 
 
