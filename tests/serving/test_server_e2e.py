@@ -141,13 +141,19 @@ def test_non_decoupled_serving_and_statistics_with_the_real_core(built: tuple[Pa
         assert not client.get_model_config("ensemble").config.model_transaction_policy.decoupled
         texts: dict[int, bytes] = {}
 
+        # One connected client per request, made before the long request starts, so that the three
+        # short ones queue at once and the long one still holds the slot for most of its run.
+        clients = [grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}") for _ in range(4)]
+        for c in clients:
+            assert c.is_server_ready()
+
         def one(i: int, tokens: int) -> None:
-            c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
-            r = c.infer("ensemble", text_inputs(prompt, tokens, exclude_input_in_output=True, min_tokens=tokens))
+            r = clients[i].infer("ensemble", text_inputs(prompt, tokens, exclude_input_in_output=True, min_tokens=tokens))
             texts[i] = r.as_numpy("text_output")[0]
 
-        # A long request holds the one slot; three more wait in the queue until it ends.
-        threads = [threading.Thread(target=one, args=(0, 300))]
+        # A long request (most of the 512-token context) holds the one slot; three more wait in the
+        # queue until it ends.
+        threads = [threading.Thread(target=one, args=(0, 480))]
         threads[0].start()
         wait_until(lambda: core.stats()["running"] == 1, timeout=60)
         threads += [threading.Thread(target=one, args=(i, n)) for i in (1, 2, 3)]
