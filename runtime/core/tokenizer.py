@@ -187,6 +187,19 @@ def _flatten(component: Any) -> list[dict[str, Any]]:
     return [component]
 
 
+def _transformers_prepend_scheme(cfg: dict[str, Any]) -> str | None:
+    """Where transformers 5's `LlamaTokenizer` (the class LLaMA 1/2 HF checkpoints name) puts the
+    "▁" prefix: its Metaspace pre-tokenizer's prepend scheme, "first" unless `legacy` ("always"),
+    "never" when `add_prefix_space` is false. None for any other class, or no tokenizer_config.json
+    (the Meta layout), where the tokenizer file's own rules apply."""
+    if str(cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
+        return None
+    add_prefix_space = cfg.get("add_prefix_space")
+    if add_prefix_space is not None and not add_prefix_space:
+        return "never"
+    return "always" if cfg.get("legacy", False) else "first"
+
+
 def _as_transformers_loads(spec: dict[str, Any], cfg: dict[str, Any]) -> None:
     """Edit a parsed tokenizer.json (in place) into the pipeline transformers 5 builds from it.
 
@@ -196,12 +209,9 @@ def _as_transformers_loads(spec: dict[str, Any], cfg: dict[str, Any]) -> None:
     normalizer and pre-tokenizer by a Metaspace pre-tokenizer ("first" prepend scheme unless
     `legacy`, none when `add_prefix_space` is false), which encodes text after special tokens
     differently from the file's Prepend normalizer."""
-    cls = str(cfg.get("tokenizer_class") or "")
-    if cls.removesuffix("Fast") != "LlamaTokenizer":
+    scheme = _transformers_prepend_scheme(cfg)
+    if scheme is None:
         return
-    add_prefix_space = cfg.get("add_prefix_space")
-    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-    scheme = ("always" if cfg.get("legacy", False) else "first") if add_prefix_space else "never"
     spec["normalizer"] = None
     spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": False}
 
@@ -337,19 +347,35 @@ class SentencePieceTokenizer(Tokenizer):
         self.strip_leading_space = bool(probe) and probe[0].startswith("\u2581")
         pieces = sorted((sp.id_to_piece(i) for i in self._control), key=len, reverse=True)
         self._control_re = re.compile("|".join(re.escape(p) for p in pieces if p)) if pieces else None
+        self._prepend_scheme = _transformers_prepend_scheme(cfg)
+        if self._prepend_scheme is not None:
+            # transformers' Metaspace decides where the "▁" prefix goes, so this copy never adds
+            # SentencePiece's own dummy prefix (decoding keeps using the original).
+            self._sp_no_prefix = spm.SentencePieceProcessor(model_file=str(path))
+            self._sp_no_prefix.override_normalizer_spec(add_dummy_prefix=False)
+
+    def _encode_text(self, text: str, first: bool) -> list[int]:
+        """One run of text between special tokens; `first`: it starts the prompt."""
+        scheme = self._prepend_scheme
+        if scheme is None:  # the Meta layout: SentencePiece's own rule, a dummy prefix on every run
+            return list(self._sp.encode(text))
+        if (scheme == "always" or (scheme == "first" and first)) and not text.startswith((" ", "\u2581")):
+            text = " " + text
+        return list(self._sp_no_prefix.encode(text))
 
     def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]:
         if not allow_special or self._control_re is None:
-            return self._with_specials(list(self._sp.encode(text)), add_bos, self._add_bos_token, self._add_eos_token)
-        ids: list[int] = []
+            ids = self._encode_text(text, first=True) if text else []
+            return self._with_specials(ids, add_bos, self._add_bos_token, self._add_eos_token)
+        ids = []
         pos = 0
         for m in self._control_re.finditer(text):
             if m.start() > pos:
-                ids.extend(self._sp.encode(text[pos:m.start()]))
+                ids.extend(self._encode_text(text[pos:m.start()], first=pos == 0))
             ids.append(self._sp.piece_to_id(m.group(0)))
             pos = m.end()
         if pos < len(text):
-            ids.extend(self._sp.encode(text[pos:]))
+            ids.extend(self._encode_text(text[pos:], first=pos == 0))
         return self._with_specials(ids, add_bos, self._add_bos_token, self._add_eos_token)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

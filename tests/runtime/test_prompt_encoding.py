@@ -212,3 +212,40 @@ def test_tiktoken_follows_add_bos_token_and_keeps_the_template(tmp_path: Path, a
     ids = tok.encode_chat([{"role": "user", "content": "Hello world"}])
     assert ids[:2] == [bos, bos + 6] and ids.count(bos) == 1 and ids.count(bos + 9) == 1  # header, one <|eot_id|>
     assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template([{"role": "user", "content": "Hello world"}])
+
+
+@pytest.fixture(scope="module")
+def llama2_sentencepiece(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaMA 2 chat as its HF repo also ships it and as the Meta release is: the SentencePiece
+    `tokenizer.model` beside the real tokenizer_config.json, with no tokenizer.json, so transformers
+    converts the .model itself (SentencePieceExtractor + LlamaConverter)."""
+    dest = tmp_path_factory.mktemp("llama2-chat-sentencepiece")
+    (dest / "tokenizer.model").write_bytes(train_tiny_sentencepiece())
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        (dest / name).write_bytes((checkpoints["llama2-chat"] / name).read_bytes())
+    return dest
+
+
+def test_sentencepiece_model_equals_transformers(llama2_sentencepiece: Path) -> None:
+    ours = load_tokenizer(llama2_sentencepiece, {"kind": "sentencepiece", "file": "tokenizer.model",
+                                                 "config_file": "tokenizer_config.json", "eos_ids": [2]})
+    ref = _reference(llama2_sentencepiece)
+    assert "tokenizer.json" not in {p.name for p in llama2_sentencepiece.iterdir()}
+    for text in TEXTS:
+        assert ours.encode(text, allow_special=True) == ref(text)["input_ids"], text
+        assert ours.encode(text, add_bos=False, allow_special=True) == ref(text, add_special_tokens=False)["input_ids"]
+    for messages in CONVERSATIONS:
+        assert ours.encode_chat(messages) == _chat_ids(ref, messages, add_generation_prompt=True), messages
+
+
+def test_meta_sentencepiece_without_a_config_adds_bos_as_metas_tokenizer(tmp_path: Path) -> None:
+    """The Meta layout has only tokenizer.model: Meta's reference Tokenizer.encode(s, bos=True,
+    eos=False) is BOS followed by SentencePiece's ids."""
+    import sentencepiece as spm
+
+    proto = train_tiny_sentencepiece()
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    ours = load_tokenizer(tmp_path, {"kind": "sentencepiece", "file": "tokenizer.model"})
+    for text in TEXTS:
+        assert ours.encode(text) == [sp.bos_id(), *sp.encode(text)], text
