@@ -19,6 +19,7 @@ from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
 from llamaforge.graphs.passes.lower_moe import LowerMoEForORT
 from llamaforge.graphs.passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
 from llamaforge.graphs.passes.quantize_experts import QuantizeExperts
+from llamaforge.graphs.passes.tied_embedding import ShareTiedEmbedding
 from llamaforge.graphs.passes.validate_quant import ValidateQuantization
 from llamaforge.graphs.passes.weights import FoldWeightTransposes
 from llamaforge.graphs.quantization.recipes import QuantConfig, QuantContext
@@ -32,13 +33,14 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fuse-qkv": FuseQKV,
     "lower-attention-ort": LowerAttentionForORT,
     "lower-moe-ort": LowerMoEForORT,
+    "share-tied-embedding": ShareTiedEmbedding,
     "check-trt-ops": CheckTensorRTOps,
 }
 
 # Per backend: what runs, in order. The plugin op stays intact until the backend's lowering.
 PIPELINES: dict[str, list[str]] = {
     "ort": ["fold-weight-transposes", "clean", "fuse-qkv", "fuse-rmsnorm", "lower-moe-ort", "lower-attention-ort",
-            "clean"],
+            "share-tied-embedding", "clean"],
 }
 
 # Quantization passes need the build's calibration statistics: made from a `QuantContext`.

@@ -24,6 +24,10 @@ def constant_input(value: ir.Value | None) -> ir.TensorProtocol | None:
     return value.const_value
 
 
+# Value.meta key on a `<name>.T` initializer: the name of the weight it is the transpose of.
+TRANSPOSE_OF = "llamaforge.transpose_of"
+
+
 class FoldWeightTransposes(ir.passes.InPlacePass):
     """`Transpose(W)` of a 2-D weight -> a pre-transposed weight `W.T` (what `nn.Linear` traces to)."""
 
@@ -41,6 +45,8 @@ class FoldWeightTransposes(ir.passes.InPlacePass):
             if name not in graph.initializers:
                 rows, cols = source.shape.numpy()
                 graph.register_initializer(lazy_weight(name, [source], np.transpose, source.dtype, [cols, rows]))
+                # share-tied-embedding reads it back: a copy it may replace by a transposed read.
+                graph.initializers[name].meta[TRANSPOSE_OF] = source.name
             ir.convenience.replace_all_uses_with(node.outputs[0], graph.initializers[name])
             graph.remove(node, safe=True)
             modified = True
