@@ -44,7 +44,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-moe bench-moe-quant lint clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-moe bench-moe-quant bench-triton-tools bench-openai lint clean help
 
 ## make help: this list
 help:
@@ -86,9 +86,18 @@ ENGINE ?= engines/$(MODEL)
 generate: $(VENV)/.installed
 	$(BIN)/llamaforge generate $(ENGINE) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS)
 
-## make serve [ENGINE=engines/MODEL] [PORT=8001] [HTTP_PORT=8000] [METRICS_PORT=8002] [DECOUPLED=true|false]: Triton-protocol gRPC server, OpenAI-compatible HTTP (HTTP_PORT=-1: none) (+ /metrics)
+# serve: HOST is the bind address of every port, taken from make's command line only (some shells export
+# HOST as the machine's name); TLS_CERT + TLS_KEY turn on TLS; the API key comes only from the environment
+# (LLAMAFORGE_API_KEY=... make serve), so make's echo of the command never shows it.
+SERVE_HOST    := $(if $(filter command line,$(origin HOST)),$(HOST),127.0.0.1)
+TLS_CERT      ?=
+TLS_KEY       ?=
+DRAIN_TIMEOUT ?= 30
+
+## make serve [ENGINE=engines/MODEL] [HOST=127.0.0.1] [PORT=8001] [HTTP_PORT=8000] [METRICS_PORT=8002] [DECOUPLED=true|false] [TLS_CERT=pem TLS_KEY=pem] [DRAIN_TIMEOUT=30] (API key: LLAMAFORGE_API_KEY in the environment): Triton-protocol gRPC server, OpenAI-compatible HTTP (HTTP_PORT=-1: none) (+ /metrics; docs/serving.md)
 serve: $(VENV)/.installed
-	$(BIN)/llamaforge serve $(ENGINE) --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(DECOUPLED_ARG)
+	$(BIN)/llamaforge serve $(ENGINE) --host $(SERVE_HOST) --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(DECOUPLED_ARG) \
+		$(if $(TLS_CERT),--tls-cert $(TLS_CERT)) $(if $(TLS_KEY),--tls-key $(TLS_KEY)) --drain-timeout $(DRAIN_TIMEOUT)
 
 NAME        ?=
 DEVICE      ?= gpu
@@ -176,6 +185,14 @@ $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
 ## make bench-serve: in-flight vs static batching vs onnxruntime-genai over gRPC (tok/s, TTFT, ITL), single-stream decode vs roofline
 bench-serve: $(VENV)/.installed $(VENV)/.bench-installed
 	$(PY) bench/serve.py
+
+## make bench-openai: the OpenAI HTTP/SSE route under AIPerf (pinned, own venv in bench/.work) vs the same load over gRPC streaming, concurrency 1-16: tok/s, TTFT, ITL (target HTTP >= 0.95x gRPC)
+bench-openai: $(VENV)/.installed
+	$(PY) bench/openai_load.py
+
+## make bench-triton-tools: NVIDIA perf_analyzer 2.60 and genai-perf 0.0.16 (pinned, own venv + Debian 13 glibc under bench/.work/triton-tools), stock commands vs llamaforge serve: throughput, latency
+bench-triton-tools: $(VENV)/.installed
+	$(PY) bench/triton_tools.py
 
 ## make clean: remove engines, exported graphs and the demo checkpoint
 clean:

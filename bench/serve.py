@@ -226,7 +226,7 @@ def free_port() -> int:
 
 SERVER = """
 from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
-from llamaforge.runtime.serving.server import serve
+from llamaforge.runtime.serving.serve import serve
 serve({engine!r}, port={port}, metrics_port=None, core_config=CoreConfig(KVCacheConfig(budget_tokens={kv}),
       SchedulerConfig(max_num_seqs={seqs}, max_num_batched_tokens=512, policy={policy!r}), max_queue={queue},
       condense_decode_rows={condense!r}))

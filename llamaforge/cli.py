@@ -156,11 +156,13 @@ def _core_config(args: argparse.Namespace) -> CoreConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llamaforge.runtime.serving.server import serve
+    from llamaforge.runtime.serving.serve import serve
 
     serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
           core_config=_core_config(args), max_message_bytes=args.max_message_mb * 1024 * 1024,
-          decoupled=args.decoupled, http_port=None if args.http_port < 0 else args.http_port)
+          decoupled=args.decoupled, http_port=None if args.http_port < 0 else args.http_port,
+          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, api_key=args.api_key,
+          drain_timeout=args.drain_timeout)
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
@@ -280,7 +282,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an engine over Triton's gRPC protocol and OpenAI's HTTP API (make serve)")
     s.add_argument("engine")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address every port binds (gRPC, HTTP, metrics): default 127.0.0.1, this host only; "
+                        "0.0.0.0 (or ::) for every interface")
     s.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus /metrics port (default 8002; 0: a free one; -1: none)")
@@ -291,6 +295,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-message-mb", type=int, default=64,
                    help="largest request message (gRPC) or body (HTTP, else 413) accepted")
     _add_decoupled_argument(s, "the models")
+    s.add_argument("--tls-cert", metavar="FILE", help="serve gRPC and HTTP over TLS with this certificate chain "
+                                                      "(PEM; needs --tls-key); /metrics stays plain HTTP")
+    s.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")
+    s.add_argument("--tls-client-ca", metavar="FILE",
+                   help="also require client certificates signed by these CAs (PEM), on gRPC and HTTP (mutual TLS)")
+    s.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on HTTP /v1/* (else 401) and the gRPC metadata "
+                        "'authorization: Bearer KEY' (else UNAUTHENTICATED); health stays open. Default: "
+                        "$LLAMAFORGE_API_KEY, which keeps the key out of `ps`")
+    s.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT stop admitting (UNAVAILABLE / 503) and let the requests in flight "
+                        "finish for up to this long, then cancel the rest and exit 0 (default 30)")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("repo", help="a Triton model repository for an engine (make repo)")

@@ -37,7 +37,7 @@ class ShareTiedEmbedding(ir.passes.InPlacePass):
             transposed = node.inputs[1]
             source = _tied_source(graph, transposed)
             x = node.inputs[0]
-            if source is None or x is None:
+            if source is None or x is None or source.shape is None:
                 continue
             rows, hidden = source.shape.numpy()
             name = node.name or "tied_head"
@@ -50,7 +50,7 @@ class ShareTiedEmbedding(ir.passes.InPlacePass):
             gemm = ir.node("Gemm", [flat.outputs[0], source], attributes={"transB": 1}, name=f"{name}/gemm")
             y = ir.node("Reshape", [gemm.outputs[0], out_shape.outputs[0]], name=f"{name}/unflatten")
             out = node.outputs[0]
-            y.outputs[0].dtype, y.outputs[0].shape = out.dtype, out.shape
+            y.outputs[0].type, y.outputs[0].shape = out.type, out.shape
             graph.insert_after(node, [shape, lead, out_shape, flat, gemm, y])
             # The head's output is usually the graph's `logits`: the new one takes its place and name.
             ir.convenience.replace_all_uses_with(out, y.outputs[0], replace_graph_outputs=True)

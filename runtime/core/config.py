@@ -48,6 +48,10 @@ class CoreConfig:
     # a finished row is fed past length 0, so it skips attention but not the matmuls.
     # None: what the scheduling policy asks for (True in flight, False for a static batch).
     condense_decode_rows: bool | None = None
+    # The most bytes of float32 logits one request may ask to have returned (return_context_logits:
+    # prompt x vocab x 4; return_generation_logits: max_tokens x vocab x 4; both: the sum); more is
+    # refused at submit, naming the flag. 1 GiB keeps a response under gRPC's 2 GiB message limit.
+    max_logits_bytes: int = 1 << 30
     threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
     providers: tuple[Any, ...] | None = None  # ONNX Runtime execution providers (None: CPU)
 

@@ -19,6 +19,8 @@ import time
 import traceback
 from collections.abc import Iterable
 
+import numpy as np
+
 from llamaforge.runtime.core.config import CoreConfig
 from llamaforge.runtime.core.engine import Engine
 from llamaforge.runtime.core.kv_cache import KVCacheManager
@@ -58,7 +60,7 @@ class EngineCore:
                                   prefill_padding_tokens=self.config.prefill_padding_tokens,
                                   condense_decode_rows=self.config.condense_decode_rows)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.context_length, self.counters,
-                                                observer)
+                                                observer, vocab_size=self.engine.vocab_size)
         self._limits = RequestLimits(self.context_length, self.engine.vocab_size,
                                      kv_tokens=self.kv.num_blocks * self.kv.block_size)
         self._lock = threading.Condition()
@@ -103,6 +105,7 @@ class EngineCore:
         """Queue a request. Its outputs go to the returned handle, or to `sink` (see RequestHandle),
         called from the step loop's thread."""
         check_request(request, self._limits)
+        self._check_logits(request)
         handle = RequestHandle(request.request_id, self.cancel, sink)
         state = self.output_processor.new_request(request, handle)
         with self._lock:
@@ -113,6 +116,24 @@ class EngineCore:
             self._inbox.append(state)
             self._lock.notify_all()
         return handle
+
+    def _check_logits(self, request: GenerationRequest) -> None:
+        """Returned logits are float32 rows of the vocabulary, held until the request ends: refuse a
+        request whose rows would pass `CoreConfig.max_logits_bytes`, naming the flag."""
+        row = 4 * self.engine.vocab_size
+        limit = self.config.max_logits_bytes
+        context = len(request.prompt_ids) * row if request.return_context_logits else 0
+        generation = request.max_tokens * row if request.return_generation_logits else 0
+        if context > limit:
+            raise RequestError("return_context_logits", f"the prompt's logits ({len(request.prompt_ids)} tokens x "
+                                                        f"{self.engine.vocab_size} x 4 bytes = {context} bytes) exceed "
+                                                        f"the server's limit of {limit} bytes per request")
+        if context + generation > limit:
+            also = f" plus the context logits' {context}" if context else ""
+            raise RequestError("return_generation_logits", f"max_tokens ({request.max_tokens}) x {self.engine.vocab_size} "
+                                                           f"x 4 bytes = {generation} bytes{also} exceed the server's "
+                                                           f"limit of {limit} bytes of logits per request; ask for "
+                                                           "fewer max_tokens")
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -142,6 +163,8 @@ class EngineCore:
             for state in inbox:
                 self._live[state.request.request_id] = state
                 self.scheduler.add(state.seq)
+                if state.context is not None:  # the model runner fills it as the prompt is computed
+                    self.runner.context_logits[state.seq.seq_id] = state.context
             for request_id in cancels:
                 self._finish_id(request_id, "cancelled")
             try:
@@ -175,6 +198,7 @@ class EngineCore:
         """Free the request's sequence and KV blocks, then send its final output."""
         state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ())) or state.kv_blocks
         self.scheduler.finish(state.seq)
+        self.runner.context_logits.pop(state.seq.seq_id, None)
         self._live.pop(state.request.request_id, None)
         self.output_processor.finish(state, reason, error)
 
@@ -194,7 +218,8 @@ class EngineCore:
 
 
 def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -> list[GenerationOutput]:
-    """Submit requests and collect each one's outputs merged into one (token ids, text, log probs)."""
+    """Submit requests and collect each one's outputs merged into one (token ids, text, log probs,
+    the context logits and the generation logits' rows)."""
     handles = [core.submit(r) for r in requests]
     merged = []
     for handle in handles:
@@ -205,6 +230,8 @@ def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -
             text="".join(p.text for p in parts), log_probs=[x for p in parts for x in p.log_probs],
             finished=True, finish_reason=last.finish_reason, error=last.error,
             num_input_tokens=last.num_input_tokens, num_output_tokens=last.num_output_tokens,
-            cum_log_prob=last.cum_log_prob,
+            cum_log_prob=last.cum_log_prob, context_logits=last.context_logits,
+            generation_logits=None if last.generation_logits is None else np.concatenate(
+                [p.generation_logits for p in parts if p.generation_logits is not None]),
         ))
     return merged

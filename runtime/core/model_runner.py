@@ -13,6 +13,10 @@ prefill calls.
     output says which: `SchedulerOutput.static_batch`.
   * Each prefill chunk of a prompt under way is its own call; fresh prompts share calls as
     `padding_groups` groups them. Both are paths the attention op's fast `If` branch takes.
+  * A prefill call asks the engine for each row's last position only (`logits_index`), except for
+    a sequence registered in `context_logits` (its request returns context logits): its chunks ask
+    for every position, and the prompt positions' rows are kept. Such chunks never share a call
+    with other sequences', so only the requests that ask pay for the wider LM head.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ from llamaforge.runtime.core.stats import CoreStats
 
 # The sequences of one engine call that sample now, each with its logits row [vocab].
 Sampled = list[tuple[Sequence, np.ndarray]]
+
+
+@dataclass(eq=False)
+class ContextLogits:
+    """The raw logits of every prompt position of one sequence ([num_prompt, vocab] float32),
+    filled chunk by chunk; `filled` rows are done. A preempted sequence recomputes its prompt, but
+    rows already kept are not gathered again."""
+
+    rows: np.ndarray
+    filled: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == len(self.rows)
 
 
 @dataclass(eq=False)
@@ -82,6 +100,8 @@ class ModelRunner:
         self.prefill_padding_tokens = prefill_padding_tokens
         self.condense_decode_rows = condense_decode_rows
         self.decode_batch: DecodeBatch | None = None
+        # Sequences whose prompt logits are kept (the engine core registers and drops them).
+        self.context_logits: dict[str, ContextLogits] = {}
 
     def execute(self, out: SchedulerOutput) -> Iterator[Sampled]:
         """Run the step's engine calls: the decodes, then the prefill calls. After each call, yield
@@ -94,7 +114,15 @@ class ModelRunner:
         if out.decode:
             logits = self.run_decode(out.decode, out.static_batch)
             yield list(zip(out.decode, logits))
-        for group in padding_groups([c for c in out.prefill if c.start == 0], self.prefill_padding_tokens):
+        # A fresh chunk that keeps its context logits asks for every position: it shares a call only
+        # with others that do, so the rest still compute one LM-head row each.
+        plain: list[Chunk] = []
+        keeping: list[Chunk] = []
+        for c in out.prefill:
+            if c.start == 0:
+                (keeping if self._keeps_context(c) else plain).append(c)
+        pad = self.prefill_padding_tokens
+        for group in padding_groups(plain, pad) + padding_groups(keeping, pad):
             yield self.run_prefill(group)
         for chunk in out.prefill:
             if chunk.start != 0:
@@ -171,9 +199,15 @@ class ModelRunner:
             seq.num_computed += 1
         return [logits[row_of[seq.seq_id], 0] for seq in seqs]
 
+    def _keeps_context(self, chunk: Chunk) -> bool:
+        """Whether `chunk` computes prompt positions whose logits its sequence keeps."""
+        kept = self.context_logits.get(chunk.seq.seq_id)
+        return kept is not None and chunk.start + chunk.count > kept.filled and chunk.start < len(kept.rows)
+
     def run_prefill(self, chunks: list[Chunk]) -> Sampled:
         """One prefill call for `chunks` (rows padded to the widest); returns the chunks that
-        complete their prompt with the logits of their last token."""
+        complete their prompt with the logits of their last token. A chunk that keeps context logits
+        (`context_logits`) asks for all its positions and stores its prompt positions' rows."""
         width = max(c.count for c in chunks)
         capacity = -(-max(c.start + c.count for c in chunks) // self.kv.block_size) * self.kv.block_size
         input_ids = np.zeros((len(chunks), width), dtype=np.int64)
@@ -181,15 +215,31 @@ class ModelRunner:
             input_ids[row, : c.count] = c.seq.tokens[c.start : c.start + c.count]
         ids = [c.seq.seq_id for c in chunks]
         past = self.kv.gather(ids, capacity)
-        last = np.array([[c.count - 1] for c in chunks], np.int64)  # each row's last token: all it samples from
-        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past, last)
+        keeps = [self._keeps_context(c) for c in chunks]
+        # Each row's positions whose logits are computed: its last token (all it samples from), or
+        # every position for a row that keeps them, padded with its last to the call's widest.
+        positions = max(c.count for c, keep in zip(chunks, keeps) if keep) if any(keeps) else 1
+        index = np.array([[min(i, c.count - 1) if keep else c.count - 1 for i in range(positions)]
+                          for c, keep in zip(chunks, keeps)], np.int64)
+        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past, index)
         self.kv.scatter(ids, [c.start for c in chunks], [c.count for c in chunks], present)
         sampled: Sampled = []
-        for row, c in enumerate(chunks):
+        for row, (c, keep) in enumerate(zip(chunks, keeps)):
             c.seq.num_computed += c.count
+            if keep:
+                self._keep_context(c, logits[row])
             if c.completes_prompt:
-                sampled.append((c.seq, logits[row, 0]))
+                sampled.append((c.seq, logits[row, c.count - 1 if keep else 0]))
         return sampled
+
+    def _keep_context(self, chunk: Chunk, logits: np.ndarray) -> None:
+        """Store the prompt positions of `chunk` not kept yet; `logits` [>= count, vocab] holds its
+        positions from `chunk.start` on."""
+        kept = self.context_logits[chunk.seq.seq_id]
+        assert chunk.start <= kept.filled, "prompt chunks run in order, from 0"
+        first, end = max(kept.filled, chunk.start), min(chunk.start + chunk.count, len(kept.rows))
+        kept.rows[first:end] = logits[first - chunk.start : end - chunk.start]
+        kept.filled = max(kept.filled, end)
 
 
 def padding_groups(chunks: list[Chunk], max_padding: int) -> list[list[Chunk]]:

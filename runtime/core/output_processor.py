@@ -6,6 +6,12 @@ news to its `RequestHandle`, telling the `CoreObserver` about every token and fi
 
 It decides when a request is finished but does not free it: the engine core frees the sequence
 and only then calls `finish`, so a caller that sees the final output also sees the KV blocks free.
+
+Logits (only for requests that ask): a request's `ContextLogits` is filled by the model runner (the
+engine core registers it there) and every output carries it once complete; each returned token's
+logits row is copied as the engine gave it (sampling reads the row, never writes it), so it is the
+raw row (no penalty, ban or temperature), and goes out with the output that carries the token. An
+end id is not returned, so neither is the row it was sampled from.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer
+from llamaforge.runtime.core.model_runner import ContextLogits
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestHandle
 from llamaforge.runtime.core.sampling import sample
 from llamaforge.runtime.core.scheduler import Sequence
@@ -49,13 +56,16 @@ class RequestState:
     admitted: float | None = None  # perf_counter when the scheduler first admitted it
     first_token_at: float | None = None  # perf_counter when its first token was sampled
     kv_blocks: int = 0  # KV blocks its sequence holds, as of the last step (the core keeps it)
+    context: ContextLogits | None = None  # return_context_logits: the prompt's logits
+    pending_logits: list[np.ndarray] | None = None  # return_generation_logits: rows of pending_ids
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any, eos_ids: tuple[int, ...], context_length: int, stats: CoreStats,
-                 observer: CoreObserver | None = None) -> None:
+                 observer: CoreObserver | None = None, vocab_size: int = 0) -> None:
         """`tokenizer`: the engine's (None: requests are not detokenized). `eos_ids`: the end ids of
-        a request that names none."""
+        a request that names none. `vocab_size`: the width of a logits row (for returned logits)."""
+        self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.context_length = context_length
@@ -69,8 +79,13 @@ class OutputProcessor:
             detok = IncrementalDetokenizer(self.tokenizer, request.stop_words)
         seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids),
                        len(request.prompt_ids) + request.max_tokens)
-        return RequestState(request, handle, seq, np.random.default_rng(request.sampling.seed), detok, end_ids,
-                            time.perf_counter())
+        state = RequestState(request, handle, seq, np.random.default_rng(request.sampling.seed), detok, end_ids,
+                             time.perf_counter())
+        if request.return_context_logits:  # zeros: pages untouched until the prompt's rows land
+            state.context = ContextLogits(np.zeros((seq.num_prompt, self.vocab_size), np.float32))
+        if request.return_generation_logits:
+            state.pending_logits = []
+        return state
 
     def update(self, sampled: list[tuple[RequestState, np.ndarray]]) -> list[tuple[RequestState, str]]:
         """Sample each request's next token from its logits row, append it to its sequence unless it
@@ -104,6 +119,8 @@ class OutputProcessor:
         state.log_probs.append(log_prob)
         state.pending_ids.append(token)
         state.pending_log_probs.append(log_prob)
+        if state.pending_logits is not None:  # a copy: the row is a view of the engine call's output
+            state.pending_logits.append(np.array(logits, dtype=np.float32))
         if state.detok is not None:
             piece = state.detok.add([token])
             if piece:
@@ -149,6 +166,13 @@ class OutputProcessor:
             first_token_ns=_ns(state.first_token_at), last_token_ns=None if state.first_token_at is None else _ns(state.last_token_at),
             kv_blocks=state.kv_blocks,
         )
+        if state.context is not None and state.context.complete:
+            state.context.rows.flags.writeable = False  # shared by every output of the request
+            out.context_logits = state.context.rows
+        if state.pending_logits is not None:
+            out.generation_logits = (np.stack(state.pending_logits) if state.pending_logits
+                                     else np.zeros((0, self.vocab_size), np.float32))
+            state.pending_logits = []
         state.pending_ids, state.pending_log_probs, state.text = [], [], []
         state.handle.put(out)
 

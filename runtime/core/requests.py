@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from llamaforge.runtime.core.sampling import SamplingParams
 
 
@@ -35,6 +37,11 @@ class GenerationRequest:
     stream: bool = False
     return_log_probs: bool = False
     detokenize: bool = True  # False for the token-level model
+    # TensorRT-LLM's return_context_logits / return_generation_logits: the raw logits (before
+    # penalties, bans and temperature) of every prompt position, and of every returned token's
+    # sampling step. Only a request that asks pays for them (engine core: `max_logits_bytes`).
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
 
 
 @dataclass
@@ -64,6 +71,12 @@ class GenerationOutput:
     # KV-cache blocks the request's sequence holds (at its final output: those it held when it
     # finished). No prefix reuse here, so every one of them was newly allocated.
     kv_blocks: int = 0
+    # Only for requests that ask (return_context_logits / return_generation_logits), float32.
+    # context_logits [num_input_tokens, vocab]: every output carries the whole prompt's, once the
+    # prompt is computed (as TensorRT-LLM's executor puts them in every result). generation_logits
+    # [len(token_ids), vocab]: the logits each of this output's tokens was sampled from, row for row.
+    context_logits: np.ndarray | None = None
+    generation_logits: np.ndarray | None = None
 
 
 OutputSink = Callable[[GenerationOutput], None]

@@ -30,18 +30,20 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     bad_words                BYTES   [-1]  token sequences (as tokenized) never generated
     return_log_probs         BOOL    [1]   false; true adds the log-prob outputs to the default set
     return_perf_metrics      BOOL    [1]   false; true adds the perf-metric outputs to the default set
+    return_context_logits    BOOL    [1]   false; true computes context_logits (and adds it to the default set)
+    return_generation_logits BOOL    [1]   false; true computes generation_logits (likewise)
     return_num_input_tokens, return_num_output_tokens  BOOL [1]  accepted (the counts are default outputs)
     beam_width, num_return_sequences (must be 1), length_penalty (no effect without beam search),
-    presence_penalty, frequency_penalty (must be 0), return_context_logits,
-    return_generation_logits (must be false: logits are not returned by this runtime; true is
-    INVALID_ARGUMENT naming the flag): accepted for TRT-LLM clients, which send them.
+    presence_penalty, frequency_penalty (must be 0): accepted for TRT-LLM clients, which send them.
 
     output (dims after the batch dim)  dtype  shape of one row's response
     text_output       BYTES  [-1]      [1]  the text (streams: only the new text of this response)
     cum_log_probs     FP32   [-1]      [1, 1]  sum of the generated tokens' log probs so far
     output_log_probs  FP32   [-1, -1]  [1, 1, N]  per generated token (streams: this response's tokens)
-    context_logits    FP32   [-1, -1]  never returned (return_context_logits is refused)
-    generation_logits FP32   [-1,-1,-1] never returned (return_generation_logits is refused)
+    context_logits    FP32   [-1, -1]  [1, P, V]  raw logits of the P prompt positions (every response)
+    generation_logits FP32   [-1,-1,-1] [1, 1, N, V] the raw logits each returned token was sampled
+                                       from; a stream piece: [1, N, 1, V], its own tokens only
+                                       (runtime/serving/protocol.py "Logits"; CoreConfig.max_logits_bytes)
     batch_index       INT32  [1]       [1, 1]  the row of the request this response belongs to
     sequence_index    INT32  [1]       [1, 1]  0 (num_return_sequences is 1)
     num_input_tokens  INT32  [1]       [1, 1]  prompt tokens (BOS included)
@@ -62,8 +64,9 @@ token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names
     (required; alias max_tokens), streaming BOOL [1] (alias stream),
     runtime_top_k INT32 (alias top_k), runtime_top_p FP32 (alias top_p), temperature,
     repetition_penalty, min_tokens, seed, end_id, pad_id, exclude_input_in_output, return_log_probs,
-    return_perf_metrics, stop_words_list / bad_words_list INT32 [2, -1] in TRT-LLM's layout (row 0:
-    the sequences' ids concatenated, row 1: each sequence's end offset, -1 padded), plus the same
+    return_perf_metrics, return_context_logits, return_generation_logits, stop_words_list /
+    bad_words_list INT32 [2, -1] in TRT-LLM's layout (row 0: the sequences' ids concatenated, row 1:
+    each sequence's end offset, -1 padded), plus the same
     accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
     Stop sequences of the token model must be single tokens (they are added to the end ids).
 
@@ -160,8 +163,8 @@ _SAMPLING = (
     _s("num_return_sequences", "INT32", neutral=1),
     _s("presence_penalty", "FP32", neutral=0.0),
     _s("frequency_penalty", "FP32", neutral=0.0),
-    _s("return_context_logits", "BOOL", neutral=False),
-    _s("return_generation_logits", "BOOL", neutral=False),
+    _s("return_context_logits", "BOOL", doc="false; true returns context_logits"),
+    _s("return_generation_logits", "BOOL", doc="false; true returns generation_logits"),
 )
 
 PERF_METRIC_OUTPUTS = (
@@ -177,8 +180,8 @@ PERF_METRIC_OUTPUTS = (
     TensorSpec("total_draft_tokens", "INT32", (1,)),
 )
 # The outputs after the model's own, the same in both (and in TensorRT-LLM's ensemble and
-# tensorrt_llm models): logits (declared, never returned), the row indices, the perf metrics and
-# the token counts.
+# tensorrt_llm models): the logits (returned when their return_* flag asks), the row indices, the
+# perf metrics and the token counts.
 _COMMON_OUTPUTS = (
     TensorSpec("context_logits", "FP32", (-1, -1)),
     TensorSpec("generation_logits", "FP32", (-1, -1, -1)),

@@ -4,7 +4,7 @@ served by uvicorn in a thread of the same process (`llamaforge serve --http-port
 Routes:
 
     GET  /v2/health/live          200 while the process serves
-    GET  /v2/health/ready         200 when the core is running, 503 otherwise
+    GET  /v2/health/ready         200 when the core is running, 503 otherwise (starting, draining)
     GET  /v1/models               the served model (the engine's variant name)
     GET  /v1/models/{model}       that model, or 404
     POST /v1/completions          prompt: a string, token ids, or a list of either (one choice each)
@@ -15,11 +15,15 @@ are refused). Errors use OpenAI's body, `{"error": {"message", "type", "param", 
 
     400 invalid_request_error   a parameter is wrong or not supported (`param` names it); the
                                 prompt / max_tokens / context checks are runtime/core/validation.py's
+    401 invalid_request_error   an API key is set and a /v1/* request's `Authorization` is not
+                                `Bearer KEY` (code invalid_api_key; /v2/health/* stays open)
     404 invalid_request_error   unknown model (code model_not_found), or an unknown route
     413 invalid_request_error   the body is over `max_body_bytes` (default: the gRPC message limit)
     429 rate_limit_error        the core's waiting queue is full (nothing was queued)
     500 server_error            the engine failed while running the request
-    503 service_unavailable     the server is not ready (starting or stopping)
+    503 service_unavailable     the server is not ready (code not_ready), draining after SIGTERM (code
+                                shutting_down: nothing new is admitted), or a request still running at
+                                the drain timeout was cancelled
 
 Streaming (`stream: true`) is server-sent events: `data: {chunk}` lines, for chat a first chunk that
 carries only the role, the finish reason in the last chunk of each choice, with
@@ -28,6 +32,10 @@ deltas come from the core's outputs as they are made, so they concatenate to the
 
 A client that disconnects (mid-stream, or while waiting for a unary answer) has its requests
 cancelled in the core, which frees their KV within one step.
+
+TLS (`HttpServer(tls=...)`) and the API key (`OpenAIFrontend(api_key=...)`) are runtime/serving/security.py's;
+every generation request holds a ticket of the `Admission` shared with the gRPC server until its answer
+has been sent (runtime/serving/admission.py), which is what the drain on SIGTERM waits for.
 """
 
 from __future__ import annotations
@@ -46,14 +54,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llamaforge.runtime.core.requests import GenerationOutput, QueueFullError, RequestError
 from llamaforge.runtime.core.tokenizer import Tokenizer
 from llamaforge.runtime.core.validation import RequestLimits
 from llamaforge.runtime.serving import openai_protocol as op
+from llamaforge.runtime.serving.admission import SHUTTING_DOWN, Admission, Ticket
 from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.metrics import ServerMetrics
+from llamaforge.runtime.serving.security import MISSING_KEY, WRONG_KEY, TlsConfig, bearer_matches
 
 __all__ = ["OpenAIFrontend", "HttpServer", "DEFAULT_MAX_BODY_BYTES"]
 
@@ -78,14 +88,38 @@ def _invalid(e: RequestError) -> _Refusal:
     return _Refusal(400, message, "invalid_request_error", e.field)
 
 
+class _BearerAuth:
+    """ASGI middleware: /v1 and /v1/* need `Authorization: Bearer KEY` (401 in OpenAI's error body
+    otherwise, as api.openai.com answers); other paths (health) pass."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+            values = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
+            if not (values and bearer_matches(values[0], self.key)):
+                refusal = _Refusal(401, WRONG_KEY if values else MISSING_KEY, "invalid_request_error", None,
+                                   "invalid_api_key")
+                response = refusal.response()
+                response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Run:
     """One HTTP request's prompts running in the core: each output arrives, from the core's thread,
-    on this loop's queue as (choice index, output)."""
+    on this loop's queue as (choice index, output). `ticket` (admission.py) gets each prompt's core id."""
 
-    def __init__(self, core: EngineClient, req: op.OpenAIRequest, metrics: ServerMetrics | None) -> None:
+    def __init__(self, core: EngineClient, req: op.OpenAIRequest, metrics: ServerMetrics | None,
+                 ticket: Ticket) -> None:
         self.core = core
         self.req = req
         self.metrics = metrics
+        self.ticket = ticket
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, GenerationOutput]] = asyncio.Queue()
         self.unfinished: set[int] = set()
@@ -115,6 +149,7 @@ class _Run:
                 if self.metrics:
                     self.metrics.on_rejected()
                 raise _Refusal(429, f"the waiting queue is full: {e}", "rate_limit_error", None, "queue_full") from None
+            self.ticket.rows.append(job.generation.request_id)
             self.unfinished.add(job.index)
             if self.metrics:
                 self.metrics.on_admitted(len(job.generation.prompt_ids))
@@ -179,13 +214,16 @@ class _EventStream:
 
 class OpenAIFrontend:
     """The ASGI app (`.app`) over an engine core. `ready`: whether the core is running (default: from
-    `start_serving()` until `stop_serving()`); `max_body_bytes`: the largest request body."""
+    `start_serving()` until `stop_serving()`); `max_body_bytes`: the largest request body; `admission`:
+    the gate shared with the gRPC server (default: one of its own); `api_key`: required on /v1/*."""
 
     def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ready: Callable[[], bool] | None = None) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ready: Callable[[], bool] | None = None,
+                 admission: Admission | None = None, api_key: str | None = None) -> None:
         self.core = core
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.admission = admission if admission is not None else Admission()
         self._serving = False
         self._ready = ready or (lambda: self._serving)
         self.model_name = core.model_name
@@ -193,7 +231,7 @@ class OpenAIFrontend:
         # The core's own limits (it checks them again on submit): its KV cache never grows.
         self.limits = RequestLimits(core.context_length, core.manifest.vocab_size,
                                     kv_tokens=int(core.stats()["kv_total_tokens"]) or None)
-        self.app = Starlette(routes=[
+        self.app: ASGIApp = Starlette(routes=[
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -201,6 +239,8 @@ class OpenAIFrontend:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
         ], exception_handlers={HTTPException: self._http_error})
+        if api_key:
+            self.app = _BearerAuth(self.app, api_key)
 
     def start_serving(self) -> None:
         self._serving = True
@@ -223,7 +263,7 @@ class OpenAIFrontend:
         return Response(status_code=200)
 
     async def ready(self, request: Request) -> Response:
-        return Response(status_code=200 if self._ready() else 503)
+        return Response(status_code=200 if self._ready() and not self.admission.draining else 503)
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama-forge",
@@ -271,6 +311,21 @@ class OpenAIFrontend:
     async def _generate(self, request: Request,
                         parse: Callable[[Mapping[str, Any], Tokenizer | None, RequestLimits], op.OpenAIRequest],
                         prompt_field: str) -> Response | _EventStream:
+        ticket = self.admission.admit()
+        if ticket is None:
+            return _Refusal(503, SHUTTING_DOWN, "service_unavailable", None, "shutting_down").response()
+        try:
+            response = await self._answer(request, parse, prompt_field, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+        if not isinstance(response, _EventStream):
+            ticket.release()  # answered (the body goes out next; the drain's server stop lets it)
+        return response
+
+    async def _answer(self, request: Request,
+                      parse: Callable[[Mapping[str, Any], Tokenizer | None, RequestLimits], op.OpenAIRequest],
+                      prompt_field: str, ticket: Ticket) -> Response | _EventStream:
         try:
             if not self._ready():
                 raise _Refusal(503, "the server is not ready", "service_unavailable", None, "not_ready")
@@ -284,12 +339,15 @@ class OpenAIFrontend:
                 if self.metrics:
                     self.metrics.on_invalid()
                 raise _invalid(e) from None
-            run = _Run(self.core, req, self.metrics)
+            run = _Run(self.core, req, self.metrics, ticket)
             run.submit(prompt_field)
         except _Refusal as refusal:
             return refusal.response()
         if req.stream:
-            return _EventStream(self._events(run), run.cancel)
+            def close() -> None:  # the stream has ended or its client has gone
+                run.cancel()
+                ticket.release()
+            return _EventStream(self._events(run), close)
         return await self._whole(request, run)
 
     async def _whole(self, request: Request, run: _Run) -> Response:
@@ -379,7 +437,8 @@ class HttpServer:
     """uvicorn serving an `OpenAIFrontend` from a thread of this process. The socket is bound here,
     so a busy port fails in the caller and `port` is known (0: a free one) before `start()`."""
 
-    def __init__(self, frontend: OpenAIFrontend, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(self, frontend: OpenAIFrontend, host: str = "127.0.0.1", port: int = 8000,
+                 tls: TlsConfig | None = None) -> None:
         self.frontend = frontend
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
@@ -392,7 +451,7 @@ class HttpServer:
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(frontend.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, **(tls.uvicorn_options() if tls is not None else {}))
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

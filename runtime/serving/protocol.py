@@ -23,6 +23,15 @@ Semantics
   batch; `parse_batch` splits a request into its rows (`split_rows`) and parses each as its own
   request (`parse_inputs`), so each row is its own sequence in flight, and answers carry the
   row's `batch_index`. A bad row refuses the whole request, naming the field.
+* Logits (TensorRT-LLM's return_context_logits / return_generation_logits, FP32, the raw logits:
+  before repetition penalty, bans and temperature; computed only for a request whose flag is true,
+  and then in its default outputs): `context_logits` [1, prompt tokens, vocab], in every response
+  of the request (TensorRT-LLM's executor puts them in every result, stream pieces included);
+  `generation_logits` one row per returned token (output_ids after the prompt, num_output_tokens;
+  an end id is never returned, nor its row), [1, 1, N, vocab] ([batch, beam, tokens, vocab]) in a
+  whole response and [1, N, 1, vocab] in a stream piece (only the piece's tokens), the layouts
+  TensorRT-LLM's executor gives. A unary batch pads rows to the longest with 0, as output_ids; a
+  row whose flag was false is all 0 (the flags are per row).
 * Request parameters: "priority", "timeout" and "Streaming" (TRT-LLM's client) are accepted and ignored, "sequence_id" only as 0 /
   "" (no sequence batching), "triton_enable_empty_final_response" is honoured; any other parameter
   (and any input, output or tensor parameter not listed above) is refused with the field named.
@@ -93,6 +102,7 @@ _IGNORED_PARAMS = {"priority", "timeout", "sequence_start", "sequence_end", "Str
 
 
 _BY_NP = {np.dtype(v): k for k, v in NP_TYPES.items()}
+_LOGITS = ("context_logits", "generation_logits")
 
 
 def _datatype(arr: np.ndarray) -> str:
@@ -332,6 +342,8 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
             if stops:
                 end_ids = tuple(dict.fromkeys((*(end_ids or ctx.eos_ids), *(s[0] for s in stops))))
 
+    context_logits = bool(values.get("return_context_logits", False))
+    generation_logits = bool(values.get("return_generation_logits", False))
     outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)),
                               bool(values.get("return_perf_metrics", False)))
     gen = GenerationRequest(
@@ -340,6 +352,8 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
         # The core computes log probs only for requests that return them (asked by flag or by name).
         return_log_probs=any(name in spec.log_prob_outputs for name in outputs),
         detokenize=spec.kind == "text" or bool(stop_words),
+        # Computed only when the flag asks, as TensorRT-LLM (naming the output alone returns nothing).
+        return_context_logits=context_logits, return_generation_logits=generation_logits,
     )
     return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),
                          prompt_text, outputs, empty_final)
@@ -414,7 +428,9 @@ def _sampling(values: dict[str, Any], k_field: str, p_field: str) -> SamplingPar
 def _select_outputs(spec: ModelSpec, requested: Sequence[str] | None, log_probs: bool,
                     perf_metrics: bool) -> tuple[str, ...]:
     if not requested:
-        return (spec.default_outputs + (spec.log_prob_outputs if log_probs else ())
+        # The logits are in every default set: only a row whose return_*_logits flag computed them
+        # has them (`output_tensors`), and a unary batch answers with its first row's selection.
+        return (spec.default_outputs + (spec.log_prob_outputs if log_probs else ()) + _LOGITS
                 + (spec.perf_metric_outputs if perf_metrics else ()))
     names: list[str] = []
     for name in requested:
@@ -441,12 +457,15 @@ class ResponseBuilder:
         self._ids: list[int] = []
         self._text: list[str] = []
         self._log_probs: list[float] = []
+        self._generation_logits: list[np.ndarray] = []
         self.last: GenerationOutput | None = None
 
     def add(self, out: GenerationOutput) -> None:
         self._ids.extend(out.token_ids)
         self._text.append(out.text)
         self._log_probs.extend(out.log_probs)
+        if out.generation_logits is not None:
+            self._generation_logits.append(out.generation_logits)
         self.last = out
 
     def whole(self) -> pb.ModelInferResponse:
@@ -463,7 +482,10 @@ class ResponseBuilder:
                 text = (p.prompt_text or "") + text
             else:
                 ids = list(p.generation.prompt_ids) + ids
-        return output_tensors(text, ids, self._log_probs, last, batch_index=self.parsed.batch_index)
+        rows = self._generation_logits
+        generation = (rows[0] if len(rows) == 1 else np.concatenate(rows)) if rows else None
+        return output_tensors(text, ids, self._log_probs, last, batch_index=self.parsed.batch_index,
+                              generation_logits=generation)
 
     def piece(self, out: GenerationOutput, final: bool | None) -> pb.ModelInferResponse | None:
         """A stream response with only what `out` brings; None if nothing new and not final.
@@ -472,7 +494,8 @@ class ResponseBuilder:
         if not out.text and not out.token_ids and not final:
             return None
         tensors = output_tensors(out.text, list(out.token_ids), list(out.log_probs), out, self.parsed.outputs,
-                                 batch_index=self.parsed.batch_index)
+                                 batch_index=self.parsed.batch_index, generation_logits=out.generation_logits,
+                                 streaming=True)
         resp = self._encode(tensors)
         if final is not None:
             resp.parameters[FINAL_PARAM].bool_param = final
@@ -490,8 +513,8 @@ class ResponseBuilder:
 def encode_response(tensors: Mapping[str, tuple[str, np.ndarray]], parsed: ParsedRequest,
                     model_name: str) -> pb.ModelInferResponse:
     """A ModelInferResponse with the outputs `parsed` asks for, in its order; a requested output
-    this runtime never produces (context_logits, generation_logits) is left out, as TensorRT-LLM
-    leaves out the outputs a request did not ask it to compute."""
+    that was not computed (context_logits or generation_logits without its return_* flag) is left
+    out, as TensorRT-LLM leaves out the outputs a request did not ask it to compute."""
     resp = pb.ModelInferResponse(model_name=model_name, model_version="1", id=parsed.client_id)
     for name in parsed.outputs:
         if name not in tensors:
@@ -504,12 +527,16 @@ def encode_response(tensors: Mapping[str, tuple[str, np.ndarray]], parsed: Parse
 
 
 def output_tensors(text: str, ids: list[int], log_probs: list[float], out: GenerationOutput,
-                   names: Iterable[str] | None = None, batch_index: int = 0) -> dict[str, tuple[str, np.ndarray]]:
-    """Output tensors for one row's response: name -> (datatype, array); those in `names` (skipping
-    the logits, never produced), or every output of the text and token models. Shapes are one
-    batch row's (`[1, ...]`) except text_output, which is `[1]` as TensorRT-LLM's postprocessing
-    sends it (its clients read `text_output[0]` as the string). A stream response builds only what
-    its request asked for."""
+                   names: Iterable[str] | None = None, batch_index: int = 0,
+                   generation_logits: np.ndarray | None = None,
+                   streaming: bool = False) -> dict[str, tuple[str, np.ndarray]]:
+    """Output tensors for one row's response: name -> (datatype, array); those in `names`, or every
+    output of the text and token models, except the logits a request did not ask for (context
+    logits come from `out`; `generation_logits` [N, vocab] are the response's tokens' rows, laid out
+    as a stream piece's when `streaming`; see "Logits" above). Shapes are one batch row's
+    (`[1, ...]`) except text_output, which is `[1]` as TensorRT-LLM's postprocessing sends it (its
+    clients read `text_output[0]` as the string). A stream response builds only what its request
+    asked for."""
 
     def one(dtype: str, value: float | int | None) -> Callable[[], tuple[str, np.ndarray]]:
         return lambda: (dtype, np.array([[0 if value is None else value]], dtype=NP_TYPES[dtype]))
@@ -535,19 +562,28 @@ def output_tensors(text: str, ids: list[int], log_probs: list[float], out: Gener
         "num_input_tokens": one("INT32", out.num_input_tokens),
         "num_output_tokens": one("INT32", out.num_output_tokens),
     }
+    context = out.context_logits
+    if context is not None:
+        make["context_logits"] = lambda: ("FP32", context[None])
+    if generation_logits is not None:
+        rows = generation_logits  # [N, vocab]: TRT-LLM's [beam, N, vocab] whole, [N, beam, vocab] streamed
+        make["generation_logits"] = lambda: ("FP32", rows[None, :, None] if streaming else rows[None, None])
     return {name: make[name]() for name in (make if names is None else names) if name in make}
 
 
 def stack_arrays(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The rows' tensors (in row order) as one batch: each tensor concatenated along its first
     dimension, shorter trailing dimensions padded with 0 (as a batch's output_ids are padded;
-    sequence_length gives each row's real length)."""
+    sequence_length gives each row's real length). A tensor only some rows have (logits that one
+    row asked for and another did not) is all 0 in the others."""
     stacked: dict[str, np.ndarray] = {}
-    for name, first in rows[0].items():
-        arrays = [row[name] for row in rows]
-        shape = tuple(max(a.shape[d] for a in arrays) for d in range(1, first.ndim))
+    for name in dict.fromkeys(name for row in rows for name in row):
+        present = [row[name] for row in rows if name in row]
+        first = present[0]
+        shape = tuple(max(a.shape[d] for a in present) for d in range(1, first.ndim))
         padded = []
-        for a in arrays:
+        for row in rows:
+            a = row[name] if name in row else np.zeros((1, *shape), first.dtype)
             pad = [(0, 0)] + [(0, want - have) for want, have in zip(shape, a.shape[1:])]
             padded.append(a if not any(p for _, p in pad) else np.pad(a, pad, constant_values=0))
         stacked[name] = np.concatenate(padded, axis=0)
@@ -557,4 +593,5 @@ def stack_arrays(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarr
 def stack_rows(rows: Sequence[Mapping[str, tuple[str, np.ndarray]]]) -> dict[str, tuple[str, np.ndarray]]:
     """`stack_arrays` for `output_tensors` rows ({name: (datatype, array)})."""
     stacked = stack_arrays([{name: arr for name, (_, arr) in row.items()} for row in rows])
-    return {name: (rows[0][name][0], arr) for name, arr in stacked.items()}
+    datatypes = {name: dtype for row in reversed(rows) for name, (dtype, _) in row.items()}
+    return {name: (datatypes[name], arr) for name, arr in stacked.items()}

@@ -3,8 +3,8 @@ protocol) over one `EngineCore`, plus Prometheus metrics on a second port.
 
     llamaforge serve ENGINE [--port 8001] [--metrics-port 8002] ...      (make serve ENGINE=dir)
 
-`serve()` also runs the OpenAI-compatible HTTP front end (runtime/serving/openai_server.py, --http-port
-8000) in the same process, on the same core.
+The process around it (runtime/serving/serve.py `serve()`) also runs the OpenAI-compatible HTTP front
+end (runtime/serving/openai_server.py, --http-port 8000) on the same core, and drains both on SIGTERM.
 
 Models (interfaces in `runtime/serving/model_interface.py`): the text model as "ensemble" (what TensorRT-LLM
 ensemble clients call), "tensorrt_llm_bls" and the engine's variant name; the token model as
@@ -23,8 +23,12 @@ request's `id` in `infer_response.id`, and the stream stays open):
     RESOURCE_EXHAUSTED  the core's waiting queue is full (answered at once, nothing queued), a
                         message over the receive limit (`max_message_bytes`, from gRPC itself),
                         or more concurrent RPCs than handler threads (max_num_seqs + max_queue + 8)
-    CANCELLED           the request was cancelled (client gone, server stopping)
+    CANCELLED           the request was cancelled (client gone, or still running at the drain timeout)
     INTERNAL            the engine failed while running the request
+    UNAVAILABLE         the server is draining (SIGTERM): a new ModelInfer or ModelStreamInfer call, or
+                        a new request on a stream already open (which stays open for those running)
+    UNAUTHENTICATED     an API key is set and the call's `authorization` metadata is not `Bearer KEY`
+                        (every RPC but ServerLive and ServerReady; security.py)
 
 Decoupled mode is a deployment choice (`decoupled`, `llamaforge serve --no-decoupled`, `make serve
 DECOUPLED=false`); ModelConfig reports it as `model_transaction_policy.decoupled`.
@@ -60,22 +64,21 @@ closed by the client, each of its requests is cancelled in the core (KV freed wi
 
 from __future__ import annotations
 
-import os
 import queue
-import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from llamaforge.runtime.core.requests import GenerationOutput, OutputSink, QueueFullError, RequestError, RequestHandle
+from llamaforge.runtime.serving.admission import SHUTTING_DOWN, Admission, DrainResult, Ticket
 from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
@@ -89,15 +92,14 @@ from llamaforge.runtime.serving.protocol import (
     parse_request,
     stack_rows,
 )
+from llamaforge.runtime.serving.security import ApiKeyInterceptor, TlsConfig
 
-if TYPE_CHECKING:
-    from llamaforge.runtime.core.engine_core import CoreConfig
-
-__all__ = ["InferenceServer", "InferenceServicer", "serve", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["InferenceServer", "InferenceServicer", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_DRAIN_TIMEOUT_S", "address"]
 
 SERVER_NAME = "llama-forge"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _POLL_S = 0.25  # how often a waiting handler checks that its client is still there
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # Triton's --exit-timeout-secs and Kubernetes' terminationGracePeriodSeconds
 
 
 class _Refused(Exception):
@@ -113,6 +115,11 @@ class _Refused(Exception):
 _Rows = list[tuple[ParsedRequest, RequestHandle]]
 
 
+def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: ServicerContext.abort raises")  # for the type checker (grpc is untyped)
+
+
 def _package_version() -> str:
     try:
         from importlib.metadata import version
@@ -126,10 +133,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe v2 gRPC over an engine core (runtime/serving/engine_client.py `EngineClient`);
     `decoupled`: the models' transaction policy (see the module docstring)."""
 
-    def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None, decoupled: bool = True) -> None:
+    def __init__(self, core: EngineClient, metrics: ServerMetrics | None = None, decoupled: bool = True,
+                 admission: Admission | None = None) -> None:
         self.core = core
         self.metrics = metrics
         self.decoupled = decoupled
+        self.admission = admission if admission is not None else Admission()
         self.ctx = ModelContext.from_core(core)
         self.models: dict[str, ModelSpec] = {}
         if core.tokenizer is not None:
@@ -156,11 +165,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return uuid.uuid4().hex
 
     def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool, timer: RequestTimer,
-                sink: Callable[[ParsedRequest], OutputSink]) -> _Rows:
+                sink: Callable[[ParsedRequest], OutputSink], ticket: Ticket) -> _Rows:
         """Resolve, parse and submit every row of the request; raises _Refused with the status to
         answer (every row is checked before any is submitted; rows taken before the core refused
         one are in `_Refused.admitted`). `sink`, given a row's parsed request, makes the sink its
-        outputs go to (see RequestHandle)."""
+        outputs go to (see RequestHandle); `ticket` records the core ids of the rows submitted."""
         spec = self._resolve(request.model_name, request.model_version)
         rows: _Rows = []
         try:
@@ -175,6 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             sinks = [sink(parsed) for parsed in parsed_rows]  # all before any row can end: see _Stream
             for parsed, row_sink in zip(parsed_rows, sinks):
                 rows.append((parsed, self.core.submit(parsed.generation, row_sink)))
+                ticket.rows.append(parsed.generation.request_id)
         except RequestError as e:
             if self.metrics:
                 self.metrics.on_invalid()
@@ -259,13 +269,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------------------
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        ticket = self.admission.admit()
+        if ticket is None:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        try:
+            return self._infer(request, context, ticket)
+        finally:
+            ticket.release()
+
+    def _infer(self, request: pb.ModelInferRequest, context: Any, ticket: Ticket) -> pb.ModelInferResponse:
         timer = RequestTimer()
         outputs: queue.Queue[tuple[int, GenerationOutput]] = queue.Queue()  # (batch index, output) of every row
 
         def sink(parsed: ParsedRequest) -> OutputSink:
             return lambda out: outputs.put((parsed.batch_index, out))
         try:
-            rows = self._submit(request, streaming_rpc=False, timer=timer, sink=sink)
+            rows = self._submit(request, streaming_rpc=False, timer=timer, sink=sink, ticket=ticket)
         except _Refused as e:
             self._cancel(e.admitted)
             self._record_refused(request, timer)
@@ -305,6 +324,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        if self.admission.draining:  # a new stream; requests on a stream already open: _Stream.start
+            _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         stream = _Stream(self, context)
         context.add_callback(stream.cancel_all)
         reader = threading.Thread(target=stream.read, args=(request_iterator,), name="grpc-stream-reader", daemon=True)
@@ -321,6 +342,7 @@ class _StreamGroup:
 
     request: pb.ModelInferRequest
     timer: RequestTimer
+    ticket: Ticket
     open_rows: int = 0  # rows admitted and not yet ended
     failed: bool = False
 
@@ -357,6 +379,7 @@ class _Stream:
         self.started = 0  # requests admitted; with `ended`, tells the generator when all are done
         self.ended = 0
         self.closed = False
+        self.tickets: set[Ticket] = set()  # of requests not yet answered (see admission.py)
 
     def read(self, request_iterator: Any) -> None:
         try:
@@ -368,8 +391,14 @@ class _Stream:
             self.out.put(_READER_DONE)
 
     def start(self, request: pb.ModelInferRequest) -> None:
+        ticket = self.servicer.admission.admit()
+        if ticket is None:  # draining: this request is refused, the stream and its running requests go on
+            self.out.put(self.error(request, SHUTTING_DOWN))
+            return
+        with self.lock:
+            self.tickets.add(ticket)
         timer = RequestTimer()
-        group = _StreamGroup(request, timer)
+        group = _StreamGroup(request, timer, ticket)
         entries: list[_StreamRequest] = []
 
         def sink(parsed: ParsedRequest) -> OutputSink:
@@ -384,13 +413,14 @@ class _Stream:
             return put
 
         try:
-            rows = self.servicer._submit(request, streaming_rpc=True, timer=timer, sink=sink)
+            rows = self.servicer._submit(request, streaming_rpc=True, timer=timer, sink=sink, ticket=ticket)
         except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
             with self.lock:  # rows the core took before refusing one: their outputs are dropped
                 for state in entries:
                     state.ended = True
             if isinstance(e, _Refused):
                 self.servicer._cancel(e.admitted)
+            self.release(ticket)
             self.servicer._record_refused(request, timer)
             message = e.message if isinstance(e, _Refused) else f"internal error: {e!r}"
             self.out.put(self.error(request, message))
@@ -402,8 +432,14 @@ class _Stream:
                 if not state.ended:  # its last output may already have been sent
                     self.active.add(state.parsed.generation.request_id)
             closed = self.closed
-        if closed:
+        if closed:  # cancel_all has run: nobody will answer these
             self.servicer._cancel(ids)
+            self.release(ticket)
+
+    def release(self, ticket: Ticket) -> None:
+        with self.lock:
+            self.tickets.discard(ticket)
+        ticket.release()
 
     def error(self, request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
         if request.id:  # tritonclient hands a stream callback only the message
@@ -458,49 +494,71 @@ class _Stream:
         return responses
 
     def cancel_all(self) -> None:
+        """The stream has ended (or its client has gone): cancel what runs, give back every ticket."""
         with self.lock:
             self.closed = True
             ids = list(self.active)
+            tickets, self.tickets = self.tickets, set()
         for rid in ids:
             self.servicer.core.cancel(rid)
+        for ticket in tickets:
+            ticket.release()
 
     def responses(self) -> Any:
         reader_done = False
-        while True:
-            try:
-                item = self.out.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not self.context.is_active():
-                    self.cancel_all()
-                    return
-                continue
-            if item is _READER_DONE:
-                reader_done = True
-            elif isinstance(item, tuple):
-                yield from self.responses_for(*item)
-            else:
-                yield item
-            if reader_done:
-                with self.lock:
-                    idle = self.ended == self.started
-                if idle and self.out.empty():
-                    return
+        try:
+            while True:
+                try:
+                    item = self.out.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not self.context.is_active():
+                        return
+                    continue
+                if item is _READER_DONE:
+                    reader_done = True
+                elif isinstance(item, tuple):
+                    yield from self.responses_for(*item)
+                    group = item[0].group
+                    if group.open_rows == 0:  # the request's last response has gone to the transport
+                        self.release(group.ticket)
+                else:
+                    yield item
+                if reader_done:
+                    with self.lock:
+                        idle = self.ended == self.started
+                    if idle and self.out.empty():
+                        return
+        finally:  # returned, or closed by gRPC when the RPC ended: nothing more will be answered
+            self.cancel_all()
+
+
+def address(host: str, port: int) -> str:
+    """host:port as gRPC and URLs write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal needs brackets
 
 
 class InferenceServer:
     """gRPC server (+ metrics endpoint) around an engine core. `start()` starts the core too;
-    `stop()` stops the gRPC server, the metrics endpoint and, if `own_core`, the core."""
+    `drain()` stops admitting and waits for the requests in flight (see admission.py); `stop()`
+    stops the gRPC server, the metrics endpoint and, if `own_core`, the core.
+
+    `tls`: serve gRPC over TLS (security.py `load_tls`); `api_key`: require `authorization: Bearer
+    KEY` metadata on every RPC but ServerLive/ServerReady; `admission`: the gate shared with the HTTP
+    front end (default: one of its own)."""
 
     def __init__(self, core: EngineClient, host: str = "127.0.0.1", port: int = 8001, metrics_port: int | None = 8002,
                  metrics: ServerMetrics | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_workers: int | None = None, own_core: bool = True, decoupled: bool = True) -> None:
+                 max_workers: int | None = None, own_core: bool = True, decoupled: bool = True,
+                 tls: TlsConfig | None = None, api_key: str | None = None,
+                 admission: Admission | None = None) -> None:
         self.core = core
         self.host = host
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.metrics.attach(core)
         if core.observer is None:
             core.observer = self.metrics  # the core was made without one: observe it from now on
-        self.servicer = InferenceServicer(core, self.metrics, decoupled=decoupled)
+        self.admission = admission if admission is not None else Admission()
+        self.servicer = InferenceServicer(core, self.metrics, decoupled=decoupled, admission=self.admission)
         # Every admitted request can hold a handler thread while it runs or waits, plus room for
         # health checks and requests that will be refused with RESOURCE_EXHAUSTED.
         self.max_workers = max_workers or core.config.max_num_seqs + core.config.max_queue + 8
@@ -509,13 +567,18 @@ class InferenceServer:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ]
+        interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
                                                             thread_name_prefix="grpc-handler"),
-                                 options=options, maximum_concurrent_rpcs=self.max_workers)
+                                 options=options, maximum_concurrent_rpcs=self.max_workers, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        self.tls = tls
+        if tls is not None:
+            self.port = self._grpc.add_secure_port(address(host, port), tls.grpc_credentials())
+        else:
+            self.port = self._grpc.add_insecure_port(address(host, port))
         if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {host}:{port}")
+            raise OSError(f"cannot bind the gRPC port {address(host, port)}")
         self._metrics_port_req = metrics_port
         self.metrics_port: int | None = None
         self.own_core = own_core
@@ -527,6 +590,13 @@ class InferenceServer:
         if self._metrics_port_req is not None:
             self.metrics_port = self.metrics.start_http(self.host, self._metrics_port_req)
         return self
+
+    def drain(self, timeout: float, interrupt: threading.Event | None = None) -> DrainResult:
+        """Not ready from now on; new requests are refused (UNAVAILABLE, and 503 on an HTTP front end
+        sharing `admission`); wait up to `timeout` s (or until `interrupt` is set) for those admitted,
+        then cancel the rest in the core. The server keeps listening: call `stop()` after."""
+        self.servicer.ready = False
+        return self.admission.drain(timeout, self.core.cancel, interrupt)
 
     def stop(self, grace: float | None = 1.0) -> None:
         if self._stopped.is_set():
@@ -547,48 +617,3 @@ class InferenceServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8001,
-          metrics_port: int | None = 8002, core_config: CoreConfig | None = None,
-          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, decoupled: bool = True,
-          http_port: int | None = None) -> None:
-    """Load the engine, serve until SIGINT/SIGTERM; `decoupled`: the models' transaction policy.
-    `http_port`: also serve the OpenAI-compatible HTTP front end (runtime/serving/openai_server.py)
-    on the same core, with `max_message_bytes` as its body limit (None: no HTTP; 0: a free port)."""
-    from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
-    from llamaforge.runtime.serving.openai_server import HttpServer, OpenAIFrontend
-
-    metrics = ServerMetrics()
-    core: EngineClient = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
-    server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes,
-                             decoupled=decoupled)
-    http = None
-    if http_port is not None:
-        frontend = OpenAIFrontend(core, metrics, max_body_bytes=max_message_bytes,
-                                  ready=lambda: server.servicer.ready)
-        http = HttpServer(frontend, host, http_port)  # bound now: a busy port fails before anything starts
-    server.start()
-    if http is not None:
-        http.start()
-    names = ", ".join(sorted(server.servicer.models))
-    mode = "decoupled" if decoupled else "non-decoupled"
-    print(f"llama-forge: serving {engine_dir} (models: {names}; {mode}) on grpc {host}:{server.port}"
-          + (f", metrics http://{host}:{server.metrics_port}/metrics" if server.metrics_port else "")
-          + (f", openai http://{host}:{http.port}/v1" if http is not None else ""), flush=True)
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        done.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not done.wait(1.0):
-            pass
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        print("llama-forge: shutting down", flush=True)
-        server.stop(grace=5.0)  # not ready from here; the core's requests end, which ends the HTTP ones too
-        if http is not None:
-            http.stop()

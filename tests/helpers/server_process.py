@@ -4,24 +4,35 @@
     with serve_process(engine_dir) as server:     # free gRPC, HTTP and metrics ports on 127.0.0.1
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         server.metric("llamaforge_kv_cache_free_fraction")
+
+    with serve_process(engine_dir, "--tls-cert", cert, "--tls-key", key, "--host", "127.0.0.2",
+                       env={"LLAMAFORGE_API_KEY": "k"}) as server:   # server.base_url: https://127.0.0.2:PORT/v1
+
+The server's environment is this one without LLAMAFORGE_API_KEY, plus `env`. `http_call(url, body,
+key=..., context=...)` is a stdlib HTTP(S) call that returns (status, JSON body, headers), errors included.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ServerProcess", "serve_process"]
+__all__ = ["ServerProcess", "serve_process", "http_call"]
 
-_LINE = re.compile(r"on grpc 127\.0\.0\.1:(\d+), metrics http://127\.0\.0\.1:(\d+)/metrics, "
-                   r"openai http://127\.0\.0\.1:(\d+)/v1")
+# serve()'s start line: "... on grpc HOST:PORT, metrics http://HOST:PORT/metrics, openai SCHEME://HOST:PORT/v1"
+_LINE = re.compile(r"on grpc (\S+?):(\d+), metrics http://\S+?:(\d+)/metrics, openai (https?)://\S+?:(\d+)/v1")
 
 
 @dataclass
@@ -30,17 +41,24 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int
     http_port: int
+    host: str = "127.0.0.1"  # as URLs write it ("[::1]" for IPv6)
+    scheme: str = "http"  # of the HTTP port: https with --tls-cert (metrics stay http)
+    start_line: str = ""
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/v1"
+        return f"{self.root_url}/v1"
 
     @property
     def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode("utf-8")
 
     def metric(self, name: str) -> float:
@@ -52,24 +70,45 @@ class ServerProcess:
 
 
 @contextmanager
-def serve_process(engine_dir: Path, *args: str) -> Iterator[ServerProcess]:
+def serve_process(engine_dir: Path, *args: str, env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:
     """`llamaforge serve ENGINE --port 0 --http-port 0 --metrics-port 0 ARGS`; SIGTERM on exit, which
-    must end it with status 0."""
+    must end it with status 0 (a test may have sent it and waited already)."""
     root = Path(__file__).resolve().parents[2]
+    environ = {k: v for k, v in os.environ.items() if k != "LLAMAFORGE_API_KEY"} | dict(env or {})
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
          str(engine_dir), "--port", "0", "--http-port", "0", "--metrics-port", "0", *args],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         m = _LINE.search(line)
         if m is None:
             raise RuntimeError(f"the server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}")
-        yield ServerProcess(proc, int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        yield ServerProcess(proc, int(m.group(2)), int(m.group(3)), int(m.group(5)), host=m.group(1),
+                            scheme=m.group(4), start_line=line)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def http_call(url: str, body: dict[str, Any] | None = None, key: str | None = None,
+              context: ssl.SSLContext | None = None, authorization: str | None = None) -> tuple[int, Any, Any]:
+    """(status, JSON body or None, headers) of a GET (no body) or POST."""
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    if authorization is not None:
+        headers["authorization"] = authorization
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None, r.headers
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw else None, e.headers

@@ -37,7 +37,7 @@ def _input(name: str, arr: np.ndarray) -> grpcclient.InferInput:
 
 
 def e2e_row(prompt: str, output_len: int, *, streaming: bool, num_return_sequences: int | None = None,
-            return_perf_metrics: bool = False, return_context_logits: bool = False) -> dict[str, np.ndarray]:
+            return_perf_metrics: bool = False) -> dict[str, np.ndarray]:
     """One prompt's inputs as end_to_end_grpc_client's prepare_inputs builds them with its default
     flags (temperature 1.0, beam width 1, exclude_input_in_output false) plus the given ones."""
     text = np.array([[prompt]]).astype(object)
@@ -50,21 +50,17 @@ def e2e_row(prompt: str, output_len: int, *, streaming: bool, num_return_sequenc
     }
     if num_return_sequences is not None:
         inputs["num_return_sequences"] = np.array([[num_return_sequences]], dtype=np.int32)
-    if return_context_logits:
-        inputs["return_context_logits"] = np.array([[True]], dtype=bool)
     inputs["exclude_input_in_output"] = np.array([[False]], dtype=bool)
     if return_perf_metrics:
         inputs["return_perf_metrics"] = np.array([[True]], dtype=bool)
     return inputs
 
 
-def e2e_outputs(*, batch_inputs: bool, num_return_sequences: int | None, return_perf_metrics: bool,
-                return_context_logits: bool = False) -> list[grpcclient.InferRequestedOutput]:
+def e2e_outputs(*, batch_inputs: bool, num_return_sequences: int | None,
+                return_perf_metrics: bool) -> list[grpcclient.InferRequestedOutput]:
     """The outputs end_to_end_grpc_client asks for. Its `-n N` asks for sequence_index (the
     versions this issue quotes did for any N; newer ones for N > 1): asked for whenever -n is given."""
     names = ["text_output"]
-    if return_context_logits:
-        names.append("context_logits")
     if num_return_sequences is not None:
         names.append("sequence_index")
     if batch_inputs:
@@ -75,20 +71,19 @@ def e2e_outputs(*, batch_inputs: bool, num_return_sequences: int | None, return_
 
 
 def run_e2e(client: grpcclient.InferenceServerClient, prompts: list[str], output_len: int, *, streaming: bool,
-            batch_inputs: bool, num_return_sequences: int | None = None, return_perf_metrics: bool = False,
-            return_context_logits: bool = False) -> tuple[list[list[str]], list[Any], list[Any]]:
+            batch_inputs: bool, num_return_sequences: int | None = None,
+            return_perf_metrics: bool = False) -> tuple[list[list[str]], list[Any], list[Any]]:
     """end_to_end_grpc_client's run_inference: one stream per request (all prompts stacked along
     axis 0 with --batch-inputs), outputs parsed by batch_index / sequence_index. Returns the
     texts per row, the results and the errors."""
     rows = [e2e_row(p, output_len, streaming=streaming, num_return_sequences=num_return_sequences,
-                    return_perf_metrics=return_perf_metrics, return_context_logits=return_context_logits)
-            for p in prompts]
+                    return_perf_metrics=return_perf_metrics) for p in prompts]
     if batch_inputs:
         requests = [[_input(k, np.concatenate([r[k] for r in rows], axis=0)) for k in rows[0]]]
     else:
         requests = [[_input(k, v) for k, v in r.items()] for r in rows]
     outputs = e2e_outputs(batch_inputs=batch_inputs, num_return_sequences=num_return_sequences,
-                          return_perf_metrics=return_perf_metrics, return_context_logits=return_context_logits)
+                          return_perf_metrics=return_perf_metrics)
     texts: list[list[str]] = []
     results, errors = [], []
     for inputs in requests:
@@ -194,11 +189,6 @@ def test_e2e_client_return_perf_metrics(client: Any, streaming: bool) -> None:
     # 1 BOS + 20 prompt + 20 echoed tokens in 16-token blocks of the fake: 3 blocks; the short row 1
     assert last[0].as_numpy("kv_cache_alloc_total_blocks")[0][0] == 3
     assert last[1].as_numpy("kv_cache_alloc_total_blocks")[0][0] == 1
-
-
-def test_return_context_logits_is_refused_naming_it(client: Any) -> None:
-    _, results, errors = run_e2e(client, ["abc"], 8, streaming=False, batch_inputs=False, return_context_logits=True)
-    assert not results and len(errors) == 1 and errors[0].message().startswith("return_context_logits")
 
 
 def test_text_model_declares_trtllm_output_set() -> None:

@@ -14,9 +14,11 @@ the TensorRT-LLM-compatible interfaces):
   row's, so postprocessing must not read the ensemble's (B-row) inputs;
 * `preprocessing`: text_input (+ bad_words) -> input_ids, input_lengths, bad_words_list;
 * `postprocessing`: llama's outputs (with the echoed text_input, stop_words, stream,
-  exclude_input_in_output under those names) -> the ensemble's outputs; log probs, batch and
-  sequence index, perf metrics and token counts passed through so that every ensemble response
-  comes out of one step.
+  exclude_input_in_output under those names) -> the ensemble's outputs; log probs, logits, batch
+  and sequence index, perf metrics and token counts passed through so that every ensemble response
+  comes out of one step. The logits are optional inputs: llama sends them only to a request that
+  asked (return_*_logits), and Triton's ensemble leaves an optional input out when the step before
+  did not produce it.
 
 Every model declares `max_batch_size` MAX_BATCH_SIZE (> 0, as TensorRT-LLM's models), so Triton
 puts the batch dimension before the declared dims: a client sends `[[prompt]]` ([1, 1]), `[[64]]`,
@@ -81,8 +83,9 @@ ENSEMBLE_TO_LLAMA = {"max_tokens": "request_output_len", "stream": "streaming", 
 LLAMA_TO_ENSEMBLE = {v: k for k, v in ENSEMBLE_TO_LLAMA.items()}
 # Ensemble inputs consumed by the preprocessing step rather than by llama.
 NOT_FOR_LLAMA = {"bad_words"}
-# llama's outputs that postprocessing does not read (the logits are never produced).
-_NOT_FOR_POSTPROCESSING = {"context_logits", "generation_logits", *(t.name for t in _ECHO_OUTPUTS)}
+# llama's outputs that postprocessing does not read, and those it may not get (sent only when asked).
+_NOT_FOR_POSTPROCESSING = {t.name for t in _ECHO_OUTPUTS}
+_ONLY_WHEN_ASKED = {"context_logits", "generation_logits"}
 
 INTERFACES: dict[str, ModelInterface] = {
     PREPROCESSING: ModelInterface(
@@ -99,7 +102,8 @@ INTERFACES: dict[str, ModelInterface] = {
     POSTPROCESSING: ModelInterface(
         POSTPROCESSING,
         inputs=(
-            *(replace(t, optional=False) for t in LLAMA_MODEL.outputs if t.name not in _NOT_FOR_POSTPROCESSING),
+            *(replace(t, optional=t.name in _ONLY_WHEN_ASKED) for t in LLAMA_MODEL.outputs
+              if t.name not in _NOT_FOR_POSTPROCESSING),
             *(t for t in TEXT_MODEL.inputs if t.name in ECHOED),
         ),
         outputs=TEXT_MODEL.outputs,

@@ -356,8 +356,9 @@ class TritonPythonModel:
                                              pb_utils.TritonError.INTERNAL)
             return pb_utils.InferenceResponse(error=error), True
         if parsed.stream:
-            tensors = {name: arr for name, (_, arr) in output_tensors(out.text, list(out.token_ids), list(out.log_probs),
-                                                                       out, batch_index=parsed.batch_index).items()}
+            tensors = {name: arr for name, (_, arr) in output_tensors(
+                out.text, list(out.token_ids), list(out.log_probs), out, batch_index=parsed.batch_index,
+                generation_logits=out.generation_logits, streaming=True).items()}
             tensors.update(entry.window.tensors(list(out.token_ids), out.finished))
         elif out.finished:
             entry.builder.add(out)
