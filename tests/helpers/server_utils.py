@@ -157,3 +157,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+def inflight_batcher_client_inputs(ids: list[int], output_len: int, *, streaming: bool, end_id: int, pad_id: int,
+                                   **flags: bool | int) -> list[grpcclient.InferInput]:
+    """What tensorrtllm_backend's inflight_batcher_llm_client.py prepare_inputs sends, with its
+    defaults (top_k 1, top_p 0, temperature 1.0, beam width 1), plus optional inputs it adds per
+    flag: `flags` maps an input name to its [[value]] (return_perf_metrics=True, num_return_sequences=1)."""
+    inputs = {
+        "input_ids": np.array([ids], dtype=np.int32),
+        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
+        "request_output_len": np.array([[output_len]], dtype=np.int32),
+        "beam_width": np.array([[1]], dtype=np.int32),
+        "temperature": np.array([[1.0]], dtype=np.float32),
+        "streaming": np.array([[streaming]], dtype=bool),
+        "end_id": np.array([[end_id]], dtype=np.int32),
+        "pad_id": np.array([[pad_id]], dtype=np.int32),
+        "runtime_top_k": np.array([[1]], dtype=np.int32),
+        "runtime_top_p": np.array([[0.0]], dtype=np.float32),
+    }
+    for name, value in flags.items():
+        inputs[name] = np.array([[value]], dtype=bool if isinstance(value, bool) else np.int32)
+    return [tensor(name, value) for name, value in inputs.items()]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from fake_core import EOS, FakeConfig, FakeCore
-from server_utils import grpc_client, running_server, tensor, wait_until
+from server_utils import grpc_client, inflight_batcher_client_inputs, running_server, tensor, wait_until
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, PERF_METRIC_OUTPUTS, TEXT_MODEL, TOKEN_MODEL
@@ -259,25 +259,13 @@ def test_one_bad_row_refuses_the_whole_request_and_submits_nothing() -> None:
 
 def ib_client_inputs(ids: list[int], output_len: int, *, streaming: bool, num_return_sequences: int | None = None,
                      return_perf_metrics: bool = False) -> list[grpcclient.InferInput]:
-    """inflight_batcher_llm_client's prepare_inputs with its defaults (top_k 1, top_p 0, temperature
-    1.0, beam width 1, its default pad id) and the end id its tokenizer gives."""
-    inputs = {
-        "input_ids": np.array([ids], dtype=np.int32),
-        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
-        "request_output_len": np.array([[output_len]], dtype=np.int32),
-        "beam_width": np.array([[1]], dtype=np.int32),
-        "temperature": np.array([[1.0]], dtype=np.float32),
-        "streaming": np.array([[streaming]], dtype=bool),
-        "end_id": np.array([[EOS]], dtype=np.int32),
-        "pad_id": np.array([[50256]], dtype=np.int32),
-        "runtime_top_k": np.array([[1]], dtype=np.int32),
-        "runtime_top_p": np.array([[0.0]], dtype=np.float32),
-    }
+    """The client's inputs with its default pad id and the end id its tokenizer gives."""
+    flags: dict[str, bool | int] = {}
     if num_return_sequences is not None:
-        inputs["num_return_sequences"] = np.array([[num_return_sequences]], dtype=np.int32)
+        flags["num_return_sequences"] = num_return_sequences
     if return_perf_metrics:
-        inputs["return_perf_metrics"] = np.array([[True]], dtype=bool)
-    return [_input(k, v) for k, v in inputs.items()]
+        flags["return_perf_metrics"] = True
+    return inflight_batcher_client_inputs(ids, output_len, streaming=streaming, end_id=EOS, pad_id=50256, **flags)
 
 
 def test_ib_client_unary_with_its_streaming_parameter(client: Any) -> None:

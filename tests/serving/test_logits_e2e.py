@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from server_utils import grpc_client, running_server, tensor
+from server_utils import grpc_client, inflight_batcher_client_inputs, running_server, tensor
 from tiny_models import load_hf_oracle
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -139,23 +139,9 @@ def test_e2e_client_text_model_logits(setup: Any, streaming: bool, batch_inputs:
 
 
 def ib_inputs(ids: list[int], output_len: int, streaming: bool, eos: int) -> list[grpcclient.InferInput]:
-    """inflight_batcher_llm_client's prepare_inputs with its defaults (top_k 1, top_p 0, temperature
-    1, beam width 1; end and pad id its tokenizer's EOS) and the two logits flags."""
-    inputs = {
-        "input_ids": np.array([ids], dtype=np.int32),
-        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
-        "request_output_len": np.array([[output_len]], dtype=np.int32),
-        "beam_width": np.array([[1]], dtype=np.int32),
-        "temperature": np.array([[1.0]], dtype=np.float32),
-        "streaming": np.array([[streaming]], dtype=bool),
-        "end_id": np.array([[eos]], dtype=np.int32),
-        "pad_id": np.array([[eos]], dtype=np.int32),
-        "runtime_top_k": np.array([[1]], dtype=np.int32),
-        "runtime_top_p": np.array([[0.0]], dtype=np.float32),
-        "return_context_logits": np.array([[True]], dtype=bool),
-        "return_generation_logits": np.array([[True]], dtype=bool),
-    }
-    return [_input(k, v) for k, v in inputs.items()]
+    """inflight_batcher_llm_client's inputs (end and pad id its tokenizer's EOS) and the two logits flags."""
+    return inflight_batcher_client_inputs(ids, output_len, streaming=streaming, end_id=eos, pad_id=eos,
+                                          return_context_logits=True, return_generation_logits=True)
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streamed"])
