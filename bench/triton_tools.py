@@ -26,13 +26,13 @@ Runs, in the command shapes TensorRT-LLM's Triton backend documents:
   genai-perf profile -m MODEL --backend tensorrtllm --endpoint-type kserve --streaming -u HOST:PORT
                 --tokenizer ENGINE_DIR --num-prompts 100 --random-seed 123
                 --synthetic-input-tokens-mean ISL --synthetic-input-tokens-stddev 0
-                --output-tokens-mean OSL --output-tokens-stddev 0 --concurrency N
+                --output-tokens-mean OSL --output-tokens-stddev 0 --output-tokens-mean-deterministic
+                --concurrency N
                 --measurement-interval MS --artifact-dir DIR --profile-export-file profile_export.json
-    on "ensemble" and "tensorrt_llm_bls" at each --gp-concurrency. Without
-    --output-tokens-mean-deterministic: genai-perf 0.0.16 sends that as `min_length`, a name the
-    current TensorRT-LLM models (and ours) declare as `min_tokens`, and perf_analyzer refuses an
-    input the model config does not declare; so a request may stop at EOS before OSL (the output
-    sequence length genai-perf measured is printed).
+    on "ensemble" and "tensorrt_llm_bls" at each --gp-concurrency. --output-tokens-mean-deterministic
+    makes genai-perf 0.0.16 send `min_length` = OSL, TensorRT-LLM's older name of `min_tokens`, which
+    our models declare as an optional input beside `min_tokens` (as tensorrtllm_backend's do), so
+    every request generates OSL tokens (the output sequence length genai-perf measured is printed).
 
 Printed: perf_analyzer's throughput (inferences/s: rows/s) and latency percentiles (its CSV; with
 --streaming its latency is that of the whole request, to the last response), with the first
@@ -132,7 +132,8 @@ def genai_perf_command(exe: str, run: GPRun, url: str, tokenizer: Path, isl: int
     return [exe, "profile", "-m", run.model, "--backend", "tensorrtllm", "--endpoint-type", "kserve", "--streaming",
             "-u", url, "--tokenizer", str(tokenizer), "--num-prompts", "100", "--random-seed", "123",
             "--synthetic-input-tokens-mean", str(isl), "--synthetic-input-tokens-stddev", "0",
-            "--output-tokens-mean", str(osl), "--output-tokens-stddev", "0", "--concurrency", str(run.concurrency),
+            "--output-tokens-mean", str(osl), "--output-tokens-stddev", "0",
+            "--output-tokens-mean-deterministic", "--concurrency", str(run.concurrency),
             "--measurement-interval", str(interval_ms), "--artifact-dir", str(artifacts),
             "--profile-export-file", "profile_export.json"]
 

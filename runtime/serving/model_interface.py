@@ -22,8 +22,10 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     top_k                    INT32   [1]   0 = off
     top_p                    FP32    [1]   0 = off
     repetition_penalty       FP32    [1]   1.0
-    min_tokens               INT32   [1]   0 (alias min_length)
-    seed                     UINT64  [1]   none (alias random_seed)
+    min_tokens               INT32   [1]   0
+    seed                     UINT64  [1]   none
+    min_length, random_seed  INT32, UINT64 [1]  TensorRT-LLM's names of min_tokens and seed, declared as
+                                       optional inputs of both models (a request gives either name)
     end_id                   INT32   [1]   the model's EOS ids
     pad_id                   INT32   [1]   accepted, unused (outputs are never padded)
     stop_words               BYTES   [-1]  generation ends before the first one; it is not returned
@@ -63,11 +65,11 @@ token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names
     row's first input_lengths ids are its prompt, the rest padding), request_output_len INT32 [1]
     (required; alias max_tokens), streaming BOOL [1] (alias stream),
     runtime_top_k INT32 (alias top_k), runtime_top_p FP32 (alias top_p), temperature,
-    repetition_penalty, min_tokens, seed, end_id, pad_id, exclude_input_in_output, return_log_probs,
-    return_perf_metrics, return_context_logits, return_generation_logits, stop_words_list /
-    bad_words_list INT32 [2, -1] in TRT-LLM's layout (row 0: the sequences' ids concatenated, row 1:
-    each sequence's end offset, -1 padded), plus the same
-    accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
+    repetition_penalty, min_tokens, seed (and their declared aliases min_length, random_seed, as in
+    the text model), end_id, pad_id, exclude_input_in_output, return_log_probs, return_perf_metrics,
+    return_context_logits, return_generation_logits, stop_words_list / bad_words_list INT32 [2, -1]
+    in TRT-LLM's layout (row 0: the sequences' ids concatenated, row 1: each sequence's end offset,
+    -1 padded), plus the same accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
     Stop sequences of the token model must be single tokens (they are added to the end ids).
 
     output_ids INT32 [-1, -1] -> [1, 1, N] (non-streaming with exclude_input_in_output false: prompt
@@ -129,7 +131,9 @@ class ModelSpec:
     kind: str  # "text" | "tokens"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    aliases: dict[str, str] = field(default_factory=dict)  # legacy input name -> input name
+    # legacy input name -> input name. An alias that is also in `inputs` is declared (config, metadata)
+    # and parsed as its target; one that is not is accepted but not declared.
+    aliases: dict[str, str] = field(default_factory=dict)
     default_outputs: tuple[str, ...] = ()
     log_prob_outputs: tuple[str, ...] = ("cum_log_probs", "output_log_probs")
     perf_metric_outputs: tuple[str, ...] = ()
@@ -152,6 +156,12 @@ _SAMPLING = (
     _s("repetition_penalty", "FP32", doc="1.0 = off"),
     _s("min_tokens", "INT32", doc="0"),
     _s("seed", "UINT64", doc="per-request RNG seed"),
+    # TensorRT-LLM's names of min_tokens and seed, which its ensemble and tensorrt_llm configs declare:
+    # declared here too, or a client that checks the model config before sending (perf_analyzer, so
+    # genai-perf's --output-tokens-mean-deterministic, which sends min_length) refuses to run. A
+    # request names each at most once, by either name (ModelSpec.input resolves the alias).
+    _s("min_length", "INT32", doc="alias of min_tokens"),
+    _s("random_seed", "UINT64", doc="alias of seed"),
     _s("end_id", "INT32", doc="end token (default: the model's EOS ids)"),
     _s("pad_id", "INT32", doc="accepted, unused"),
     _s("exclude_input_in_output", "BOOL", doc="false: non-streaming outputs start with the prompt"),

@@ -20,7 +20,9 @@ are refused). Errors use OpenAI's body, `{"error": {"message", "type", "param", 
     404 invalid_request_error   unknown model (code model_not_found), or an unknown route
     413 invalid_request_error   the body is over `max_body_bytes` (default: the gRPC message limit)
     429 rate_limit_error        the core's waiting queue is full (nothing was queued)
-    500 server_error            the engine failed while running the request
+    500 server_error            the engine failed while running the request, or the server itself
+                                failed (a bug: its traceback is in the server's log; a stream
+                                under way ends with an error event instead)
     503 service_unavailable     the server is not ready (code not_ready), draining after SIGTERM (code
                                 shutting_down: nothing new is admitted), or a request still running at
                                 the drain timeout was cancelled
@@ -43,15 +45,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -161,7 +165,13 @@ class _Run:
                 self.core.cancel(job.generation.request_id)
 
     async def next(self) -> tuple[int, GenerationOutput]:
-        index, out = await self.queue.get()
+        return self.took(await self.queue.get())
+
+    def took(self, item: tuple[int, GenerationOutput]) -> tuple[int, GenerationOutput]:
+        """Book an output taken off `queue` by its consumer: a finished choice leaves `unfinished`.
+        Only the handler that then uses the output may call this, never a task that may finish
+        unseen: `unfinished` empty means every final output is in the handler's hands."""
+        index, out = item
         if out.finished:
             self.unfinished.discard(index)
             if self.metrics:
@@ -176,6 +186,16 @@ def _failure(out: GenerationOutput) -> _Refusal | None:
         return _Refusal(500, f"the engine failed while running the request: {out.error or out.finish_reason}",
                         "server_error")
     return None
+
+
+def _internal_error(where: str, e: Exception) -> _Refusal:
+    """A 500 for an exception no other path answers (a bug): its traceback goes to the server's
+    stderr (its log), and the client gets OpenAI's error body naming the exception."""
+    print(f"llama-forge: {where} failed:", file=sys.stderr, flush=True)
+    traceback.print_exception(e, file=sys.stderr)
+    sys.stderr.flush()
+    return _Refusal(500, f"the server failed while answering the request ({type(e).__name__}: {e}); "
+                         "the server's log has the traceback", "server_error")
 
 
 def _sse(payload: Mapping[str, Any] | str) -> bytes:
@@ -202,10 +222,16 @@ class _EventStream:
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
         watcher = asyncio.create_task(watch())
         try:
-            async for event in self.events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:  # the client has gone (uvicorn's ClientDisconnected)
+            tail = b""
+            try:
+                async for event in self.events:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            except OSError:  # the client has gone (uvicorn's ClientDisconnected)
+                return
+            except Exception as e:  # noqa: BLE001 - a bug: end the stream with an error event, not a cut
+                tail = _sse(_internal_error("a stream", e).body)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except OSError:
             pass
         finally:
             watcher.cancel()
@@ -316,6 +342,14 @@ class OpenAIFrontend:
             return _Refusal(503, SHUTTING_DOWN, "service_unavailable", None, "shutting_down").response()
         try:
             response = await self._answer(request, parse, prompt_field, ticket)
+        except ClientDisconnect:  # gone while sending the body: nothing was submitted, nobody to answer
+            ticket.release()
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - a bug here must still answer in OpenAI's schema, and be logged
+            for request_id in ticket.rows:  # whatever reached the core (cancelling a finished one does nothing)
+                self.core.cancel(request_id)
+            ticket.release()
+            return _internal_error(f"{request.method} {request.url.path}", e).response()
         except BaseException:
             ticket.release()
             raise
@@ -353,10 +387,15 @@ class OpenAIFrontend:
     async def _whole(self, request: Request, run: _Run) -> Response:
         """Wait for every prompt's outputs, then answer them in one body."""
         parts: dict[int, list[GenerationOutput]] = {job.index: [] for job in run.req.jobs}
-        # One getter task at a time, polled, so no output is lost to a timeout's cancellation.
+        # One getter task at a time, polled, so no output is lost to a timeout's cancellation. The
+        # getter only takes the output off the queue; it is booked (`took`) here, once this loop has
+        # it. A getter that booked it itself could finish while `is_disconnected()` awaits (it
+        # always yields to the loop) and empty `unfinished` before this loop had the output: the
+        # loop then ended without that choice's final output (an IndexError, HTTP 500, when that
+        # was its only one), which a loaded machine, slowing every poll, made likely.
         getter: asyncio.Task[tuple[int, GenerationOutput]] | None = None
         while run.unfinished:
-            getter = getter or asyncio.ensure_future(run.next())
+            getter = getter or asyncio.ensure_future(run.queue.get())
             done, _ = await asyncio.wait({getter}, timeout=_POLL_S)
             if not done:
                 if await request.is_disconnected():
@@ -364,7 +403,7 @@ class OpenAIFrontend:
                     run.cancel()
                     return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
                 continue
-            index, out = getter.result()
+            index, out = run.took(getter.result())
             getter = None
             parts[index].append(out)
             failure = _failure(out) if out.finished else None

@@ -8,8 +8,15 @@
     with serve_process(engine_dir, "--tls-cert", cert, "--tls-key", key, "--host", "127.0.0.2",
                        env={"LLAMAFORGE_API_KEY": "k"}) as server:   # server.base_url: https://127.0.0.2:PORT/v1
 
-The server's environment is this one without LLAMAFORGE_API_KEY, plus `env`. `http_call(url, body,
-key=..., context=...)` is a stdlib HTTP(S) call that returns (status, JSON body, headers), errors included.
+The server's environment is this one without LLAMAFORGE_API_KEY, plus `env`. Its stdout and stderr
+go to a log file (`server.log_path`; `server.output()`, `server.log_tail()`), not to a pipe: a pipe
+nobody reads fills up and then blocks the server's next write (a traceback, a warning) mid-request.
+A test that fails while the server is up gets the log's tail in its report (tests/serving/conftest.py
+for the fixtures' servers; the `with` block itself prints it when an exception leaves it). The file is
+removed when the server has stopped cleanly.
+
+`http_call(url, body, key=..., context=...)` is a stdlib HTTP(S) call that returns (status, JSON
+body, headers), errors included.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import signal
 import ssl
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -29,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerProcess", "serve_process", "http_call"]
+__all__ = ["ServerProcess", "serve_process", "http_call", "START_TIMEOUT_S"]
+
+# How long the start line may take: loading the engine on a loaded CI machine (load 12-15 on 2 cores).
+START_TIMEOUT_S = 300.0
 
 # serve()'s start line: "... on grpc HOST:PORT, metrics http://HOST:PORT/metrics, openai SCHEME://HOST:PORT/v1"
 _LINE = re.compile(r"on grpc (\S+?):(\d+), metrics http://\S+?:(\d+)/metrics, openai (https?)://\S+?:(\d+)/v1")
@@ -44,6 +56,18 @@ class ServerProcess:
     host: str = "127.0.0.1"  # as URLs write it ("[::1]" for IPv6)
     scheme: str = "http"  # of the HTTP port: https with --tls-cert (metrics stay http)
     start_line: str = ""
+    log_path: Path | None = None  # the server's stdout + stderr
+
+    def output(self) -> str:
+        """Everything the server has written to stdout and stderr so far."""
+        if self.log_path is None:
+            return ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 200) -> str:
+        """The last `lines` lines of `output()`, headed by the log's path."""
+        text = self.output().splitlines()[-lines:]
+        return f"--- {self.log_path} (last {len(text)} lines) ---\n" + "\n".join(text)
 
     @property
     def base_url(self) -> str:
@@ -75,24 +99,52 @@ def serve_process(engine_dir: Path, *args: str, env: Mapping[str, str] | None = 
     must end it with status 0 (a test may have sent it and waited already)."""
     root = Path(__file__).resolve().parents[2]
     environ = {k: v for k, v in os.environ.items() if k != "LLAMAFORGE_API_KEY"} | dict(env or {})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
-         str(engine_dir), "--port", "0", "--http-port", "0", "--metrics-port", "0", *args],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
+    fd, name = tempfile.mkstemp(prefix="llamaforge-serve-", suffix=".log")
+    log_path = Path(name)
+    with os.fdopen(fd, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
+             str(engine_dir), "--port", "0", "--http-port", "0", "--metrics-port", "0", *args],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
+    clean = False
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = _start_line(proc, log_path)
         m = _LINE.search(line)
-        if m is None:
-            raise RuntimeError(f"the server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}")
-        yield ServerProcess(proc, int(m.group(2)), int(m.group(3)), int(m.group(5)), host=m.group(1),
-                            scheme=m.group(4), start_line=line)
+        assert m is not None
+        server = ServerProcess(proc, int(m.group(2)), int(m.group(3)), int(m.group(5)), host=m.group(1),
+                               scheme=m.group(4), start_line=line, log_path=log_path)
+        try:
+            yield server
+        except BaseException as e:
+            if not isinstance(e, GeneratorExit):  # GeneratorExit: closed unfinished, not a failure
+                print(server.log_tail(), file=sys.stderr)  # pytest shows it under "Captured stderr"
+            raise
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        status = proc.wait(timeout=30)
+        assert status == 0, f"the server exited with status {status}\n{server.log_tail()}"
+        clean = True
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if clean:
+            log_path.unlink(missing_ok=True)
+
+
+def _start_line(proc: subprocess.Popen[str], log_path: Path) -> str:
+    """serve()'s start line, read from the log as it grows; RuntimeError with the log if the server
+    exits or does not print it within START_TIMEOUT_S."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        for line in text.splitlines(keepends=True):
+            if line.endswith("\n") and _LINE.search(line):
+                return line
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before it started:\n{text}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start within {START_TIMEOUT_S:g} s:\n{text}")
+        time.sleep(0.05)
 
 
 def http_call(url: str, body: dict[str, Any] | None = None, key: str | None = None,

@@ -4,7 +4,9 @@ response schema, and every error path (runtime/serving/openai_server.py, openai_
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,6 +31,14 @@ def app() -> Iterator[tuple[TestClient, FakeCore, OpenAIFrontend]]:
     finally:
         core.release()
         core.stop()
+
+
+def _eventually(condition: Callable[[], object], seconds: float) -> bool:
+    """Polls `condition` until it is true or `seconds` pass; its last truth value."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(condition())
 
 
 def _events(text: str) -> list[Any]:
@@ -277,7 +287,6 @@ def test_a_unary_client_that_disconnects_is_cancelled() -> None:
     """Over uvicorn (HttpServer, a free port): the client of a unary request closes its connection
     while the core is still generating; the request is cancelled in the core."""
     import socket
-    import time
 
     from llamaforge.runtime.serving.openai_server import HttpServer
 
@@ -289,14 +298,117 @@ def test_a_unary_client_that_disconnects_is_cancelled() -> None:
         with socket.create_connection(("127.0.0.1", http.port), timeout=10) as conn:
             conn.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                          b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            deadline = time.monotonic() + 5
-            while not core.submitted and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert core.submitted
-        deadline = time.monotonic() + 2  # well before the request would end by itself
-        while not core.cancelled and time.monotonic() < deadline:
-            time.sleep(0.01)
+            assert _eventually(lambda: core.submitted, 5)
+        _eventually(lambda: core.cancelled, 2)  # well before the request would end by itself
         assert core.cancelled == [core.submitted[0].request_id]
     finally:
         http.stop()
+        core.stop()
+
+
+class _Finished:
+    """A CoreObserver that records the requests the core has sent their final output to."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def on_first_token(self, request_id: str, ttft_s: float) -> None:
+        pass
+
+    def on_token(self, request_id: str, itl_s: float) -> None:
+        pass
+
+    def on_finished(self, request_id: str, reason: str, num_output_tokens: int) -> None:
+        self.done.set()  # after the final output went to the request's sink (FakeCore._finish)
+
+
+def test_a_final_output_that_arrives_during_the_disconnect_check_is_answered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unary handler polls for its outputs and, each time a poll times out, awaits
+    `request.is_disconnected()`, which yields to the event loop. An output arriving then was taken
+    and booked by the getter task, whose finish emptied the run's unfinished set before the handler
+    had the output: the handler's loop ended without that choice's final output, and the client got
+    HTTP 500 (an IndexError). Seen once in CI on a machine at load 12-15, where the check's wait is
+    long enough for it; here the check waits until the core has sent the final output."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from llamaforge.runtime.serving import openai_server
+
+    observer = _Finished()
+    core = FakeCore(model_name=MODEL, observer=observer)
+    core.hold()  # the first poll times out: nothing is generated until the check releases the core
+    core.start()
+    checks = []
+
+    async def slow_check(self: Request) -> bool:
+        checks.append(self.url.path)
+        if len(checks) == 1:
+            core.release()
+            assert await asyncio.to_thread(observer.done.wait, 10)
+            await asyncio.sleep(0.05)  # the loop runs what the output woke (the getter task)
+        return False
+
+    monkeypatch.setattr(openai_server, "_POLL_S", 0.01)
+    monkeypatch.setattr(Request, "is_disconnected", slow_check)
+    try:
+        client = TestClient(OpenAIFrontend(core, ready=lambda: True).app)
+        r = client.post(_COMPLETION, json={"model": MODEL, "prompt": "hello", "max_tokens": 3})
+        assert checks, "the disconnect check never ran: the test did not set up the race"
+        assert r.status_code == 200, r.text
+        assert [(c["text"], c["finish_reason"]) for c in r.json()["choices"]] == [("hel", "length")]
+    finally:
+        core.release()
+        core.stop()
+
+
+class _BrokenBodyFrontend(OpenAIFrontend):
+    async def _whole(self, request: Any, run: Any) -> Any:
+        raise RuntimeError("a bug in the handler")
+
+    async def _events(self, run: Any) -> Any:
+        async for event in super()._events(run):
+            yield event
+            raise RuntimeError("a bug in the stream")
+
+
+def test_a_handler_bug_is_a_logged_500_in_openais_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception no path answers: OpenAI's error body (not uvicorn's plain text), the traceback
+    on the server's stderr, and the request cancelled in the core."""
+    core = FakeCore(model_name=MODEL, step_s=0.05)  # 100 tokens: 5 s unless cancelled
+    core.start()
+    try:
+        client = TestClient(_BrokenBodyFrontend(core, ready=lambda: True).app)
+        r = client.post(_COMPLETION, json={"model": MODEL, "prompt": "x" * 100, "max_tokens": 100})
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "RuntimeError: a bug in the handler" in error["message"]
+        err = capsys.readouterr().err
+        assert "POST /v1/completions failed" in err and "Traceback" in err and "a bug in the handler" in err
+        assert core.submitted
+        _eventually(lambda: core.cancelled, 2)  # well before the request would end by itself
+        assert core.cancelled == [core.submitted[0].request_id]
+    finally:
+        core.stop()
+
+
+def test_a_stream_bug_ends_the_stream_with_a_logged_error_event(capsys: pytest.CaptureFixture[str]) -> None:
+    """Once the 200 is out, a bug ends the stream with an error event (not a cut connection), the
+    traceback on the server's stderr, and the request cancelled in the core."""
+    core = FakeCore(model_name=MODEL, step_s=0.05)
+    core.start()
+    try:
+        frontend = _BrokenBodyFrontend(core, ready=lambda: True)
+        client = TestClient(frontend.app)
+        r = client.post(_COMPLETION, json={"model": MODEL, "prompt": "x" * 100, "max_tokens": 100, "stream": True})
+        assert r.status_code == 200
+        events = [json.loads(x[len("data: "):]) for x in r.text.split("\n\n") if x]
+        assert len(events) == 2 and events[0]["object"] == "text_completion"
+        assert events[-1]["error"]["type"] == "server_error" and "a bug in the stream" in events[-1]["error"]["message"]
+        err = capsys.readouterr().err
+        assert "a stream failed" in err and "Traceback" in err
+        _eventually(lambda: core.cancelled, 2)
+        assert core.cancelled == [core.submitted[0].request_id] and frontend.admission.in_flight == 0
+    finally:
         core.stop()

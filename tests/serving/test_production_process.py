@@ -90,8 +90,7 @@ def _start_long_stream(server: ServerProcess) -> tuple[grpcclient.InferenceServe
 
 
 def _remaining_output(server: ServerProcess) -> str:
-    assert server.proc.stdout is not None
-    return server.proc.stdout.read()
+    return server.output()
 
 
 def test_sigterm_refuses_new_work_lets_admitted_requests_finish_and_exits_0(tiny_engine: Path) -> None:

@@ -27,6 +27,7 @@ from server_utils import (
     token_inputs,
     wait_until,
 )
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
@@ -214,6 +215,35 @@ def test_unary_text_includes_prompt_unless_excluded(fake: Any) -> None:
     assert not core.submitted[-1].return_log_probs
     r = client.infer("ensemble", text_inputs("abc", 8), outputs=[grpcclient.InferRequestedOutput("cum_log_probs")])
     assert core.submitted[-1].return_log_probs and r.as_numpy("cum_log_probs").shape == (1, 1)
+
+
+def test_trtllm_names_min_length_and_random_seed_are_declared_and_honoured(fake: Any) -> None:
+    """TensorRT-LLM's ensemble and tensorrt_llm configs declare `min_length` and `random_seed` (our
+    min_tokens and seed), and clients that check the config before sending (perf_analyzer, so
+    genai-perf --output-tokens-mean-deterministic, which sends min_length) refuse an undeclared
+    one: every model declares both as optional inputs, and a stock client's request with them works."""
+    server, core, client = fake
+    for name in ("ensemble", "tensorrt_llm_bls", "fake-echo", "tensorrt_llm"):
+        cfg = client.get_model_config(name).config
+        declared = {i.name: (mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in cfg.input}
+        assert declared["min_length"] == ("TYPE_INT32", [1], True), name
+        assert declared["random_seed"] == ("TYPE_UINT64", [1], True), name
+        md = {t.name: (t.datatype, list(t.shape)) for t in client.get_model_metadata(name).inputs}
+        assert md["min_length"] == ("INT32", [-1, 1]) and md["random_seed"] == ("UINT64", [-1, 1]), name
+
+    # The fake echoes the prompt and stops at an end id once min_tokens tokens are out.
+    short = client.infer("ensemble", text_inputs("a,b", 8, exclude_input_in_output=True, end_id=ord(",")))
+    assert short.as_numpy("text_output")[0] == b"a"
+    r = client.infer("ensemble", text_inputs("a,b", 8, exclude_input_in_output=True, end_id=ord(","), min_length=3,
+                                             random_seed=tensor("random_seed", np.array([[7]], np.uint64))))
+    assert r.as_numpy("text_output")[0] == b"a,b"
+    assert core.submitted[-1].min_tokens == 3 and core.submitted[-1].sampling.seed == 7
+    ids = [ord(c) for c in "a,b"]
+    r = client.infer("tensorrt_llm", token_inputs(ids, 8, exclude_input_in_output=True, end_id=ord(","), min_length=3))
+    assert r.as_numpy("output_ids").reshape(-1).tolist() == ids and core.submitted[-1].min_tokens == 3
+    # One value per parameter: both names in one request is refused, naming the alias.
+    expect_error(lambda: client.infer("ensemble", text_inputs("a,b", 8, min_tokens=1, min_length=3)),
+                 "INVALID_ARGUMENT", "min_length", "given twice")
 
 
 def test_stop_words_and_end_id_cut_the_text(fake: Any) -> None:
@@ -568,6 +598,24 @@ def test_real_core_disconnect_frees_kv_and_context_limit(real: Any) -> None:
     assert 'llamaforge_requests_total{outcome="cancelled"} 1.0' in scrape_metrics(server)
     expect_error(lambda: client.infer("ensemble", text_inputs("hello", 600)), "INVALID_ARGUMENT", "max_tokens")
     assert_serves_real(client)
+
+
+@pytest.mark.slow
+def test_real_core_min_length_holds_back_the_end_id(real: Any) -> None:
+    """`min_length` (TensorRT-LLM's name of min_tokens, which genai-perf's deterministic output
+    length sends) reaches the real core: with the greedy first token as end id a request ends at
+    once, and with min_length it runs to max_tokens without that token."""
+    server, core, client = real
+    ids = core.tokenizer.encode("def f(x):", add_bos=True, allow_special=True)
+    greedy = {"exclude_input_in_output": True, "temperature": 0.0}
+    first = client.infer("tensorrt_llm", token_inputs(ids, 1, **greedy)).as_numpy("output_ids").reshape(-1).tolist()
+    assert len(first) == 1
+    stopped = client.infer("tensorrt_llm", token_inputs(ids, 6, end_id=first[0], **greedy))
+    assert stopped.as_numpy("num_output_tokens").tolist() == [[0]]
+    r = client.infer("tensorrt_llm", token_inputs(ids, 6, end_id=first[0], min_length=6, **greedy))
+    out = r.as_numpy("output_ids").reshape(-1).tolist()
+    assert r.as_numpy("num_output_tokens").tolist() == [[6]] and len(out) == 6 and first[0] not in out
+    assert core.stats()["kv_used_tokens"] == 0
 
 
 def assert_serves_real(client: grpcclient.InferenceServerClient) -> None:

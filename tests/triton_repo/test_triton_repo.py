@@ -137,7 +137,9 @@ def test_ensemble_interface_is_tensorrt_llms(repo: Path) -> None:
                      "temperature": "TYPE_FP32", "top_p": "TYPE_FP32", "top_k": "TYPE_INT32",
                      "repetition_penalty": "TYPE_FP32", "min_tokens": "TYPE_INT32", "end_id": "TYPE_INT32",
                      "pad_id": "TYPE_INT32", "seed": "TYPE_UINT64", "stop_words": "TYPE_STRING",
-                     "bad_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL", "return_log_probs": "TYPE_BOOL"}
+                     "bad_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL", "return_log_probs": "TYPE_BOOL",
+                     # TensorRT-LLM's names of min_tokens and seed (genai-perf sends min_length)
+                     "min_length": "TYPE_INT32", "random_seed": "TYPE_UINT64"}
     trtllm_outputs = {"text_output": "TYPE_STRING", "output_log_probs": "TYPE_FP32", "cum_log_probs": "TYPE_FP32",
                       "context_logits": "TYPE_FP32", "generation_logits": "TYPE_FP32", "batch_index": "TYPE_INT32",
                       "sequence_index": "TYPE_INT32", "kv_cache_alloc_new_blocks": "TYPE_INT32",
@@ -354,6 +356,28 @@ def test_bad_input_is_invalid_arg_naming_the_field(server: Any, model: str, tens
     assert error.code() == pb.TritonError.INVALID_ARG and field in error.message(), error.message()
     assert server.models["llama"].core.kv.all_free()
     assert text_of(server.infer(model if model != "llama" else "ensemble", text_request("ok", 4)).wait())
+
+
+def test_trtllm_names_min_length_and_random_seed_reach_llama(server: Any) -> None:
+    """genai-perf --output-tokens-mean-deterministic sends `min_length` (TensorRT-LLM's name of
+    min_tokens): ensemble and bls declare it (the stand-in, as Triton, refuses an undeclared input)
+    and hand it to llama, which holds back the end id until that many tokens are out."""
+    core = server.models["llama"].core
+    ids = core.tokenizer.encode(PROMPTS[0], add_bos=True, allow_special=True)
+    first = server.infer("llama", {"input_ids": np.array([ids], np.int32), "request_output_len": np.array([[1]], np.int32),
+                                   "exclude_input_in_output": np.array([[True]]),
+                                   "temperature": np.array([[0.0]], np.float32)}).wait()
+    assert not first.errors, [e.message() for e in first.errors]
+    (end,) = [t for o in first.outputs for t in o["output_ids"].reshape(-1).tolist()]  # the greedy first token
+    for model in ("ensemble", "bls"):
+        greedy = text_request(PROMPTS[0], 6, exclude_input_in_output=True, end_id=end, temperature=0.0)
+        stopped = server.infer(model, greedy).wait()
+        assert not stopped.errors and int(stopped.outputs[-1]["num_output_tokens"][0][0]) == 0, model
+        call = server.infer(model, {**greedy, "min_length": np.array([[6]], np.int32),
+                                    "random_seed": np.array([[7]], np.uint64)}).wait()
+        assert not call.errors, (model, [e.message() for e in call.errors])
+        assert int(call.outputs[-1]["num_output_tokens"][0][0]) == 6, model
+    assert core.kv.all_free()
 
 
 def test_unknown_request_parameter_is_refused(server: Any) -> None:
