@@ -44,7 +44,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-moe bench-moe-quant bench-triton-tools bench-openai lint clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai lint clean help
 
 ## make help: this list
 help:
@@ -66,7 +66,7 @@ venv: $(VENV)/.installed
 checkpoints/demo-tiny/config.json: | $(VENV)/.installed
 	$(BIN)/llamaforge demo-checkpoint checkpoints/demo-tiny
 
-## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
+## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo|int4-awq|int4-rtn] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
 engine: $(VENV)/.installed $(DEMO_DEP)
 	$(BIN)/llamaforge build $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --out $(OUT) \
@@ -157,9 +157,13 @@ bench-export: $(VENV)/.installed
 bench-attention: $(VENV)/.installed
 	$(PY) bench/attention_lowering.py
 
-## make bench-quant: held-out perplexity, top-1 agreement, weight bytes, decode tok/s of fp32/fp16/fp8/int8-sq/int8-wo/fp8-KV vs fp32
-bench-quant: $(VENV)/.installed
-	$(PY) bench/quant.py
+## make bench-quant: perplexity and top-1 vs fp32 of fp8/int8-sq/int8-wo/int4-awq/int4-rtn on stdlib-5m and its outlier variant, in- and out-of-domain calibration (bench/quant.py), then bench-quant-speed
+bench-quant: $(VENV)/.installed $(VENV)/.bench-installed
+	$(PY) bench/quant.py; quality=$$?; $(PY) bench/quant_speed.py; speed=$$?; test $$quality -eq 0 && test $$speed -eq 0
+
+## make bench-quant-speed: single-stream decode of our fp32/int8/int4 engines vs onnxruntime-genai fp32/int8/int4 and llama.cpp f32/q8_0/q4_0 (built once under bench/.work/quant-peers), copy-bandwidth roofline, bytes
+bench-quant-speed: $(VENV)/.installed $(VENV)/.bench-installed
+	$(PY) bench/quant_speed.py
 
 ## make bench-moe: MoE decode ms/token as experts grow 16->128 at top-1 (active-expert Loop vs every-expert peer)
 bench-moe: $(VENV)/.installed

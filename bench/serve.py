@@ -432,21 +432,30 @@ def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) ->
         core.stop()
 
 
+def genai_greedy(model: Any, prompt: list[int], n: int) -> tuple[list[float], list[int]]:
+    """onnxruntime-genai's generator loop on an `og.Model`: exactly `n` greedy tokens after `prompt`
+    (min_length = max_length, so no early stop at an EOS id), with the time each one arrived."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    times, tokens = [], []
+    while not gen.is_done():
+        gen.generate_next_token()
+        times.append(time.perf_counter())
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return times, tokens
+
+
 def decode_genai(oga: Path, prompt: list[int], n: int) -> tuple[float, list[int]]:
     import onnxruntime_genai as og
 
     model = og.Model(str(oga))
     best, tokens = 0.0, []
     for _ in range(2):
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([prompt], np.int32))
-        times, tokens = [], []
-        while not gen.is_done():
-            gen.generate_next_token()
-            times.append(time.perf_counter())
-            tokens.append(int(gen.get_next_tokens()[0]))
+        times, tokens = genai_greedy(model, prompt, n)
         best = max(best, (len(times) - 1) / (times[-1] - times[0]))
     return best, tokens
 

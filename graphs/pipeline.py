@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -17,8 +17,10 @@ from llamaforge.graphs.passes.cleanup import Clean
 from llamaforge.graphs.passes.fusion import FuseQKV, FuseRMSNorm
 from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
 from llamaforge.graphs.passes.lower_moe import LowerMoEForORT
+from llamaforge.graphs.passes.lower_quant_ort import LowerQuantForORT
 from llamaforge.graphs.passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
 from llamaforge.graphs.passes.quantize_experts import QuantizeExperts
+from llamaforge.graphs.passes.quantize_int4 import AWQScale, QuantizeInt4
 from llamaforge.graphs.passes.tied_embedding import ShareTiedEmbedding
 from llamaforge.graphs.passes.validate_quant import ValidateQuantization
 from llamaforge.graphs.passes.weights import FoldWeightTransposes
@@ -53,9 +55,18 @@ QUANT_PASSES: dict[str, Callable[[QuantContext], ir.passes.PassBase]] = {
     "quantize-experts-fp8": lambda ctx: QuantizeExperts(ctx, "fp8"),  # MoE experts, after lower-moe-ort
     "quantize-experts-int8-wo": lambda ctx: QuantizeExperts(ctx, "int8-wo"),
     "validate-quantization": ValidateQuantization,
+    "awq-scale": AWQScale,
+    "quantize-int4": QuantizeInt4,
+    "quantize-experts-int4": lambda ctx: QuantizeExperts(ctx, ctx.config.precision or "int4-rtn"),
+    "lower-quant-ort": LowerQuantForORT,  # MatMulNBits; after validate-quantization, ORT only
 }
 WEIGHT_QUANT_PASSES = {"fp8": ["quantize-fp8", "quantize-experts-fp8"], "int8-sq": ["smooth-int8", "quantize-int8-sq"],
                        "int8-wo": ["quantize-int8-wo", "quantize-experts-int8-wo"]}
+WEIGHT_QUANT_PASSES |= {"int4-awq": ["awq-scale", "quantize-int4", "quantize-experts-int4"],
+                        "int4-rtn": ["quantize-int4", "quantize-experts-int4"]}
+# Precisions whose weight-only MatMuls `lower-quant-ort` turns into MatMulNBits (with --ort-kernels fast).
+# int8-sq's per-token form becomes ORT's integer GEMM (MatMulIntegerToFloat) in the same pass.
+ORT_LOWERED_PRECISIONS = ("int8-wo", "int8-sq", "int4-awq", "int4-rtn")
 
 
 def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
@@ -68,7 +79,8 @@ def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
     Q/DQ: onnxscript's constant folding keeps them by design.)
     """
     if backend == "trt" and "trt" in PIPELINES:  # the ORT graph of this precision, minus ORT-only passes
-        return trt_passes(pipeline("ort", quant))
+        # --ort-kernels chooses ONNX Runtime kernels: TensorRT gets the Q/DQ graph of the exact ones
+        return trt_passes(pipeline("ort", replace(quant, ort_kernels="exact") if quant is not None else None))
     if backend not in PIPELINES:
         raise PipelineError(f"no pass pipeline for backend {backend!r}; known: {sorted(PIPELINES)}")
     names = list(PIPELINES[backend])
@@ -77,12 +89,17 @@ def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
     lowering = next((i for i, n in enumerate(names) if n.startswith("lower-attention")), len(names))
     kv = ["quantize-kv-fp8"] if quant.kv_cache == "fp8" else []
     weights = WEIGHT_QUANT_PASSES.get(quant.precision or "", [])
-    return names[:lowering] + kv + weights + ["validate-quantization"] + names[lowering:]
+    if quant.smooths_int8_wo:  # the fast kernel quantizes activations: outlier channels go into the weights first
+        weights = ["smooth-int8", *weights]
+    # MatMulNBits after the attention lowering: the plugin op's shape inference (run by the checker
+    # after every pass) needs typed inputs, and the checker cannot type a com.microsoft op's output.
+    fast = ["lower-quant-ort"] if quant.precision in ORT_LOWERED_PRECISIONS and quant.ort_kernels == "fast" else []
+    return names[:lowering] + kv + weights + ["validate-quantization"] + names[lowering:lowering + 1] + fast + names[lowering + 1:]
 
 
 # Passes that only make sense for ONNX Runtime: its com.microsoft fusions/kernels and the plugin
 # op's lowering. TensorRT keeps the plugin node (plugins/attention/trt_plugin.py implements it).
-ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort"})
+ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort", "lower-quant-ort"})
 
 
 def trt_passes(ort_passes: Sequence[str]) -> list[str]:

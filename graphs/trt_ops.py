@@ -10,6 +10,9 @@ that a graph can show statically:
   MatMul is rejected, while an int8 weight feeding DequantizeLinear -> MatMul is accepted);
 * QuantizeLinear / DequantizeLinear: symmetric only (zero point absent or a constant of zeros),
   Q outputs a quantized type (INT8, FP8 E4M3, INT4, FP4) -- FP8 E5M2 is not a TensorRT type;
+  INT4 is weight-only (its Q/DQ data a build-time constant); block quantization (`block_size`, the
+  INT4 weight-only form) needs a constant scale of the data's rank, at most 2 (IDequantizeLayer's
+  limit), blocked on the last or second-to-last axis;
 * Reduce*: `axes` a build-time constant;
 * the plugin node: the plugin's type combinations (one float type of fp32/fp16/bf16 for
   activations and cache, int32 `past_lengths`), its namespace/version attributes, and no attribute
@@ -143,9 +146,34 @@ def _check_standard(node: ir.Node, ops: SupportedOps) -> list[str]:
                                 "(TensorRT quantization is symmetric)")
         if op == "QuantizeLinear":
             check_type(node.outputs[0], "output", QUANTIZED_TYPES)
+        problems += _check_int4_and_blocks(node, label)
     if op.startswith("Reduce") and len(node.inputs) > 1 and node.inputs[1] is not None:
         if not _is_constant(node.inputs[1]):
             problems.append(f"{label}: `axes` ({node.inputs[1].name!r}) must be a build-time constant for TensorRT")
+    return problems
+
+
+def _check_int4_and_blocks(node: ir.Node, label: str) -> list[str]:
+    """INT4 only on weights, and the block-quantization form TensorRT's IDequantizeLayer takes."""
+    problems = []
+    data, scale = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    int4 = _type_name(node.outputs[0] if node.op_type == "QuantizeLinear" else data) == "INT4"
+    if int4 and not _is_constant(data):
+        problems.append(f"{label}: INT4 is weight-only in TensorRT; {data.name if data else ''!r} is not a "
+                        "build-time constant")
+    block = node.attributes.get_int("block_size", 0)
+    if block:
+        values = _constant(scale)
+        rank = len(data.shape) if data is not None and data.shape is not None else None
+        axis = node.attributes.get_int("axis", 1)
+        if values is None:
+            problems.append(f"{label}: block-quantization scale {scale.name if scale else ''!r} must be a build-time constant")
+        elif rank is None or values.ndim != rank or rank > 2:
+            problems.append(f"{label}: block quantization needs a scale of the data's rank, at most 2 (TensorRT's "
+                            f"IDequantizeLayer); scale has rank {values.ndim}, data rank {rank}")
+        elif axis % rank not in (rank - 1, rank - 2):
+            problems.append(f"{label}: block quantization along axis {axis}; TensorRT blocks only the last or "
+                            "second-to-last dimension")
     return problems
 
 

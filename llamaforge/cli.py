@@ -7,6 +7,7 @@
   llamaforge passes                        the pass pipelines per backend
   llamaforge demo-checkpoint DIR           a random-weight tiny checkpoint (no training)
   llamaforge train-demo [--out DIR]        make demo-model (trains the default model, stdlib-5m)
+  llamaforge demo-outliers [--out DIR]     stdlib-5m with activation outliers (export/demo/outliers.py)
   llamaforge serve ENGINE [--port ...]     make serve (Triton-protocol gRPC server + /metrics)
   llamaforge repo ENGINE [--name ...]      make repo (Triton model repository, triton_repo/README.md)
 
@@ -77,6 +78,11 @@ def cmd_build(args: argparse.Namespace) -> None:
         weights=args.weights, dump_after=args.dump_after, dump_dir=Path(args.dump_dir) if args.dump_dir else None,
         kv_cache=args.kv_cache, calib=Path(args.calib) if args.calib else None,
         smoothquant_alpha=args.smoothquant_alpha, quantize_lm_head=args.quantize_lm_head,
+        int8_activation=args.int8_activation,
+        # fp8 scale options left unset take BuildOptions' defaults (recipes.py's measured ones)
+        **{k: getattr(args, k) for k in ("fp8_activation_scale", "fp8_weight_scale", "fp8_weights")
+           if getattr(args, k) is not None},
+        int4_block_size=args.int4_block_size, ort_kernels=args.ort_kernels,
         tensorrt=_tensorrt_options(args),
     ))
 
@@ -189,6 +195,13 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
     train(TrainOptions(**{k: v for k, v in given.items() if v is not None}))  # unset: TrainOptions' defaults
 
 
+def cmd_demo_outliers(args: argparse.Namespace) -> None:
+    from llamaforge.export.demo.outliers import DEFAULT_DIR, make_outlier_checkpoint
+    from llamaforge.export.demo.train import DEFAULT_DIR as STDLIB_5M
+
+    make_outlier_checkpoint(Path(args.out or DEFAULT_DIR), Path(args.source or STDLIB_5M), spikes=not args.no_spikes)
+
+
 def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: str, policy: bool) -> None:
     """The engine core settings, defaulting to runtime/core/config.py's (read by `_core_config`);
     without `policy`, the scheduling policy is the default one."""
@@ -224,7 +237,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="registered variant name (see `llamaforge variants`)")
         sp.add_argument("--checkpoint", help="HF or Meta checkpoint directory")
         sp.add_argument("--precision", default="fp32",
-                        choices=["fp32", "fp16", "bf16", *(["fp8", "int8-sq", "int8-wo"] if quantized else [])])
+                        choices=["fp32", "fp16", "bf16",
+                                 *(["fp8", "int8-sq", "int8-wo", "int4-awq", "int4-rtn"] if quantized else [])])
 
     e = sub.add_parser("export", help="trace a checkpoint to ONNX with the attention plugin op (no passes)")
     model_args(e)
@@ -238,12 +252,34 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="engine directory (default engines/MODEL)")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="write the model after PASS")
     b.add_argument("--dump-dir", help="where --dump-after writes (default OUT.dump)")
-    q = b.add_argument_group("quantization (--precision fp8|int8-sq|int8-wo, --kv-cache fp8)")
+    q = b.add_argument_group("quantization (--precision fp8|int8-sq|int8-wo|int4-awq|int4-rtn, --kv-cache fp8)")
     q.add_argument("--kv-cache", choices=["fp8"], help="FP8 E4M3 KV cache with per-layer K/V scales (KV_CACHE)")
     q.add_argument("--calib", help="calibration text: a UTF-8 file or a directory of them (CALIB; default: "
                                    "the demo model's held-out split)")
-    q.add_argument("--smoothquant-alpha", type=float, default=0.5, help="int8-sq migration strength (default 0.5)")
-    q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (kept in fp32 by default)")
+    q.add_argument("--smoothquant-alpha", type=float, default=None,
+                   help="int8-sq, and int8-wo with --ort-kernels fast: force one SmoothQuant migration strength "
+                        "in [0, 1] (default: searched per layer on the calibration data by the layer's output error)")
+    q.add_argument("--int8-activation", choices=["per-token", "static"], default=None,
+                   help="int8-sq activation scales: per-token (computed in the graph; the default on ort) or static "
+                        "(one calibrated scale per tensor; the default and only form on trt)")
+    # Unset, these take graphs/quantization/recipes.py's defaults, chosen by measurement
+    # (docs/quantization.md#fp8-scales); importing it here would import the build stage.
+    q.add_argument("--fp8-activation-scale", choices=["amax", "percentile", "mse"],
+                   help="fp8 activation clip: calibrated amax, its 99.99th percentile, or searched by the layer's "
+                        "output error")
+    q.add_argument("--fp8-weight-scale", choices=["amax", "mse"],
+                   help="fp8 weight clip: amax or searched by the weight's quantization error")
+    q.add_argument("--fp8-weights", choices=["per-tensor", "per-channel"],
+                   help="fp8 weight scales: per tensor (TensorRT's form) or per output channel (ort only)")
+    q.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize lm_head too (default: yes for int8-wo and int4-* with --ort-kernels fast unless the "
+                        "embeddings are tied, no otherwise; docs/quantization.md)")
+    q.add_argument("--int4-block-size", type=int, default=128, choices=[32, 64, 128],
+                   help="int4-*: input channels per weight scale (default 128; a weight it does not divide takes "
+                        "the largest smaller size that does)")
+    q.add_argument("--ort-kernels", choices=["fast", "exact"], default="fast",
+                   help="int8-wo / int4-*: ONNX Runtime kernels. fast (default): MatMulNBits with int8 activations "
+                        "inside the kernel; exact: the Q/DQ graph's own numbers (docs/quantization.md)")
     from llamaforge.build.trt_backend import ProfileLimits
 
     limits = ProfileLimits()
@@ -333,6 +369,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="optimizer steps (default: TrainOptions.steps)")
     t.add_argument("--seed", type=int, help="seed of the weights and the batches (default: TrainOptions.seed)")
     t.set_defaults(fn=cmd_train_demo)
+
+    o = sub.add_parser("demo-outliers", help="stdlib-5m with LLM-like activation outliers (channel outliers and "
+                                             "massive activations), the function kept; export/demo/outliers.py")
+    o.add_argument("--out", help="checkpoint directory (default: checkpoints/stdlib-5m-outliers)")
+    o.add_argument("--source", help="the checkpoint to rewrite, only read (default: checkpoints/stdlib-5m)")
+    o.add_argument("--no-spikes", action="store_true",
+                   help="channel outliers only: a bit-exact rewrite of the source's function")
+    o.set_defaults(fn=cmd_demo_outliers)
     return p
 
 

@@ -18,8 +18,12 @@ from llamaforge.graphs.passes.weights import constant_input, lazy_weight
 from llamaforge.graphs.quantization.recipes import (
     FP8_MAX,
     INT8_MAX,
+    PER_TOKEN_SCALE_FLOOR,
+    CalibrationStats,
     QuantContext,
     QuantizationError,
+    fp8_weight_scale,
+    is_router,
     quantize_fp8,
     quantize_int8,
     scale_from_amax,
@@ -54,11 +58,6 @@ def linear_name(node: ir.Node) -> str:
     while stripped != name:  # model.layers.0.mlp.up_proj.weight.T(.smoothed) -> model.layers.0.mlp.up_proj
         stripped, name = name, name.removesuffix(".smoothed").removesuffix(".T").removesuffix(".weight")
     return name
-
-
-def is_router(name: str) -> bool:
-    """MoE routers (Mixtral's `block_sparse_moe.gate`, Llama 4's `feed_forward.router`)."""
-    return name.endswith(".router") or name.endswith(".gate")
 
 
 def linears(graph: ir.Graph, ctx: QuantContext) -> list[Linear]:
@@ -119,37 +118,40 @@ class SmoothQuant(ir.passes.InPlacePass):
     Where the input comes straight from an RMSNorm whose output feeds only these linears (q/k/v,
     gate/up), 1/s is folded into the norm's weight; elsewhere (o_proj, down_proj) an explicit
     Mul(x, 1/s) is inserted. Linears sharing an input share s (computed over all their weights).
-    The statistics in the context are updated to describe the smoothed model."""
+    alpha is `--smoothquant-alpha` when forced, else the one calibration's search chose for the
+    group (graphs/quantization/search.py). The statistics in the context are updated to describe
+    the smoothed model."""
 
     def __init__(self, ctx: QuantContext) -> None:
         super().__init__()
         self.ctx = ctx
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, stats, alpha = model.graph, self.ctx.stats, self.ctx.config.smoothquant_alpha
+        graph, stats = model.graph, self.ctx.stats
         groups = by_input(linears(graph, self.ctx))
+        if self.ctx.config.smooths_int8_wo and self.ctx.config.smoothquant_alpha is None:
+            # weight-only's smoothing serves the fast kernel's activation rounding, and the search covers
+            # the decoder layers: a quantized lm_head keeps its input as it is
+            groups = {x: g for x, g in groups.items() if all(lin.name != "lm_head" for lin in g)}
         for x, group in groups.items():
+            alpha = self._alpha(group)
             a = np.maximum.reduce([stats.activation_amax(lin.name) for lin in group])
             w = np.maximum.reduce([stats.weight_amax_per_input(lin.name) for lin in group])
-            s = smoothing_factors(a, w, alpha)
-            if not self._fold_into_norm(graph, x, group, s):
-                inv = register(graph, const_value(f"{group[0].name}.smooth_inv", (1.0 / s).astype(np.float32)))
-                mul = ir.node("Mul", [x, inv], name=f"{group[0].name}/smooth")
-                mul.outputs[0].name = f"{group[0].name}.input_smoothed"
-                mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
-                graph.insert_before(earliest(graph, [lin.node for lin in group]), mul)
-                for lin in group:
-                    lin.node.replace_input_with(0, mul.outputs[0])
-            for lin in group:
-                old = lin.weight
-                source = old.const_value
-                assert source is not None
-                smoothed = lazy_weight(f"{old.name}.smoothed", [source],
-                                       lambda w, s=s: w * s[:, None].astype(w.dtype), source.dtype, list(source.shape.numpy()))
-                lin.node.replace_input_with(1, register(graph, smoothed))
-                drop_if_unused(graph, old)
-                stats.smoothed(lin.name, s)
+            apply_smoothing(graph, x, group, smoothing_factors(a, w, alpha), stats)
         return ir.passes.PassResult(model, bool(groups))
+
+    def _alpha(self, group: list[Linear]) -> float:
+        forced = self.ctx.config.smoothquant_alpha
+        if forced is not None:
+            return forced
+        if any(lin.name == "lm_head" for lin in group):
+            raise QuantizationError("lm_head: the SmoothQuant alpha search covers the decoder layers only; "
+                                    "--quantize-lm-head with int8-sq needs --smoothquant-alpha")
+        alphas = {self.ctx.stats.searched_alpha(lin.name) for lin in group}
+        if len(alphas) != 1:
+            raise QuantizationError(f"{[lin.name for lin in group]} read one input but calibration searched different "
+                                    f"SmoothQuant alphas for them {sorted(alphas)}")
+        return alphas.pop()
 
     @staticmethod
     def _fold_into_norm(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray) -> bool:
@@ -172,6 +174,30 @@ class SmoothQuant(ir.passes.InPlacePass):
         norm.replace_input_with(index, register(graph, folded))
         drop_if_unused(graph, gamma)
         return True
+
+
+def apply_smoothing(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray, stats: CalibrationStats) -> None:
+    """x W = (x / s)(diag(s) W) for every linear of `group` (they all read `x`): 1/s folded into the
+    producing RMSNorm's weight when it feeds only this group, else an explicit Mul(x, 1/s); the
+    weight rows multiplied by s (lazily); `stats` updated to describe the smoothed model. Shared by
+    SmoothQuant and AWQ (graphs/passes/quantize_int4.py), which differ only in how s is chosen."""
+    if not SmoothQuant._fold_into_norm(graph, x, group, s):
+        inv = register(graph, const_value(f"{group[0].name}.smooth_inv", (1.0 / s).astype(np.float32)))
+        mul = ir.node("Mul", [x, inv], name=f"{group[0].name}/smooth")
+        mul.outputs[0].name = f"{group[0].name}.input_smoothed"
+        mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+        graph.insert_before(earliest(graph, [lin.node for lin in group]), mul)
+        for lin in group:
+            lin.node.replace_input_with(0, mul.outputs[0])
+    for lin in group:
+        old = lin.weight
+        source = old.const_value
+        assert source is not None
+        smoothed = lazy_weight(f"{old.name}.smoothed", [source],
+                               lambda w, s=s: w * s[:, None].astype(w.dtype), source.dtype, list(source.shape.numpy()))
+        lin.node.replace_input_with(1, register(graph, smoothed))
+        drop_if_unused(graph, old)
+        stats.smoothed(lin.name, s)
 
 
 @dataclass(frozen=True)
@@ -202,16 +228,22 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
 
         x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- W_q (initializer)
 
-    Symmetric (zero point 0 of the quantized type), per-tensor activation scale, per-tensor (fp8)
-    or per-output-channel (int8) weight scale. A Q/DQ pair per consuming MatMul, even where two
-    MatMuls read one activation (gate/up): ORT fuses a Q -> DQ -> MatMul into its integer kernel only
-    when the Q feeds nothing else. Each pair has its own copy of the scale and zero point, so a later
-    common-subexpression pass cannot merge them back."""
+    Symmetric (zero point 0 of the quantized type), per-tensor (fp8: `--fp8-weights per-channel`
+    per output channel) or per-output-channel (int8) weight scale. Activation scale: per tensor from
+    calibration (fp8: amax or the searched clip; int8-sq `--int8-activation static`), or int8-sq's
+    per-token scale computed in the graph (`insert_per_token_qdq`). A Q/DQ pair per consuming
+    MatMul, even where two MatMuls read one activation (gate/up): ORT fuses a Q -> DQ -> MatMul
+    into its integer kernel only when the Q feeds nothing else. Each static pair has its own copy of
+    the scale and zero point, so a later common-subexpression pass cannot merge them back."""
 
     def __init__(self, ctx: QuantContext, precision: str) -> None:
         super().__init__()
         self.ctx = ctx
         self.fmt = FORMATS[precision]
+        config = ctx.config
+        self.per_token = precision == "int8-sq" and config.int8_activation == "per-token"
+        self.fp8 = precision == "fp8"
+        self.weight_per_channel = self.fmt.weight_per_channel or (self.fp8 and config.fp8_weights == "per-channel")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -239,14 +271,18 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
         fmt, old = self.fmt, lin.weight
         source = old.const_value
         assert source is not None and old.name is not None
-        amax = self._weight_amax(lin, source)
-        scale = scale_from_amax(amax if fmt.weight_per_channel else amax.max(), fmt.qmax)
+        per_channel = self.weight_per_channel
+        if self.fp8 and self.ctx.config.fp8_weight_scale != "amax":  # a clip search on the weight: read it now
+            scale = fp8_weight_scale(source.numpy(), self.ctx.config.fp8_weight_scale, per_channel)
+        else:
+            amax = self._weight_amax(lin, source)
+            scale = scale_from_amax(amax if per_channel else amax.max(), fmt.qmax)
         quantized = lazy_weight(f"{old.name}.{fmt.name}", [source], lambda w: fmt.quantize(w, scale),
                                 fmt.weight_dtype, list(source.shape.numpy()))
         w_scale = register(graph, const_value(f"{old.name}.scale", scale))
         w_zero = register(graph, const_value(f"{old.name}.zero_point", zero_point(fmt.weight_dtype, scale.shape)))
         dq = ir.node("DequantizeLinear", [register(graph, quantized), w_scale, w_zero],
-                     attributes={"axis": 1} if fmt.weight_per_channel else {}, name=f"{lin.name}/weight_dequantize")
+                     attributes={"axis": 1} if per_channel else {}, name=f"{lin.name}/weight_dequantize")
         dq.outputs[0].name = f"{old.name}.dequantized"
         dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(source.dtype), ir.Shape(source.shape.numpy())
         graph.insert_before(lin.node, dq)
@@ -254,9 +290,16 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
         drop_if_unused(graph, old)
 
     def _quantize_activation(self, graph: ir.Graph, x: ir.Value, group: list[Linear]) -> None:
-        """One Q -> DQ pair per consuming MatMul, all with the same (per-tensor) scale."""
-        fmt = self.fmt
-        amax = max(float(self.ctx.stats.activation_amax(lin.name).max()) for lin in group)
+        """One Q -> DQ pair per consuming MatMul, all with the same scale: per tensor (calibrated
+        amax, or fp8's searched clip) or per token (computed once for the group)."""
+        fmt, stats = self.fmt, self.ctx.stats
+        if self.per_token:
+            insert_per_token_qdq(graph, x, [lin.node for lin in group], group[0].name, [lin.name for lin in group])
+            return
+        if self.fp8 and self.ctx.config.fp8_activation_scale != "amax":
+            amax = max(stats.activation_clip(lin.name) for lin in group)
+        else:
+            amax = max(float(stats.activation_amax(lin.name).max()) for lin in group)
         scale_array, zero_array = scale_from_amax(amax, fmt.qmax), zero_point(fmt.weight_dtype, ())
         for lin in group:
             scale = register(graph, const_value(f"{lin.name}.input_scale", scale_array))
@@ -276,6 +319,124 @@ def insert_input_qdq(graph: ir.Graph, matmul: ir.Node, x: ir.Value, scale: ir.Va
     dq.outputs[0].type, dq.outputs[0].shape = x.type, x.shape
     graph.insert_before(matmul, [q, dq])
     matmul.replace_input_with(0, dq.outputs[0])
+
+
+# -- int8-sq's per-token activation quantization ------------------------------------------------------
+#
+# The graph computes each token's scale from the token itself and quantizes with it, in standard ops
+# ONNX Runtime runs (opset 21+ block quantization with one block spanning the hidden axis):
+#
+#   scale = Max(Div(ReduceMax(Abs(x), axes=[-1], keepdims=1), 127), floor)      [..., 1]
+#   x_q   = QuantizeLinear(x, scale, axis=-1, block_size=H, output_dtype=INT8)  (no zero point: 0)
+#   x_dq  = DequantizeLinear(x_q, scale, axis=-1, block_size=H)                 -> MatMul input 0
+#
+# (the zero point is left out because a blocked zero point must have the scale's runtime shape;
+# output_dtype gives the type, and an absent zero point is 0). TensorRT has no ONNX form for this
+# (docs/quantization.md): the trt pipeline keeps int8-sq static.
+
+PER_TOKEN_CHAIN = ("Abs", "ReduceMax", "Div", "Max")
+
+
+def insert_per_token_qdq(graph: ir.Graph, x: ir.Value, matmuls: list[ir.Node], node_prefix: str,
+                         value_prefixes: list[str]) -> None:
+    """The per-token scale of `x` (once) and a Q -> DQ pair per MatMul reading `x` (input 0)."""
+    weight = matmuls[0].inputs[1]
+    hidden = weight.shape[0] if weight is not None and weight.shape is not None else None  # weight [in, out]
+    if not isinstance(hidden, int):
+        raise QuantizationError(f"{node_prefix}: per-token quantization needs the weight's input dimension to be "
+                                f"static; {weight.name if weight else None!r} has shape {weight.shape if weight else None}")
+    first = earliest(graph, matmuls)
+    axes = register(graph, const_value(f"{node_prefix}.token_axes", np.array([-1], np.int64)))
+    qmax = register(graph, const_value(f"{node_prefix}.token_qmax", np.array(INT8_MAX, np.float32)))
+    floor = register(graph, const_value(f"{node_prefix}.token_scale_floor", np.array(PER_TOKEN_SCALE_FLOOR, np.float32)))
+    scale_shape = ir.Shape([*list(x.shape)[:-1], 1]) if x.shape is not None else None
+    nodes = [ir.node("Abs", [x], name=f"{node_prefix}/token_abs")]
+    nodes.append(ir.node("ReduceMax", [nodes[-1].outputs[0], axes], attributes={"keepdims": 1},
+                         name=f"{node_prefix}/token_amax"))
+    nodes.append(ir.node("Div", [nodes[-1].outputs[0], qmax], name=f"{node_prefix}/token_scale_raw"))
+    nodes.append(ir.node("Max", [nodes[-1].outputs[0], floor], name=f"{node_prefix}/token_scale"))
+    for node, what in zip(nodes, ("abs", "amax", "scale_raw", "scale")):
+        node.outputs[0].name = f"{node_prefix}.token_{what}"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        node.outputs[0].shape = x.shape if what == "abs" else scale_shape
+    graph.insert_before(first, nodes)
+    scale = nodes[-1].outputs[0]
+    block = {"axis": -1, "block_size": hidden}
+    for matmul, prefix in zip(matmuls, value_prefixes):
+        q = ir.node("QuantizeLinear", [x, scale], attributes={**block, "output_dtype": int(ir.DataType.INT8)},
+                    name=f"{prefix}/input_quantize")
+        q.outputs[0].name = f"{prefix}.input_quantized"
+        q.outputs[0].type, q.outputs[0].shape = ir.TensorType(ir.DataType.INT8), x.shape
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale], attributes=block, name=f"{prefix}/input_dequantize")
+        dq.outputs[0].name = f"{prefix}.input_dequantized"
+        dq.outputs[0].type, dq.outputs[0].shape = x.type, x.shape
+        graph.insert_before(matmul, [q, dq])
+        matmul.replace_input_with(0, dq.outputs[0])
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = constant_input(value)
+    if tensor is None or tensor.shape.numpy() not in ((), (1,)):
+        return None
+    return float(tensor.numpy().reshape(-1)[0])
+
+
+def per_token_source(scale: ir.Value | None) -> ir.Value | None:
+    """x when `scale` is the per-token scale of x (the chain above, constants included), else None."""
+    chain: list[ir.Node] = []
+    value = scale
+    for op in reversed(PER_TOKEN_CHAIN):
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type != op or node.domain != "":
+            return None
+        chain.append(node)
+        value = node.inputs[0]
+    top_max, div, reduce, _ = chain
+    axes = constant_input(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
+    floor = _scalar(top_max.inputs[1])
+    if (_scalar(div.inputs[1]) != INT8_MAX or floor is None or not 0 < floor <= 1e-30 or axes is None
+            or axes.numpy().tolist() != [-1] or reduce.attributes.get_int("keepdims", 1) != 1):
+        return None
+    return value
+
+
+def _last_dim(x: ir.Value | None, quantize: ir.Node) -> int | None:
+    """The quantized tensor's last dimension: from its shape, or from the weight [in, out] of a
+    MatMul its dequantized copy feeds (graphs built without shape inference)."""
+    if x is not None and x.shape is not None and isinstance(x.shape[-1], int):
+        return x.shape[-1]
+    for dq, _ in quantize.outputs[0].uses():
+        for matmul, index in dq.outputs[0].uses():
+            weight = matmul.inputs[1]
+            if matmul.op_type == "MatMul" and index == 0 and weight is not None and weight.shape is not None \
+                    and isinstance(weight.shape[0], int):
+                return weight.shape[0]
+    return None
+
+
+def check_per_token_qdq(node: ir.Node) -> None:
+    """int8-sq's per-token Q or DQ (the form above), or a QuantizationError naming the node."""
+    def fail(message: str) -> QuantizationError:
+        return QuantizationError(f"validate-quantization: node {node.name!r} ({node.op_type}): per-token quantization: {message}")
+
+    data, scale = node.inputs[0], node.inputs[1]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        raise fail("has a zero point; the per-token form leaves it out (0) and sets output_dtype")
+    quantize = node if node.op_type == "QuantizeLinear" else (data.producer() if data is not None else None)
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        raise fail(f"input {data.name if data else None!r} is not a QuantizeLinear output")
+    x = quantize.inputs[0]
+    if quantize.inputs[1] is not scale:
+        raise fail(f"scale {scale.name if scale else None!r} is not its QuantizeLinear's scale")
+    if per_token_source(scale) is not x:
+        raise fail(f"scale {scale.name if scale else None!r} is not max(ReduceMax(|x|, axes=[-1]) / 127, floor) "
+                   f"of the quantized input {x.name if x else None!r}")
+    hidden = _last_dim(x, quantize)
+    if node.attributes.get_int("axis", 1) != -1 or node.attributes.get_int("block_size", 0) != hidden:
+        raise fail(f"axis {node.attributes.get_int('axis', 1)}, block_size {node.attributes.get_int('block_size', 0)}; "
+                   f"one block must span the last axis (axis -1, block_size {hidden})")
+    if node is quantize and node.attributes.get_int("output_dtype", 0) != int(ir.DataType.INT8):
+        raise fail("output_dtype is not INT8")
 
 
 def attention_layer(node: ir.Node) -> int:

@@ -27,6 +27,17 @@ numbers are the same as the per-slice form; the cost is not: on ONNX Runtime (wh
 anyway, see `ort_session_config`) the step dequantizes all E experts, so fp8 experts do not keep
 `make bench-moe`'s active-experts scaling. A TensorRT build would need an MoE plugin for fp8 experts.
 
+  int4     (int4-awq / int4-rtn) per expert, output channel and block of input channels: scale
+           [E, in / B, out] = block amax / 7 (graphs/quantization/int4.py, B as for the dense
+           weights, `int4.block_for`); ONNX has no Gather for int4 either (its only int4 readers
+           are Q/DQ, Cast, Reshape, Transpose, Pad and the like), so int4 experts are dequantized
+           whole as fp8's are: `DequantizeLinear(W_q [E, in, out], scale, axis=1, block_size=B)`
+           in the main graph, the Loop body gathering the expert's float slice. Per-expert blocks
+           keep the numbers of a per-expert quantization; the engine stores 4-bit experts on disk,
+           but the step dequantizes every expert (like fp8 experts). AWQ does not scale experts
+           (their inputs are score-scaled per expert: no shared place to fold a scale into), so
+           int4-awq's experts are round-to-nearest.
+
 The router is not an expert weight and is never touched here (it stays in the activation dtype).
 int8-sq (SmoothQuant) leaves experts unquantized: smoothing needs a per-expert fold that the
 experts' inputs (score-scaled, gathered per expert) have no place for.
@@ -34,15 +45,17 @@ experts' inputs (score-scaled, gathered per expert) have no place for.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from llamaforge.graphs.passes.quantize import FORMATS, const_value, insert_input_qdq, register, zero_point
 from llamaforge.graphs.passes.weights import lazy_weight
+from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS, block_for, block_problem, int4_scales, quantize_int4
 from llamaforge.graphs.quantization.recipes import QuantContext, QuantizationError, scale_from_amax
 
 EXPERT_WEIGHT_SUFFIXES = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
-EXPERT_PRECISIONS = ("fp8", "int8-wo")
+EXPERT_PRECISIONS = ("fp8", "int8-wo", *INT4_PRECISIONS)
 
 
 def expert_weights(graph: ir.Graph) -> list[ir.Value]:
@@ -83,14 +96,43 @@ class QuantizeExperts(ir.passes.InPlacePass):
         if precision not in EXPERT_PRECISIONS:
             raise QuantizationError(f"expert quantization supports {list(EXPERT_PRECISIONS)}, not {precision!r}")
         self.ctx = ctx
-        self.fmt = FORMATS[precision]
+        self.int4 = precision in INT4_PRECISIONS
+        self.fmt = FORMATS["int8-wo" if self.int4 else precision]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         weights = expert_weights(graph)
         for old in weights:
-            self._quantize(graph, old)
+            self._quantize_int4(graph, old) if self.int4 else self._quantize(graph, old)
         return ir.passes.PassResult(model, bool(weights))
+
+    def _quantize_int4(self, graph: ir.Graph, old: ir.Value) -> None:
+        """Per-expert INT4 blocks along the input channels, dequantized whole (see the module docstring)."""
+        name, source = old.name, old.const_value
+        assert source is not None and name is not None
+        experts, inputs, outputs = (int(d) for d in source.shape.numpy())
+        block = block_for(inputs, self.ctx.config.int4_block_size)
+        if block is None:
+            raise QuantizationError(f"INT4: {block_problem(name, inputs, self.ctx.config.int4_block_size)}")
+        scale_shape = [experts, inputs // block, outputs]
+        quantized = register(graph, lazy_weight(f"{name}.int4", [source], lambda w: quantize_int4(w, int4_scales(w, block, 1), block, 1),
+                                                ir.DataType.INT4, [experts, inputs, outputs]))
+        scales = register(graph, lazy_weight(f"{name}.scale", [source], lambda w: int4_scales(w, block, 1),
+                                             ir.DataType.FLOAT, scale_shape))
+        zero = register(graph, const_value(f"{name}.zero_point", np.zeros(scale_shape, ml_dtypes.int4)))
+        gathers = [node for node, _ in old.uses()]
+        if not gathers:
+            raise QuantizationError(f"expert weight {name!r} has no reader")
+        for gather in gathers:
+            gathered_matmul(old, gather)  # the form the lowering writes, or a clear error
+        dq = ir.node("DequantizeLinear", [quantized, scales, zero], attributes={"axis": 1, "block_size": block},
+                     name=f"{name}/dequantize")
+        dq.outputs[0].name = f"{name}.dequantized"
+        dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(source.dtype), ir.Shape([experts, inputs, outputs])
+        graph.insert_before(earliest_user(graph, gathers), dq)
+        for gather in gathers:
+            gather.replace_input_with(0, dq.outputs[0])
+        graph.initializers.pop(name)
 
     def _amax(self, old: ir.Value, source: ir.TensorProtocol) -> np.ndarray:
         """[E, out]: from calibration, else read from the weight (one tensor)."""

@@ -2,10 +2,17 @@
 
 Rules (each failure names the node and tensor):
   * only standard-domain QuantizeLinear / DequantizeLinear; no fused or integer ops
-    (QLinearMatMul, MatMulInteger, MatMulNBits, DynamicQuantizeLinear, ...), no block quantization;
-  * quantized types are the precision's own (int8 or float8e4m3fn);
+    (QLinearMatMul, MatMulInteger, MatMulNBits, DynamicQuantizeLinear, ...);
+  * block quantization only for INT4 weights (int4-awq / int4-rtn): a DequantizeLinear of a stored
+    int4 weight [in, out] with axis 0 and block_size the one `int4.block_for` gives that weight
+    (the configured --int4-block-size, or the largest smaller one dividing `in`), its scale
+    [in / block, out]; no int4 without blocks, no blocks on anything else;
+  * quantized types are the precision's own (int8, int4 or float8e4m3fn);
   * symmetric: every zero point is a constant of zeros of the quantized type;
   * scales are constant float32, finite and > 0, scalar (per tensor) or [C] matching the axis dim;
+    except int8-sq's per-token activation scale (--int8-activation per-token), which the graph
+    computes from the quantized tensor itself: max(ReduceMax(|x|, axes=[-1]) / 127, floor), with
+    one block spanning the last axis and no zero point (graphs/passes/quantize.py);
   * placement: a DequantizeLinear feeds only MatMul inputs; one reading a stored weight feeds the
     MatMul's weight input; a QuantizeLinear feeds only DequantizeLinears with its own scale;
   * coverage: every linear MatMul that the configuration quantizes reads a quantized weight through
@@ -24,8 +31,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llamaforge.graphs.passes.quantize import FORMATS, linears
-from llamaforge.graphs.passes.quantize_experts import EXPERT_PRECISIONS, expert_weights
+from llamaforge.graphs.passes.quantize import FORMATS, PER_TOKEN_CHAIN, check_per_token_qdq, linears
+from llamaforge.graphs.passes.quantize_experts import EXPERT_PRECISIONS, EXPERT_WEIGHT_SUFFIXES, expert_weights
+from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS, block_for
 from llamaforge.graphs.quantization.recipes import QuantContext, QuantizationError
 from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE
 
@@ -45,7 +53,8 @@ class ValidateQuantization(ir.passes.InPlacePass):
         super().__init__()
         self.ctx = ctx
         precision = ctx.config.precision
-        self.allowed = {FORMATS[precision].weight_dtype} if precision else set()
+        self.int4 = precision in INT4_PRECISIONS
+        self.allowed = {ir.DataType.INT4 if self.int4 else FORMATS[precision].weight_dtype} if precision else set()
         if ctx.config.kv_cache == "fp8":
             self.allowed.add(ir.DataType.FLOAT8E4M3FN)
 
@@ -64,9 +73,13 @@ class ValidateQuantization(ir.passes.InPlacePass):
 
     # -- one Q or DQ node -----------------------------------------------------------------------------
     def _check_qdq(self, node: ir.Node) -> None:
-        if node.attributes.get_int("block_size", 0):
-            raise _fail(node, "block quantization (block_size) is not part of explicit quantization")
         data, scale_v, zero_v = (list(node.inputs) + [None, None])[:3]
+        producer = scale_v.producer() if scale_v is not None else None
+        if producer is not None and producer.op_type == PER_TOKEN_CHAIN[-1]:  # int8-sq's per-token form (quantize.py)
+            self._check_per_token(node)
+            return
+        if node.attributes.get_int("block_size", 0) or (data is not None and data.dtype == ir.DataType.INT4):
+            self._check_int4_block(node)
         if zero_v is None:
             raise _fail(node, "no zero point: symmetric quantization needs an explicit zero point of 0 (it also sets the type)")
         zero = self._const(node, zero_v, "zero point")
@@ -86,12 +99,63 @@ class ValidateQuantization(ir.passes.InPlacePass):
             raise _fail(node, f"scale {scale_v.name!r} has values that are not finite and > 0 (min {table.min()})")
         if values.shape != zero.numpy().shape:
             raise _fail(node, f"scale {scale_v.name!r} shape {values.shape} != zero point shape {zero.numpy().shape}")
-        if values.ndim > 1:
+        blocked = bool(node.attributes.get_int("block_size", 0))
+        if values.ndim > 1 and not blocked:
             raise _fail(node, f"scale {scale_v.name!r} has rank {values.ndim}; expected a scalar or one scale per channel")
         if node.op_type == "QuantizeLinear":
             self._check_quantize(node)
         else:
-            self._check_dequantize(node, values.shape, gathered)
+            self._check_dequantize(node, () if blocked else values.shape, gathered)
+
+    def _check_per_token(self, node: ir.Node) -> None:
+        """int8-sq's per-token activation Q/DQ: a scale computed in the graph from the quantized
+        tensor itself (max |x_token| / 127), one block spanning the hidden axis; placement as usual."""
+        config = self.ctx.config
+        if config.precision != "int8-sq" or config.int8_activation != "per-token":
+            raise _fail(node, "per-token activation quantization is only int8-sq's --int8-activation per-token form (this "
+                              f"build: PRECISION={config.precision}, --int8-activation {config.int8_activation})")
+        check_per_token_qdq(node)
+        if node.op_type == "DequantizeLinear":
+            self._check_dequantize(node, (), None)
+            return
+        out = node.outputs[0]  # a QuantizeLinear: only DequantizeLinears of its own scale read it
+        for user, _ in out.uses():
+            if user.op_type != "DequantizeLinear" or user.inputs[1] is not node.inputs[1]:
+                raise _fail(node, f"output {out.name!r} feeds {user.op_type} {user.name!r}; a QuantizeLinear must "
+                                  "feed only DequantizeLinears with the same scale")
+        if out.is_graph_output():
+            raise _fail(node, f"output {out.name!r} is a graph output")
+
+    def _check_int4_block(self, node: ir.Node) -> None:
+        """The INT4 weight-only form (module docstring); the shared checks (zero point, scale values,
+        placement) follow in _check_qdq."""
+        data, scale_v = node.inputs[0], node.inputs[1]
+        block, axis = node.attributes.get_int("block_size", 0), node.attributes.get_int("axis", 1)
+        if not self.int4:
+            raise _fail(node, f"block quantization (block_size={block}) is only INT4 weight-only's form "
+                              f"(PRECISION=int4-awq|int4-rtn), not PRECISION={self.ctx.config.precision}'s")
+        weight = data.const_value if data is not None and data.is_initializer() else None
+        # A dense weight [in, out], or MoE experts [E, in, out] (dequantized whole, quantize_experts.py).
+        experts = weight is not None and len(weight.shape) == 3 and str(data.name).endswith(  # type: ignore[union-attr]
+            tuple(f"{suffix}.int4" for suffix in EXPERT_WEIGHT_SUFFIXES))
+        if (node.op_type != "DequantizeLinear" or weight is None or weight.dtype != ir.DataType.INT4
+                or not (len(weight.shape) == 2 or experts)):
+            what = f"a stored {weight.dtype.name} tensor of rank {len(weight.shape)}" if weight is not None else "not stored"
+            raise _fail(node, f"input {data.name if data else None!r} ({what}): INT4 is weight-only here, a stored "
+                              "INT4 weight [in, out] (MoE experts: [E, in, out]) read by DequantizeLinear")
+        shape = tuple(int(d) for d in weight.shape.numpy())
+        rows, in_axis = shape[-2], len(shape) - 2
+        want = block_for(rows, self.ctx.config.int4_block_size)
+        if not block or axis != in_axis or block != want:
+            raise _fail(node, f"weight {data.name!r} {list(shape)} has block_size={block} on axis {axis}; INT4 "  # type: ignore[union-attr]
+                              f"weights take block_size={want} on axis {in_axis} (--int4-block-size "
+                              f"{self.ctx.config.int4_block_size})")
+        assert scale_v is not None and data is not None
+        scale = self._const(node, scale_v, "scale")
+        need = (*shape[:-2], rows // block, shape[-1])
+        if tuple(scale.shape.numpy()) != need:
+            raise _fail(node, f"scale {scale_v.name!r} has shape {tuple(scale.shape.numpy())}; blocks of {block} "
+                              f"over weight {data.name!r} {list(shape)} need {need}")
 
     def _gathered_pair(self, node: ir.Node) -> tuple[ir.TensorProtocol, ir.TensorProtocol] | None:
         """(stored weight [E, ...], scale table [E] | [E, C]) when this DequantizeLinear reads one
@@ -164,7 +228,8 @@ class ValidateQuantization(ir.passes.InPlacePass):
             raise _fail(node, f"output {out.name!r} is a graph output")
         for user, index in out.uses():
             if (user.op_type == "Gather" and weight is not None and len(weight.shape) == 3 and index == 0
-                    and node.attributes.get_int("axis", 1) == 0 and user.attributes.get_int("axis", 0) == 0):
+                    and node.attributes.get_int("axis", 1) == (1 if node.attributes.get_int("block_size", 0) else 0)
+                    and user.attributes.get_int("axis", 0) == 0):  # fp8 (per expert, axis 0) / int4 (blocks, axis 1) experts
                 user, index = self._expert_slice_reader(node, user)
             if user.op_type != "MatMul":
                 raise _fail(node, f"output {out.name!r} feeds {user.op_type} {user.name!r}: Q/DQ must sit right before MatMul inputs")
@@ -204,7 +269,7 @@ class ValidateQuantization(ir.passes.InPlacePass):
             stored = data is not None and (data.is_initializer() or (gather is not None and gather.op_type == "Gather"))
             if not stored:
                 continue
-            if FORMATS[precision].activations:
+            if precision in FORMATS and FORMATS[precision].activations:
                 x = node.inputs[0].producer() if node.inputs[0] is not None else None
                 if x is None or x.op_type != "DequantizeLinear":
                     raise _fail(node, f"PRECISION={precision} is W8A8 but activation input {node.inputs[0].name!r} "  # type: ignore[union-attr]

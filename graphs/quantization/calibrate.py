@@ -62,6 +62,16 @@ class TensorSource(Protocol):
     def tensor_names(self) -> list[str]: ...
 
 
+class LayerSearch(Protocol):
+    """A per-layer search run during calibration (int4-awq's `graphs/quantization/awq.py` AWQSearch):
+    it sees every linear's input as the layer runs, then the layer's weights, and records its result
+    in the statistics. Kept apart from the amax recording above so calibration stays one loop."""
+
+    def capture(self, name: str, x: torch.Tensor) -> None: ...
+
+    def finish(self, prefix: str, weights: dict[str, torch.Tensor], stats: CalibrationStats) -> None: ...
+
+
 class TextTokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = True, allow_special: bool = False) -> list[int]: ...
 
@@ -118,6 +128,15 @@ def calibration_batch(tokenizer: TextTokenizer, calib: CalibrationText, sequence
     return torch.from_numpy(ids[len(ids) - n * seq_len:].reshape(n, seq_len).copy())
 
 
+def require_tokens(calib: CalibrationText, tokens: torch.Tensor, needed: int, what: str, hint: str) -> None:
+    """Fail, naming CALIB and both counts, when the calibration batch is too small for a search."""
+    found = int(tokens.numel())
+    if found < needed:
+        where = calib.source.get("path", "the default held-out split")
+        raise CalibrationError(f"CALIB={where}: {found} calibration tokens ({tokens.shape[0]} sequences of {tokens.shape[1]}) "
+                               f"found; {what} needs at least {needed}. {hint}")
+
+
 class _AmaxRecorder:
     """Running per-channel max |x| (last axis), folded over tokens."""
 
@@ -161,7 +180,7 @@ EXPERT_WEIGHTS = (".experts.gate_up_proj", ".experts.down_proj")
 
 @torch.inference_mode()
 def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
-              on_layer: Callable[[int], None] | None = None) -> CalibrationStats:
+              on_layer: Callable[[int], None] | None = None, search: LayerSearch | None = None) -> CalibrationStats:
     """Measure `CalibrationStats` for `ckpt` on `tokens` [n, seq_len], one layer in memory at a time."""
     config = ckpt.config
     stats = CalibrationStats()
@@ -176,7 +195,11 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
     kv: dict[str, torch.Tensor] = {}
 
     def on_linear_input(name: str) -> Callable[..., None]:
-        return lambda module, args: recorder.update(name, args[0])
+        def hook(module: Any, args: Any) -> None:
+            recorder.update(name, args[0])
+            if search is not None:
+                search.capture(name, args[0])
+        return hook
 
     def on_attention(module: nn.Module, args: Any, out: tuple[torch.Tensor, ...]) -> None:
         # present_key/present_value: the new tokens' rotated K and V written into zeroed caches.
@@ -215,6 +238,8 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
                 cache = torch.zeros(x.shape[0], config.num_kv_heads, seq_len, config.head_dim)
                 out, _, _ = torch.func.functional_call(layer, weights, (x, cache, cache, past_lengths[: x.shape[0]]))
                 hidden[start:start + CHUNK] = out
+            if search is not None:
+                search.finish(prefix, weights, stats)
             del weights  # the layer's tensors go here; the next layer's are loaded after
             for h in hooks:
                 h.remove()

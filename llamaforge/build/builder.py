@@ -36,6 +36,7 @@ from llamaforge.export.exporter import (
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.export.variants import UnknownVariantError
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
+from llamaforge.graphs.quantization.awq import awq_search
 from llamaforge.graphs.quantization.calibrate import (
     CalibrationError,
     CalibrationText,
@@ -43,7 +44,12 @@ from llamaforge.graphs.quantization.calibrate import (
     calibration_batch,
     read_calibration_text,
 )
+from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS
+from llamaforge.graphs.quantization.int4_shapes import int4_weight_problems
 from llamaforge.graphs.quantization.recipes import (
+    DEFAULT_FP8_ACTIVATION_SCALE,
+    DEFAULT_FP8_WEIGHT_SCALE,
+    DEFAULT_FP8_WEIGHTS,
     QUANT_PRECISIONS,
     CalibrationStats,
     QuantConfig,
@@ -51,6 +57,7 @@ from llamaforge.graphs.quantization.recipes import (
     QuantizationError,
     ort_session_config,
 )
+from llamaforge.graphs.quantization.search import backend_int8_activation, layer_search
 from llamaforge.plugins.attention.schema import KV_LAYOUT
 from llamaforge.runtime.core.manifest import (
     MANIFEST_FILE,
@@ -86,8 +93,14 @@ class BuildOptions:
     # demo model's held-out text); see graphs/quantization/recipes.py.
     kv_cache: str | None = None
     calib: Path | None = None
-    smoothquant_alpha: float = 0.5
-    quantize_lm_head: bool = False
+    smoothquant_alpha: float | None = None  # int8-sq, int8-wo fast: None = searched per layer at calibration
+    int8_activation: str | None = None  # int8-sq: per-token | static; None = per-token (ort), static (trt)
+    fp8_activation_scale: str = DEFAULT_FP8_ACTIVATION_SCALE  # fp8: amax | percentile | mse
+    fp8_weight_scale: str = DEFAULT_FP8_WEIGHT_SCALE  # fp8: amax | mse
+    fp8_weights: str = DEFAULT_FP8_WEIGHTS  # fp8: per-tensor | per-channel (ort only)
+    quantize_lm_head: bool | None = None  # None: QuantConfig.with_lm_head_default (on for int8-wo/int4-* on ORT fast)
+    int4_block_size: int = 128  # PRECISION=int4-*: input channels per weight scale
+    ort_kernels: str = "fast"  # int8-wo / int4-*: fast (MatMulNBits) | exact (the Q/DQ graph), see recipes.ORT_KERNELS
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # BACKEND=trt only
 
 
@@ -210,15 +223,21 @@ def _calibration_text(opts: BuildOptions) -> CalibrationText:
         raise BuildError(str(e)) from None
 
 
-def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path) -> CalibrationStats:
-    """Calibration statistics for a quantized build (PyTorch, one decoder layer in memory at a time)."""
+def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path, quant: QuantConfig | None = None) -> CalibrationStats:
+    """Calibration statistics for a quantized build (PyTorch, one decoder layer in memory at a time);
+    int4-awq adds AWQ's per-layer scale search (graphs/quantization/awq.py) to the same pass."""
     try:
         tokenizer = load_tokenizer(tmp, copy_tokenizer(ckpt, tmp))
         tokens = calibration_batch(tokenizer, text, seq_len=min(256, ckpt.config.max_position_embeddings))
     except CalibrationError as e:
         raise BuildError(str(e)) from None
     print(f"calibration data: {text.source}")
-    stats = calibrate(ckpt, tokens)
+    try:
+        search = awq_search(quant.int4_block_size, text, tokens) if quant is not None and quant.precision == "int4-awq" else \
+            layer_search(quant, text, tokens) if quant is not None else None  # int8-sq alpha, fp8 clip
+        stats = calibrate(ckpt, tokens, search=search)
+    except CalibrationError as e:
+        raise BuildError(str(e)) from None
     stats.source = text.source
     return stats
 
@@ -227,13 +246,13 @@ def quantized_manifest(manifest: EngineManifest, quant: Any, stats: Any, backend
     """The manifest of a quantized engine: what was quantized, on which data, the ONNX Runtime session
     settings it needs (applied by runtime/core/engine.py; see graphs.quantization.ort_session_config)
     and, for KV_CACHE=fp8, how the cache is rounded (the runtime allocates kv_cache.dtype)."""
-    info = QuantizationInfo.from_json({**quant.describe(), "calibration": stats.source, "statistics": CALIBRATION_FILE},
+    info = QuantizationInfo.from_json({**quant.describe(), "calibration": stats.describe(), "statistics": CALIBRATION_FILE},
                                       "the quantization recipe's description")
     kv_cache = manifest.kv_cache
     if quant.kv_cache == "fp8":
         kv_cache = replace(kv_cache, quantization=KVQuantization("float8e4m3fn", simulated=backend == "ort"))
     return replace(manifest, quantization=info, kv_cache=kv_cache,
-                   ort_session_config=ort_session_config(quant.precision, quant.kv_cache))
+                   ort_session_config=ort_session_config(quant.precision, quant.kv_cache, quant.ort_kernels))
 
 
 def build_engine(opts: BuildOptions) -> Path:
@@ -251,14 +270,23 @@ def build_engine(opts: BuildOptions) -> Path:
         raise BuildError(f"PRECISION={opts.precision!r} is not one of {sorted(PRECISIONS) + list(QUANT_PRECISIONS)}")
     try:
         quant = QuantConfig(opts.precision if opts.precision in QUANT_PRECISIONS else None, opts.kv_cache,
-                            opts.smoothquant_alpha, opts.quantize_lm_head)
+                            opts.smoothquant_alpha, bool(opts.quantize_lm_head), int4_block_size=opts.int4_block_size,
+                            # ONNX Runtime's kernels: TensorRT builds the exact Q/DQ graph whatever was asked
+                            ort_kernels=opts.ort_kernels if opts.backend == "ort" else "exact",
+                            int8_activation=backend_int8_activation(opts.backend, opts.int8_activation),
+                            fp8_activation_scale=opts.fp8_activation_scale, fp8_weight_scale=opts.fp8_weight_scale,
+                            fp8_weights=opts.fp8_weights)
+        if opts.backend == "trt" and quant.precision == "fp8" and quant.fp8_weights == "per-channel":
+            raise QuantizationError("--fp8-weights per-channel: TensorRT's ONNX path takes per-tensor FP8 weights (NVIDIA's "
+                                    "Model Optimizer exports no other FP8 form to ONNX); use per-tensor with BACKEND=trt")
     except QuantizationError as e:
         raise BuildError(str(e)) from None
     if quant.active and opts.checkpoint is None:
         raise BuildError(f"PRECISION={opts.precision} KV_CACHE={opts.kv_cache}: quantization is calibrated on the "
                          "checkpoint's weights; CHECKPOINT= is required")
     if opts.calib is not None and not quant.active:
-        raise BuildError(f"CALIB={opts.calib}: calibration data is only used by PRECISION=fp8|int8-sq|int8-wo or KV_CACHE=fp8")
+        raise BuildError(f"CALIB={opts.calib}: calibration data is only used by PRECISION={'|'.join(QUANT_PRECISIONS)} "
+                         "or KV_CACHE=fp8")
     base_precision = activation_precision(opts.precision)
     calib_text = _calibration_text(opts) if quant.active else None  # bad CALIB fails before the export
 
@@ -279,6 +307,13 @@ def build_engine(opts: BuildOptions) -> Path:
         source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
     else:
         source = {"checkpoint": None, "registry": opts.model}
+    if opts.quantize_lm_head is None:
+        quant = quant.with_lm_head_default(config.tie_word_embeddings)
+    if quant.precision in INT4_PRECISIONS:  # before the export: a width no INT4 block divides fails here, named
+        problems = int4_weight_problems(config, quant.int4_block_size, quant.quantize_lm_head)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise BuildError(f"PRECISION={opts.precision}: {'; '.join(problems[:3])}{more}")
     if opts.backend == "trt":
         try:  # before the (long) export: bad profile limits fail at once
             opts.tensorrt.limits.validate(config.max_position_embeddings)
@@ -294,7 +329,7 @@ def build_engine(opts: BuildOptions) -> Path:
         if ckpt is None:
             bind_placeholder_weights(model, tmp / "scratch.data")
         # quant.active implies both (checked above): quantization needs the checkpoint and calibration text.
-        stats = _calibrate(ckpt, calib_text, tmp) if ckpt is not None and calib_text is not None else None
+        stats = _calibrate(ckpt, calib_text, tmp, quant) if ckpt is not None and calib_text is not None else None
         context = QuantContext(quant, stats.copy()) if stats is not None else None  # passes update their copy
         passes = pipeline(opts.backend, quant)
         done = timed(f"pass pipeline ({opts.backend})")

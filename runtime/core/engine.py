@@ -24,6 +24,33 @@ class EngineError(RuntimeError):
     pass
 
 
+# ORT's exact-int8 switch: with it, ORT rewrites int8 weights of integer GEMMs (MatMulIntegerToFloat,
+# MatMulInteger, ...) to uint8 and runs its u8u8 kernel, because its faster u8s8 kernel adds pairs of
+# u8 x s8 products in int16 and saturates on x86 CPUs without VNNI. ORT applies it on every AVX2 CPU,
+# VNNI or not; with VNNI (vpdpbusd sums in int32) u8s8 is exact, so there the switch only costs speed.
+U8U8_SWITCH = "session.x64quantprecision"
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo names of the int8 dot-product units
+
+
+def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where they cannot be read, which keeps the exact path."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def session_config_for_cpu(config: dict[str, str], flags: frozenset[str] | None = None) -> dict[str, str]:
+    """The manifest's ONNX Runtime settings adapted to this CPU: the u8u8 switch an int8-sq engine
+    asks for (exactness on CPUs without VNNI) is dropped where VNNI makes the u8s8 kernel exact."""
+    flags = cpu_flags() if flags is None else flags
+    if config.get(U8U8_SWITCH) == "1" and any(f in flags for f in VNNI_FLAGS):
+        return {k: v for k, v in config.items() if k != U8U8_SWITCH}
+    return dict(config)
+
+
 @dataclass(frozen=True)
 class KVSpec:
     num_layers: int
@@ -108,7 +135,8 @@ class Engine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Quantized engines name the session settings their Q/DQ graph needs to run as written (e.g.
         # no approximate int8 MatMulNBits); see graphs/quantization/recipes.py `ort_session_config`.
-        self.session_config: dict[str, str] = dict(self.manifest.ort_session_config or {})
+        # The int8 GEMM's exactness switch depends on this CPU (VNNI or not): session_config_for_cpu.
+        self.session_config: dict[str, str] = session_config_for_cpu(dict(self.manifest.ort_session_config or {}))
         for key, value in self.session_config.items():
             options.add_session_config_entry(str(key), str(value))
         self.session = ort.InferenceSession(str(self.dir / self.manifest.model_file), options,

@@ -121,15 +121,18 @@ class QuantizationInfo:
     quantize_router: bool
     calibration: dict[str, Any]
     statistics: str
-    smoothquant_alpha: float | None = None  # int8-sq only
+    smoothquant_alpha: float | None = None  # int8-sq with a forced alpha (searched: per layer in calibration)
+    scales: dict[str, str] | None = None  # fp8 / int8-sq: how weight and activation scales are made, in words
+    int4_block_size: int | None = None  # int4-awq / int4-rtn only
+    ort_kernels: str | None = None  # int8-wo / int4-*: fast (MatMulNBits) | exact (the Q/DQ graph)
 
     @classmethod
     def from_json(cls, data: Any, source: str = "quantization") -> QuantizationInfo:
         return _load(cls, data, source, "quantization")
 
     def to_json(self) -> dict[str, Any]:
-        order = ("precision", "kv_cache", "quantize_lm_head", "quantize_router", "smoothquant_alpha", "calibration",
-                 "statistics")
+        order = ("precision", "kv_cache", "quantize_lm_head", "quantize_router", "smoothquant_alpha", "scales", "int4_block_size",
+                 "ort_kernels", "calibration", "statistics")
         data = _to_json(self)
         return {key: data[key] for key in order if key in data}
 

@@ -37,8 +37,12 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engines(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("moeq-engines")
+    # ort_kernels="exact": the engine computes the Q/DQ graph's own numbers, which the fake-quant oracle
+    # reproduces; the fast MatMulNBits path (int8 activations inside the kernel, dense layers only) has
+    # its own oracle in test_int4_engines.py.
     return {p: build_engine(BuildOptions(checkpoint=ckpt, out=root / p, precision=p, dump_dir=root / f"dump-{p}",
-                                         dump_after=["validate-quantization"] if p != "fp32" else ()))
+                                         dump_after=["validate-quantization"] if p != "fp32" else (),
+                                         ort_kernels="exact"))
             for p in ("fp32", *PRECISIONS)}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from tiny_models import TinyBuilds, corpus_text, load_hf_oracle, make_hf_checkpoint, tiny_config
+from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
 from llamaforge.export.checkpoint import open_checkpoint
@@ -27,7 +27,7 @@ from llamaforge.graphs.quantization.calibrate import (
     read_calibration_text,
 )
 from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, QuantContext, QuantizationError
-from llamaforge.runtime.core.engine import Engine
+from llamaforge.runtime.core.engine import Engine, session_config_for_cpu
 
 pytestmark = pytest.mark.slow  # builds a few tiny engines (~10 s each on 2 cores)
 
@@ -36,26 +36,18 @@ PROMPT = np.array([[5, 77, 300, 12, 9, 410, 33, 2, 150, 600, 7, 88]], dtype=np.i
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_builds: TinyBuilds) -> Path:
-    return tiny_builds.hf_checkpoint(tiny_config(), seed=5)  # shared with tests/graphs/test_trt_ops.py
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(corpus_text())
-    return path
-
-
-@pytest.fixture(scope="module")
 def engines(ckpt: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engines")
     built = {}
-    for name, precision, kv in [("fp32", "fp32", None), ("fp8", "fp8", None), ("int8-sq", "int8-sq", None),
-                                ("int8-wo", "int8-wo", None), ("kv-fp8", "fp32", "fp8")]:
+    # int8-sq: per-token activations and a searched alpha (the defaults); int8-sq-static: TensorRT's form
+    for name, precision, kv, options in [("fp32", "fp32", None, {}), ("fp8", "fp8", None, {}), ("int8-sq", "int8-sq", None, {}),
+                                         ("int8-sq-static", "int8-sq", None, {"int8_activation": "static"}),
+                                         # the Q/DQ graph the oracle describes (fast = MatMulNBits: test_lower_quant_ort.py)
+                                         ("int8-wo", "int8-wo", None, {"ort_kernels": "exact"}),
+                                         ("kv-fp8", "fp32", "fp8", {})]:
         built[name] = build_engine(BuildOptions(
             checkpoint=ckpt, out=root / name, precision=precision, kv_cache=kv, calib=None if name == "fp32" else calib_file,
-            dump_after=["validate-quantization"] if name == "int8-sq" else (), dump_dir=root / "dump"))
+            dump_after=["validate-quantization"] if name == "int8-sq-static" else (), dump_dir=root / "dump", **options))
     return built
 
 
@@ -69,16 +61,25 @@ def prefill_logits(engine_dir: Path) -> np.ndarray:
 # -- the torch oracle ---------------------------------------------------------------------------
 
 
-def fq_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale), -127, 127) * scale
+def fq_int8(x: torch.Tensor, scale: torch.Tensor, low: float = -127) -> torch.Tensor:
+    """Weights are stored in -127..127 (recipes.quantize_int8); an activation's QuantizeLinear
+    saturates to int8's -128..127 (low=-128), which a static scale reaches on values beyond the
+    calibration range."""
+    return torch.clamp(torch.round(x / scale), low, 127) * scale
 
 
 def fq_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x / scale, -448, 448).to(torch.float8_e4m3fn).float() * scale
 
 
-def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, alpha: float = 0.5) -> np.ndarray:
-    """transformers with fake quantization of every linear but lm_head, from the same statistics."""
+def fq_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """int8-sq's per-token activation scale, max(max|x_token| / 127, float32 tiny), as the graph computes it."""
+    return fq_int8(x, torch.clamp(x.abs().amax(-1, keepdim=True) / 127, min=torch.finfo(torch.float32).tiny))
+
+
+def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, activation: str = "per-token") -> np.ndarray:
+    """transformers with fake quantization of every linear but lm_head, from the same statistics;
+    int8-sq smooths each group with the alpha calibration searched for it (recorded in the stats)."""
     model = load_hf_oracle(ckpt)
     hooks = []
     for i, layer in enumerate(model.model.layers):
@@ -90,6 +91,8 @@ def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, al
             a = torch.from_numpy(stats.act_amax[keys[0]])
             s = torch.ones_like(a)
             if precision == "int8-sq":  # SmoothQuant: x W^T = (x / s) (W diag(s))^T, s over the group's weights
+                alpha = stats.smoothquant_alpha[keys[0]]
+                assert all(stats.smoothquant_alpha[k] == alpha for k in keys)  # one input, one alpha
                 w_in = torch.stack([m.weight.abs().amax(0) for m in group]).amax(0)
                 s = (a.double() ** alpha / w_in.double() ** (1 - alpha)).float().clamp(1e-5, 1e5)
             # q/k/v are one packed MatMul in the engine: one per-tensor fp8 scale for the three.
@@ -106,7 +109,11 @@ def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, al
 
                 def pre(module, args, s=s, act_scale=act_scale, fq=fq):  # type: ignore[no-untyped-def]
                     x = args[0] / s
-                    return (fq(x, act_scale) if precision in ("fp8", "int8-sq") else x,)
+                    if precision == "int8-sq" and activation == "per-token":
+                        return (fq_int8_per_token(x),)
+                    if precision == "int8-sq":
+                        return (fq_int8(x, act_scale, low=-128),)
+                    return (fq(x, act_scale) if precision == "fp8" else x,)
 
                 hooks.append(m.register_forward_pre_hook(pre))
     with torch.no_grad():
@@ -119,7 +126,7 @@ def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, al
 # -- building -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fp8", "int8-sq", "int8-wo", "kv-fp8"])
+@pytest.mark.parametrize("name", ["fp8", "int8-sq", "int8-sq-static", "int8-wo", "kv-fp8"])
 def test_precision_builds_validated_with_manifest(engines: dict[str, Path], calib_file: Path, name: str) -> None:
     import onnx
 
@@ -128,7 +135,9 @@ def test_precision_builds_validated_with_manifest(engines: dict[str, Path], cali
     assert quant["calibration"]["path"] == str(calib_file) and quant["calibration"]["tokens"] > 0
     assert "validate-quantization" in manifest["passes"]
     assert (engines[name] / "calibration.safetensors").is_file()
-    assert manifest["ort_session_config"] == Engine(engines[name]).session_config != {}
+    # what the engine applies: the manifest's settings, less the u8u8 switch on a CPU with VNNI
+    assert Engine(engines[name]).session_config == session_config_for_cpu(manifest["ort_session_config"])
+    assert manifest["ort_session_config"] != {}
     model = onnx.load(str(engines[name] / "model.onnx"), load_external_data=False)
     quantized = {t.name for t in model.graph.initializer
                  if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN) and len(t.dims) == 2}
@@ -137,20 +146,56 @@ def test_precision_builds_validated_with_manifest(engines: dict[str, Path], cali
         assert manifest["kv_cache"]["quantization"]["dtype"] == "float8e4m3fn"
         assert manifest["ort_session_config"] == {"session.disable_quant_qdq": "1"}
     else:
-        assert manifest["precision"] == name and manifest["kv_cache"]["dtype"] == "float32"
+        assert manifest["precision"] == name.removesuffix("-static") and manifest["kv_cache"]["dtype"] == "float32"
         assert len(quantized) == LINEARS_PER_LAYER * 2, sorted(quantized)  # every linear but lm_head
         data = (engines[name] / "model.onnx.data").stat().st_size
         assert data < 0.75 * (engines["fp32"] / "model.onnx.data").stat().st_size
 
 
+def test_int8_sq_records_its_searched_alphas_and_scales(engines: dict[str, Path]) -> None:
+    import onnx
+
+    from llamaforge.graphs.quantization.search import ALPHA_GRID
+
+    for name, activations in (("int8-sq", "per token"), ("int8-sq-static", "per tensor")):
+        quant = json.loads((engines[name] / "manifest.json").read_text())["quantization"]
+        stats = CalibrationStats.load(engines[name] / "calibration.safetensors")
+        assert "smoothquant_alpha" not in quant  # not forced: searched, per layer
+        alphas = quant["calibration"]["smoothquant_alpha"]
+        assert alphas == stats.smoothquant_alpha and len(alphas) == 7 * 2  # q, k, v, o, gate, up, down; 2 layers
+        assert set(alphas.values()) <= set(ALPHA_GRID)
+        assert quant["scales"]["activations"].startswith(activations) and quant["scales"]["smoothquant"] == "searched per layer"
+        graph = onnx.load(str(engines[name] / "model.onnx"), load_external_data=False).graph
+        producers = {out: n for n in graph.node for out in n.output}
+        int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+        if name == "int8-sq":  # lower-quant-ort: ORT's integer GEMM on the int8 codes of x's per-token QuantizeLinear
+            gemms = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+            assert len(gemms) == LINEARS_PER_LAYER * 2 and all(n.input[1] in int8 for n in gemms)
+            for gemm in gemms:  # a <- Cast(uint8) <- Add(128) <- Cast(int32) <- QuantizeLinear(x, per-token scale)
+                node = producers[gemm.input[0]]
+                for op in ("Cast", "Add", "Cast"):
+                    assert node.op_type == op
+                    node = producers[node.input[0]]
+                assert node.op_type == "QuantizeLinear"
+        else:  # static: Q/DQ on x, DQ on the weight, a float MatMul (ORT fuses it itself)
+            linear_inputs = [producers[n.input[0]] for n in graph.node if n.op_type == "MatMul"
+                             and n.input[1] in producers and producers[n.input[1]].input[0] in int8]
+            assert len(linear_inputs) == LINEARS_PER_LAYER * 2
+            assert all(dq.op_type == "DequantizeLinear" for dq in linear_inputs)
+        # one scale computation per input (q/k/v, o, gate/up, down), shared by the MatMuls reading it
+        assert sum(n.op_type == "ReduceMax" and n.name.endswith("/token_amax") for n in graph.node) == \
+            (4 * 2 if name == "int8-sq" else 0)
+
+
 # -- numerics against the oracle -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["fp8", "int8-sq", "int8-wo"])
-def test_quantized_logits_match_fake_quant_oracle(engines: dict[str, Path], ckpt: Path, precision: str) -> None:
-    stats = CalibrationStats.load(engines[precision] / "calibration.safetensors")
-    got = prefill_logits(engines[precision])
-    want = oracle_logits(ckpt, stats, precision)
+@pytest.mark.parametrize("name", ["fp8", "int8-sq", "int8-sq-static", "int8-wo"])
+def test_quantized_logits_match_fake_quant_oracle(engines: dict[str, Path], ckpt: Path, name: str) -> None:
+    precision = name.removesuffix("-static")
+    stats = CalibrationStats.load(engines[name] / "calibration.safetensors")
+    got = prefill_logits(engines[name])
+    want = oracle_logits(ckpt, stats, precision, "static" if name.endswith("-static") else "per-token")
     fp32 = oracle_logits(ckpt, stats, None)
     np.testing.assert_allclose(prefill_logits(engines["fp32"]), fp32, atol=1e-4)  # the oracle itself
     quant_error = np.abs(want - fp32).max()
@@ -221,11 +266,12 @@ def test_fp8_kv_cache_matches_reference_with_same_scales() -> None:
 
 
 def dumped_int8_sq(engines: dict[str, Path]) -> ir.Model:
-    return ir.load(engines["int8-sq"].parent / "dump" / "after-validate-quantization.onnx")
+    """The static int8-sq graph (TensorRT's form), as validate-quantization saw it."""
+    return ir.load(engines["int8-sq-static"].parent / "dump" / "after-validate-quantization.onnx")
 
 
 def validate(model: ir.Model) -> None:
-    ValidateQuantization(QuantContext(QuantConfig("int8-sq"), CalibrationStats()))(model)
+    ValidateQuantization(QuantContext(QuantConfig("int8-sq", int8_activation="static"), CalibrationStats()))(model)
 
 
 def test_validator_accepts_built_graph(engines: dict[str, Path]) -> None:

@@ -17,6 +17,7 @@ from llamaforge.export.checkpoint import open_checkpoint
 from llamaforge.export.exporter import PRECISIONS, bind_weights, trace
 from llamaforge.graphs.pipeline import ORT_ONLY_PASSES, pipeline, run_pipeline
 from llamaforge.graphs.quantization.recipes import KV_CACHE_QUANT, QUANT_PRECISIONS, QuantConfig, QuantContext
+from llamaforge.graphs.quantization.search import backend_int8_activation
 from llamaforge.graphs.trt_ops import (
     SUPPORTED_OPS_FILE,
     UnsupportedForTensorRT,
@@ -35,11 +36,12 @@ def ckpt_dir(tiny_builds: TinyBuilds) -> Path:
 
 @pytest.fixture(scope="module")
 def stats(ckpt_dir: Path):  # type: ignore[no-untyped-def]
+    from llamaforge.graphs.quantization.awq import AWQSearch
     from llamaforge.graphs.quantization.calibrate import calibrate
 
     ckpt = open_checkpoint(ckpt_dir)
-    tokens = torch.randint(0, ckpt.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    return calibrate(ckpt, tokens, progress=False)
+    tokens = torch.randint(0, ckpt.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    return calibrate(ckpt, tokens, progress=False, search=AWQSearch(128))  # int4-awq's scales too
 
 
 def trt_graph(ckpt_dir: Path, stats, precision: str, kv_cache: str | None = None) -> ir.Model:  # type: ignore[no-untyped-def]
@@ -48,7 +50,10 @@ def trt_graph(ckpt_dir: Path, stats, precision: str, kv_cache: str | None = None
     base = activation_precision(precision)
     model = trace(ckpt.config, base)
     bind_weights(model, ckpt, PRECISIONS[base], tied=ckpt.config.tie_word_embeddings)
-    quant = QuantConfig(precision if precision in QUANT_PRECISIONS else None, kv_cache)
+    # What BACKEND=trt builds: int8-sq with static activation scales (builder.py, search.backend_int8_activation);
+    # a forced alpha, since these statistics carry AWQ's search, not SmoothQuant's (the graph's form is the same).
+    quant = QuantConfig(precision if precision in QUANT_PRECISIONS else None, kv_cache, smoothquant_alpha=0.5,
+                        int8_activation=backend_int8_activation("trt", None))
     passes = pipeline("trt", quant)
     assert passes[-1] == "check-trt-ops" and not ORT_ONLY_PASSES & set(passes)
     run_pipeline(model, passes[:-1], log=lambda _: None, quant=QuantContext(quant, stats.copy()))
@@ -147,3 +152,40 @@ def test_supported_list_records_its_source() -> None:
     # Operators the parser gained after 10.13 are not on a 10.13 list.
     assert not set(data["removed_as_added_after_10_13"]) & set(data["operators"])
     assert data["operators"]["DequantizeLinear"]["types"] == ["INT8", "FP8", "FP4", "INT4"]
+
+
+# -- INT4 weight-only: the block form TensorRT's IDequantizeLayer takes ---------------------------------
+
+
+def int4_dq_model(weight_is_input: bool = False, scale_shape: tuple[int, ...] = (2, 8), axis: int = 0) -> ir.Model:
+    """W int4 [64, 8] -> DequantizeLinear(block_size 32) -> MatMul weight input (a graph input
+    instead of a stored weight with `weight_is_input`)."""
+    import ml_dtypes
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 64]))
+    codes = ir.Value(name="w", type=ir.TensorType(ir.DataType.INT4), shape=ir.Shape([64, 8]))
+    if not weight_is_input:
+        codes.const_value = ir.tensor(np.zeros((64, 8), ml_dtypes.int4), name="w")
+    scale = ir.Value(name="s", const_value=ir.tensor(np.full(scale_shape, 0.1, np.float32), name="s"))
+    zero = ir.Value(name="z", const_value=ir.tensor(np.zeros(scale_shape, ml_dtypes.int4), name="z"))
+    dq = ir.node("DequantizeLinear", [codes, scale, zero], attributes={"axis": axis, "block_size": 32}, name="dq")
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape([64, 8])
+    matmul = ir.node("MatMul", [x, dq.outputs[0]], name="mm")
+    matmul.outputs[0].dtype, matmul.outputs[0].name = ir.DataType.FLOAT, "y"
+    graph = ir.Graph([x, *([codes] if weight_is_input else [])], [matmul.outputs[0]], nodes=[dq, matmul],
+                     initializers=[scale, zero, *([] if weight_is_input else [codes])], opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_int4_block_dequantize_of_a_weight_is_accepted() -> None:
+    assert tensorrt_problems(int4_dq_model()) == []
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"weight_is_input": True}, "INT4 is weight-only in TensorRT; 'w' is not a build-time constant"),
+    ({"scale_shape": (1, 2, 8)}, "scale has rank 3, data rank 2"),
+])
+def test_int4_forms_tensorrt_cannot_take_are_named(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
+    problems = tensorrt_problems(int4_dq_model(**kwargs))
+    assert any(p.startswith("node 'dq' (ai.onnx::DequantizeLinear)") and message in p for p in problems), problems

@@ -57,3 +57,32 @@ def op_counts(model: ir.Model) -> Counter[tuple[str, str]]:
 def copy_model(model: ir.Model) -> ir.Model:
     """An independent copy (a serialization round trip), to run a pass on one and compare with the other."""
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+MLP_LAYER = "model.layers.0.mlp"
+
+
+def mlp_linears(hidden: int, ffn: int) -> dict[str, tuple[int, int]]:
+    """The MLP's linears by module name, with their weights' [in, out] shapes."""
+    return {f"{MLP_LAYER}.gate_proj": (hidden, ffn), f"{MLP_LAYER}.up_proj": (hidden, ffn),
+            f"{MLP_LAYER}.down_proj": (ffn, hidden)}
+
+
+def mlp_model(hidden: int, ffn: int, vocab: int, seed: int = 0) -> ir.Model:
+    """x -> RMSNormalization -> gate/up (sharing the normalised input) -> Mul -> down -> lm_head -> logits,
+    the quantization passes' test graph. Weights [in, out] named `<module>.weight.T`, as after
+    fold-weight-transposes; the norm weight is `gamma`."""
+    make_node, real = onnx.helper.make_node, onnx.TensorProto.FLOAT
+    rng = np.random.default_rng(seed)
+    layer = MLP_LAYER
+    weights = {f"{name}.weight.T": (0.3 * rng.standard_normal(shape)).astype(np.float32)
+               for name, shape in mlp_linears(hidden, ffn).items()}
+    weights["lm_head.weight.T"] = rng.standard_normal((hidden, vocab)).astype(np.float32)
+    weights["gamma"] = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    nodes = [make_node("RMSNormalization", ["x", "gamma"], ["normed"], axis=-1, epsilon=1e-5, stash_type=1),
+             make_node("MatMul", ["normed", f"{layer}.gate_proj.weight.T"], ["gate"]),
+             make_node("MatMul", ["normed", f"{layer}.up_proj.weight.T"], ["up"]),
+             make_node("Mul", ["gate", "up"], ["act"]),
+             make_node("MatMul", ["act", f"{layer}.down_proj.weight.T"], ["down"]),
+             make_node("MatMul", ["down", "lm_head.weight.T"], ["logits"])]
+    return small_model(nodes, {"x": (real, ["batch", hidden])}, {"logits": (real, ["batch", vocab])}, weights)

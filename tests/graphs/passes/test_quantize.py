@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from small_graphs import op_counts, run_ort, small_model
+from small_graphs import MLP_LAYER, mlp_linears, op_counts, run_ort, small_model
+from small_graphs import mlp_model as mlp_model_of
 
 from llamaforge.graphs.passes import quantize
 from llamaforge.graphs.passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
@@ -31,24 +32,12 @@ from llamaforge.plugins.attention.schema import DOMAIN, INPUTS, OP_TYPE, Attenti
 FLOAT, INT32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32
 make_node = onnx.helper.make_node
 HIDDEN, FFN, VOCAB = 8, 6, 10
-LAYER = "model.layers.0.mlp"
-LINEARS = {f"{LAYER}.gate_proj": (HIDDEN, FFN), f"{LAYER}.up_proj": (HIDDEN, FFN), f"{LAYER}.down_proj": (FFN, HIDDEN)}
+LAYER = MLP_LAYER
+LINEARS = mlp_linears(HIDDEN, FFN)
 
 
 def mlp_model() -> ir.Model:
-    """x -> RMSNormalization -> gate/up (sharing the normalised input) -> Mul -> down -> lm_head -> logits.
-    Weights [in, out] named `<module>.weight.T`, as after fold-weight-transposes."""
-    rng = np.random.default_rng(0)
-    weights = {f"{name}.weight.T": (0.3 * rng.standard_normal(shape)).astype(np.float32) for name, shape in LINEARS.items()}
-    weights["lm_head.weight.T"] = rng.standard_normal((HIDDEN, VOCAB)).astype(np.float32)
-    weights["gamma"] = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
-    nodes = [make_node("RMSNormalization", ["x", "gamma"], ["normed"], axis=-1, epsilon=1e-5, stash_type=1),
-             make_node("MatMul", ["normed", f"{LAYER}.gate_proj.weight.T"], ["gate"]),
-             make_node("MatMul", ["normed", f"{LAYER}.up_proj.weight.T"], ["up"]),
-             make_node("Mul", ["gate", "up"], ["act"]),
-             make_node("MatMul", ["act", f"{LAYER}.down_proj.weight.T"], ["down"]),
-             make_node("MatMul", ["down", "lm_head.weight.T"], ["logits"])]
-    return small_model(nodes, {"x": (FLOAT, ["batch", HIDDEN])}, {"logits": (FLOAT, ["batch", VOCAB])}, weights)
+    return mlp_model_of(HIDDEN, FFN, VOCAB)
 
 
 def calibration(model: ir.Model) -> CalibrationStats:
@@ -68,7 +57,7 @@ def calibration(model: ir.Model) -> CalibrationStats:
 FEED = {"x": np.random.default_rng(1).standard_normal((3, HIDDEN)).astype(np.float32)}
 
 
-def quantize_and_check(precision: str) -> None:
+def quantize_and_check(precision: str, **options: str) -> None:
     """Run QuantizeMatMuls and assert its promise for every linear: the float weight replaced by
     `<W>.int8|fp8` = round(W / scale) read through DequantizeLinear (axis 1 for per-channel int8),
     scale = amax / qmax from the statistics (per output channel for int8, per tensor for fp8),
@@ -77,7 +66,7 @@ def quantize_and_check(precision: str) -> None:
     model = mlp_model()
     stats = calibration(model)
     floats = {name: model.graph.initializers[f"{name}.weight.T"].const_value.numpy() for name in LINEARS}
-    assert QuantizeMatMuls(QuantContext(QuantConfig(precision), stats.copy()), precision)(model).modified
+    assert QuantizeMatMuls(QuantContext(QuantConfig(precision, **options), stats.copy()), precision)(model).modified
     verify(model, precision)
     qmax, kind = (127.0, "int8") if precision.startswith("int8") else (448.0, "fp8")
     inits = model.graph.initializers
@@ -120,7 +109,8 @@ def quantize_and_check(precision: str) -> None:
 
 @pytest.mark.parametrize("precision", ["int8-wo", "int8-sq", "fp8"])
 def test_quantize_matmuls_stores_quantized_weights_with_calibrated_scales(precision: str) -> None:
-    quantize_and_check(precision)
+    # int8-sq with a calibrated per-tensor activation scale here; per token: test_quantize_per_token.py
+    quantize_and_check(precision, **({"int8_activation": "static"} if precision == "int8-sq" else {}))
 
 
 def test_lm_head_is_quantized_only_when_asked() -> None:
@@ -143,7 +133,7 @@ def test_smoothquant_folds_into_the_norm_and_keeps_the_function() -> None:
     stats = calibration(model)
     (want,) = run_ort(model, FEED)
     gate_in = stats.act_amax[f"{LAYER}.gate_proj"].copy()
-    ctx = QuantContext(QuantConfig("int8-sq"), stats)
+    ctx = QuantContext(QuantConfig("int8-sq", smoothquant_alpha=0.5), stats)
     assert SmoothQuant(ctx)(model).modified
     verify(model, "smooth-int8")
     inits = model.graph.initializers

@@ -97,3 +97,50 @@ def test_a_wrong_expert_scale_is_caught(monkeypatch: pytest.MonkeyPatch) -> None
                         lambda amax, qmax: (np.asarray(amax, np.float32) / 100).astype(np.float32))
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         quantize_and_check()
+
+
+# -- INT4 experts: per-expert blocks along the input channels, dequantized whole ---------------------
+
+INT4_HIDDEN, INT4_INTER = 64, 32  # gate_up [E, 64, 64] takes blocks of 64, down [E, 32, 64] blocks of 32
+
+
+def int4_model() -> tuple[ir.Model, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    e = ATTRS.num_experts
+    floats = {f"{PREFIX}.router.weight": rng.standard_normal((e, INT4_HIDDEN)).astype(np.float32),
+              EXPERTS[0]: (0.3 * rng.standard_normal((e, INT4_HIDDEN, 2 * INT4_INTER))).astype(np.float32),
+              EXPERTS[1]: (0.3 * rng.standard_normal((e, INT4_INTER, INT4_HIDDEN))).astype(np.float32)}
+    model = small_model([onnx.helper.make_node(OP_TYPE, ["hidden", *floats], ["output"], domain=DOMAIN, name="moe",
+                                               **ATTRS.onnx_attributes())],
+                        {"hidden": (FLOAT, ["batch", "seq", INT4_HIDDEN])},
+                        {"output": (FLOAT, ["batch", "seq", INT4_HIDDEN])}, floats, {DOMAIN: 1})
+    LowerMoEForORT()(model)
+    return model, floats
+
+
+def test_int4_experts_are_stored_in_per_expert_blocks() -> None:
+    model, floats = int4_model()
+    context = QuantContext(QuantConfig("int4-rtn", int4_block_size=128), CalibrationStats())
+    assert QuantizeExperts(context, "int4-rtn")(model).modified
+    verify(model, "quantize-experts-int4")
+    ValidateQuantization(context)(model)
+    inits, dequantized = model.graph.initializers, dict(floats)
+    for name, block in zip(EXPERTS, (64, 32)):
+        w = floats[name]  # [E, in, out]; blocks of `block` input channels per expert and output channel
+        blocks = w.reshape(w.shape[0], -1, block, w.shape[2])
+        amax = np.abs(blocks).max(axis=2)
+        scale = np.where(amax > 0, amax / np.float32(7), np.float32(1)).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[:, :, None]), -8, 7)
+        dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == f"{name}.int4")
+        assert dq.attributes.get_int("axis", 0) == 1 and dq.attributes.get_int("block_size", 0) == block
+        np.testing.assert_array_equal(inits[f"{name}.scale"].const_value.numpy(), scale)
+        np.testing.assert_array_equal(inits[f"{name}.int4"].const_value.numpy().astype(np.int8), q.reshape(w.shape))
+        dequantized[name] = (q * scale[:, :, None]).reshape(w.shape).astype(np.float32)
+        assert name not in inits
+    hidden = np.random.default_rng(1).standard_normal((2, 5, INT4_HIDDEN)).astype(np.float32)
+    (got,) = run_ort(model, {"hidden": hidden})
+    want = reference.moe(torch.from_numpy(hidden), *(torch.from_numpy(w) for w in dequantized.values()), ATTRS)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    # A build configured for blocks of 32 expects 32 on gate_up too.
+    with pytest.raises(QuantizationError, match="block_size=64 on axis 1; INT4 weights take block_size=32"):
+        ValidateQuantization(QuantContext(QuantConfig("int4-rtn", int4_block_size=32), CalibrationStats()))(model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -33,7 +34,8 @@ def linear_model() -> ir.Model:
 def context(precision: str | None = "int8-sq", kv_cache: str | None = None) -> QuantContext:
     stats = CalibrationStats(act_amax={LINEAR: np.full(IN, 3.0, np.float32)},
                              weight_out_amax={LINEAR: np.full(OUT, 2.0, np.float32)})
-    return QuantContext(QuantConfig(precision, kv_cache), stats)
+    # int8-sq's static per-tensor form: TensorRT's rules (the per-token form: test_quantize_per_token.py)
+    return QuantContext(QuantConfig(precision, kv_cache, int8_activation="static"), stats)
 
 
 def quantized(precision: str = "int8-sq") -> ir.Model:
@@ -133,3 +135,81 @@ def test_fp8_kv_cache_needs_positive_scales_on_every_attention_op() -> None:
     ValidateQuantization(context(None, "fp8"))(attention_model(k_scale=0.5))
     with pytest.raises(QuantizationError, match="k_scale=0.0 must be finite and > 0"):
         ValidateQuantization(context(None, "fp8"))(attention_model(k_scale=0.0))
+
+
+# -- INT4 weight-only: DequantizeLinear(axis 0, block_size) of a stored int4 weight -----------------
+
+INT4_IN = 64  # --int4-block-size 128 does not divide it: the weight takes blocks of 64
+INT4_WEIGHT = f"{WEIGHT}.int4"
+
+
+def int4_model() -> ir.Model:
+    from llamaforge.graphs.passes.quantize_int4 import QuantizeInt4
+
+    weight = np.random.default_rng(0).standard_normal((INT4_IN, OUT)).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", WEIGHT], ["h"]), onnx.helper.make_node("Relu", ["h"], ["y"])]
+    model = small_model(nodes, {"x": (FLOAT, ["batch", INT4_IN])}, {"y": (FLOAT, ["batch", OUT])}, {WEIGHT: weight})
+    QuantizeInt4(int4_context())(model)
+    return model
+
+
+def int4_context(block: int = 128) -> QuantContext:
+    return QuantContext(QuantConfig("int4-rtn", int4_block_size=block), CalibrationStats())
+
+
+def int4_dq(model: ir.Model) -> ir.Node:
+    return node(model, "DequantizeLinear", INT4_WEIGHT)
+
+
+def set_attribute(model: ir.Model, name: str, value: int) -> None:
+    int4_dq(model).attributes[name] = ir.AttrInt64(name, value)
+
+
+def int4_weight_as(dtype: ir.DataType) -> Callable[[ir.Model], None]:
+    def mutate(model: ir.Model) -> None:
+        codes = model.graph.initializers[INT4_WEIGHT].const_value.numpy().astype(np.int8)
+        set_initializer(model, INT4_WEIGHT, codes.astype(dtype.numpy()))
+    return mutate
+
+
+INT4_MUTATIONS: dict[str, tuple[Callable[[ir.Model], None], str]] = {
+    "block-size-32-not-64": (lambda m: set_attribute(m, "block_size", 32), "block_size=32 on axis 0; INT4 weights take block_size=64"),
+    "blocks-on-axis-1": (lambda m: set_attribute(m, "axis", 1), "on axis 1; INT4 weights take block_size=64 on axis 0"),
+    "no-blocks": (lambda m: int4_dq(m).attributes.pop("block_size"), "block_size=0"),
+    "non-zero-zero-point": (lambda m: set_initializer(m, f"{WEIGHT}.zero_point", np.ones((1, OUT), ml_dtypes.int4)),
+                            "asymmetric"),
+    "uint4-weight": (int4_weight_as(ir.DataType.UINT4), "a stored UINT4 tensor of rank 2"),
+    "int8-weight-in-blocks": (int4_weight_as(ir.DataType.INT8), "a stored INT8 tensor of rank 2"),
+    "scale-of-wrong-shape": (lambda m: (set_initializer(m, f"{WEIGHT}.scale", np.full((2, OUT), 0.1, np.float32)),
+                                        set_initializer(m, f"{WEIGHT}.zero_point", np.zeros((2, OUT), ml_dtypes.int4))),
+                             r"has shape \(2, 4\); blocks of 64"),
+    "negative-block-scale": (lambda m: set_initializer(m, f"{WEIGHT}.scale", np.full((1, OUT), -0.1, np.float32)),
+                             "not finite and > 0"),
+}
+
+
+def test_int4_block_form_is_valid() -> None:
+    model = int4_model()
+    dq = int4_dq(model)
+    assert dq.attributes.get_int("block_size", 0) == 64 and dq.attributes.get_int("axis", 1) == 0
+    assert not ValidateQuantization(int4_context())(model).modified
+
+
+@pytest.mark.parametrize("mutation", list(INT4_MUTATIONS))
+def test_each_broken_int4_rule_is_rejected_naming_the_node(mutation: str) -> None:
+    model = int4_model()
+    mutate, message = INT4_MUTATIONS[mutation]
+    mutate(model)
+    with pytest.raises(QuantizationError, match=f"validate-quantization: node .*{message}"):
+        ValidateQuantization(int4_context())(model)
+
+
+def test_int4_blocks_follow_the_configured_block_size() -> None:
+    # Built with blocks of 64; a build configured for 32 expects 32 on this weight.
+    with pytest.raises(QuantizationError, match="block_size=64 on axis 0; INT4 weights take block_size=32"):
+        ValidateQuantization(int4_context(32))(int4_model())
+
+
+def test_int4_blocks_under_another_precision_are_rejected() -> None:
+    with pytest.raises(QuantizationError, match="only INT4 weight-only's form"):
+        ValidateQuantization(context("int8-wo"))(int4_model())
