@@ -102,24 +102,28 @@ class Admission:
                 self._cond.wait(min(left, 0.1))
             return True
 
-    def cancel_all(self, cancel: Callable[[str], None]) -> int:
-        """Cancel in the core every row of every ticket still out; the number of tickets."""
+    def cancel_all(self, cancel: Callable[[str], None]) -> list[Ticket]:
+        """Cancel in the core every row of every ticket still out; those tickets."""
         with self._cond:
             tickets = list(self._tickets)
         for ticket in tickets:
             for request_id in list(ticket.rows):
                 cancel(request_id)
-        return len(tickets)
+        return tickets
 
     def drain(self, timeout: float, cancel: Callable[[str], None], interrupt: threading.Event | None = None,
-              cancel_wait: float = 5.0) -> DrainResult:
+              cancel_wait: float = 5.0, was_cancelled: Callable[[str], bool] | None = None) -> DrainResult:
         """Stop admitting, wait up to `timeout` s for the requests in flight, then cancel the rest and
-        wait up to `cancel_wait` s for their handlers to answer them."""
+        wait up to `cancel_wait` s for their handlers to answer them. `was_cancelled(request_id)`,
+        where given, tells which rows the core really ended as cancelled: a request whose last output
+        the core had sent just before the timeout, its handler not yet done, counts as answered."""
         start = time.monotonic()
         self.start_draining()
         before = self.in_flight
         if self.wait_idle(timeout, interrupt):
             return DrainResult(before, 0, time.monotonic() - start)
-        cancelled = self.cancel_all(cancel)
+        tickets = self.cancel_all(cancel)
         self.wait_idle(cancel_wait)
+        cancelled = len(tickets) if was_cancelled is None else \
+            sum(1 for t in tickets if any(was_cancelled(r) for r in t.rows) or not t.rows)
         return DrainResult(before - cancelled, cancelled, time.monotonic() - start, left=self.in_flight)

@@ -104,6 +104,9 @@ class ServerMetrics:
         self.duration = Histogram(PREFIX + "request_duration_seconds", "Request duration at the server.",
                                   buckets=_DURATION_BUCKETS, registry=self.registry)
         self.registry.register(_CoreCollector(self))
+        # Request ids the core finished as cancelled, recorded only from `watch_cancellations()` on
+        # (a drain's count of what its cancellation really ended; a set kept forever would grow).
+        self._cancelled: set[str] | None = None
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
 
@@ -119,6 +122,15 @@ class ServerMetrics:
 
     def on_finished(self, request_id: str, reason: str, num_output_tokens: int) -> None:
         self.requests.labels(reason if reason in OUTCOMES else "error").inc()
+        if reason == "cancelled" and self._cancelled is not None:
+            self._cancelled.add(request_id)
+
+    def watch_cancellations(self) -> None:
+        """Record the ids of requests the core finishes as cancelled from now on (see `was_cancelled`)."""
+        self._cancelled = set()
+
+    def was_cancelled(self, request_id: str) -> bool:
+        return self._cancelled is not None and request_id in self._cancelled
 
     # -- server-side events ---------------------------------------------------------------------------
     def on_rejected(self) -> None:

@@ -596,7 +596,11 @@ class InferenceServer:
         sharing `admission`); wait up to `timeout` s (or until `interrupt` is set) for those admitted,
         then cancel the rest in the core. The server keeps listening: call `stop()` after."""
         self.servicer.ready = False
-        return self.admission.drain(timeout, self.core.cancel, interrupt)
+        observed = self.core.observer is self.metrics  # then the metrics see how each request ended
+        if observed:
+            self.metrics.watch_cancellations()
+        return self.admission.drain(timeout, self.core.cancel, interrupt,
+                                    was_cancelled=self.metrics.was_cancelled if observed else None)
 
     def stop(self, grace: float | None = 1.0) -> None:
         if self._stopped.is_set():
