@@ -25,9 +25,14 @@ a steady drift in the machine's speed weighs on all sides alike); medians over -
 reported. Per concurrency: output tok/s and requests/s, the HTTP/gRPC throughput ratio against the
 0.95 target (AIPerf's; the control's is printed beside it), TTFT and ITL p50/p99 (AIPerf's
 definitions; the in-process drivers compute the same ones), and the CPU the server process and
-each load generator used during the run (from /proc, bench/cpu_sampler.py): on a 2-core machine the
-client shares the cores with the server, so a heavier client costs the server throughput, and
-the server's CPU per output token says what each front end costs it.
+each load generator used during the run (from /proc, bench/cpu_sampler.py), and the server's CPU
+per output token, which says what each front end costs it.
+
+Cores: the server and the load generators are pinned to separate halves of the CPUs this process
+may use (sched_setaffinity; the server gets `--threads` = its half for ONNX Runtime), as a load
+generator on another machine would be: otherwise a heavier client (AIPerf's Python processes use
+about half a core at these rates) takes its CPU from the model and measures itself, not the route.
+--shared-cores lets every process use every core instead.
 
 --profile records the server with py-spy (installed with AIPerf) through one more run of each side
 at the highest concurrency and prints where its time went, by thread and by function.
@@ -75,12 +80,13 @@ AIPERF, CONTROL, GRPC = "HTTP (AIPerf)", "HTTP (openai)", "gRPC (tritonclient)"
 class Server:
     """`llamaforge serve ENGINE` on free ports (gRPC, HTTP; no metrics), its output in `log`."""
 
-    def __init__(self, engine: Path, log: Path, max_num_seqs: int) -> None:
+    def __init__(self, engine: Path, log: Path, max_num_seqs: int, cpus: set[int] | None = None) -> None:
         exe = Path(sys.executable).parent / "llamaforge"
         cmd = [str(exe), "serve", str(engine), "--port", "0", "--http-port", "0", "--metrics-port", "-1",
-               "--max-num-seqs", str(max_num_seqs)]
+               "--max-num-seqs", str(max_num_seqs), *(["--threads", str(len(cpus))] if cpus else [])]
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         deadline = time.monotonic() + 300
         while True:  # the serve command prints its ports once both front ends listen
             line = next((ln for ln in log.read_text().splitlines() if "llama-forge: serving" in ln), None)
@@ -102,6 +108,16 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def split_cpus() -> tuple[set[int] | None, set[int] | None]:
+    """(the server's CPUs, the load generators'): the first and second half of those this process may
+    use; (None, None) with a single CPU, where nothing can be split."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
 
 
 def warm_up(server: Server, concurrency: int) -> None:
@@ -267,6 +283,8 @@ def main() -> int:
     ap.add_argument("--engine", type=Path, help="another engine directory (with --tokenizer)")
     ap.add_argument("--tokenizer", type=Path, help="HF tokenizer directory for AIPerf (default: the checkpoint's)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / ".work")
+    ap.add_argument("--shared-cores", action="store_true",
+                    help="let the server and the load generators share every core (default: separate halves)")
     args = ap.parse_args()
     for name in ("isl", "osl", "rounds", "waves"):
         if getattr(args, name) < 1:
@@ -289,7 +307,12 @@ def main() -> int:
     console.print(f"engine {args.engine}; ISL {args.isl}, OSL {args.osl} (max_tokens), greedy; concurrency "
                   f"{args.concurrency}; {args.rounds} rounds of {', '.join(names)}; {os.cpu_count()} CPUs, load "
                   f"average {os.getloadavg()[0]:.2f}; artifacts in {out}")
-    server = Server(args.engine, out / "server.log", max(args.concurrency))
+    server_cpus, client_cpus = split_cpus() if not args.shared_cores else (None, None)
+    server = Server(args.engine, out / "server.log", max(args.concurrency), server_cpus)
+    if client_cpus:  # this process's drivers and AIPerf (its child) on the other half
+        os.sched_setaffinity(0, client_cpus)
+        console.print(f"cores: server {sorted(server_cpus or ())} (--threads {len(server_cpus or ())}), "
+                      f"load generators {sorted(client_cpus)}")
     sampler = CpuSampler().start()
     sampler.watch("server", lambda: proc_cpu_seconds(server.proc.pid))
     sampler.watch("self", lambda: proc_cpu_seconds(os.getpid()) - sampler.own_cpu())

@@ -18,6 +18,7 @@ the build stage's dependencies (torch, onnx), and every command would pay for ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,8 +165,13 @@ def _core_config(args: argparse.Namespace) -> CoreConfig:
 def cmd_serve(args: argparse.Namespace) -> None:
     from llamaforge.runtime.serving.serve import serve
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+    core_config = _core_config(args)
+    if args.threads is not None:
+        core_config = dataclasses.replace(core_config, threads=args.threads)
     serve(args.engine, host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-          core_config=_core_config(args), max_message_bytes=args.max_message_mb * 1024 * 1024,
+          core_config=core_config, max_message_bytes=args.max_message_mb * 1024 * 1024,
           decoupled=args.decoupled, http_port=None if args.http_port < 0 else args.http_port,
           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, api_key=args.api_key,
           drain_timeout=args.drain_timeout)
@@ -328,6 +334,8 @@ def parser() -> argparse.ArgumentParser:
                    help="OpenAI-compatible HTTP port, with /v2/health (default 8000; 0: a free one; -1: none)")
     _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED (HTTP 429)",
                         policy=False)
+    s.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: ONNX Runtime's own choice, one per physical core)")
     s.add_argument("--max-message-mb", type=int, default=64,
                    help="largest request message (gRPC) or body (HTTP, else 413) accepted")
     _add_decoupled_argument(s, "the models")

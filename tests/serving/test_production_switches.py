@@ -427,6 +427,7 @@ def encrypted_key(pki: Pki) -> Path:
     ("ca-only", "--tls-client-ca: needs --tls-cert and --tls-key"),
     ("missing-ca", "--tls-client-ca: cannot read"),
     ("negative-drain", "--drain-timeout: must be >= 0 seconds"),
+    ("zero-threads", "--threads: must be >= 1"),
 ])
 def test_bad_settings_fail_before_the_engine_loads(case: str, expected: str, pki: Pki, encrypted_key: Path,
                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -442,6 +443,7 @@ def test_bad_settings_fail_before_the_engine_loads(case: str, expected: str, pki
         "ca-only": ["--tls-client-ca", pki.ca],
         "missing-ca": ["--tls-cert", pki.cert, "--tls-key", pki.key, "--tls-client-ca", tmp_path / "nope.pem"],
         "negative-drain": ["--drain-timeout", "-1"],
+        "zero-threads": ["--threads", "0"],
     }[case]
     rc = main(["serve", str(tmp_path / "no-engine"), "--port", "0", "--http-port", "0", "--metrics-port", "-1",
                *map(str, args)])
@@ -451,3 +453,14 @@ def test_bad_settings_fail_before_the_engine_loads(case: str, expected: str, pki
         assert "is encrypted" in err
     if case in ("key-as-cert", "cert-as-key"):
         assert "has no PEM" in err
+
+
+def test_threads_reach_the_engine_core(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`serve --threads N` sets ONNX Runtime's intra-op threads (CoreConfig.threads); unset, ORT's own choice."""
+    from llamaforge.runtime.serving import serve as serve_module
+
+    seen: list[Any] = []
+    monkeypatch.setattr(serve_module, "serve", lambda *a, **k: seen.append(k["core_config"]))
+    for extra, threads in ((["--threads", "3"], 3), ([], None)):
+        assert main(["serve", str(tmp_path), "--port", "0", *extra]) in (0, None)
+        assert seen.pop().threads == threads
