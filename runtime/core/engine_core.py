@@ -219,8 +219,10 @@ class EngineCore:
 
 def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -> list[GenerationOutput]:
     """Submit requests and collect each one's outputs merged into one (token ids, text, log probs,
-    the context logits and the generation logits' rows)."""
+    the context logits and the generation logits' rows). A core not started yet is started once all
+    are queued, so its first step sees every one of them (a deterministic schedule, for tests)."""
     handles = [core.submit(r) for r in requests]
+    core.start()  # idempotent
     merged = []
     for handle in handles:
         parts = list(handle)

@@ -29,10 +29,11 @@ def hf(tiny_hf_checkpoint: Path) -> torch.nn.Module:
     return load_hf_oracle(tiny_hf_checkpoint)
 
 
-def make_core(engine: Path, kv_budget_tokens: int = 1024, **config: int) -> EngineCore:
+def make_core(engine: Path, kv_budget_tokens: int = 1024, start: bool = True, **config: int) -> EngineCore:
     core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=kv_budget_tokens),
                                          SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=CHUNK), **config))
-    core.start()
+    if start:
+        core.start()
     return core
 
 
@@ -66,7 +67,9 @@ def test_logits_equal_transformers_chunked_batched_and_preempted(tiny_engine: Pa
                                                                    budget: int) -> None:
     """Prompts of 5 to 45 tokens (up to 3 chunks of 16) run together with a request that asks for
     nothing; with a 96-token KV budget the newest sequences are preempted and recomputed."""
-    core = make_core(tiny_engine, kv_budget_tokens=budget)
+    # not started: run_to_completion starts it with all four queued, so the schedule (and with a
+    # 96-token budget, the preemption) does not depend on how fast the step thread picks them up
+    core = make_core(tiny_engine, kv_budget_tokens=budget, start=False)
     preempted: list[str] = []
     preempt = core.scheduler._preempt_last
 
