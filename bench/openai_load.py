@@ -43,8 +43,8 @@ Model (default): bench-serve's random-weight 125M Llama-3-shaped fp32 checkpoint
 about a millisecond, so the front ends' own cost per token decides the throughput (a stress test
 of the serving stack, not a serving workload). --engine DIR --tokenizer DIR serve another engine.
 
-  python bench/openai_load.py [--concurrency 1 4 8 16] [--isl 128] [--osl 64] [--rounds 2] [--waves 2]
-                              [--no-control] [--profile] [--model bench|tiny | --engine DIR --tokenizer DIR]
+  python bench/openai_load.py [--concurrency 1 4 8 16] [--isl 128] [--osl 64] [--rounds 4] [--waves 2]
+                              [--no-control] [--profile] [--shared-cores] [--model bench|tiny | --engine DIR --tokenizer DIR]
 """
 
 from __future__ import annotations
@@ -272,7 +272,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--isl", type=int, default=128, help="prompt tokens (exact)")
     ap.add_argument("--osl", type=int, default=64, help="max_tokens of every request")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of every side per concurrency (medians)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="runs of every side per concurrency (medians; at concurrency 1 the drift from round "
+                         "to round is as large as a 10%% effect)")
     ap.add_argument("--waves", type=int, default=2, help="requests per run = waves x concurrency (at least 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-control", action="store_true", help="skip the openai-client HTTP control")
