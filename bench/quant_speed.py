@@ -169,18 +169,10 @@ class Ours:
         self.count = 0
 
     def decode(self, prompt: list[int], n: int) -> tuple[Sample, list[int]]:
-        from llamaforge.runtime.core.requests import GenerationRequest
-        from llamaforge.runtime.core.sampling import SamplingParams
+        from serve import core_greedy
 
         self.count += 1
-        req = GenerationRequest(f"bench-{self.count}", list(prompt), n, SamplingParams(temperature=0.0), min_tokens=n,
-                                stream=True, detokenize=False)
-        times: list[float] = []
-        tokens: list[int] = []
-        for out in self.core.submit(req):
-            now = time.perf_counter()
-            times += [now] * len(out.token_ids)
-            tokens += out.token_ids
+        times, tokens = core_greedy(self.core, f"bench-{self.count}", prompt, n)
         return Sample(times[-1] - times[0], len(times) - 1), tokens
 
     def close(self) -> None:

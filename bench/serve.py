@@ -409,23 +409,32 @@ def run_in_process(engine: Path, reqs: list[Req], policy: str, seqs: int) -> dic
 
 # -- single stream and roofline ----------------------------------------------------------------------
 
+def core_greedy(core: Any, request_id: str, prompt: list[int], n: int) -> tuple[list[float], list[int]]:
+    """Our EngineCore's stream of exactly `n` greedy tokens after `prompt` (min_tokens = n, so no
+    early stop at an EOS id), with the time each one arrived."""
+    from llamaforge.runtime.core.requests import GenerationRequest
+    from llamaforge.runtime.core.sampling import SamplingParams
+
+    req = GenerationRequest(request_id, list(prompt), n, SamplingParams(temperature=0.0), min_tokens=n,
+                            stream=True, detokenize=False)
+    times: list[float] = []
+    tokens: list[int] = []
+    for out in core.submit(req):
+        times += [time.perf_counter()] * len(out.token_ids)
+        tokens += out.token_ids
+    return times, tokens
+
+
 def decode_ours(engine: Path, prompt: list[int], n: int, threads: int | None) -> tuple[float, list[int]]:
     from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
     from llamaforge.runtime.core.engine_core import EngineCore
-    from llamaforge.runtime.core.requests import GenerationRequest
-    from llamaforge.runtime.core.sampling import SamplingParams
 
     core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(max_num_seqs=1), threads=threads))
     core.start()
     try:
         best, tokens = 0.0, []
         for rep in range(2):  # the first run is the warm-up
-            req = GenerationRequest(f"single-{rep}", prompt, n, SamplingParams(temperature=0.0), min_tokens=n,
-                                    stream=True, detokenize=False)
-            times, tokens = [], []
-            for out in core.submit(req):
-                times += [time.perf_counter()] * len(out.token_ids)
-                tokens += out.token_ids
+            times, tokens = core_greedy(core, f"single-{rep}", prompt, n)
             best = max(best, (len(times) - 1) / (times[-1] - times[0]))
         return best, tokens
     finally:

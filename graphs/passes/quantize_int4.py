@@ -5,7 +5,7 @@
                  applied exactly as SmoothQuant's smoothing is (`quantize.apply_smoothing`: 1/s folded
                  into the RMSNorm weight in front of q/k/v and gate/up, an explicit Mul before o_proj
                  and down_proj). Exact in real arithmetic; it only changes what rounds to int4.
-                 lm_head (with --quantize-lm-head) and MoE experts are not searched: RTN.
+                 lm_head (where it is quantized) and MoE experts are not searched: RTN.
   quantize-int4  every linear's weight W [in, out] stored as int4 with one float32 scale per block of
                  `int4_block_size` input channels and output channel, read through
                  `DequantizeLinear(axis=0, block_size=B)` with an int4 zero point of 0, the form of
@@ -52,7 +52,7 @@ class AWQScale(ir.passes.InPlacePass):
         groups = by_input(linears(graph, self.ctx))
         for x, group in list(groups.items()):
             if [lin.name for lin in group] == ["lm_head"] and "lm_head" not in stats.awq_scale:
-                del groups[x]  # --quantize-lm-head: the search covers the decoder layers; the head is RTN
+                del groups[x]  # a quantized head: the search covers the decoder layers; the head is RTN
                 continue
             scales = [stats.awq_factors(lin.name) for lin in group]
             if any(not np.array_equal(s, scales[0]) for s in scales[1:]):

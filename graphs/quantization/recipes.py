@@ -82,7 +82,7 @@ class QuantConfig:
     precision: str | None = None
     kv_cache: str | None = None
     smoothquant_alpha: float | None = None  # int8-sq, int8-wo fast: None = searched per layer at calibration
-    quantize_lm_head: bool = False  # lm_head (and MoE routers) stay in the activation dtype by default
+    quantize_lm_head: bool = False  # the build sets it per precision and model: with_lm_head_default
     quantize_router: bool = False
     int4_block_size: int = DEFAULT_INT4_BLOCK_SIZE  # int4-*: input channels per weight scale
     ort_kernels: str = "fast"  # int8-wo / int4-*: ONNX Runtime kernels, see ORT_KERNELS
