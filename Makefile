@@ -190,6 +190,14 @@ $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
 bench-serve: $(VENV)/.installed $(VENV)/.bench-installed
 	$(PY) bench/serve.py
 
+## make bench-prefix: prefix caching on vs off: a chat workload sharing a 1,024-token system prompt (TTFT p50/p99, tok/s, prefill tokens saved) and one sharing nothing (overhead)
+bench-prefix: $(VENV)/.installed
+	$(PY) bench/prefix.py
+
+## make bench-spec: speculative decoding (prompt lookup) on vs off on the trained stdlib-5m: an editing workload and a no-repeat one, 1 and 8 streams (tok/s, acceptance), and the verify call's cost
+bench-spec: $(VENV)/.installed
+	$(PY) bench/spec.py
+
 ## make bench-openai: the OpenAI HTTP/SSE route under AIPerf (pinned, own venv in bench/.work) vs the same load over gRPC streaming, concurrency 1-16: tok/s, TTFT, ITL (target HTTP >= 0.95x gRPC)
 bench-openai: $(VENV)/.installed
 	$(PY) bench/openai_load.py

@@ -102,7 +102,7 @@ SHAPES = {  # --tiny is for developing this script, not for numbers
 
 # -- artefacts (cached) ----------------------------------------------------------------------------
 
-def make_checkpoint(dest: Path, shape: str) -> None:
+def make_checkpoint(dest: Path, shape: str, max_position: int = 1024) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -117,7 +117,7 @@ def make_checkpoint(dest: Path, shape: str) -> None:
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
     tok.save(str(tmp / "tokenizer.json"))
     config = ModelConfig(name=f"bench-{shape}", family="llama3", vocab_size=VOCAB, norm_eps=1e-5,
-                         rope_theta=500000.0, max_position_embeddings=1024, tie_word_embeddings=False,
+                         rope_theta=500000.0, max_position_embeddings=max_position, tie_word_embeddings=False,
                          bos_token_id=0, eos_token_id=(1,), pad_token_id=1, **SHAPES[shape])
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32", **config.to_hf()}
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))

@@ -155,11 +155,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _core_config(args: argparse.Namespace) -> CoreConfig:
     """The engine core settings `serve` and `repo` share (`_add_core_arguments`)."""
-    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+    from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig, SpeculativeConfig
 
-    return CoreConfig(KVCacheConfig(budget_tokens=args.kv_budget_tokens),
+    return CoreConfig(KVCacheConfig(budget_tokens=args.kv_budget_tokens, prefix_caching=args.prefix_caching),
                       SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.scheduling_policy),
-                      max_queue=args.max_queue)
+                      max_queue=args.max_queue,
+                      speculative=SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.prompt_lookup_min,
+                                                    args.prompt_lookup_max, args.draft_engine))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -208,21 +210,54 @@ def cmd_demo_outliers(args: argparse.Namespace) -> None:
     make_outlier_checkpoint(Path(args.out or DEFAULT_DIR), Path(args.source or STDLIB_5M), spikes=not args.no_spikes)
 
 
-def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: str, policy: bool) -> None:
+def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: str, policy: bool,
+                        speculative: bool) -> None:
     """The engine core settings, defaulting to runtime/core/config.py's (read by `_core_config`);
-    without `policy`, the scheduling policy is the default one."""
-    from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig, KVCacheConfig, SchedulerConfig
+    without `policy` the scheduling policy is the default one, and without `speculative` decoding
+    is not speculative (a Triton repository's config.pbtxt does not carry it)."""
+    from llamaforge.runtime.core.config import (
+        SCHEDULING_POLICIES,
+        CoreConfig,
+        KVCacheConfig,
+        SchedulerConfig,
+        SpeculativeConfig,
+    )
 
     p.add_argument("--kv-budget-tokens", type=int, default=KVCacheConfig.budget_tokens, help=kv_budget)
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=KVCacheConfig.prefix_caching,
+                   help="reuse the KV blocks of prompt prefixes seen before (automatic prefix caching; "
+                        "TensorRT-LLM's enable_kv_cache_reuse); --no-prefix-caching turns it off")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
                    help="sequences in the running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
                    help="tokens per engine step")
     p.add_argument("--max-queue", type=int, default=CoreConfig.max_queue, help=f"waiting requests before {queue_full}")
+    if not speculative:
+        p.set_defaults(speculative=SpeculativeConfig.method, num_speculative_tokens=SpeculativeConfig.num_speculative_tokens,
+                       prompt_lookup_min=SpeculativeConfig.prompt_lookup_min,
+                       prompt_lookup_max=SpeculativeConfig.prompt_lookup_max, draft_engine=SpeculativeConfig.draft_engine)
+    else:
+        _add_speculative_arguments(p)
     if policy:
         p.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
     else:
         p.set_defaults(scheduling_policy=SchedulerConfig.policy)
+
+
+def _add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    from llamaforge.runtime.core.config import SPECULATIVE_METHODS, SpeculativeConfig
+
+    p.add_argument("--speculative", default=SpeculativeConfig.method, choices=SPECULATIVE_METHODS,
+                   help="speculative decoding: 'ngram' (prompt lookup in the sequence's own tokens) or 'draft' "
+                        "(the greedy tokens of --draft-engine); default off")
+    p.add_argument("--num-speculative-tokens", type=int, default=SpeculativeConfig.num_speculative_tokens,
+                   help="most draft tokens a row verifies per step")
+    p.add_argument("--prompt-lookup-min", type=int, default=SpeculativeConfig.prompt_lookup_min,
+                   help="--speculative ngram: shortest n-gram matched")
+    p.add_argument("--prompt-lookup-max", type=int, default=SpeculativeConfig.prompt_lookup_max,
+                   help="--speculative ngram: longest n-gram matched")
+    p.add_argument("--draft-engine", default=SpeculativeConfig.draft_engine,
+                   help="--speculative draft: a smaller engine directory with the same tokenizer")
 
 
 def _add_decoupled_argument(p: argparse.ArgumentParser, models: str) -> None:
@@ -333,7 +368,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000,
                    help="OpenAI-compatible HTTP port, with /v2/health (default 8000; 0: a free one; -1: none)")
     _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED (HTTP 429)",
-                        policy=False)
+                        policy=False, speculative=True)
     s.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: ONNX Runtime's own choice, one per physical core)")
     s.add_argument("--max-message-mb", type=int, default=64,
@@ -363,7 +398,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", default="0", help="GPU ids for KIND_GPU, comma-separated (default 0)")
     r.add_argument("--instances", type=int, default=1, help="llama instances per GPU (each its own batch and KV)")
     r.add_argument("--text-instances", type=int, default=1, help="CPU instances of preprocessing/postprocessing/bls")
-    _add_core_arguments(r, kv_budget="KV cache size in tokens per llama instance", queue_full="UNAVAILABLE", policy=True)
+    _add_core_arguments(r, kv_budget="KV cache size in tokens per llama instance", queue_full="UNAVAILABLE", policy=True,
+                        speculative=False)
     _add_decoupled_argument(r, "llama and bls")
     r.set_defaults(fn=cmd_repo)
 

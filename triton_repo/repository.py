@@ -89,6 +89,7 @@ def core_parameters(core: CoreConfig) -> dict[str, int | str | None]:
         "kv_budget_tokens": core.kv.budget_tokens, "kv_budget_bytes": core.kv.budget_bytes,
         "max_num_seqs": core.scheduler.max_num_seqs, "max_num_batched_tokens": core.scheduler.max_num_batched_tokens,
         "max_queue": core.max_queue, "scheduling_policy": core.scheduler.policy, "intra_op_threads": core.threads,
+        "enable_kv_cache_reuse": "true" if core.kv.prefix_caching else "false",  # TensorRT-LLM's name
     }
 
 
@@ -110,6 +111,7 @@ def _check(opts: RepoOptions) -> None:
         ("prefill_padding_tokens", opts.core.prefill_padding_tokens, defaults.prefill_padding_tokens),
         ("condense_decode_rows", opts.core.condense_decode_rows, defaults.condense_decode_rows),
         ("providers", opts.core.providers, defaults.providers),  # placement picks them per instance
+        ("speculative", opts.core.speculative, defaults.speculative),
     )
     for key, setting, default in uncarried:
         if setting != default:

@@ -1,8 +1,8 @@
 """The engine core's configuration, composed of one part per owner: the KV cache's size
-(`KVCacheConfig`), the scheduler's bounds and policy (`SchedulerConfig`), and what the core itself
-reads (`CoreConfig`). Every default is written here once; the CLI (`llamaforge serve`, `llamaforge
-repo`), the Triton repository's `RepoOptions` and the Triton `llama` model read them from these
-classes. Plain dataclasses, no imports: the CLI reads the defaults without loading the runtime.
+(`KVCacheConfig`), the scheduler's bounds and policy (`SchedulerConfig`), speculative decoding
+(`SpeculativeConfig`), and what the core itself reads (`CoreConfig`). Every default is written
+here once; the CLI (`llamaforge serve`, `llamaforge repo`), the Triton repository's `RepoOptions`
+and the Triton `llama` model read them from these classes. Plain dataclasses, no imports: the CLI reads the defaults without loading the runtime.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ SCHEDULING_POLICIES = ("inflight", "static")
 @dataclass
 class KVCacheConfig:
     """The KV cache's size, as one of two budgets (neither: `max_num_seqs` sequences of the
-    context length, at most 2048 tokens each), and its block size in tokens."""
+    context length, at most 2048 tokens each), its block size in tokens, and whether full blocks
+    are reused across requests by their content (automatic prefix caching, on as in vLLM; what
+    TensorRT-LLM calls KV cache reuse)."""
 
     budget_tokens: int | None = None
     budget_bytes: int | None = None
     block_size: int = 16
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -32,10 +35,29 @@ class SchedulerConfig:
     policy: str = "inflight"  # one of SCHEDULING_POLICIES
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (runtime/core/speculative.py). `method`: None (off), "ngram" (prompt
+    lookup: the tokens that followed the sequence's last n-gram where it occurred before; no second
+    model) or "draft" (the greedy tokens of `draft_engine`, a smaller engine directory with the same
+    tokenizer). Each decode row proposes up to `num_speculative_tokens` tokens, all verified by one
+    target call."""
+
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2  # the shortest n-gram matched (1 matches too often to pay off)
+    prompt_lookup_max: int = 4
+    draft_engine: str | None = None
+
+
 @dataclass
 class CoreConfig:
     kv: KVCacheConfig = field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     max_queue: int = 64  # waiting requests (not yet running) before `submit` raises QueueFullError
     # Padding a fresh prompt chunk may receive to share a prefill call with others. On a 2-core CPU
     # a call's fixed cost (reading the weights, ~16 ms for 125M fp32 params) is worth about 8

@@ -177,9 +177,13 @@ class Engine:
         outputs = self.session.run(self.output_names, feeds)
         return self._select(outputs[0], logits_index), outputs[1:]
 
-    def decode_in_place_step(self, input_ids: np.ndarray, past_lengths: np.ndarray, caches: list[np.ndarray]) -> np.ndarray:
-        """One decode call (input_ids [B, 1]) that writes each row's new key/value into `caches`
-        (C-contiguous, key.0, value.0, ...) at its past length, and returns the logits [B, 1, V].
+    def decode_in_place_step(self, input_ids: np.ndarray, past_lengths: np.ndarray, caches: list[np.ndarray],
+                             logits_index: np.ndarray | None = None) -> np.ndarray:
+        """One call that writes each row's new keys/values into `caches` (C-contiguous, key.0,
+        value.0, ...) at its past length, and returns the logits [B, N, V] at `logits_index` [B, N]
+        (default: every position). input_ids [B, 1] (a decode step), or [1, S] (one row's S tokens:
+        a speculative verify row): the shapes the attention op runs on ORT's GroupQueryAttention
+        kernel (plugins/attention/ort_lowering.py).
 
         `step` hands ORT the past and gets a fresh present back: a copy of every row's whole cache,
         every step, which costs as much as the matmuls once contexts are long. Bound as one buffer
@@ -190,11 +194,12 @@ class Engine:
         if not self.decode_in_place:
             raise EngineError(f"{self.dir}: this engine cannot update its KV cache in place (manifest kv_cache."
                               "decode_in_place is not true, or the provider is not the CPU)")
-        if input_ids.ndim != 2 or input_ids.shape[1] != 1:
-            raise EngineError(f"decode_in_place_step takes input_ids [batch, 1], got shape {list(input_ids.shape)}")
+        if input_ids.ndim != 2 or (input_ids.shape[1] != 1 and input_ids.shape[0] != 1):
+            raise EngineError("decode_in_place_step takes input_ids [batch, 1] or [1, seq], got shape "
+                              f"{list(input_ids.shape)}")
         binding = self.session.io_binding()
         binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]
-        feeds = self._feeds(input_ids, past_lengths, None)  # kept alive until the run is over
+        feeds = self._feeds(input_ids, past_lengths, logits_index)  # kept alive until the run is over
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         for layer in range(self.kv.num_layers):
@@ -205,4 +210,4 @@ class Engine:
                 binding.bind_ortvalue_input(f"past_{kind}.{layer}", value)
                 binding.bind_ortvalue_output(f"present_{kind}.{layer}", value)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return self._select(binding.get_outputs()[0].numpy(), logits_index)

@@ -13,6 +13,7 @@ Triton Python backend), in the layers of vLLM v1's engine core:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from llamaforge.runtime.core.requests import (
     RequestHandle,
 )
 from llamaforge.runtime.core.scheduler import Scheduler
+from llamaforge.runtime.core.speculative import Speculator
 from llamaforge.runtime.core.stats import CoreStats
 from llamaforge.runtime.core.validation import RequestLimits, check_request
 
@@ -61,6 +63,8 @@ class EngineCore:
                                   condense_decode_rows=self.config.condense_decode_rows)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.context_length, self.counters,
                                                 observer, vocab_size=self.engine.vocab_size)
+        self.speculator = Speculator.from_config(self.config.speculative, self.context_length, self.engine.vocab_size,
+                                                 self.tokenizer, self.config.threads)
         self._limits = RequestLimits(self.context_length, self.engine.vocab_size,
                                      kv_tokens=self.kv.num_blocks * self.kv.block_size)
         self._lock = threading.Condition()
@@ -108,6 +112,9 @@ class EngineCore:
         self._check_logits(request)
         handle = RequestHandle(request.request_id, self.cancel, sink)
         state = self.output_processor.new_request(request, handle)
+        # Context logits need every prompt position computed: such a request never starts from
+        # cached blocks (it still leaves its own for others).
+        state.seq.reuse_prefix = not request.return_context_logits
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); retry later")
@@ -144,7 +151,11 @@ class EngineCore:
         usage = self.kv.usage()
         with self._lock:
             waiting = len(self.scheduler.waiting) + len(self._inbox)
-        return self.counters.snapshot(waiting, len(self.scheduler.running), usage)
+        stats = self.counters.snapshot(waiting, len(self.scheduler.running), usage, self.kv.prefix_stats)
+        if self.speculator is not None:
+            stats["spec_draft_tokens"] = self.speculator.stats.draft_tokens
+            stats["spec_accepted_tokens"] = self.speculator.stats.accepted_tokens
+        return stats
 
     def idle(self) -> bool:
         with self._lock:
@@ -179,6 +190,8 @@ class EngineCore:
     def step(self) -> None:
         """One step: schedule, run each engine call, and turn each call's logits into tokens before
         the next call runs (so a decode's tokens stream before the step's prefills)."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         if not out.empty:
             self.counters.steps += 1
@@ -191,14 +204,28 @@ class EngineCore:
             states = [(self._live[seq.seq_id], logits) for seq, logits in sampled if seq.seq_id in self._live]
             for state, _ in states:  # for its perf metrics, before `update` may finish (and free) it
                 state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ()))
-            for state, reason in self.output_processor.update(states):
+                state.kv_reused_blocks = state.seq.num_cached_tokens // self.kv.block_size
+            verifying = [(s, rows) for s, rows in states if s.seq.draft and any(s.seq is v for v in out.verify)]
+            plain = [(s, logits) for s, logits in states if not any(s is v for v, _ in verifying)]
+            for state, reason in self.output_processor.update(plain):
                 self._finish(state, reason)
+            for state, rows in verifying:
+                draft = state.seq.draft
+                accepted, finished = self.output_processor.verify(state, rows, draft)
+                assert self.speculator is not None
+                self.speculator.record(state.seq, len(draft), accepted)
+                if finished is not None:
+                    self._finish(state, finished)
+                else:
+                    self.runner.accept(state.seq, accepted)
 
     def _finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
         """Free the request's sequence and KV blocks, then send its final output."""
         state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ())) or state.kv_blocks
         self.scheduler.finish(state.seq)
         self.runner.context_logits.pop(state.seq.seq_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(state.seq.seq_id)
         self._live.pop(state.request.request_id, None)
         self.output_processor.finish(state, reason, error)
 
@@ -227,12 +254,9 @@ def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -
     for handle in handles:
         parts = list(handle)
         last = parts[-1]
-        merged.append(GenerationOutput(
-            request_id=last.request_id, token_ids=[t for p in parts for t in p.token_ids],
-            text="".join(p.text for p in parts), log_probs=[x for p in parts for x in p.log_probs],
-            finished=True, finish_reason=last.finish_reason, error=last.error,
-            num_input_tokens=last.num_input_tokens, num_output_tokens=last.num_output_tokens,
-            cum_log_prob=last.cum_log_prob, context_logits=last.context_logits,
+        merged.append(dataclasses.replace(  # the last output's fields, with every output's pieces joined
+            last, token_ids=[t for p in parts for t in p.token_ids], text="".join(p.text for p in parts),
+            log_probs=[x for p in parts for x in p.log_probs],
             generation_logits=None if last.generation_logits is None else np.concatenate(
                 [p.generation_logits for p in parts if p.generation_logits is not None]),
         ))

@@ -1,4 +1,5 @@
-"""The KV-cache manager: a fixed budget of blocks, owned per sequence, gathered into the attention
+"""The KV-cache manager: a fixed budget of blocks, held by sequences through refcounts, reused
+across sequences by their content (automatic prefix caching), and gathered into the attention
 op's `bhcd-slots` batch layout for each engine call.
 
 Memory is a pool per layer of `[num_blocks, kv_heads, block_size, head_dim]` for keys and for
@@ -10,10 +11,24 @@ handed out: it is the zero block that pads short block tables.
 Why blocks rather than a fixed slot per sequence: a slot must reserve the full context for every
 sequence, so a budget holds `budget / max_len` sequences whatever their real lengths; blocks hold
 `budget / mean_len`. `bench/kv_layout.py` measures both the capacity gain and the gather cost.
+
+Prefix caching (vLLM's automatic prefix caching, TensorRT-LLM's KV block reuse). Once every
+position of a block is computed, the block is registered under a hash chain: the hash of its
+parent block, its tokens, and the sequence's salt (what else would change its KV). A sequence
+admitted later looks its full blocks up along the chain and shares the blocks found (their
+refcount goes up), so it prefills only the rest. Shared blocks are never written: a sequence writes
+only at positions it has not computed, and the lookup stops short of the last prompt token, which
+must be computed to sample from. A block nobody holds stays cached in the free queue until it is
+taken for new tokens, least recently freed first (a sequence's tail before its head, as a later
+prompt is likelier to share the head); blocks that hold no cached content are taken before any
+cached one.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +43,12 @@ class KVCacheFull(RuntimeError):
 
 @dataclass(frozen=True)
 class KVUsage:
+    """`used_tokens`: positions in blocks some sequence holds. `cached_tokens`: positions in blocks
+    nobody holds that keep reusable content (free: taken for new tokens when needed)."""
+
     total_tokens: int
     used_tokens: int
+    cached_tokens: int = 0
 
     @property
     def free_tokens(self) -> int:
@@ -40,18 +59,44 @@ class KVUsage:
         return self.free_tokens / self.total_tokens if self.total_tokens else 0.0
 
 
+@dataclass
+class PrefixCacheStats:
+    """Counted at each admission that looks the cache up: prompt tokens asked for, tokens found."""
+
+    queries_tokens: int = 0
+    hit_tokens: int = 0
+
+
+def block_hash(parent: bytes, tokens: Sequence[int], salt: bytes = b"") -> bytes:
+    """The key of a full block: its parent's key, its tokens and the sequence's salt. A
+    cryptographic hash, so that two different prefixes never share KV (vLLM's `sha256` option)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(np.asarray(tokens, np.int64).tobytes())
+    h.update(salt)
+    return h.digest()
+
+
 class KVCacheManager:
-    def __init__(self, spec: KVSpec, budget_tokens: int, block_size: int = KVCacheConfig.block_size) -> None:
+    def __init__(self, spec: KVSpec, budget_tokens: int, block_size: int = KVCacheConfig.block_size,
+                 prefix_caching: bool = KVCacheConfig.prefix_caching) -> None:
         if budget_tokens < block_size:
             raise ValueError(f"KV budget of {budget_tokens} tokens is smaller than one block ({block_size})")
         self.spec = spec
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.num_blocks = budget_tokens // block_size  # usable blocks; +1 for the zero block
         shape = (self.num_blocks + 1, spec.num_kv_heads, block_size, spec.head_dim)
         self.keys = [np.zeros(shape, spec.dtype) for _ in range(spec.num_layers)]
         self.values = [np.zeros(shape, spec.dtype) for _ in range(spec.num_layers)]
-        self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low ids first
+        # Blocks nobody holds, in the order they are taken (first: next). Low ids first at the start.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, self.num_blocks + 1))
+        self._refs = [0] * (self.num_blocks + 1)
         self.tables: dict[str, list[int]] = {}
+        # Prefix cache: hash -> block, and back; and each sequence's chain of full-block hashes.
+        self._cached: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._chains: dict[str, list[bytes]] = {}
+        self.prefix_stats = PrefixCacheStats()
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, spec: KVSpec, default_tokens: int) -> KVCacheManager:
@@ -62,7 +107,7 @@ class KVCacheManager:
             budget = config.budget_bytes // cls.bytes_per_token(spec)
         else:
             budget = default_tokens
-        return cls(spec, budget, config.block_size)
+        return cls(spec, budget, config.block_size, config.prefix_caching)
 
     @staticmethod
     def bytes_per_token(spec: KVSpec) -> int:
@@ -79,7 +124,7 @@ class KVCacheManager:
         return self.blocks_for(num_tokens) - len(self.tables.get(seq_id, ())) <= len(self._free)
 
     def room_for(self, seq_id: str) -> int:
-        """Tokens `seq_id` could hold if it took every free block."""
+        """Tokens `seq_id` could hold if it took every free block (cached ones included)."""
         return (len(self.tables.get(seq_id, ())) + len(self._free)) * self.block_size
 
     def grow(self, seq_id: str, num_tokens: int) -> None:
@@ -89,17 +134,91 @@ class KVCacheManager:
         if need > len(self._free):
             raise KVCacheFull(f"{seq_id}: needs {need} more blocks, {len(self._free)} free")
         for _ in range(need):
-            table.append(self._free.pop())
+            table.append(self._take())
+
+    def _take(self) -> int:
+        """The next free block, its cached content (if any) evicted."""
+        block, _ = self._free.popitem(last=False)
+        key = self._hash_of.pop(block, None)
+        if key is not None and self._cached.get(key) == block:
+            del self._cached[key]
+        self._refs[block] = 1
+        return block
 
     def free(self, seq_id: str) -> None:
-        for block in self.tables.pop(seq_id, ()):
-            self._free.append(block)
+        """Release the sequence's blocks. Those nobody else holds become free; cached ones keep their
+        content (taken last, the sequence's head last of all), the others are taken first."""
+        self._chains.pop(seq_id, None)
+        for block in reversed(self.tables.pop(seq_id, ())):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+                if block not in self._hash_of:
+                    self._free.move_to_end(block, last=False)
 
     def usage(self) -> KVUsage:
-        return KVUsage(self.num_blocks * self.block_size, (self.num_blocks - len(self._free)) * self.block_size)
+        cached = sum(1 for block in self._hash_of if self._refs[block] == 0)
+        bs = self.block_size
+        return KVUsage(self.num_blocks * bs, (self.num_blocks - len(self._free)) * bs, cached * bs)
 
     def all_free(self) -> bool:
+        """No block is held by a sequence (cached content in free blocks does not count)."""
         return len(self._free) == self.num_blocks and not self.tables
+
+    # -- prefix caching ----------------------------------------------------------------------------
+    def lookup(self, seq_id: str, tokens: Sequence[int], salt: bytes = b"") -> int:
+        """Share the cached blocks that start `tokens` with `seq_id`, which holds none yet; returns
+        how many tokens they hold (a multiple of the block size, short of the last token, which
+        must be computed to sample from). 0 when prefix caching is off."""
+        if not self.prefix_caching:
+            return 0
+        if self.tables.get(seq_id):
+            raise ValueError(f"{seq_id}: looks up the prefix cache while holding blocks")
+        bs = self.block_size
+        chain: list[bytes] = []
+        table: list[int] = []
+        parent = b""
+        for i in range((len(tokens) - 1) // bs):
+            key = block_hash(parent, tokens[i * bs : (i + 1) * bs], salt)
+            block = self._cached.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+            chain.append(key)
+            table.append(block)
+            parent = key
+        if table:
+            self.tables[seq_id] = table
+            self._chains[seq_id] = chain
+        return len(table) * bs
+
+    def commit(self, seq_id: str, tokens: Sequence[int], num_computed: int, salt: bytes = b"") -> None:
+        """Register the blocks of `seq_id` whose every position is now computed (`num_computed` of
+        `tokens`), so that later sequences can share them."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        chain = self._chains.setdefault(seq_id, [])
+        table = self.tables[seq_id]
+        for i in range(len(chain), min(num_computed // bs, len(table))):
+            key = block_hash(chain[-1] if chain else b"", tokens[i * bs : (i + 1) * bs], salt)
+            chain.append(key)
+            block = table[i]
+            if key not in self._cached and block not in self._hash_of:  # else: computed twice, cached once
+                self._cached[key] = block
+                self._hash_of[block] = key
+
+    def record_lookup(self, num_tokens: int, hit_tokens: int) -> None:
+        self.prefix_stats.queries_tokens += num_tokens
+        self.prefix_stats.hit_tokens += hit_tokens
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block's content (blocks in use keep theirs, uncached)."""
+        self._cached.clear()
+        self._hash_of.clear()
+        self._chains.clear()
 
     # -- data movement --------------------------------------------------------------------------
     def gather(self, seq_ids: list[str], capacity: int) -> list[np.ndarray]:

@@ -114,6 +114,8 @@ class ModelRunner:
         if out.decode:
             logits = self.run_decode(out.decode, out.static_batch)
             yield list(zip(out.decode, logits))
+        if out.verify:
+            yield self.run_verify(out.verify, alone=not out.decode, static_batch=out.static_batch)
         # A fresh chunk that keeps its context logits asks for every position: it shares a call only
         # with others that do, so the rest still compute one LM-head row each.
         plain: list[Chunk] = []
@@ -143,7 +145,37 @@ class ModelRunner:
         in the order of `seqs`. `static_batch`: the scheduler's static batch (None in flight)."""
         t0 = time.perf_counter()
         self.stats.decode_steps += 1
-        needed = max(s.num_computed for s in seqs) + 1
+        batch, row_of = self._decode_rows(seqs, static_batch, max(s.num_computed for s in seqs) + 1)
+        by_id = {s.seq_id: s for s in seqs}
+        input_ids = np.zeros((len(batch.rows), 1), dtype=np.int64)
+        past_lengths = np.zeros(len(batch.rows), dtype=np.int32)
+        for sid, row in row_of.items():
+            input_ids[row, 0] = by_id[sid].tokens[by_id[sid].num_computed]
+            past_lengths[row] = by_id[sid].num_computed
+        t1 = time.perf_counter()
+        arrays = batch.views()  # leading-axis slices of C-contiguous arrays: contiguous, no copy
+        if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
+            logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays), arrays
+        else:
+            logits, present = self.engine.step(input_ids, past_lengths, arrays)
+        t2 = time.perf_counter()
+        ids = list(row_of)
+        self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present,
+                        rows=[row_of[sid] for sid in ids])
+        for seq in seqs:
+            seq.num_computed += 1
+            self.kv.commit(seq.seq_id, seq.tokens, seq.num_computed, seq.cache_salt)
+        t3 = time.perf_counter()
+        self.stats.decode_gather_s += t1 - t0
+        self.stats.decode_engine_s += t2 - t1
+        self.stats.decode_scatter_s += t3 - t2
+        if present is not arrays:  # the copying path returned new arrays
+            batch.arrays = present
+        return [logits[row_of[seq.seq_id], 0] for seq in seqs]
+
+    def _decode_rows(self, seqs: list[Sequence], static_batch: int | None, needed: int) -> tuple[DecodeBatch, dict[str, int]]:
+        """The decode batch holding exactly `seqs` (rows of others are dead), with capacity for
+        `needed` positions; and each sequence's row."""
         by_id = {s.seq_id: s for s in seqs}
         batch = self.decode_batch
         if batch is None or batch.capacity < needed:  # rebuilt from blocks, every row where it was
@@ -172,32 +204,59 @@ class ModelRunner:
         condense = self.condense_decode_rows
         if static_batch is None if condense is None else condense:  # by default: in flight only
             batch.condense({sid: by_id[sid].num_computed for sid in by_id})
-        row_of = {sid: row for row, sid in enumerate(batch.rows) if sid is not None}
-        input_ids = np.zeros((len(batch.rows), 1), dtype=np.int64)
-        past_lengths = np.zeros(len(batch.rows), dtype=np.int32)
-        for sid, row in row_of.items():
-            input_ids[row, 0] = by_id[sid].tokens[by_id[sid].num_computed]
-            past_lengths[row] = by_id[sid].num_computed
-        t1 = time.perf_counter()
-        arrays = batch.views()  # leading-axis slices of C-contiguous arrays: contiguous, no copy
-        if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
-            logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays), arrays
-        else:
-            logits, present = self.engine.step(input_ids, past_lengths, arrays)
-        t2 = time.perf_counter()
-        ids = list(row_of)
-        self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present,
-                        rows=[row_of[sid] for sid in ids])
-        t3 = time.perf_counter()
-        self.stats.decode_gather_s += t1 - t0
-        self.stats.decode_engine_s += t2 - t1
-        self.stats.decode_scatter_s += t3 - t2
-        if present is not arrays:  # the copying path returned new arrays
-            batch.arrays = present
         self.decode_batch = batch
-        for seq in seqs:
-            seq.num_computed += 1
-        return [logits[row_of[seq.seq_id], 0] for seq in seqs]
+        return batch, {sid: row for row, sid in enumerate(batch.rows) if sid is not None}
+
+    def run_verify(self, seqs: list[Sequence], alone: bool, static_batch: int | None) -> Sampled:
+        """One call for the decode rows with a draft: each computes its last sampled token and its
+        draft (rows padded to the widest), with logits at every position; returns each one's rows
+        [1 + len(draft), vocab]. Only the sampled token counts as computed here: the draft tokens'
+        KV is written too, and `accept` counts the ones the output processor kept.
+
+        A row that verifies `alone` (the step's only decode-phase sequence: single-stream serving)
+        runs on its decode-batch row, updated in place as a decode step is (ORT's GQA kernel takes
+        one row of several tokens). Rows that verify together take the attention op's
+        decomposition, on caches gathered from blocks; their decode rows are dropped."""
+        if alone and len(seqs) == 1 and self.engine.decode_in_place:
+            return self._verify_in_place(seqs[0], static_batch)
+        counts = [1 + len(s.draft) for s in seqs]
+        width = max(counts)
+        bs = self.kv.block_size
+        capacity = -(-max(s.num_computed + n for s, n in zip(seqs, counts)) // bs) * bs
+        input_ids = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, s in enumerate(seqs):
+            input_ids[row, : counts[row]] = [s.tokens[s.num_computed], *s.draft]
+        index = np.array([[min(i, n - 1) for i in range(width)] for n in counts], np.int64)
+        ids = [s.seq_id for s in seqs]
+        starts = [s.num_computed for s in seqs]
+        if self.decode_batch is not None:  # their decode rows miss what this call writes: gathered again later
+            self.decode_batch.rows = [None if sid in ids else sid for sid in self.decode_batch.rows]
+        logits, present = self.engine.step(input_ids, np.array(starts, np.int32), self.kv.gather(ids, capacity), index)
+        self.kv.scatter(ids, starts, counts, present)
+        self.stats.verify_steps += 1
+        for s in seqs:
+            s.num_computed += 1
+            self.kv.commit(s.seq_id, s.tokens, s.num_computed, s.cache_salt)
+        return [(s, logits[row, :n]) for row, (s, n) in enumerate(zip(seqs, counts))]
+
+    def _verify_in_place(self, seq: Sequence, static_batch: int | None) -> Sampled:
+        count = 1 + len(seq.draft)
+        batch, row_of = self._decode_rows([seq], static_batch, seq.num_computed + count)
+        row = row_of[seq.seq_id]
+        arrays = [a[row : row + 1] for a in batch.arrays]  # one row of C-contiguous arrays: contiguous
+        ids = np.array([[seq.tokens[seq.num_computed], *seq.draft]], np.int64)
+        logits = self.engine.decode_in_place_step(ids, np.array([seq.num_computed], np.int32), arrays)
+        self.kv.scatter([seq.seq_id], [seq.num_computed], [count], arrays)
+        self.stats.verify_steps += 1
+        seq.num_computed += 1
+        self.kv.commit(seq.seq_id, seq.tokens, seq.num_computed, seq.cache_salt)
+        return [(seq, logits[0])]
+
+    def accept(self, seq: Sequence, accepted: int) -> None:
+        """`accepted` draft tokens of the last verify call are now the sequence's tokens: their KV,
+        already written, counts as computed."""
+        seq.num_computed += accepted
+        self.kv.commit(seq.seq_id, seq.tokens, seq.num_computed, seq.cache_salt)
 
     def _keeps_context(self, chunk: Chunk) -> bool:
         """Whether `chunk` computes prompt positions whose logits its sequence keeps."""
@@ -226,6 +285,7 @@ class ModelRunner:
         sampled: Sampled = []
         for row, (c, keep) in enumerate(zip(chunks, keeps)):
             c.seq.num_computed += c.count
+            self.kv.commit(c.seq.seq_id, c.seq.tokens, c.seq.num_computed, c.seq.cache_salt)
             if keep:
                 self._keep_context(c, logits[row])
             if c.completes_prompt:

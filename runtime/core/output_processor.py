@@ -56,6 +56,7 @@ class RequestState:
     admitted: float | None = None  # perf_counter when the scheduler first admitted it
     first_token_at: float | None = None  # perf_counter when its first token was sampled
     kv_blocks: int = 0  # KV blocks its sequence holds, as of the last step (the core keeps it)
+    kv_reused_blocks: int = 0  # of them, found in the prefix cache at its admission (the core keeps it)
     context: ContextLogits | None = None  # return_context_logits: the prompt's logits
     pending_logits: list[np.ndarray] | None = None  # return_generation_logits: rows of pending_ids
 
@@ -98,7 +99,24 @@ class OutputProcessor:
                 finished.append((state, reason))
         return finished
 
-    def _add_token(self, state: RequestState, logits: np.ndarray) -> str | None:
+    def verify(self, state: RequestState, rows: np.ndarray, draft: list[int]) -> tuple[int, str | None]:
+        """A verify row (speculative decoding): draw the target's token from each row of logits
+        [1 + len(draft), vocab] in turn, exactly as `update` draws one, while each drawn token is the
+        draft's (runtime/core/speculative.py says why that is exact). Returns how many draft tokens
+        were accepted, and the finish reason if the request finished."""
+        accepted, reason = 0, None
+        for i, row in enumerate(rows):
+            before = len(state.generated)
+            reason = self._add_token(state, row, stream=False)  # the step's tokens go out together
+            hit = i < len(draft) and len(state.generated) > before and state.generated[-1] == draft[i]
+            accepted += hit
+            if reason is not None or not hit:
+                break
+        if reason is None and state.request.stream and (state.detok is None or state.text):
+            self._emit(state)
+        return accepted, reason
+
+    def _add_token(self, state: RequestState, logits: np.ndarray, stream: bool = True) -> str | None:
         req, seq = state.request, state.seq
         token, log_prob = sample(logits, req.sampling, state.rng, seq.tokens, self._banned(state),
                                  want_log_prob=req.return_log_probs)
@@ -129,7 +147,7 @@ class OutputProcessor:
                 return "stop"
         if len(state.generated) >= req.max_tokens or len(seq.tokens) >= self.context_length:
             return "length"
-        if req.stream and (state.detok is None or state.text):
+        if stream and req.stream and (state.detok is None or state.text):
             self._emit(state)
         return None
 
@@ -164,7 +182,9 @@ class OutputProcessor:
             queue_s=None if state.admitted is None else state.admitted - state.arrived,
             arrival_ns=_ns(state.arrived), first_scheduled_ns=_ns(state.admitted),
             first_token_ns=_ns(state.first_token_at), last_token_ns=None if state.first_token_at is None else _ns(state.last_token_at),
-            kv_blocks=state.kv_blocks,
+            kv_blocks=state.kv_blocks, kv_reused_blocks=state.kv_reused_blocks,
+            num_cached_tokens=state.seq.num_cached_tokens, num_draft_tokens=state.seq.num_draft_tokens,
+            num_accepted_draft_tokens=state.seq.num_accepted_tokens,
         )
         if state.context is not None and state.context.complete:
             state.context.rows.flags.writeable = False  # shared by every output of the request

@@ -69,8 +69,15 @@ class GenerationOutput:
     first_token_ns: int | None = None
     last_token_ns: int | None = None
     # KV-cache blocks the request's sequence holds (at its final output: those it held when it
-    # finished). No prefix reuse here, so every one of them was newly allocated.
+    # finished); of them, those its admission found in the prefix cache (TensorRT-LLM's
+    # kv_cache_reused_blocks), and the prompt tokens they hold (OpenAI's cached_tokens).
     kv_blocks: int = 0
+    kv_reused_blocks: int = 0
+    num_cached_tokens: int = 0
+    # Speculative decoding: draft tokens verified for the request so far, and of them those accepted
+    # (TensorRT-LLM's total_draft_tokens / total_accepted_draft_tokens).
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
     # Only for requests that ask (return_context_logits / return_generation_logits), float32.
     # context_logits [num_input_tokens, vocab]: every output carries the whole prompt's, once the
     # prompt is computed (as TensorRT-LLM's executor puts them in every result). generation_logits

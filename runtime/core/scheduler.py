@@ -3,15 +3,19 @@
 Policy (in the spirit of vLLM v1's scheduler), under a per-step token budget
 (`max_num_batched_tokens`) and a running-set bound (`max_num_seqs`):
 
-1. Decode first. Every running sequence whose prompt is fully computed gets one token. If the
-   KV cache cannot hold that token, the most recently admitted running sequence is preempted
+1. Decode first. Every running sequence whose prompt is fully computed gets one token, plus its
+   draft (speculative decoding) as far as the token budget and free blocks allow. If the KV cache
+   cannot hold that one token, the most recently admitted running sequence is preempted
    (recompute: its blocks are freed and it goes back to the head of the queue, prompt and
    generated tokens together, so no request ever fails for lack of KV memory).
 2. Then prefill chunks for running sequences whose prompt is not yet computed (chunked prefill:
    a long prompt is spread over several steps, so decodes never stall behind it).
 3. Then admission, first come first served: the head of the waiting queue joins the running
    batch if a sequence slot, token budget and KV blocks for its first chunk are available; if the
-   head cannot join, nobody behind it does (strict FCFS).
+   head cannot join, nobody behind it does (strict FCFS). A sequence that starts from scratch (new,
+   or preempted) first takes the cached blocks its tokens begin with (prefix caching,
+   `KVCacheManager.lookup`), so its first chunk starts after them and the token budget pays only
+   for what is computed.
 
 New requests therefore join the running batch at the very next step (in-flight batching).
 """
@@ -38,6 +42,17 @@ class Sequence:
     max_total: int  # prompt + max_tokens: the KV the sequence may need
     num_computed: int = 0
     admitted_at: int = -1
+    # Prefix caching: False for a sequence that must compute every prompt position (its request
+    # returns context logits); its blocks are still registered for others. `cache_salt` keys its
+    # blocks apart from other sequences' with the same tokens (what else changes the KV).
+    reuse_prefix: bool = True
+    cache_salt: bytes = b""
+    num_cached_tokens: int = 0  # the tokens its last admission found cached
+    # Speculative decoding: this step's proposed tokens (the speculator sets them before scheduling),
+    # and the request's totals of draft tokens verified and accepted.
+    draft: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def in_prefill(self) -> bool:
@@ -63,6 +78,8 @@ class Chunk:
 @dataclass
 class SchedulerOutput:
     decode: list[Sequence] = field(default_factory=list)
+    # Decode rows with a draft: each computes its last sampled token and `seq.draft` in one call.
+    verify: list[Sequence] = field(default_factory=list)
     prefill: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     # Policy "static": the number of the batch this step serves (from 1). A static batch keeps its
@@ -72,11 +89,11 @@ class SchedulerOutput:
 
     @property
     def empty(self) -> bool:
-        return not self.decode and not self.prefill
+        return not self.decode and not self.verify and not self.prefill
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decode) + sum(c.count for c in self.prefill)
+        return len(self.decode) + sum(1 + len(s.draft) for s in self.verify) + sum(c.count for c in self.prefill)
 
 
 class Scheduler:
@@ -114,6 +131,7 @@ class Scheduler:
         victim = max(self.running, key=lambda s: s.admitted_at)
         self.running.remove(victim)
         self.kv.free(victim.seq_id)
+        victim.draft = []
         victim.num_computed = 0  # recompute prompt + generated tokens when it is readmitted
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
@@ -132,9 +150,12 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq in self.running:
-                self.kv.grow(seq.seq_id, len(seq.tokens))
-                out.decode.append(seq)
-                budget -= 1
+                # A draft takes what the budget and the free blocks leave; it never preempts.
+                room = min(budget - 1, self.kv.room_for(seq.seq_id) - len(seq.tokens))
+                del seq.draft[max(room, 0):]
+                self.kv.grow(seq.seq_id, len(seq.tokens) + len(seq.draft))
+                (out.verify if seq.draft else out.decode).append(seq)
+                budget -= 1 + len(seq.draft)
 
         # 2. continue chunked prefills of running sequences.
         for seq in sorted(self.running, key=lambda s: s.admitted_at):
@@ -160,9 +181,18 @@ class Scheduler:
             seq = self.waiting[0]
             if static and seq.seq_id not in self._static_batch:
                 break
+            cached = 0
+            if seq.num_computed == 0 and seq.reuse_prefix:
+                cached = seq.num_computed = self.kv.lookup(seq.seq_id, seq.tokens, seq.cache_salt)
             chunk = self._chunk(seq, budget)
             if chunk is None:
+                if cached:  # not admitted: hand the shared blocks back until it is
+                    self.kv.free(seq.seq_id)
+                    seq.num_computed = 0
                 break
+            if seq.reuse_prefix and self.kv.prefix_caching:
+                self.kv.record_lookup(len(seq.tokens), cached)
+            seq.num_cached_tokens = cached
             self.waiting.popleft()
             seq.admitted_at = self._admissions
             self._admissions += 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamaforge.runtime.core.kv_cache import KVUsage
+from llamaforge.runtime.core.kv_cache import KVUsage, PrefixCacheStats
 
 
 @dataclass
@@ -19,9 +19,11 @@ class CoreStats:
     decode_gather_s: float = 0.0  # building the call's inputs, gathers included
     decode_engine_s: float = 0.0
     decode_scatter_s: float = 0.0
+    verify_steps: int = 0  # speculative decoding: calls that verified drafts
 
-    def snapshot(self, waiting: int, running: int, kv: KVUsage) -> dict[str, float]:
-        """`EngineCore.stats()`: queue and batch sizes, KV usage in tokens, tokens generated."""
+    def snapshot(self, waiting: int, running: int, kv: KVUsage, prefix: PrefixCacheStats) -> dict[str, float]:
+        """`EngineCore.stats()`: queue and batch sizes, KV usage in tokens (blocks held by sequences,
+        and free blocks that keep cached content), prefix-cache lookups in tokens, tokens generated."""
         return {
             "waiting": waiting,
             "running": running,
@@ -29,5 +31,8 @@ class CoreStats:
             "kv_used_tokens": kv.used_tokens,
             "kv_free_tokens": kv.free_tokens,
             "kv_free_fraction": kv.free_fraction,
+            "kv_cached_free_tokens": kv.cached_tokens,
+            "prefix_cache_queries_tokens": prefix.queries_tokens,
+            "prefix_cache_hit_tokens": prefix.hit_tokens,
             "generated_tokens": self.generated_tokens,
         }

@@ -19,6 +19,11 @@ Metric names (the Triton backend mirrors them):
     llamaforge_kv_cache_used_tokens             gauge      KV cache positions in use
     llamaforge_kv_cache_free_tokens             gauge      KV cache positions free
     llamaforge_kv_cache_free_fraction           gauge      free / total
+    llamaforge_kv_cache_cached_free_tokens      gauge      free positions that keep cached prefix content
+    llamaforge_prefix_cache_queries_tokens_total counter   prompt tokens looked up in the prefix cache
+    llamaforge_prefix_cache_hits_tokens_total   counter    of them, found cached (vLLM's prefix_cache_hits)
+    llamaforge_spec_decode_draft_tokens_total   counter    speculative decoding: draft tokens verified
+    llamaforge_spec_decode_accepted_tokens_total counter   of them, accepted
     llamaforge_time_to_first_token_seconds      histogram  arrival at the core -> first token
     llamaforge_inter_token_latency_seconds      histogram  between consecutive tokens of a request
     llamaforge_request_duration_seconds         histogram  server receipt -> last response, per
@@ -36,13 +41,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, MetricsHand
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["ServerMetrics", "METRIC_NAMES", "OUTCOMES", "PREFIX", "CORE_GAUGES", "TTFT_BUCKETS", "LATENCY_BUCKETS"]
+__all__ = ["ServerMetrics", "METRIC_NAMES", "OUTCOMES", "PREFIX", "CORE_COUNTERS", "CORE_GAUGES", "TTFT_BUCKETS", "LATENCY_BUCKETS"]
 
 PREFIX = "llamaforge_"
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected", "invalid")
 METRIC_NAMES = tuple(PREFIX + n for n in (
     "requests_total", "prompt_tokens_total", "generated_tokens_total", "queue_depth", "running_sequences",
     "kv_cache_total_tokens", "kv_cache_used_tokens", "kv_cache_free_tokens", "kv_cache_free_fraction",
+    "kv_cache_cached_free_tokens", "prefix_cache_queries_tokens_total", "prefix_cache_hits_tokens_total",
+    "spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total",
     "time_to_first_token_seconds", "inter_token_latency_seconds", "request_duration_seconds",
 ))
 
@@ -61,11 +68,21 @@ CORE_GAUGES = (
     ("kv_cache_used_tokens", "kv_used_tokens", "KV cache positions in use."),
     ("kv_cache_free_tokens", "kv_free_tokens", "KV cache positions free."),
     ("kv_cache_free_fraction", "kv_free_fraction", "Free fraction of the KV cache."),
+    ("kv_cache_cached_free_tokens", "kv_cached_free_tokens",
+     "Free KV cache positions that keep reusable prefix content (taken last)."),
+)
+# Counters that mirror the engine core: (name after PREFIX, without _total; key of `core.stats()`; help).
+CORE_COUNTERS = (
+    ("generated_tokens", "generated_tokens", "Tokens sampled by the engine core."),
+    ("prefix_cache_queries_tokens", "prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits_tokens", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache."),
+    ("spec_decode_draft_tokens", "spec_draft_tokens", "Speculative decoding: draft tokens verified."),
+    ("spec_decode_accepted_tokens", "spec_accepted_tokens", "Speculative decoding: draft tokens accepted."),
 )
 
 
 class _CoreCollector(Collector):
-    """Gauges (and the generated-tokens counter) read from `core.stats()` at scrape time."""
+    """Gauges and counters read from `core.stats()` at scrape time."""
 
     _GAUGES = CORE_GAUGES
 
@@ -82,8 +99,8 @@ class _CoreCollector(Collector):
                 stats = {}
         for name, key, doc in self._GAUGES:
             yield GaugeMetricFamily(PREFIX + name, doc, value=float(stats.get(key, 0)))
-        yield CounterMetricFamily(PREFIX + "generated_tokens", "Tokens sampled by the engine core.",
-                                  value=float(stats.get("generated_tokens", 0)))
+        for name, key, doc in CORE_COUNTERS:
+            yield CounterMetricFamily(PREFIX + name, doc, value=float(stats.get(key, 0)))
 
 
 class ServerMetrics:

@@ -52,12 +52,12 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     num_output_tokens INT32  [1]       [1, 1]  generated tokens so far (EOS not counted)
     perf metrics (TRT-LLM's return_perf_metrics), each [1] -> [1, 1]:
       kv_cache_alloc_new_blocks, kv_cache_reused_blocks, kv_cache_alloc_total_blocks  INT32
-          KV blocks the sequence holds (so far; at the end: when it finished); reused is 0 (no
-          prefix reuse), new = total
+          KV blocks the sequence holds (so far; at the end: when it finished); reused: those its
+          admission found in the prefix cache; new = total - reused
       arrival_time_ns, first_scheduled_time_ns, first_token_time_ns, last_token_time_ns  INT64
           monotonic-clock ns (CLOCK_MONOTONIC, as TRT-LLM's steady clock); 0 before the event
-      acceptance_rate FP32, total_accepted_draft_tokens, total_draft_tokens INT32: 0 (no
-          speculative decoding)
+      acceptance_rate FP32, total_accepted_draft_tokens, total_draft_tokens INT32: speculative
+          decoding's draft tokens verified and accepted so far (0 without speculation)
 
 token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names):
 

@@ -316,10 +316,12 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage_body(outputs: Sequence[GenerationOutput]) -> dict[str, int]:
+def usage_body(outputs: Sequence[GenerationOutput]) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens found in the prefix cache as its `cached_tokens`."""
     prompt = sum(o.num_input_tokens for o in outputs)
     completion = sum(o.num_output_tokens for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
 
 
 def _token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[int]]:
@@ -354,23 +356,23 @@ def _head(req: OpenAIRequest, obj: str) -> dict[str, Any]:
     return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model}
 
 
-def completion_body(req: OpenAIRequest, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+def completion_body(req: OpenAIRequest, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
     return {**_head(req, "text_completion"), "choices": choices, "usage": usage}
 
 
-def chat_body(req: OpenAIRequest, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+def chat_body(req: OpenAIRequest, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
     return {**_head(req, "chat.completion"), "choices": choices, "usage": usage}
 
 
 def completion_chunk(req: OpenAIRequest, choices: list[dict[str, Any]],
-                     usage: dict[str, int] | None = None) -> dict[str, Any]:
+                     usage: dict[str, Any] | None = None) -> dict[str, Any]:
     body = {**_head(req, "text_completion"), "choices": choices}
     if req.include_usage:
         body["usage"] = usage
     return body
 
 
-def chat_chunk(req: OpenAIRequest, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+def chat_chunk(req: OpenAIRequest, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
     body = {**_head(req, "chat.completion.chunk"), "choices": choices}
     if req.include_usage:
         body["usage"] = usage

@@ -249,6 +249,14 @@ def load_hf_oracle(dest: str | Path):
     return model.eval()
 
 
+def hf_greedy(hf: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`: exactly `n` tokens (no end id stops it)."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def hf_state_dict(dest: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory, read directly with safetensors."""
     from safetensors.torch import load_file

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config
+from tiny_models import hf_greedy, load_hf_oracle, make_hf_checkpoint, tiny_config
 
 from llamaforge.build.builder import BuildOptions, build_engine
 from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
@@ -39,13 +39,6 @@ def make_core(engine: Path, kv_budget_tokens: int = 1024) -> EngineCore:
 def prompts(n: int, seed: int, lengths: tuple[int, ...] = (5, 70, 33, 12, 50, 9, 41, 3)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 600, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
-
-
-def hf_greedy(hf: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("budget", [1024, 160], ids=["roomy", "preempting"])

@@ -73,7 +73,8 @@ def test_completion_schema_echo_logprobs_and_prompt_forms(app: tuple[TestClient,
     assert r["object"] == "text_completion" and r["id"].startswith("cmpl-") and r["model"] == MODEL
     assert isinstance(r["created"], int)
     assert r["choices"] == [{"index": 0, "text": "hel", "finish_reason": "length", "logprobs": None}]
-    assert r["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}  # BOS + 5 bytes
+    assert r["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9,  # BOS + 5 bytes
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     # A list of prompts (text and token ids): one choice each, usage summed; echo prepends the prompt.
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": [[104, 105], "yo"], "echo": True}).json()
     assert [(c["index"], c["text"], c["finish_reason"]) for c in r["choices"]] == [(0, "hihi", "stop"),

@@ -198,3 +198,21 @@ def _outcome(server: ServerProcess, outcome: str) -> float:
 
     m = re.search(rf'^llamaforge_requests_total{{outcome="{outcome}"}} (\S+)$', server.metrics(), re.MULTILINE)
     return float(m.group(1)) if m else 0.0
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(client: openai.OpenAI, model: str, server: ServerProcess) -> None:
+    """Prefix caching seen from outside: usage.prompt_tokens_details.cached_tokens (OpenAI's field),
+    the Prometheus counters, and the same answer either way."""
+    prompt = "class PrefixCache:\n    def lookup(self, tokens):\n        " * 4
+    hits_before = server.metric("llamaforge_prefix_cache_hits_tokens_total")
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    second = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    assert first.usage is not None and second.usage is not None
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details is not None and first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    assert second.choices[0].text == first.choices[0].text
+    assert server.metric("llamaforge_prefix_cache_hits_tokens_total") - hits_before == (n - 1) // 16 * 16
+    assert server.metric("llamaforge_prefix_cache_queries_tokens_total") >= 2 * n
+    assert server.metric("llamaforge_kv_cache_cached_free_tokens") > 0

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from server_utils import grpc_client, is_final, running_server, stream_infer, text_inputs, token_inputs, wait_until
+from server_utils import (
+    grpc_client,
+    inflight_batcher_client_inputs,
+    is_final,
+    running_server,
+    stream_infer,
+    text_inputs,
+    token_inputs,
+    wait_until,
+)
 from tiny_models import load_hf_oracle
 from tritonclient.utils import InferenceServerException
 
@@ -184,3 +193,26 @@ def test_non_decoupled_serving_and_statistics_with_the_real_core(built: tuple[Pa
         assert st.queue.ns >= 3 * waited * 1e9
         assert st.success.ns >= st.queue.ns + st.compute_input.ns + st.compute_infer.ns
         assert client.get_inference_statistics("tensorrt_llm").model_stats[0].inference_stats.queue.count == 1
+
+
+def test_a_repeated_prompt_reuses_its_blocks_and_the_perf_metrics_say_so(built: tuple[Path, Path]) -> None:
+    """Prefix caching through the stock client: TensorRT-LLM's kv_cache_* perf metrics count the
+    blocks found cached, and the tokens stay transformers' greedy ones."""
+    ckpt, engine = built
+    core = EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=2048, block_size=16), SchedulerConfig(max_num_seqs=4)))
+    eos = core.eos_ids[0]
+    ids = torch.randint(3, 600, (70,), generator=torch.Generator().manual_seed(8)).tolist()  # 4 full blocks + 6
+    want = hf_greedy(load_hf_oracle(ckpt), ids, eos)
+    with running_server(core) as server:
+        client = grpc_client(server)
+        metrics = []
+        for _ in range(2):
+            r = client.infer("tensorrt_llm", inflight_batcher_client_inputs(
+                ids, NEW_TOKENS, streaming=False, end_id=eos, pad_id=eos, return_perf_metrics=True))
+            assert r.as_numpy("output_ids").reshape(-1).tolist()[len(ids):] == want
+            metrics.append({k: int(r.as_numpy(k).reshape(-1)[0]) for k in
+                            ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks")})
+    total = -(-(len(ids) + len(want)) // 16)
+    assert metrics[0] == {"kv_cache_alloc_new_blocks": total, "kv_cache_reused_blocks": 0, "kv_cache_alloc_total_blocks": total}
+    assert metrics[1] == {"kv_cache_alloc_new_blocks": total - 4, "kv_cache_reused_blocks": 4, "kv_cache_alloc_total_blocks": total}
+    assert core.kv.all_free() and core.stats()["prefix_cache_hit_tokens"] == 64

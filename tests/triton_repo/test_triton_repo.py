@@ -120,6 +120,7 @@ def test_every_config_parses_against_tritons_schema(repo: Path, built: tuple[Pat
     params = {k: v.string_value for k, v in llama.parameters.items()}
     assert params["kv_budget_tokens"] == "2048" and params["max_num_seqs"] == "4"
     assert params["scheduling_policy"] == "inflight" and params["max_num_batched_tokens"] == "128"
+    assert params["enable_kv_cache_reuse"] == "true"
     assert [(g.kind, list(g.gpus)) for g in llama.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, [])]
     # A GPU repository: instance_group places llama on the GPUs, and the parameter agrees.
     gpu = model_configs(RepoOptions(engine=Path("unused"), device="gpu", gpus=(0, 1), instances=2), "/engines/x")
@@ -449,7 +450,11 @@ def test_config_parameters_are_read_and_checked(server: Any) -> None:
     assert cfg == CoreConfig(KVCacheConfig(budget_tokens=2048), SchedulerConfig(4, 128, "inflight"), max_queue=16,
                              providers=cfg.providers)
     assert llama_model.core_config({"scheduling_policy": "static"}, []).scheduler.policy == "static"
-    for key, value in (("max_num_seqs", "many"), ("kv_budget_tokens", "0"), ("scheduling_policy", "fifo")):
+    assert llama_model.core_config({"enable_kv_cache_reuse": "false"}, []).kv.prefix_caching is False
+    assert llama_model.core_config({"enable_kv_cache_reuse": "True"}, []).kv.prefix_caching is True
+    assert llama_model.core_config({}, []).kv.prefix_caching is KVCacheConfig.prefix_caching
+    for key, value in (("max_num_seqs", "many"), ("kv_budget_tokens", "0"), ("scheduling_policy", "fifo"),
+                       ("enable_kv_cache_reuse", "yes")):
         with pytest.raises(EngineError, match=key):
             llama_model.core_config({key: value}, [])
 

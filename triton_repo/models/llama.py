@@ -35,6 +35,7 @@ config.pbtxt parameters (all strings; triton_repo/repository.py writes them):
     max_num_batched_tokens  tokens per engine step (prefill chunking)
     max_queue               waiting requests before UNAVAILABLE
     scheduling_policy       inflight | static
+    enable_kv_cache_reuse   true | false: prefix caching, as TensorRT-LLM's tensorrt_llm model names it ("" : true)
     intra_op_threads        ONNX Runtime threads ("" : ONNX Runtime's default)
     gpu_device_ids          GPUs this model may run on, comma-separated ("" : any); an instance that
                             Triton placed elsewhere (instance_group `gpus`) fails to load
@@ -98,8 +99,12 @@ def core_config(params: dict[str, str], providers: list[Any]) -> CoreConfig:
     if policy not in SCHEDULING_POLICIES:
         raise EngineError(f"config.pbtxt parameter 'scheduling_policy': {policy!r} is not "
                           + " or ".join(repr(p) for p in SCHEDULING_POLICIES))
+    reuse = params.get("enable_kv_cache_reuse", "").strip().lower()
+    if reuse not in ("", "true", "false"):
+        raise EngineError(f"config.pbtxt parameter 'enable_kv_cache_reuse': {reuse!r} is not 'true' or 'false'")
     return CoreConfig(
-        KVCacheConfig(budget_tokens=integer("kv_budget_tokens"), budget_bytes=integer("kv_budget_bytes")),
+        KVCacheConfig(budget_tokens=integer("kv_budget_tokens"), budget_bytes=integer("kv_budget_bytes"),
+                      prefix_caching=KVCacheConfig.prefix_caching if not reuse else reuse == "true"),
         SchedulerConfig(max_num_seqs=integer("max_num_seqs") or SchedulerConfig.max_num_seqs,
                         max_num_batched_tokens=integer("max_num_batched_tokens") or SchedulerConfig.max_num_batched_tokens,
                         policy=policy),

@@ -3,7 +3,9 @@ the standalone server's Prometheus metrics (runtime/serving/metrics.py): Triton 
 metrics port (8002, /metrics) next to its nv_* metrics.
 
     llamaforge_queue_depth, llamaforge_running_sequences, llamaforge_kv_cache_{total,used,free}_tokens,
-    llamaforge_kv_cache_free_fraction                       GAUGE, from core.stats()
+    llamaforge_kv_cache_free_fraction, llamaforge_kv_cache_cached_free_tokens  GAUGE, from core.stats()
+    llamaforge_prefix_cache_{queries,hits}_tokens_total,
+    llamaforge_spec_decode_{draft,accepted}_tokens_total     COUNTER, from core.stats()
     llamaforge_time_to_first_token_seconds                  HISTOGRAM (Triton >= 24.09)
     llamaforge_inter_token_latency_seconds                  HISTOGRAM (Triton >= 24.09)
     llamaforge_requests_total{outcome}, llamaforge_prompt_tokens_total,
@@ -23,7 +25,14 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from llamaforge.runtime.serving.metrics import CORE_GAUGES, LATENCY_BUCKETS, OUTCOMES, PREFIX, TTFT_BUCKETS
+from llamaforge.runtime.serving.metrics import (
+    CORE_COUNTERS,
+    CORE_GAUGES,
+    LATENCY_BUCKETS,
+    OUTCOMES,
+    PREFIX,
+    TTFT_BUCKETS,
+)
 
 __all__ = ["TritonCoreMetrics"]
 
@@ -51,6 +60,11 @@ class TritonCoreMetrics:
         self.requests = {o: requests.Metric(labels={**self._labels, "outcome": o}) for o in OUTCOMES}
         self.prompt_tokens = metric("prompt_tokens_total", "Prompt tokens of admitted requests.", family.COUNTER)
         self.generated_tokens = metric("generated_tokens_total", "Tokens sampled by the engine core.", family.COUNTER)
+        # The core's other counters, pushed as increments since the last refresh (generated tokens
+        # are counted by the callbacks themselves).
+        self.counters = [(key, metric(name + "_total", doc, family.COUNTER)) for name, key, doc in CORE_COUNTERS
+                         if key != "generated_tokens"]
+        self._counted: dict[str, float] = {}
         self.ttft = self.itl = None
         histogram = getattr(family, "HISTOGRAM", None)  # added in Triton 24.09
         if histogram is not None:
@@ -75,6 +89,12 @@ class TritonCoreMetrics:
         stats = self.core.stats()
         for key, gauge in self.gauges:
             gauge.set(float(stats.get(key, 0)))
+        with self._lock:
+            for key, counter in self.counters:
+                value = float(stats.get(key, 0))
+                if value > self._counted.get(key, 0.0):
+                    counter.increment(value - self._counted.get(key, 0.0))
+                    self._counted[key] = value
 
     # -- CoreObserver (called from the engine core's step thread) --------------------------------
     def on_first_token(self, request_id: str, ttft_s: float) -> None:

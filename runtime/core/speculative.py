@@ -1,0 +1,216 @@
+"""Speculative decoding: cheap proposals of a sequence's next tokens, verified by the target engine in
+one call for all of them (vLLM's and TensorRT-LLM's speculative decoding, llama.cpp's lookup and
+draft decoding).
+
+Each step, before scheduling, every running sequence past its prompt may get a draft of up to
+`num_speculative_tokens` tokens (`Sequence.draft`). The scheduler runs such a sequence as a verify
+row: its last sampled token and the draft, one call, logits at every position. The output
+processor then draws the target's token at each position in turn, as it would without a draft, and
+keeps going while the token drawn equals the draft's (`OutputProcessor.verify`).
+
+Why that is exact: the proposals here are deterministic (the n-gram's continuation, the draft
+engine's greedy tokens), so the proposal distribution q is one-hot at the draft token d. Rejection
+sampling accepts d with probability min(1, p(d) / q(d)) = p(d) and otherwise draws from
+max(p - q, 0) renormalized, which is p without d; drawing x ~ p and accepting iff x == d has the
+same law, and the emitted token is x either way. So every emitted token follows the target's
+distribution (the same one `sampling.pick` draws from, penalties, bans and guides included), and a
+greedy request emits exactly the tokens it emits without speculation. A seeded sampled request is
+distributed the same but draws from its RNG in another order, so its tokens differ.
+
+Proposers:
+  * `NgramProposer` (prompt lookup): the tokens that followed the most recent earlier occurrence of
+    the sequence's last n tokens, for n from `prompt_lookup_max` down to `prompt_lookup_min`. No
+    second model; it pays off where outputs repeat their input (editing, extraction, code).
+  * `DraftProposer`: the greedy continuation of a smaller engine with the same tokenizer, which
+    keeps its own KV cache per sequence and recomputes only what the target did not accept.
+`Speculator` wraps either: it caps the draft by what the request may still generate, and stands
+back from a sequence whose drafts keep missing (after m drafts in a row with nothing accepted, it
+proposes nothing for 2^m steps, at most 64), so a workload without repeats costs almost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from llamaforge.runtime.core.config import SPECULATIVE_METHODS, SpeculativeConfig
+from llamaforge.runtime.core.scheduler import Sequence
+
+MAX_BACKOFF_STEPS = 64
+
+
+class SpeculativeError(ValueError):
+    pass
+
+
+class Proposer(Protocol):
+    def propose(self, seq: Sequence, k: int) -> list[int]: ...
+    def forget(self, seq_id: str) -> None: ...
+
+
+class NgramProposer:
+    """Prompt lookup over the sequence's own tokens (prompt and generated)."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        if not 1 <= min_n <= max_n:
+            raise SpeculativeError(f"prompt_lookup_min ({min_n}) and prompt_lookup_max ({max_n}) must satisfy "
+                                   "1 <= min <= max")
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        tokens = np.asarray(seq.tokens, dtype=np.int64)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            # Windows over every token but the last: the pattern's own place never matches itself.
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the most recent occurrence: the likeliest to continue alike
+                return tokens[start : start + k].tolist()
+        return []
+
+    def forget(self, seq_id: str) -> None:
+        pass
+
+
+@dataclass
+class _DraftState:
+    caches: list[np.ndarray]  # [1, kv_heads, capacity, head_dim] per layer (key.0, value.0, ...)
+    tokens: list[int] = field(default_factory=list)  # the tokens whose KV the caches hold, in order
+
+
+class DraftProposer:
+    """The greedy tokens of a draft engine, one sequence at a time (batch 1: ONNX Runtime's fast
+    attention path for any chunk, and no padding)."""
+
+    def __init__(self, engine_dir: str, target_vocab: int, threads: int | None = None,
+                 target_tokenizer: Any = None) -> None:
+        from llamaforge.runtime.core.engine import Engine
+
+        self.engine = Engine(engine_dir, threads=threads)
+        if self.engine.vocab_size != target_vocab:
+            raise SpeculativeError(f"draft_engine {engine_dir}: vocabulary of {self.engine.vocab_size} tokens, the "
+                                   f"target's has {target_vocab}; a draft must share the target's tokenizer")
+        if target_tokenizer is not None and self.engine.tokenizer is not None:
+            mine, theirs = self.engine.tokenizer, target_tokenizer
+            differ = next((i for i in range(target_vocab) if mine.id_to_bytes(i) != theirs.id_to_bytes(i)), None)
+            if differ is not None:
+                raise SpeculativeError(f"draft_engine {engine_dir}: its tokenizer's token {differ} is "
+                                       f"{mine.id_to_bytes(differ)!r}, the target's is {theirs.id_to_bytes(differ)!r}; "
+                                       "a draft must share the target's tokenizer")
+        self.states: dict[str, _DraftState] = {}
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        spec = self.engine.kv
+        if len(seq.tokens) + k > spec.max_capacity:
+            return []
+        state = self.states.get(seq.seq_id)
+        if state is None:
+            state = self.states[seq.seq_id] = _DraftState(spec.empty(1, self._capacity(len(seq.tokens) + k)))
+        # Keep the KV of the longest prefix the draft computed that the sequence still has (what the
+        # target accepted); recompute from there.
+        keep = 0
+        limit = min(len(state.tokens), len(seq.tokens))
+        while keep < limit and state.tokens[keep] == seq.tokens[keep]:
+            keep += 1
+        del state.tokens[keep:]
+        if state.caches[0].shape[2] < len(seq.tokens) + k:
+            grown = spec.empty(1, self._capacity(len(seq.tokens) + k))
+            for old, new in zip(state.caches, grown):
+                new[:, :, : keep] = old[:, :, : keep]
+            state.caches = grown
+        pending = seq.tokens[keep:]  # at least the last token: nothing computed it yet
+        draft: list[int] = []
+        while len(draft) < k:
+            ids = np.asarray([pending], dtype=np.int64)
+            logits, present = self.engine.step(ids, np.array([len(state.tokens)], np.int32), state.caches,
+                                               np.array([[len(pending) - 1]], np.int64))
+            # present: [1, H, capacity, D] with the new positions written; the engine returns fresh arrays.
+            state.caches = [np.ascontiguousarray(p) for p in present]
+            state.tokens += pending
+            token = int(np.argmax(logits[0, -1]))
+            draft.append(token)
+            pending = [token]
+        return draft
+
+    def _capacity(self, needed: int) -> int:
+        capacity = 64
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, self.engine.kv.max_capacity)
+
+    def forget(self, seq_id: str) -> None:
+        self.states.pop(seq_id, None)
+
+
+@dataclass
+class _Backoff:
+    misses: int = 0  # drafts in a row with nothing accepted
+    idle: int = 0  # steps left without proposals
+
+
+@dataclass
+class SpeculativeStats:
+    draft_tokens: int = 0  # proposed and verified
+    accepted_tokens: int = 0
+
+
+class Speculator:
+    """Proposals for the running sequences, capped and backed off; `record` tells it what was accepted."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, context_length: int) -> None:
+        if config.num_speculative_tokens < 1:
+            raise SpeculativeError(f"num_speculative_tokens must be >= 1, got {config.num_speculative_tokens}")
+        self.k = config.num_speculative_tokens
+        self.proposer = proposer
+        self.context_length = context_length
+        self.stats = SpeculativeStats()
+        self._backoff: dict[str, _Backoff] = {}
+
+    @classmethod
+    def from_config(cls, config: SpeculativeConfig, context_length: int, vocab_size: int,
+                    tokenizer: Any = None, threads: int | None = None) -> Speculator | None:
+        if config.method is None:
+            return None
+        if config.method not in SPECULATIVE_METHODS:
+            raise SpeculativeError(f"speculative method {config.method!r} is not one of {list(SPECULATIVE_METHODS)}")
+        proposer: Proposer
+        if config.method == "ngram":
+            proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        else:
+            if not config.draft_engine:
+                raise SpeculativeError("speculative method 'draft' needs draft_engine (an engine directory)")
+            proposer = DraftProposer(config.draft_engine, vocab_size, threads, tokenizer)
+        return cls(config, proposer, context_length)
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Set each sequence's draft: those past their prompt may get one, the rest get none."""
+        for seq in seqs:
+            seq.draft = []
+            if seq.in_prefill:
+                continue
+            back = self._backoff.setdefault(seq.seq_id, _Backoff())
+            if back.idle:
+                back.idle -= 1
+                continue
+            # Room: what the request may still generate after the token the verify call samples.
+            room = min(self.k, seq.max_total - len(seq.tokens) - 1, self.context_length - len(seq.tokens) - 1)
+            if room > 0:
+                seq.draft = self.proposer.propose(seq, room)[:room]
+
+    def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        self.stats.draft_tokens += proposed
+        self.stats.accepted_tokens += accepted
+        seq.num_draft_tokens += proposed
+        seq.num_accepted_tokens += accepted
+        back = self._backoff.setdefault(seq.seq_id, _Backoff())
+        if accepted:
+            back.misses = 0
+        else:
+            back.misses += 1
+            back.idle = min(2 ** back.misses, MAX_BACKOFF_STEPS) if back.misses >= 2 else 0
+
+    def forget(self, seq_id: str) -> None:
+        self._backoff.pop(seq_id, None)
+        self.proposer.forget(seq_id)
