@@ -150,12 +150,19 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq in self.running:
-                # A draft takes what the budget and the free blocks leave; it never preempts.
-                room = min(budget - 1, self.kv.room_for(seq.seq_id) - len(seq.tokens))
-                del seq.draft[max(room, 0):]
+                self.kv.grow(seq.seq_id, len(seq.tokens))
+                out.decode.append(seq)
+                budget -= 1
+        # Drafts (speculative decoding) take what the budget and the free blocks leave once every
+        # decode has its token, oldest first: a draft never preempts anyone.
+        for seq in list(out.decode):
+            room = min(budget, self.kv.room_for(seq.seq_id) - len(seq.tokens))
+            del seq.draft[max(room, 0):]
+            if seq.draft:
                 self.kv.grow(seq.seq_id, len(seq.tokens) + len(seq.draft))
-                (out.verify if seq.draft else out.decode).append(seq)
-                budget -= 1 + len(seq.draft)
+                out.decode.remove(seq)
+                out.verify.append(seq)
+                budget -= len(seq.draft)
 
         # 2. continue chunked prefills of running sequences.
         for seq in sorted(self.running, key=lambda s: s.admitted_at):

@@ -24,8 +24,9 @@ Proposers:
   * `DraftProposer`: the greedy continuation of a smaller engine with the same tokenizer, which
     keeps its own KV cache per sequence and recomputes only what the target did not accept.
 `Speculator` wraps either: it caps the draft by what the request may still generate, and stands
-back from a sequence whose drafts keep missing (after m drafts in a row with nothing accepted, it
-proposes nothing for 2^m steps, at most 64), so a workload without repeats costs almost nothing.
+back from a sequence whose drafts keep missing (after m >= 3 drafts in a row with nothing
+accepted, it proposes nothing for 2^(m-2) steps, at most 64), so a workload without repeats costs
+almost nothing.
 """
 
 from __future__ import annotations
@@ -60,15 +61,25 @@ class NgramProposer:
         self.min_n, self.max_n = min_n, max_n
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        tokens = np.asarray(seq.tokens, dtype=np.int64)
-        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            # Windows over every token but the last: the pattern's own place never matches itself.
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n  # the most recent occurrence: the likeliest to continue alike
-                return tokens[start : start + k].tolist()
-        return []
+        tokens = seq.tokens
+        last = len(tokens) - 1
+        if last < self.min_n:
+            return []
+        # Every earlier place of the last token ends a candidate match; extend each backwards. The
+        # longest match wins, and the most recent among equals (the likeliest to continue alike).
+        ends = np.flatnonzero(np.asarray(tokens[:last], dtype=np.int64) == tokens[last])
+        best_n, best_end = 0, -1
+        for end in ends[::-1].tolist():
+            n = 1
+            while n < self.max_n and end - n >= 0 and tokens[end - n] == tokens[last - n]:
+                n += 1
+            if n > best_n:
+                best_n, best_end = n, end
+                if n == self.max_n:
+                    break
+        if best_n < self.min_n:
+            return []
+        return list(tokens[best_end + 1 : best_end + 1 + k])
 
     def forget(self, seq_id: str) -> None:
         pass
@@ -209,7 +220,7 @@ class Speculator:
             back.misses = 0
         else:
             back.misses += 1
-            back.idle = min(2 ** back.misses, MAX_BACKOFF_STEPS) if back.misses >= 2 else 0
+            back.idle = min(2 ** (back.misses - 2), MAX_BACKOFF_STEPS) if back.misses >= 3 else 0
 
     def forget(self, seq_id: str) -> None:
         self._backoff.pop(seq_id, None)

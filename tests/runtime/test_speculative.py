@@ -53,21 +53,38 @@ def test_the_scheduler_fits_drafts_into_the_budget_and_the_free_blocks() -> None
     assert out.num_tokens == 6 and kv.capacity_of("a") >= 3 + 3
 
 
+def test_a_draft_never_takes_the_block_another_row_needs_for_its_token() -> None:
+    kv = KVCacheManager(SPEC, budget_tokens=5 * 4, block_size=4)  # 5 blocks
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), kv)
+    a, b = Sequence("a", [1, 2, 3, 4], 4, 20), Sequence("b", [5, 6, 7, 8], 4, 20)
+    for s in (a, b):
+        sched.add(s)
+    for c in sched.schedule().prefill:  # one block each, full
+        c.seq.num_computed += c.count
+        c.seq.tokens.append(9)
+    a.draft = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    out = sched.schedule()
+    # Each next token takes a block (4 used); a's draft then gets what is left, cut to fit: the
+    # last block and the rest of its own second one, 7 positions. b keeps its token, and nobody
+    # is preempted (a draft of 9 taking 2 more blocks first would have left b none).
+    assert not out.preempted and out.decode == [b] and out.verify == [a] and a.draft == [1, 2, 3, 4, 5, 6, 7]
+
+
 def test_the_speculator_caps_drafts_and_stands_back_after_misses() -> None:
     spec = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4), NgramProposer(1, 2), 4096)
     seq = Sequence("s", [1, 2, 3, 1, 2, 3, 1, 2], 8, 11, num_computed=7)
     spec.propose([seq])
     assert seq.draft == [3, 1], "max_total 11: the verify call's own token plus 2 drafts"
-    for _ in range(2):
+    for _ in range(4):
         spec.record(seq, 2, 0)
     idle = 0
     for _ in range(6):
         spec.propose([seq])
         idle += not seq.draft
-    assert idle == 4, "after 2 misses in a row, 2^2 steps without proposals"
+    assert idle == 4, "after 4 misses in a row, 2^(4-2) steps without proposals"
     spec.record(seq, 2, 1)
     spec.propose([seq])
-    assert seq.draft and spec.stats.draft_tokens == 6 and spec.stats.accepted_tokens == 1
+    assert seq.draft and spec.stats.draft_tokens == 10 and spec.stats.accepted_tokens == 1
 
 
 # -- exactness: sampled tokens follow the target's distribution -------------------------------------------------
