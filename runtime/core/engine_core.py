@@ -110,15 +110,19 @@ class EngineCore:
         called from the step loop's thread."""
         check_request(request, self._limits)
         self._check_logits(request)
-        handle = RequestHandle(request.request_id, self.cancel, sink)
+        if not 1 <= request.n <= self.config.scheduler.max_num_seqs:
+            raise RequestError("n", f"must be in [1, {self.config.scheduler.max_num_seqs}] (the sequences the server "
+                                    f"runs at once), got {request.n}")
+        handle = RequestHandle(request.request_id, self.cancel, sink, num_sequences=request.n)
         state = self.output_processor.new_request(request, handle)
         # Context logits need every prompt position computed: such a request never starts from
         # cached blocks (it still leaves its own for others).
-        state.seq.reuse_prefix = not request.return_context_logits
+        for s in (state, *state.siblings):
+            s.seq.reuse_prefix = not request.return_context_logits
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); retry later")
-            if request.request_id in self._live or any(x.request.request_id == request.request_id for x in self._inbox):
+            if any(x.request.request_id == request.request_id for x in (*self._live.values(), *self._inbox)):
                 raise RequestError("id", f"request id {request.request_id!r} is already in flight")
             self._inbox.append(state)
             self._lock.notify_all()
@@ -172,7 +176,7 @@ class EngineCore:
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
             for state in inbox:
-                self._live[state.request.request_id] = state
+                self._live[state.seq.seq_id] = state
                 self.scheduler.add(state.seq)
                 if state.context is not None:  # the model runner fills it as the prompt is computed
                     self.runner.context_logits[state.seq.seq_id] = state.context
@@ -182,9 +186,9 @@ class EngineCore:
                 self.step()
             except Exception as e:  # noqa: BLE001 - one failed step must not take the server down
                 traceback.print_exc()
-                for request_id in list(self._live):
+                for request_id in {s.request.request_id for s in self._live.values()}:
                     self._finish_id(request_id, "error", error=f"engine step failed: {e}")
-        for request_id in list(self._live):
+        for request_id in {s.request.request_id for s in self._live.values()}:
             self._finish_id(request_id, "cancelled")
 
     def step(self) -> None:
@@ -202,6 +206,7 @@ class EngineCore:
                 admitted.admitted = now
         for sampled in self.runner.execute(out):
             states = [(self._live[seq.seq_id], logits) for seq, logits in sampled if seq.seq_id in self._live]
+            states += self._fork_siblings(states)
             for state, _ in states:  # for its perf metrics, before `update` may finish (and free) it
                 state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ()))
                 state.kv_reused_blocks = state.seq.num_cached_tokens // self.kv.block_size
@@ -219,20 +224,48 @@ class EngineCore:
                 else:
                     self.runner.accept(state.seq, accepted)
 
+    def _fork_siblings(self, states: list[tuple[RequestState, np.ndarray]]) -> list[tuple[RequestState, np.ndarray]]:
+        """n > 1: a sequence 0 that has just computed its prompt hands it to its siblings. Each shares
+        its KV blocks (the partial last one copied) and samples its first token from the same logits
+        row with its own RNG; one that finds no free row or block waits at the head of the queue and
+        computes the prompt itself (prefix caching finds its full blocks)."""
+        forked: list[tuple[RequestState, np.ndarray]] = []
+        for state, logits in states:
+            if not state.siblings:
+                continue
+            parent, queued = state.seq, []
+            for sibling in state.siblings:
+                self._live[sibling.seq.seq_id] = sibling
+                sibling.admitted = state.admitted
+                if self.scheduler.adopt(sibling.seq):
+                    if self.kv.fork(parent.seq_id, sibling.seq.seq_id, parent.num_computed):
+                        sibling.seq.num_computed = parent.num_computed
+                        sibling.seq.num_cached_tokens = parent.num_computed // self.kv.block_size * self.kv.block_size
+                        forked.append((sibling, logits))
+                        continue
+                    self.scheduler.running.remove(sibling.seq)
+                queued.append(sibling.seq)
+            self.scheduler.requeue(queued)
+            state.siblings = []
+        return forked
+
     def _finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
-        """Free the request's sequence and KV blocks, then send its final output."""
+        """Free the request's sequence and KV blocks, then send its final output (and its siblings'
+        that were never forked: a request cancelled or failed before its prompt was computed)."""
         state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ())) or state.kv_blocks
         self.scheduler.finish(state.seq)
         self.runner.context_logits.pop(state.seq.seq_id, None)
         if self.speculator is not None:
             self.speculator.forget(state.seq.seq_id)
-        self._live.pop(state.request.request_id, None)
+        self._live.pop(state.seq.seq_id, None)
         self.output_processor.finish(state, reason, error)
+        for sibling in state.siblings:
+            self.output_processor.finish(sibling, reason, error)
+        state.siblings = []
 
     def _finish_id(self, request_id: str, reason: str, error: str | None = None) -> None:
-        state = self._live.get(request_id)
-        if state is not None:
-            self.scheduler.remove(request_id)
+        for state in [s for s in self._live.values() if s.request.request_id == request_id]:
+            self.scheduler.remove(state.seq.seq_id)
             self._finish(state, reason, error)
 
     def drain(self, timeout: float = 60.0) -> None:
@@ -245,19 +278,23 @@ class EngineCore:
 
 
 def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -> list[GenerationOutput]:
-    """Submit requests and collect each one's outputs merged into one (token ids, text, log probs,
-    the context logits and the generation logits' rows). A core not started yet is started once all
-    are queued, so its first step sees every one of them (a deterministic schedule, for tests)."""
+    """Submit requests and collect each sequence's outputs merged into one (token ids, text, log
+    probs, the context logits and the generation logits' rows): one per request, or its n in order
+    of `sequence_index`. A core not started yet is started once all are queued, so its first step
+    sees every one of them (a deterministic schedule, for tests)."""
     handles = [core.submit(r) for r in requests]
     core.start()  # idempotent
     merged = []
     for handle in handles:
-        parts = list(handle)
-        last = parts[-1]
-        merged.append(dataclasses.replace(  # the last output's fields, with every output's pieces joined
-            last, token_ids=[t for p in parts for t in p.token_ids], text="".join(p.text for p in parts),
-            log_probs=[x for p in parts for x in p.log_probs],
-            generation_logits=None if last.generation_logits is None else np.concatenate(
-                [p.generation_logits for p in parts if p.generation_logits is not None]),
-        ))
+        by_index: dict[int, list[GenerationOutput]] = {}
+        for out in handle:
+            by_index.setdefault(out.sequence_index, []).append(out)
+        for _, parts in sorted(by_index.items()):
+            last = parts[-1]
+            merged.append(dataclasses.replace(  # the last output's fields, with every output's pieces joined
+                last, token_ids=[t for p in parts for t in p.token_ids], text="".join(p.text for p in parts),
+                log_probs=[x for p in parts for x in p.log_probs],
+                generation_logits=None if last.generation_logits is None else np.concatenate(
+                    [p.generation_logits for p in parts if p.generation_logits is not None]),
+            ))
     return merged

@@ -210,6 +210,30 @@ class KVCacheManager:
                 self._cached[key] = block
                 self._hash_of[block] = key
 
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> bool:
+        """Give `child_id` the KV of the first `num_tokens` positions of `parent_id`: its full blocks
+        shared, and a partly filled last block copied into a new one (copy on write: it is the first
+        block the two write differently). False, and nothing changed, if no block is free for the
+        copy."""
+        bs = self.block_size
+        full, partial = divmod(num_tokens, bs)
+        parent = self.tables[parent_id]
+        if partial and not self._free:
+            return False
+        table = parent[:full]
+        for block in table:
+            self._refs[block] += 1
+        if partial:
+            copy = self._take()
+            for pool in (*self.keys, *self.values):
+                pool[copy] = pool[parent[full]]
+            table = [*table, copy]
+        self.tables[child_id] = table
+        chain = self._chains.get(parent_id)
+        if chain:
+            self._chains[child_id] = chain[:full]
+        return True
+
     def record_lookup(self, num_tokens: int, hit_tokens: int) -> None:
         self.prefix_stats.queries_tokens += num_tokens
         self.prefix_stats.hit_tokens += hit_tokens

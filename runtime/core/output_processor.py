@@ -59,6 +59,9 @@ class RequestState:
     kv_reused_blocks: int = 0  # of them, found in the prefix cache at its admission (the core keeps it)
     context: ContextLogits | None = None  # return_context_logits: the prompt's logits
     pending_logits: list[np.ndarray] | None = None  # return_generation_logits: rows of pending_ids
+    index: int = 0  # which of the request's n sequences (0: the one that computes the prompt)
+    # n > 1: the request's other sequences, forked from this one once its prompt is computed.
+    siblings: list[RequestState] = field(default_factory=list)
 
 
 class OutputProcessor:
@@ -74,15 +77,25 @@ class OutputProcessor:
         self.observer = observer
 
     def new_request(self, request: GenerationRequest, handle: RequestHandle) -> RequestState:
+        """The state of the request's sequence 0, holding those of its other n - 1 (`siblings`)."""
+        state = self._sequence(request, handle, 0)
+        state.siblings = [self._sequence(request, handle, i) for i in range(1, request.n)]
+        for sibling in state.siblings:
+            sibling.context = state.context  # one prompt: its logits are shared
+        return state
+
+    def _sequence(self, request: GenerationRequest, handle: RequestHandle, index: int) -> RequestState:
         end_ids = frozenset(request.end_ids if request.end_ids is not None else self.eos_ids)
         detok = None
         if request.detokenize and self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.stop_words)
-        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids),
-                       len(request.prompt_ids) + request.max_tokens)
-        state = RequestState(request, handle, seq, np.random.default_rng(request.sampling.seed), detok, end_ids,
-                             time.perf_counter())
-        if request.return_context_logits:  # zeros: pages untouched until the prompt's rows land
+        seq_id = request.request_id if index == 0 else f"{request.request_id}#{index}"
+        seq = Sequence(seq_id, list(request.prompt_ids), len(request.prompt_ids), len(request.prompt_ids) + request.max_tokens)
+        # Sequence i's RNG stream: the seed's for the first (as with n = 1), [seed, i] for the others.
+        seed = request.sampling.seed
+        rng = np.random.default_rng(seed if index == 0 or seed is None else [seed, index])
+        state = RequestState(request, handle, seq, rng, detok, end_ids, time.perf_counter(), index=index)
+        if request.return_context_logits and index == 0:  # zeros: pages untouched until the prompt's rows land
             state.context = ContextLogits(np.zeros((seq.num_prompt, self.vocab_size), np.float32))
         if request.return_generation_logits:
             state.pending_logits = []
@@ -176,6 +189,7 @@ class OutputProcessor:
               error: str | None = None) -> None:
         out = GenerationOutput(
             request_id=state.request.request_id, token_ids=state.pending_ids, text="".join(state.text),
+            sequence_index=state.index,
             log_probs=state.pending_log_probs, finished=finished, finish_reason=reason, error=error,
             num_input_tokens=state.seq.num_prompt, num_output_tokens=len(state.generated),
             cum_log_prob=float(sum(state.log_probs)),

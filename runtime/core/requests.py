@@ -42,6 +42,10 @@ class GenerationRequest:
     # sampling step. Only a request that asks pays for them (engine core: `max_logits_bytes`).
     return_context_logits: bool = False
     return_generation_logits: bool = False
+    # Sequences to generate from the prompt (OpenAI's n, TensorRT-LLM's num_return_sequences): the
+    # prompt is computed once and its KV shared; each sequence samples with its own RNG stream and
+    # sends its own outputs, tagged with its `sequence_index`.
+    n: int = 1
 
 
 @dataclass
@@ -52,6 +56,7 @@ class GenerationOutput:
     request_id: str
     token_ids: list[int]
     text: str = ""
+    sequence_index: int = 0  # which of the request's n sequences this output is about
     log_probs: list[float] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
@@ -96,14 +101,17 @@ class RequestHandle:
     thread as each is produced, so a front end that serves many requests (one gRPC stream) needs
     no thread per request to move them. A sink must be quick and must not raise."""
 
-    def __init__(self, request_id: str, cancel: Callable[[str], None], sink: OutputSink | None = None) -> None:
+    def __init__(self, request_id: str, cancel: Callable[[str], None], sink: OutputSink | None = None,
+                 num_sequences: int = 1) -> None:
         import queue
 
         self.request_id = request_id
         self._queue: queue.Queue[GenerationOutput] = queue.Queue()
         self._cancel = cancel
         self._sink = sink
-        self.done = threading.Event()
+        self.num_sequences = num_sequences
+        self._unfinished = num_sequences
+        self.done = threading.Event()  # set once every sequence has sent its final output
 
     def put(self, output: GenerationOutput) -> None:
         if self._sink is not None:
@@ -111,14 +119,17 @@ class RequestHandle:
         else:
             self._queue.put(output)
         if output.finished:
-            self.done.set()
+            self._unfinished -= 1
+            if not self._unfinished:
+                self.done.set()
 
     def __iter__(self) -> Iterator[GenerationOutput]:
-        while True:
+        """Every output of every sequence, in the order they come, until the last has finished."""
+        left = self.num_sequences
+        while left:
             out = self._queue.get()
             yield out
-            if out.finished:
-                return
+            left -= out.finished
 
     def get(self, timeout: float | None = None) -> GenerationOutput:
         return self._queue.get(timeout=timeout)

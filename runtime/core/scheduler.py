@@ -123,6 +123,21 @@ class Scheduler:
                 return seq
         return None
 
+    def adopt(self, seq: Sequence) -> bool:
+        """Run `seq`, forked from a running sequence (its KV already held), from the next step; False
+        if the running batch is full."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        seq.admitted_at = self._admissions
+        self._admissions += 1
+        self.running.append(seq)
+        return True
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put sequences that could not be forked at the head of the queue, in order: they compute
+        their prompt themselves (prefix caching finds its full blocks)."""
+        self.waiting.extendleft(reversed(seqs))
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
