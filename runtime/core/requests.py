@@ -56,7 +56,6 @@ class GenerationOutput:
     request_id: str
     token_ids: list[int]
     text: str = ""
-    sequence_index: int = 0  # which of the request's n sequences this output is about
     log_probs: list[float] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
@@ -89,6 +88,7 @@ class GenerationOutput:
     # [len(token_ids), vocab]: the logits each of this output's tokens was sampled from, row for row.
     context_logits: np.ndarray | None = None
     generation_logits: np.ndarray | None = None
+    sequence_index: int = 0  # which of the request's n sequences this output is about (n > 1)
 
 
 OutputSink = Callable[[GenerationOutput], None]

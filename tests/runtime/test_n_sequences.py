@@ -38,8 +38,9 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
     assert not kv.fork("p", "d", 2) and "d" not in kv.tables, "no free block for the copy: nothing forked"
 
 
-def core_for(engine: Path, max_num_seqs: int = 8, budget: int = 2048) -> EngineCore:
-    return EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=budget), SchedulerConfig(max_num_seqs, 64)))
+def core_for(engine: Path, max_num_seqs: int = 8, budget: int = 2048, prefix_caching: bool = True) -> EngineCore:
+    return EngineCore(engine, CoreConfig(KVCacheConfig(budget_tokens=budget, prefix_caching=prefix_caching),
+                                         SchedulerConfig(max_num_seqs, 64)))
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -86,10 +87,13 @@ def test_sampled_sequences_have_their_own_streams_from_the_seed(tiny_engine: Pat
     assert a[0].token_ids == single[0].token_ids, "sequence 0 draws from the seed's stream, as n = 1 does"
 
 
-def test_siblings_without_a_free_row_compute_the_prompt_themselves(tiny_engine: Path, tiny_hf_checkpoint: Path) -> None:
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["cache", "no-cache"])
+def test_siblings_without_a_free_row_compute_the_prompt_themselves(tiny_engine: Path, tiny_hf_checkpoint: Path,
+                                                                   prefix_caching: bool) -> None:
     """max_num_seqs 3 and another request running: one sibling can be forked at once; the other
-    waits at the head of the queue and starts from the cached full blocks."""
-    core = core_for(tiny_engine, max_num_seqs=3)
+    waits at the head of the queue and starts from the cached full blocks (or from scratch, with
+    prefix caching off)."""
+    core = core_for(tiny_engine, max_num_seqs=3, prefix_caching=prefix_caching)
     p, other = prompt(40, 3), prompt(9, 4)
     computed: dict[str, int] = {}
     run_prefill = core.runner.run_prefill
@@ -110,7 +114,7 @@ def test_siblings_without_a_free_row_compute_the_prompt_themselves(tiny_engine: 
     assert outs[0].token_ids == hf_greedy(hf, other, 30)
     want = hf_greedy(hf, p, 12)
     assert [o.token_ids for o in outs[1:]] == [want] * 3
-    assert computed == {"busy": 9, "n": 40, "n#2": 8}, "n#1 was forked; n#2 computed what was not cached"
+    assert computed == {"busy": 9, "n": 40, "n#2": 8 if prefix_caching else 40}, "n#1 was forked; n#2 computed the rest"
 
 
 def test_cancelling_ends_every_sequence_and_frees_everything(tiny_engine: Path) -> None:
