@@ -94,10 +94,10 @@ TLS_CERT      ?=
 TLS_KEY       ?=
 DRAIN_TIMEOUT ?= 30
 
-## make serve [ENGINE=engines/MODEL] [HOST=127.0.0.1] [PORT=8001] [HTTP_PORT=8000] [METRICS_PORT=8002] [DECOUPLED=true|false] [TLS_CERT=pem TLS_KEY=pem] [DRAIN_TIMEOUT=30] (API key: LLAMAFORGE_API_KEY in the environment): Triton-protocol gRPC server, OpenAI-compatible HTTP (HTTP_PORT=-1: none) (+ /metrics; docs/serving.md)
+## make serve [ENGINE=engines/MODEL] [HOST=127.0.0.1] [PORT=8001] [HTTP_PORT=8000] [METRICS_PORT=8002] [DECOUPLED=true|false] [TLS_CERT=pem TLS_KEY=pem] [DRAIN_TIMEOUT=30] [SERVE_ARGS="--speculative ngram ..."] (API key: LLAMAFORGE_API_KEY in the environment): Triton-protocol gRPC server, OpenAI-compatible HTTP (HTTP_PORT=-1: none) (+ /metrics; docs/serving.md)
 serve: $(VENV)/.installed
 	$(BIN)/llamaforge serve $(ENGINE) --host $(SERVE_HOST) --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(DECOUPLED_ARG) \
-		$(if $(TLS_CERT),--tls-cert $(TLS_CERT)) $(if $(TLS_KEY),--tls-key $(TLS_KEY)) --drain-timeout $(DRAIN_TIMEOUT)
+		$(if $(TLS_CERT),--tls-cert $(TLS_CERT)) $(if $(TLS_KEY),--tls-key $(TLS_KEY)) --drain-timeout $(DRAIN_TIMEOUT) $(SERVE_ARGS)
 
 NAME        ?=
 DEVICE      ?= gpu
