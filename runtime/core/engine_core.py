@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from llamaforge.runtime.core.beam_search import BeamSearch, BeamStep
 from llamaforge.runtime.core.config import CoreConfig
 from llamaforge.runtime.core.engine import Engine
 from llamaforge.runtime.core.kv_cache import KVCacheManager
@@ -35,12 +36,24 @@ from llamaforge.runtime.core.requests import (
     RequestError,
     RequestHandle,
 )
-from llamaforge.runtime.core.scheduler import Scheduler
+from llamaforge.runtime.core.scheduler import Scheduler, Sequence
 from llamaforge.runtime.core.speculative import Speculator
 from llamaforge.runtime.core.stats import CoreStats
 from llamaforge.runtime.core.validation import RequestLimits, check_request
 
 __all__ = ["CoreConfig", "CoreObserver", "EngineCore", "padding_groups", "run_to_completion"]
+
+
+@dataclasses.dataclass(eq=False)
+class BeamGroup:
+    """A beam search request: its beams (`members`, index = beam), each a sequence in the scheduler
+    sharing KV blocks with the others, and the search that decides how they continue."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    search: BeamSearch
+    members: list[RequestState]
+    beams_made: int = 0  # for fresh sequence ids
 
 
 class EngineCore:
@@ -71,6 +84,7 @@ class EngineCore:
         self._inbox: list[RequestState] = []
         self._cancels: set[str] = set()
         self._live: dict[str, RequestState] = {}
+        self._groups: dict[str, BeamGroup] = {}  # beam search requests, by request id
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -114,7 +128,13 @@ class EngineCore:
             raise RequestError("n", f"must be in [1, {self.config.scheduler.max_num_seqs}] (the sequences the server "
                                     f"runs at once), got {request.n}")
         handle = RequestHandle(request.request_id, self.cancel, sink, num_sequences=request.n)
-        state = self.output_processor.new_request(request, handle)
+        group = None
+        if request.beam_width > 1:
+            self._check_beam(request)
+            state = self.output_processor.new_request(dataclasses.replace(request, n=1), handle)
+            group = self._beam_group(request, handle, state)
+        else:
+            state = self.output_processor.new_request(request, handle)
         # Context logits need every prompt position computed: such a request never starts from
         # cached blocks (it still leaves its own for others).
         for s in (state, *state.siblings):
@@ -124,9 +144,41 @@ class EngineCore:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); retry later")
             if any(x.request.request_id == request.request_id for x in (*self._live.values(), *self._inbox)):
                 raise RequestError("id", f"request id {request.request_id!r} is already in flight")
+            if group is not None:
+                self._groups[request.request_id] = group
             self._inbox.append(state)
             self._lock.notify_all()
         return handle
+
+    def _check_beam(self, request: GenerationRequest) -> None:
+        """What beam search takes here: greedy scoring (no sampling, penalties or bans), whole outputs
+        (no streaming), the best n <= beam_width beams, all of them running at once."""
+        width, most = request.beam_width, self.config.scheduler.max_num_seqs
+        if width > most:
+            raise RequestError("beam_width", f"must be <= {most} (the sequences the server runs at once), got {width}")
+        if not 1 <= request.n <= width:
+            raise RequestError("num_return_sequences", f"must be in [1, beam_width={width}], got {request.n}")
+        if request.early_stopping not in (True, False, "never"):
+            raise RequestError("early_stopping", f"must be true, false or 'never', got {request.early_stopping!r}")
+        s = request.sampling
+        refused = {
+            "stream": request.stream, "temperature": not s.greedy and s.temperature > 0,
+            "repetition_penalty": s.repetition_penalty != 1.0, "min_tokens": request.min_tokens > 0,
+            "bad_words": bool(request.bad_words), "stop_words": bool(request.stop_words),
+            "return_context_logits": request.return_context_logits,
+            "return_generation_logits": request.return_generation_logits,
+        }
+        for name, bad in refused.items():
+            if bad:
+                raise RequestError(name, "is not supported with beam_width > 1 (beam search here scores greedily "
+                                         "and returns whole beams)")
+
+    def _beam_group(self, request: GenerationRequest, handle: RequestHandle, first: RequestState) -> BeamGroup:
+        first.seq.group = request.request_id
+        first.seq.reuse_prefix = True
+        search = BeamSearch(request.beam_width, request.max_tokens, first.end_ids, request.length_penalty,
+                            request.early_stopping)
+        return BeamGroup(request, handle, search, [first])
 
     def _check_logits(self, request: GenerationRequest) -> None:
         """Returned logits are float32 rows of the vocabulary, held until the request ends: refuse a
@@ -197,6 +249,8 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
+        for gid in dict.fromkeys(s.group for s in out.preempted if s.group is not None):
+            self._restart_group(self._groups[gid])
         if not out.empty:
             self.counters.steps += 1
         now = time.perf_counter()
@@ -207,6 +261,10 @@ class EngineCore:
         for sampled in self.runner.execute(out):
             states = [(self._live[seq.seq_id], logits) for seq, logits in sampled if seq.seq_id in self._live]
             states += self._fork_siblings(states)
+            beams = [(s, logits) for s, logits in states if s.seq.group is not None]
+            if beams:
+                states = [(s, logits) for s, logits in states if s.seq.group is None]
+                self._step_beams(beams)
             for state, _ in states:  # for its perf metrics, before `update` may finish (and free) it
                 state.kv_blocks = len(self.kv.tables.get(state.seq.seq_id, ()))
                 state.kv_reused_blocks = state.seq.num_cached_tokens // self.kv.block_size
@@ -249,6 +307,111 @@ class EngineCore:
             state.siblings = []
         return forked
 
+    # -- beam search --------------------------------------------------------------------------------
+    def _step_beams(self, entries: list[tuple[RequestState, np.ndarray]]) -> None:
+        """One step of each beam group whose beams computed this call (all of a group's beams decode
+        in the same call; at its first step, its one sequence has computed the prompt)."""
+        groups: dict[str, list[tuple[RequestState, np.ndarray]]] = {}
+        for state, logits in entries:
+            assert state.seq.group is not None
+            groups.setdefault(state.seq.group, []).append((state, logits))
+        for gid, rows in groups.items():
+            group = self._groups[gid]
+            beam = {id(m): i for i, m in enumerate(group.members)}
+            rows.sort(key=lambda r: beam[id(r[0])])
+            if len(rows) != len(group.members):
+                raise RuntimeError(f"beam group {gid}: {len(rows)} of its {len(group.members)} beams computed")
+            width = group.request.beam_width
+            logits = np.stack([r for _, r in rows]) if len(rows) == width else np.repeat(rows[0][1][None], width, axis=0)
+            step = group.search.step(logits)
+            self.counters.generated_tokens += len(step.tokens)
+            if step.done:
+                self._end_group(group)
+            else:
+                self._advance_group(group, step)
+
+    def _advance_group(self, group: BeamGroup, step: BeamStep) -> None:
+        """The next beams: a parent that continues keeps its sequence; one with several continuations
+        forks its KV (full blocks shared, the partial one copied) for the others; a parent nobody
+        continues is freed, before the forks need its blocks."""
+        old, parents = group.members, step.parents
+        new: list[RequestState | None] = [None] * len(parents)
+        kept: set[int] = set()
+        for j, p in enumerate(parents):
+            if p not in kept:
+                kept.add(p)
+                new[j] = old[p]
+        for i, state in enumerate(old):
+            if i not in kept:
+                self._drop_beam(state)
+        for j, p in enumerate(parents):
+            if new[j] is None:
+                parent = old[p].seq
+                group.beams_made += 1
+                seq = Sequence(f"{parent.group}#beam{group.beams_made}", list(parent.tokens), parent.num_prompt,
+                               parent.max_total, group=parent.group)
+                child = RequestState(group.request, group.handle, seq, old[p].rng, None, old[p].end_ids, old[p].arrived,
+                                     admitted=old[p].admitted)
+                if not self.scheduler.adopt(seq):
+                    return self._restart_group(group, new)
+                if not self.kv.fork(parent.seq_id, seq.seq_id, parent.num_computed):
+                    self.scheduler.running.remove(seq)
+                    return self._restart_group(group, new)
+                seq.num_computed = parent.num_computed
+                self._live[seq.seq_id] = child
+                new[j] = child
+        members = [m for m in new if m is not None]
+        for state, token in zip(members, step.tokens):
+            state.seq.tokens.append(token)
+        group.members = members
+
+    def _drop_beam(self, state: RequestState) -> None:
+        self.scheduler.remove(state.seq.seq_id)
+        self._live.pop(state.seq.seq_id, None)
+
+    def _restart_group(self, group: BeamGroup, also: list[RequestState | None] | None = None) -> None:
+        """Start the group's search again from its prompt (its beams were preempted, or a fork found
+        no room): beam search is deterministic, so the result is the same, computed later."""
+        for state in {id(m): m for m in [*group.members, *(also or [])] if m is not None}.values():
+            self._drop_beam(state)
+        first = group.members[0]
+        seq = Sequence(group.request.request_id, list(group.request.prompt_ids), first.seq.num_prompt,
+                       first.seq.max_total, group=first.seq.group)
+        state = RequestState(group.request, group.handle, seq, first.rng, None, first.end_ids, first.arrived,
+                             admitted=first.admitted)
+        group.search = BeamSearch(group.search.num_beams, group.search.max_tokens, group.search.end_ids,
+                                  group.search.length_penalty, group.search.early_stopping)
+        group.members = [state]
+        self._live[seq.seq_id] = state
+        self.scheduler.requeue([seq])
+
+    def _end_group(self, group: BeamGroup, reason: str | None = None, error: str | None = None) -> None:
+        """Free every beam, then send the best n beams (or, with `reason`, n final outputs saying why
+        the request ended early)."""
+        request = group.request
+        for state in group.members:
+            self._drop_beam(state)
+        self._groups.pop(request.request_id, None)
+        end_ids = group.members[0].end_ids
+        finals = []
+        if reason is None:
+            for i, hyp in enumerate(group.search.best(request.n)):
+                ended = bool(hyp.tokens) and hyp.tokens[-1] in end_ids
+                tokens = hyp.tokens[:-1] if ended else hyp.tokens
+                text = self.tokenizer.decode(tokens) if request.detokenize and self.tokenizer is not None else ""
+                finals.append(GenerationOutput(request.request_id, tokens, text, finished=True,
+                                               finish_reason="stop" if ended else "length", sequence_index=i,
+                                               num_input_tokens=len(request.prompt_ids), num_output_tokens=len(tokens),
+                                               cum_log_prob=hyp.sum_log_probs))
+        else:
+            finals = [GenerationOutput(request.request_id, [], finished=True, finish_reason=reason, error=error,
+                                       sequence_index=i, num_input_tokens=len(request.prompt_ids))
+                      for i in range(request.n)]
+        for out in finals:
+            group.handle.put(out)
+            if self.observer is not None:
+                self.observer.on_finished(request.request_id, out.finish_reason or "error", out.num_output_tokens)
+
     def _finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
         """Free the request's sequence and KV blocks, then send its final output (and its siblings'
         that were never forked: a request cancelled or failed before its prompt was computed)."""
@@ -264,6 +427,9 @@ class EngineCore:
         state.siblings = []
 
     def _finish_id(self, request_id: str, reason: str, error: str | None = None) -> None:
+        group = self._groups.get(request_id)
+        if group is not None:
+            return self._end_group(group, reason, error)
         for state in [s for s in self._live.values() if s.request.request_id == request_id]:
             self.scheduler.remove(state.seq.seq_id)
             self._finish(state, reason, error)

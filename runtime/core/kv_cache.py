@@ -123,6 +123,11 @@ class KVCacheManager:
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) - len(self.tables.get(seq_id, ())) <= len(self._free)
 
+    @property
+    def free_blocks(self) -> int:
+        """Blocks nobody holds (cached ones included: they are taken when needed)."""
+        return len(self._free)
+
     def room_for(self, seq_id: str) -> int:
         """Tokens `seq_id` could hold if it took every free block (cached ones included)."""
         return (len(self.tables.get(seq_id, ())) + len(self._free)) * self.block_size

@@ -44,8 +44,13 @@ class GenerationRequest:
     return_generation_logits: bool = False
     # Sequences to generate from the prompt (OpenAI's n, TensorRT-LLM's num_return_sequences): the
     # prompt is computed once and its KV shared; each sequence samples with its own RNG stream and
-    # sends its own outputs, tagged with its `sequence_index`.
+    # sends its own outputs, tagged with its `sequence_index`. With beam search: the best n beams.
     n: int = 1
+    # Beam search (TensorRT-LLM's beam_width > 1; runtime/core/beam_search.py), with transformers'
+    # length_penalty and early_stopping (True, False or "never").
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
 
 @dataclass

@@ -53,6 +53,9 @@ class Sequence:
     draft: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Beam search: the id of the beam group this sequence is a beam of. A group's beams decode in
+    # the same step or not at all, and are preempted together (the engine core restarts the search).
+    group: str | None = None
 
     @property
     def in_prefill(self) -> bool:
@@ -123,6 +126,10 @@ class Scheduler:
                 return seq
         return None
 
+    def _can_grow_all(self, seqs: list[Sequence]) -> bool:
+        need = sum(max(0, self.kv.blocks_for(len(s.tokens)) - len(self.kv.tables.get(s.seq_id, ()))) for s in seqs)
+        return need <= self.kv.free_blocks
+
     def adopt(self, seq: Sequence) -> bool:
         """Run `seq`, forked from a running sequence (its KV already held), from the next step; False
         if the running batch is full."""
@@ -141,33 +148,44 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt_last(self, out: SchedulerOutput) -> Sequence:
-        """Send the most recently admitted running sequence back to the head of the queue."""
-        victim = max(self.running, key=lambda s: s.admitted_at)
-        self.running.remove(victim)
-        self.kv.free(victim.seq_id)
-        victim.draft = []
-        victim.num_computed = 0  # recompute prompt + generated tokens when it is readmitted
-        self.waiting.appendleft(victim)
-        out.preempted.append(victim)
+    def _preempt_last(self, out: SchedulerOutput, protect: str | None = None) -> Sequence:
+        """Send the most recently admitted running sequence back to the head of the queue (not one of
+        the beam group `protect` while anything else runs). A beam is preempted with its whole group,
+        whose sequences leave the scheduler: the engine core restarts the group's search."""
+        unscheduled = [s for s in self.running if s not in out.decode]  # a row already given its token stays
+        others = [s for s in unscheduled if protect is None or s.group != protect]
+        victim = max(others or unscheduled, key=lambda s: s.admitted_at)
+        for seq in [s for s in self.running if s.group == victim.group] if victim.group else [victim]:
+            self.running.remove(seq)
+            self.kv.free(seq.seq_id)
+            seq.draft = []
+            seq.num_computed = 0  # recompute prompt + generated tokens when it is readmitted
+            if seq.group is None:
+                self.waiting.appendleft(seq)
+            out.preempted.append(seq)
         return victim
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
 
-        # 1. decode: oldest admissions first, so preemption takes from the newest.
+        # 1. decode: oldest admissions first, so preemption takes from the newest. A beam group's
+        #    beams decode together or not at all.
         for seq in sorted(self.running, key=lambda s: s.admitted_at):
-            if seq.in_prefill or seq not in self.running or budget <= 0:
+            if seq.in_prefill or seq not in self.running or budget <= 0 or seq in out.decode:
                 continue
-            while not self.kv.can_grow(seq.seq_id, len(seq.tokens)):
-                victim = self._preempt_last(out)
-                if victim is seq:
+            gang = [s for s in self.running if s.group == seq.group] if seq.group else [seq]
+            if len(gang) > budget:
+                continue
+            while not self._can_grow_all(gang):
+                victim = self._preempt_last(out, protect=seq.group)
+                if victim is seq or victim.group is not None and victim.group == seq.group:
                     break
             if seq in self.running:
-                self.kv.grow(seq.seq_id, len(seq.tokens))
-                out.decode.append(seq)
-                budget -= 1
+                for s in gang:
+                    self.kv.grow(s.seq_id, len(s.tokens))
+                    out.decode.append(s)
+                budget -= len(gang)
         # Drafts (speculative decoding) take what the budget and the free blocks leave once every
         # decode has its token, oldest first: a draft never preempts anyone.
         for seq in list(out.decode):

@@ -199,7 +199,7 @@ class Speculator:
         """Set each sequence's draft: those past their prompt may get one, the rest get none."""
         for seq in seqs:
             seq.draft = []
-            if seq.in_prefill:
+            if seq.in_prefill or seq.group is not None:  # beams advance together, one token a step
                 continue
             back = self._backoff.setdefault(seq.seq_id, _Backoff())
             if back.idle:

@@ -73,8 +73,8 @@ def test_logits_equal_transformers_chunked_batched_and_preempted(tiny_engine: Pa
     preempted: list[str] = []
     preempt = core.scheduler._preempt_last
 
-    def spy(out: object) -> object:
-        victim = preempt(out)  # type: ignore[arg-type]
+    def spy(out: object, protect: str | None = None) -> object:
+        victim = preempt(out, protect)  # type: ignore[arg-type]
         preempted.append(victim.seq_id)
         return victim
 
