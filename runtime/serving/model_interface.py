@@ -35,7 +35,12 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     return_context_logits    BOOL    [1]   false; true computes context_logits (and adds it to the default set)
     return_generation_logits BOOL    [1]   false; true computes generation_logits (likewise)
     return_num_input_tokens, return_num_output_tokens  BOOL [1]  accepted (the counts are default outputs)
-    beam_width, num_return_sequences (must be 1), length_penalty (no effect without beam search),
+    num_return_sequences     INT32   [1]   1; n > 1 sequences from the prompt (computed once), each sent
+                                           as its own responses, tagged by sequence_index
+    beam_width               INT32   [1]   1; > 1: beam search (transformers' algorithm), the best
+                                           num_return_sequences (default: beam_width) beams, one
+                                           response each; not streamed
+    length_penalty, early_stopping  FP32, BOOL [1]  beam search's (1.0, false)
     presence_penalty, frequency_penalty (must be 0): accepted for TRT-LLM clients, which send them.
 
     output (dims after the batch dim)  dtype  shape of one row's response
@@ -47,7 +52,7 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
                                        from; a stream piece: [1, N, 1, V], its own tokens only
                                        (runtime/serving/protocol.py "Logits"; CoreConfig.max_logits_bytes)
     batch_index       INT32  [1]       [1, 1]  the row of the request this response belongs to
-    sequence_index    INT32  [1]       [1, 1]  0 (num_return_sequences is 1)
+    sequence_index    INT32  [1]       [1, 1]  which of the request's sequences (or beams, best first)
     num_input_tokens  INT32  [1]       [1, 1]  prompt tokens (BOS included)
     num_output_tokens INT32  [1]       [1, 1]  generated tokens so far (EOS not counted)
     perf metrics (TRT-LLM's return_perf_metrics), each [1] -> [1, 1]:
@@ -69,7 +74,8 @@ token model, served as "tensorrt_llm" (TRT-LLM's own model name and tensor names
     the text model), end_id, pad_id, exclude_input_in_output, return_log_probs, return_perf_metrics,
     return_context_logits, return_generation_logits, stop_words_list / bad_words_list INT32 [2, -1]
     in TRT-LLM's layout (row 0: the sequences' ids concatenated, row 1: each sequence's end offset,
-    -1 padded), plus the same accepted-at-neutral-value inputs (length_penalty is named len_penalty here).
+    -1 padded), plus the same num_return_sequences, beam_width, early_stopping and presence /
+    frequency penalties (length_penalty is named len_penalty here).
     Stop sequences of the token model must be single tokens (they are added to the end ids).
 
     output_ids INT32 [-1, -1] -> [1, 1, N] (non-streaming with exclude_input_in_output false: prompt
@@ -169,8 +175,9 @@ _SAMPLING = (
     _s("return_perf_metrics", "BOOL", doc="false"),
     _s("return_num_input_tokens", "BOOL", doc="accepted: num_input_tokens is a default output anyway"),
     _s("return_num_output_tokens", "BOOL", doc="accepted: num_output_tokens is a default output anyway"),
-    _s("beam_width", "INT32", neutral=1),
-    _s("num_return_sequences", "INT32", neutral=1),
+    _s("beam_width", "INT32", doc="1; > 1: beam search (greedy scoring, not streamed)"),
+    _s("num_return_sequences", "INT32", doc="1; sequences per prompt (beam search: the best beams)"),
+    _s("early_stopping", "BOOL", doc="false; beam search: stop once beam_width beams have finished"),
     _s("presence_penalty", "FP32", neutral=0.0),
     _s("frequency_penalty", "FP32", neutral=0.0),
     _s("return_context_logits", "BOOL", doc="false; true returns context_logits"),

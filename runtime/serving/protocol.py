@@ -346,8 +346,9 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
     generation_logits = bool(values.get("return_generation_logits", False))
     outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)),
                               bool(values.get("return_perf_metrics", False)))
+    sequences = _sequences(values, spec)
     gen = GenerationRequest(
-        request_id=request_id, prompt_ids=list(prompt_ids), max_tokens=int(max_tokens), sampling=sampling,
+        **sequences, request_id=request_id, prompt_ids=list(prompt_ids), max_tokens=int(max_tokens), sampling=sampling,
         min_tokens=int(min_tokens), end_ids=end_ids, stop_words=stop_words, bad_words=bad_words, stream=stream,
         # The core computes log probs only for requests that return them (asked by flag or by name).
         return_log_probs=any(name in spec.log_prob_outputs for name in outputs),
@@ -423,6 +424,22 @@ def _sampling(values: dict[str, Any], k_field: str, p_field: str) -> SamplingPar
         return SamplingParams(temperature=0.0, repetition_penalty=penalty, seed=seed)
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p if top_p > 0 else 1.0,
                           repetition_penalty=penalty, seed=seed)
+
+
+def _sequences(values: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """num_return_sequences, beam_width and beam search's length_penalty / early_stopping as
+    GenerationRequest fields. Beam search returns beam_width beams unless num_return_sequences says
+    how many (TensorRT-LLM's default); the engine core checks the rest."""
+    width = int(values.get("beam_width", 1))
+    if width < 1:
+        raise RequestError("beam_width", f"must be >= 1, got {width}")
+    n = values.get("num_return_sequences")
+    if n is not None and n < 1:
+        raise RequestError("num_return_sequences", f"must be >= 1, got {n}")
+    penalty = "len_penalty" if spec.kind == "tokens" else "length_penalty"
+    return {"beam_width": width, "n": int(n if n is not None else width),
+            "length_penalty": float(values.get(penalty, values.get("length_penalty", 1.0))),
+            "early_stopping": bool(values.get("early_stopping", False))}
 
 
 def _select_outputs(spec: ModelSpec, requested: Sequence[str] | None, log_probs: bool,
@@ -548,7 +565,7 @@ def output_tensors(text: str, ids: list[int], log_probs: list[float], out: Gener
         "cum_log_probs": lambda: ("FP32", np.array([[out.cum_log_prob]], dtype=np.float32)),
         "output_log_probs": lambda: ("FP32", np.array(log_probs, dtype=np.float32).reshape(1, 1, -1)),
         "batch_index": one("INT32", batch_index),
-        "sequence_index": one("INT32", 0),
+        "sequence_index": one("INT32", out.sequence_index),
         "kv_cache_alloc_new_blocks": one("INT32", out.kv_blocks - out.kv_reused_blocks),
         "kv_cache_reused_blocks": one("INT32", out.kv_reused_blocks),
         "kv_cache_alloc_total_blocks": one("INT32", out.kv_blocks),

@@ -293,9 +293,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def unfinished() -> list[str]:
             return [p.generation.request_id for p, h in rows if not h.done.is_set()]
         context.add_callback(lambda: self._cancel(unfinished()))
-        builders = [ResponseBuilder(parsed, request.model_name) for parsed, _ in rows]
-        ends: dict[int, GenerationOutput] = {}
-        while len(ends) < len(rows):
+        # One builder per sequence of each row (n > 1 or beams: several, by sequence_index); a unary
+        # response stacks them as rows, in order.
+        builders = {(parsed.batch_index, i): ResponseBuilder(parsed, request.model_name)
+                    for parsed, _ in rows for i in range(parsed.generation.n)}
+        ends: dict[tuple[int, int], GenerationOutput] = {}
+        while len(ends) < len(builders):
             try:
                 row, out = outputs.get(timeout=_POLL_S)
             except queue.Empty:
@@ -304,17 +307,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 continue
             timer.output(out)
             with timer.building():
-                builders[row].add(out)
+                builders[(row, out.sequence_index)].add(out)
             if out.finished:
-                ends[row] = out
+                ends[(row, out.sequence_index)] = out
         failed = [out for _, out in sorted(ends.items()) if out.finish_reason not in ("stop", "length")]
         if not failed:
             with timer.building():
                 if len(builders) == 1:
-                    response = builders[0].whole()
+                    response = next(iter(builders.values())).whole()
                 else:
-                    response = encode_response(stack_rows([b.whole_tensors() for b in builders]), rows[0][0],
-                                               request.model_name)
+                    response = encode_response(stack_rows([b.whole_tensors() for _, b in sorted(builders.items())]),
+                                               rows[0][0], request.model_name)
         self._record(request.model_name, not failed, timer)
         name = request.id or rows[0][0].generation.request_id
         if any(out.finish_reason == "cancelled" for out in failed):
@@ -349,11 +352,13 @@ class _StreamGroup:
 
 @dataclass(eq=False)
 class _StreamRequest:
-    """One row of a request on a stream, as the stream's sender sees it."""
+    """One sequence of one row of a request on a stream, as the stream's sender sees it (a row has
+    one, or n with num_return_sequences / beams; `row_open` counts the row's sequences not ended)."""
 
     group: _StreamGroup
     parsed: ParsedRequest
     builder: ResponseBuilder
+    row_open: list[int]
     ended: bool = False
 
     @property
@@ -402,14 +407,17 @@ class _Stream:
         entries: list[_StreamRequest] = []
 
         def sink(parsed: ParsedRequest) -> OutputSink:
-            state = _StreamRequest(group, parsed, ResponseBuilder(parsed, request.model_name))
+            n = parsed.generation.n
+            row_open = [n]
+            states = [_StreamRequest(group, parsed, ResponseBuilder(parsed, request.model_name), row_open)
+                      for _ in range(n)]
             with self.lock:
-                entries.append(state)
-                group.open_rows += 1
+                entries.extend(states)
+                group.open_rows += n
 
             def put(out: GenerationOutput) -> None:
                 timer.output(out)
-                self.out.put((state, out))
+                self.out.put((states[out.sequence_index], out))
             return put
 
         try:
@@ -427,7 +435,7 @@ class _Stream:
             return
         ids = [parsed.generation.request_id for parsed, _ in rows]
         with self.lock:
-            self.started += len(rows)
+            self.started += len(entries)
             for state in entries:
                 if not state.ended:  # its last output may already have been sent
                     self.active.add(state.parsed.generation.request_id)
@@ -485,7 +493,9 @@ class _Stream:
             with self.lock:
                 st.ended = True
                 self.ended += 1
-                self.active.discard(parsed.generation.request_id)
+                st.row_open[0] -= 1
+                if not st.row_open[0]:
+                    self.active.discard(parsed.generation.request_id)
                 group.open_rows -= 1
                 group.failed = group.failed or not ok
                 request_done = group.open_rows == 0
