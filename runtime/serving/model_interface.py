@@ -35,8 +35,12 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     return_context_logits    BOOL    [1]   false; true computes context_logits (and adds it to the default set)
     return_generation_logits BOOL    [1]   false; true computes generation_logits (likewise)
     return_num_input_tokens, return_num_output_tokens  BOOL [1]  accepted (the counts are default outputs)
-    beam_width, num_return_sequences (must be 1), length_penalty (no effect without beam search),
-    presence_penalty, frequency_penalty (must be 0): accepted for TRT-LLM clients, which send them.
+    presence_penalty         FP32    [1]   0.0; OpenAI's formula, in [-2, 2], over the generated tokens only
+    frequency_penalty        FP32    [1]   0.0; (TensorRT-LLM counts the prompt's tokens too: see docs/serving.md)
+    guided_decoding_guide_type BYTES [1] json | json_schema | regex | ebnf_grammar (TRT-LLM's guide types)
+    guided_decoding_guide    BYTES   [1]   the JSON schema, regex or grammar (GBNF or Lark); none for json
+    beam_width, num_return_sequences (must be 1), length_penalty (no effect without beam search):
+    accepted for TRT-LLM clients, which send them.
 
     output (dims after the batch dim)  dtype  shape of one row's response
     text_output       BYTES  [-1]      [1]  the text (streams: only the new text of this response)
@@ -171,10 +175,15 @@ _SAMPLING = (
     _s("return_num_output_tokens", "BOOL", doc="accepted: num_output_tokens is a default output anyway"),
     _s("beam_width", "INT32", neutral=1),
     _s("num_return_sequences", "INT32", neutral=1),
-    _s("presence_penalty", "FP32", neutral=0.0),
-    _s("frequency_penalty", "FP32", neutral=0.0),
+    # OpenAI's formula over the generated tokens (runtime/core/sampling.py), in [-2, 2]; TensorRT-LLM
+    # also counts the prompt's tokens unless prompt_ignore_length says otherwise.
+    _s("presence_penalty", "FP32", doc="0.0; minus this from the logit of every token generated so far"),
+    _s("frequency_penalty", "FP32", doc="0.0; minus this times each token's count among the generated tokens"),
     _s("return_context_logits", "BOOL", doc="false; true returns context_logits"),
     _s("return_generation_logits", "BOOL", doc="false; true returns generation_logits"),
+    # TensorRT-LLM's guided decoding inputs (runtime/core/guided.py).
+    _s("guided_decoding_guide_type", "BYTES", doc="json, json_schema, regex or ebnf_grammar"),
+    _s("guided_decoding_guide", "BYTES", doc="the schema, regex or grammar (json: none)"),
 )
 
 PERF_METRIC_OUTPUTS = (
