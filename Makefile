@@ -44,7 +44,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai lint clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided lint clean help
 
 ## make help: this list
 help:
@@ -201,6 +201,10 @@ bench-spec: $(VENV)/.installed
 ## make bench-openai: the OpenAI HTTP/SSE route under AIPerf (pinned, own venv in bench/.work) vs the same load over gRPC streaming, concurrency 1-16: tok/s, TTFT, ITL (target HTTP >= 0.95x gRPC)
 bench-openai: $(VENV)/.installed
 	$(PY) bench/openai_load.py
+
+## make bench-guided: guided decoding: llguidance vs xgrammar mask cost per token at vocab 32k / 128k (xgrammar in a throwaway venv under bench/.work), then the per-step overhead at 1 and 16 rows on the 125M bench model (target <= 10% at 16 rows)
+bench-guided: $(VENV)/.installed
+	$(PY) bench/guided.py
 
 ## make bench-triton-tools: NVIDIA perf_analyzer 2.60 and genai-perf 0.0.16 (pinned, own venv + Debian 13 glibc under bench/.work/triton-tools), stock commands vs llamaforge serve: throughput, latency
 bench-triton-tools: $(VENV)/.installed

@@ -163,7 +163,10 @@ class EngineCore:
         s = request.sampling
         refused = {
             "stream": request.stream, "temperature": not s.greedy and s.temperature > 0,
-            "repetition_penalty": s.repetition_penalty != 1.0, "min_tokens": request.min_tokens > 0,
+            "repetition_penalty": s.repetition_penalty != 1.0, "presence_penalty": s.presence_penalty != 0.0,
+            "frequency_penalty": s.frequency_penalty != 0.0, "logit_bias": bool(s.logit_bias),
+            "min_tokens": request.min_tokens > 0, "top_logprobs": request.top_logprobs > 0,
+            "guided_decoding_guide": request.guided is not None,
             "bad_words": bool(request.bad_words), "stop_words": bool(request.stop_words),
             "return_context_logits": request.return_context_logits,
             "return_generation_logits": request.return_generation_logits,
@@ -459,7 +462,7 @@ def run_to_completion(core: EngineCore, requests: Iterable[GenerationRequest]) -
             last = parts[-1]
             merged.append(dataclasses.replace(  # the last output's fields, with every output's pieces joined
                 last, token_ids=[t for p in parts for t in p.token_ids], text="".join(p.text for p in parts),
-                log_probs=[x for p in parts for x in p.log_probs],
+                log_probs=[x for p in parts for x in p.log_probs], top_log_probs=[t for p in parts for t in p.top_log_probs],
                 generation_logits=None if last.generation_logits is None else np.concatenate(
                     [p.generation_logits for p in parts if p.generation_logits is not None]),
             ))

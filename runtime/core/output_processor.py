@@ -1,8 +1,10 @@
 """The output processor: from a sequence's logits to what its caller receives. It samples each
-sequence with the request's own RNG (so a seed's output does not depend on the batch), bans what
-must not be generated yet (end ids before `min_tokens`, bad words), applies the stops (end ids,
-stop words, `max_tokens`, the context length), detokenizes incrementally, and emits each request's
-news to its `RequestHandle`, telling the `CoreObserver` about every token and finish.
+sequence with the request's own RNG (so a seed's output does not depend on the batch; penalties,
+biases and top log probs: runtime/core/sampling.py), bans what must not be generated yet (end ids
+before `min_tokens`, bad words), holds a guided request to its grammar (runtime/core/guided.py: the
+grammar's mask, and the output ends where the grammar does), applies the stops (end ids, stop
+words, `max_tokens`, the context length), detokenizes incrementally, and emits each request's news
+to its `RequestHandle`, telling the `CoreObserver` about every token and finish.
 
 It decides when a request is finished but does not free it: the engine core frees the sequence
 and only then calls `finish`, so a caller that sees the final output also sees the KV blocks free.
@@ -23,9 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer
+from llamaforge.runtime.core.guided import Guidance, GuidedState
 from llamaforge.runtime.core.model_runner import ContextLogits
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestHandle
-from llamaforge.runtime.core.sampling import sample
+from llamaforge.runtime.core.sampling import pick
 from llamaforge.runtime.core.scheduler import Sequence
 from llamaforge.runtime.core.stats import CoreStats
 
@@ -52,6 +55,7 @@ class RequestState:
     text: list[str] = field(default_factory=list)  # pieces not yet sent (unary: everything)
     pending_ids: list[int] = field(default_factory=list)
     pending_log_probs: list[float] = field(default_factory=list)
+    pending_top: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # top_logprobs > 0
     last_token_at: float = 0.0
     admitted: float | None = None  # perf_counter when the scheduler first admitted it
     first_token_at: float | None = None  # perf_counter when its first token was sampled
@@ -59,6 +63,7 @@ class RequestState:
     kv_reused_blocks: int = 0  # of them, found in the prefix cache at its admission (the core keeps it)
     context: ContextLogits | None = None  # return_context_logits: the prompt's logits
     pending_logits: list[np.ndarray] | None = None  # return_generation_logits: rows of pending_ids
+    guide: GuidedState | None = None  # guided decoding: the matcher and its next mask
     index: int = 0  # which of the request's n sequences (0: the one that computes the prompt)
     # n > 1: the request's other sequences, forked from this one once its prompt is computed.
     siblings: list[RequestState] = field(default_factory=list)
@@ -75,6 +80,7 @@ class OutputProcessor:
         self.context_length = context_length
         self.stats = stats
         self.observer = observer
+        self.guidance = Guidance(tokenizer, vocab_size, eos_ids)
 
     def new_request(self, request: GenerationRequest, handle: RequestHandle) -> RequestState:
         """The state of the request's sequence 0, holding those of its other n - 1 (`siblings`)."""
@@ -99,6 +105,8 @@ class OutputProcessor:
             state.context = ContextLogits(np.zeros((seq.num_prompt, self.vocab_size), np.float32))
         if request.return_generation_logits:
             state.pending_logits = []
+        if request.guided is not None:  # compiled here, on the submitting thread (a bad guide raises)
+            state.guide = self.guidance.start(request.guided, end_ids)
         return state
 
     def update(self, sampled: list[tuple[RequestState, np.ndarray]]) -> list[tuple[RequestState, str]]:
@@ -106,10 +114,14 @@ class OutputProcessor:
         stops the request, and stream what is new. Returns the requests that have finished, with
         their reason ('stop' or 'length'); their final output waits for `finish`."""
         finished = []
+        guided = []
         for state, logits in sampled:
             reason = self._add_token(state, logits)
             if reason is not None:
                 finished.append((state, reason))
+            elif state.guide is not None:
+                guided.append(state.guide)
+        self.guidance.prefetch(guided)  # their next masks, while the engine runs its next call
         return finished
 
     def verify(self, state: RequestState, rows: np.ndarray, draft: list[int]) -> tuple[int, str | None]:
@@ -131,8 +143,10 @@ class OutputProcessor:
 
     def _add_token(self, state: RequestState, logits: np.ndarray, stream: bool = True) -> str | None:
         req, seq = state.request, state.seq
-        token, log_prob = sample(logits, req.sampling, state.rng, seq.tokens, self._banned(state),
-                                 want_log_prob=req.return_log_probs)
+        picked = pick(logits, req.sampling, state.rng, seen=seq.tokens, generated=state.generated,
+                      banned=self._banned(state), allowed=state.guide.allowed() if state.guide else None,
+                      want_log_prob=req.return_log_probs, top_logprobs=req.top_logprobs)
+        token, log_prob = picked.token, picked.log_prob
         now = time.perf_counter()
         if self.observer:
             if not state.generated:
@@ -150,6 +164,8 @@ class OutputProcessor:
         state.log_probs.append(log_prob)
         state.pending_ids.append(token)
         state.pending_log_probs.append(log_prob)
+        if req.top_logprobs:
+            state.pending_top.append(picked.top)
         if state.pending_logits is not None:  # a copy: the row is a view of the engine call's output
             state.pending_logits.append(np.array(logits, dtype=np.float32))
         if state.detok is not None:
@@ -158,6 +174,8 @@ class OutputProcessor:
                 state.text.append(piece)
             if state.detok.stopped:
                 return "stop"
+        if state.guide is not None and state.guide.advance(token):
+            return "stop"
         if len(state.generated) >= req.max_tokens or len(seq.tokens) >= self.context_length:
             return "length"
         if stream and req.stream and (state.detok is None or state.text):
@@ -177,6 +195,8 @@ class OutputProcessor:
     def finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
         """Emit the request's final output ('stop', 'length', 'cancelled' or 'error'); the core has
         freed its sequence."""
+        if state.guide is not None:
+            state.guide.close()
         if state.detok is not None and reason != "cancelled":
             tail = state.detok.finish()
             if tail:
@@ -192,7 +212,7 @@ class OutputProcessor:
             sequence_index=state.index,
             log_probs=state.pending_log_probs, finished=finished, finish_reason=reason, error=error,
             num_input_tokens=state.seq.num_prompt, num_output_tokens=len(state.generated),
-            cum_log_prob=float(sum(state.log_probs)),
+            cum_log_prob=float(sum(state.log_probs)), top_log_probs=state.pending_top,
             queue_s=None if state.admitted is None else state.admitted - state.arrived,
             arrival_ns=_ns(state.arrived), first_scheduled_ns=_ns(state.admitted),
             first_token_ns=_ns(state.first_token_at), last_token_ns=None if state.first_token_at is None else _ns(state.last_token_at),
@@ -207,7 +227,7 @@ class OutputProcessor:
             out.generation_logits = (np.stack(state.pending_logits) if state.pending_logits
                                      else np.zeros((0, self.vocab_size), np.float32))
             state.pending_logits = []
-        state.pending_ids, state.pending_log_probs, state.text = [], [], []
+        state.pending_ids, state.pending_log_probs, state.pending_top, state.text = [], [], [], []
         state.handle.put(out)
 
 

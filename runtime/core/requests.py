@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llamaforge.runtime.core.sampling import SamplingParams
+
+if TYPE_CHECKING:  # guided.py imports RequestError from here
+    from llamaforge.runtime.core.guided import GuidedSpec
 
 
 class RequestError(ValueError):
@@ -36,6 +40,10 @@ class GenerationRequest:
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences that are never generated
     stream: bool = False
     return_log_probs: bool = False
+    # Per generated token, its step's `top_logprobs` most likely tokens with their log probs
+    # (runtime/core/sampling.py: of the distribution the token was drawn from); 0: none.
+    top_logprobs: int = 0
+    guided: GuidedSpec | None = None  # structured output (runtime/core/guided.py)
     detokenize: bool = True  # False for the token-level model
     # TensorRT-LLM's return_context_logits / return_generation_logits: the raw logits (before
     # penalties, bans and temperature) of every prompt position, and of every returned token's
@@ -93,6 +101,9 @@ class GenerationOutput:
     # [len(token_ids), vocab]: the logits each of this output's tokens was sampled from, row for row.
     context_logits: np.ndarray | None = None
     generation_logits: np.ndarray | None = None
+    # Only for requests with top_logprobs > 0: per token of `token_ids`, its step's most likely
+    # (token id, log prob) pairs, most likely first.
+    top_log_probs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     sequence_index: int = 0  # which of the request's n sequences this output is about (n > 1)
 
 

@@ -2,6 +2,22 @@
 
 Each sequence owns its `numpy.random.Generator`, so a seed gives the same tokens whatever else is
 in the batch.
+
+One row goes through these steps, in vLLM v1's order (its sampler, then its logits processors):
+
+  1. the repetition penalty (CTRL's, as transformers: every token so far, prompt included);
+  2. the presence and frequency penalties (OpenAI's formula, over the *generated* tokens only, as
+     vLLM and OpenAI count them): logit[j] -= count[j] * frequency + (count[j] > 0) * presence;
+  3. `logit_bias` (OpenAI's: added to the logits);
+  4. bans (end ids before min_tokens, bad words) and a guided-decoding mask (runtime/core/guided.py):
+     -inf;
+  5. greedy: the argmax. Sampling: temperature, then `min_p` (vLLM's: drop the tokens whose
+     probability is below min_p times the most likely one's), `top_k`, `top_p`, and a draw.
+
+Log probabilities are those of the distribution the token was drawn from: after steps 1-4, and for
+sampling after temperature and the truncations (a truncated token's is -inf). The top log probs of
+a step are that distribution's k most likely tokens, so the sampled token's log prob is among them
+whenever it is one of the k most likely.
 """
 
 from __future__ import annotations
@@ -11,6 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# OpenAI's bound on top_logprobs (vLLM's default max_logprobs is 20 too); every front end reads it here.
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -19,6 +38,11 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's range, [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's range, [-2, 2]
+    # (token id, bias in [-100, 100]) pairs, OpenAI's logit_bias; a tuple so the params stay immutable.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0  # in [0, 1]; 0 means off
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -29,10 +53,37 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name}={value} must be in [-2, 2]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} must be >= 0")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: the bias of token {token} is {bias}; it must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether steps 1-3 change the row at all."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One sampled token: its log prob (0.0 unless asked) and its step's top log probs, most likely
+    first (empty unless asked)."""
+
+    token: int
+    log_prob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -46,36 +97,53 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           seen: np.ndarray | Sequence[int] | None = None, banned: list[int] | None = None,
-           want_log_prob: bool = True) -> tuple[int, float]:
-    """Pick the next token from one row of logits [V]; returns (token, its log probability under
-    the distribution it was drawn from: after penalties and bans, and temperature if sampling).
-    Unless `want_log_prob` the log prob is 0.0, what TensorRT-LLM's Triton models report when
-    return_log_probs is false, and greedy picks skip the log-sum-exp over the vocabulary (half a
-    millisecond at vocab 32000, as long as the rest of a token's host work).
+def apply_presence_frequency(logits: np.ndarray, generated: np.ndarray, presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's presence / frequency penalties on `logits` (float64, changed in place), counting
+    the generated tokens only. np.unique, not a bincount: it costs the tokens, not the vocabulary."""
+    if (presence == 0.0 and frequency == 0.0) or generated.size == 0:
+        return logits
+    ids, counts = np.unique(generated, return_counts=True)
+    logits[ids] -= counts * frequency + presence
+    return logits
 
-    `seen` (the tokens so far, for the repetition penalty) is read only when the penalty is not 1."""
-    if params.greedy and not want_log_prob and params.repetition_penalty == 1.0:
-        # The pick alone: the argmax of the row as it comes is the float64 row's (widening is exact),
-        # so the float64 copy of the vocabulary row is skipped (about 70 of 90 us at vocab 32000).
-        if banned:
-            logits = logits.copy()
-            logits[banned] = -np.inf
-        return int(np.argmax(logits)), 0.0
-    logits = logits.astype(np.float64)
+
+def adjusted_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | Sequence[int] | None = None,
+                    generated: np.ndarray | Sequence[int] | None = None, banned: Sequence[int] | None = None,
+                    allowed: np.ndarray | None = None) -> np.ndarray:
+    """Steps 1-4 on a float64 copy of `logits` [V]: what greedy argmaxes and what temperature scales.
+    `allowed`: a boolean mask [V] (guided decoding); a ban that would leave nothing allowed is not
+    applied (the grammar wins: it may only allow the end of the output before min_tokens)."""
+    x = logits.astype(np.float64)
     if seen is not None and params.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, np.asarray(seen, np.int64), params.repetition_penalty)
-    if banned:
-        logits[banned] = -np.inf
-    if params.greedy:
-        token = int(np.argmax(logits))
-        return token, float(logits[token] - _logsumexp(logits)) if want_log_prob else 0.0
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = np.partition(logits, -params.top_k)[-params.top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
+        x = apply_repetition_penalty(x, np.asarray(seen, np.int64), params.repetition_penalty)
+    if generated is not None and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
+        apply_presence_frequency(x, np.asarray(generated, np.int64), params.presence_penalty,
+                                 params.frequency_penalty)
+    if params.logit_bias:
+        ids = np.fromiter((t for t, _ in params.logit_bias), np.int64)
+        x[ids] += np.fromiter((b for _, b in params.logit_bias), np.float64)
+    if allowed is not None:
+        np.putmask(x, ~allowed, -np.inf)
+        if banned:
+            kept = x[banned].copy()
+            x[banned] = -np.inf
+            if not np.isfinite(x).any():
+                x[banned] = kept
+    elif banned:
+        x[banned] = -np.inf
+    return x
+
+
+def sampling_distribution(x: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Step 5 for sampling: the probabilities [V] a token is drawn from, given `adjusted_logits`."""
+    x = x / params.temperature
+    if params.min_p > 0.0:  # p < min_p * p_max  <=>  x < x_max + log(min_p)
+        x = np.where(x < x.max() + np.log(params.min_p), -np.inf, x)
+    if 0 < params.top_k < x.size:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    probs = np.exp(x - x.max())
     probs /= probs.sum()
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -85,8 +153,85 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         mask[order[keep]] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
-    token = int(rng.choice(probs.size, p=probs))
-    return token, float(np.log(probs[token])) if want_log_prob else 0.0
+    return probs
+
+
+def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, *,
+         seen: np.ndarray | Sequence[int] | None = None, generated: np.ndarray | Sequence[int] | None = None,
+         banned: Sequence[int] | None = None, allowed: np.ndarray | None = None, want_log_prob: bool = True,
+         top_logprobs: int = 0) -> Pick:
+    """Pick the next token from one row of logits [V] (see the module docstring for the steps).
+    `seen`: the tokens so far (read only for the repetition penalty); `generated`: the generated
+    tokens (for the presence and frequency penalties); `allowed`: guided decoding's mask [V] (the
+    tokens the grammar lets come next); `top_logprobs`: how many of the step's most likely tokens
+    `Pick.top` lists (0: none). Unless `want_log_prob` or `top_logprobs`,
+    the log prob is 0.0 (what TensorRT-LLM's Triton models report when return_log_probs is false),
+    and a plain greedy pick skips the log-sum-exp over the vocabulary (half a millisecond at vocab
+    32000, as long as the rest of a token's host work)."""
+    want = want_log_prob or top_logprobs > 0
+    if params.greedy and not want and not params.adjusts_logits and allowed is None:
+        # The pick alone: the argmax of the row as it comes is the float64 row's (widening is exact),
+        # so the float64 copy of the vocabulary row is skipped (about 70 of 90 us at vocab 32000).
+        if banned:
+            logits = logits.copy()
+            logits[banned] = -np.inf
+        return Pick(int(np.argmax(logits)))
+    support = None
+    if allowed is not None:
+        # A mask that allows few tokens (a grammar outside a string): work on those alone, not the
+        # vocabulary. Exact, since every other token is -inf; the top log probs need k of them.
+        support = np.flatnonzero(allowed)
+        if 2 * support.size > allowed.size or top_logprobs > support.size:
+            support = None
+    if support is None:
+        x = adjusted_logits(logits, params, seen, generated, banned, allowed)
+    else:
+        x = adjusted_logits(logits, params, seen, generated)[support]
+        if banned:  # as adjusted_logits bans: unless nothing would be left
+            ban = np.isin(support, banned)
+            if not ban.all():
+                x[ban] = -np.inf
+    if params.greedy:
+        k = int(np.argmax(x))
+        if not want:
+            return Pick(_token(k, support))
+        log_probs = x - _logsumexp(x)
+    else:
+        probs = sampling_distribution(x, params)
+        k = int(rng.choice(probs.size, p=probs))
+        if not want:
+            return Pick(_token(k, support))
+        with np.errstate(divide="ignore"):  # a truncated token's log prob is -inf
+            log_probs = np.log(probs)
+    top = top_log_probs(log_probs, top_logprobs)
+    if support is not None:
+        top = tuple((int(support[i]), lp) for i, lp in top)
+    return Pick(_token(k, support), float(log_probs[k]), top)
+
+
+def _token(k: int, support: np.ndarray | None) -> int:
+    return k if support is None else int(support[k])
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           seen: np.ndarray | Sequence[int] | None = None, banned: list[int] | None = None,
+           want_log_prob: bool = True) -> tuple[int, float]:
+    """`pick` as (token, log prob), for callers without generated-token penalties or top log probs."""
+    p = pick(logits, params, rng, seen=seen, banned=banned, want_log_prob=want_log_prob)
+    return p.token, p.log_prob
+
+
+def top_log_probs(log_probs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The `k` largest entries of `log_probs` as (token, log prob), most likely first (ties: the
+    lower id first)."""
+    if k <= 0:
+        return ()
+    k = min(k, log_probs.size)
+    kth = np.partition(log_probs, -k)[-k]
+    above = np.flatnonzero(log_probs > kth)
+    ids = np.concatenate([above, np.flatnonzero(log_probs == kth)[: k - above.size]])  # ties: the lower ids
+    ids = ids[np.lexsort((ids, -log_probs[ids]))]
+    return tuple((int(i), float(log_probs[i])) for i in ids)
 
 
 def _logsumexp(x: np.ndarray) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamaforge.runtime.core.requests import GenerationRequest, RequestError
+from llamaforge.runtime.core.sampling import MAX_TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,22 @@ def check_context(num_prompt: int, max_tokens: int, limits: RequestLimits, promp
                                       f"({limits.kv_tokens} tokens)")
 
 
+def check_top_logprobs(top: int, field: str) -> None:
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(field, f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+
+
+def check_logit_bias(pairs: Sequence[tuple[int, float]], vocab_size: int, field: str = "logit_bias") -> None:
+    """The biased ids are in the vocabulary (SamplingParams checks the biases themselves)."""
+    for token, _ in pairs:
+        if not 0 <= token < vocab_size:
+            raise RequestError(field, f"token id {token} is outside the vocabulary [0, {vocab_size})")
+
+
 def check_request(request: GenerationRequest, limits: RequestLimits, prompt_field: str = "text_input") -> None:
     """Every check above, on a request built by the caller (as `EngineCore.submit` gets it)."""
     check_prompt_ids(request.prompt_ids, limits.vocab_size, prompt_field)
     check_max_tokens(request.max_tokens, "max_tokens")
     check_context(len(request.prompt_ids), request.max_tokens, limits, prompt_field, "max_tokens")
+    check_top_logprobs(request.top_logprobs, "top_logprobs")
+    check_logit_bias(request.sampling.logit_bias, limits.vocab_size)

@@ -35,13 +35,16 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
     return_context_logits    BOOL    [1]   false; true computes context_logits (and adds it to the default set)
     return_generation_logits BOOL    [1]   false; true computes generation_logits (likewise)
     return_num_input_tokens, return_num_output_tokens  BOOL [1]  accepted (the counts are default outputs)
+    presence_penalty         FP32    [1]   0.0; OpenAI's formula, in [-2, 2], over the generated tokens only
+    frequency_penalty        FP32    [1]   0.0; (TensorRT-LLM counts the prompt's tokens too: see docs/serving.md)
+    guided_decoding_guide_type BYTES [1] json | json_schema | regex | ebnf_grammar (TRT-LLM's guide types)
+    guided_decoding_guide    BYTES   [1]   the JSON schema, regex or grammar (GBNF or Lark); none for json
     num_return_sequences     INT32   [1]   1; n > 1 sequences from the prompt (computed once), each sent
                                            as its own responses, tagged by sequence_index
     beam_width               INT32   [1]   1; > 1: beam search (transformers' algorithm), the best
                                            num_return_sequences (default: beam_width) beams, one
                                            response each; not streamed
     length_penalty, early_stopping  FP32, BOOL [1]  beam search's (1.0, false)
-    presence_penalty, frequency_penalty (must be 0): accepted for TRT-LLM clients, which send them.
 
     output (dims after the batch dim)  dtype  shape of one row's response
     text_output       BYTES  [-1]      [1]  the text (streams: only the new text of this response)
@@ -178,10 +181,15 @@ _SAMPLING = (
     _s("beam_width", "INT32", doc="1; > 1: beam search (greedy scoring, not streamed)"),
     _s("num_return_sequences", "INT32", doc="1; sequences per prompt (beam search: the best beams)"),
     _s("early_stopping", "BOOL", doc="false; beam search: stop once beam_width beams have finished"),
-    _s("presence_penalty", "FP32", neutral=0.0),
-    _s("frequency_penalty", "FP32", neutral=0.0),
+    # OpenAI's formula over the generated tokens (runtime/core/sampling.py), in [-2, 2]; TensorRT-LLM
+    # also counts the prompt's tokens unless prompt_ignore_length says otherwise.
+    _s("presence_penalty", "FP32", doc="0.0; minus this from the logit of every token generated so far"),
+    _s("frequency_penalty", "FP32", doc="0.0; minus this times each token's count among the generated tokens"),
     _s("return_context_logits", "BOOL", doc="false; true returns context_logits"),
     _s("return_generation_logits", "BOOL", doc="false; true returns generation_logits"),
+    # TensorRT-LLM's guided decoding inputs (runtime/core/guided.py).
+    _s("guided_decoding_guide_type", "BYTES", doc="json, json_schema, regex or ebnf_grammar"),
+    _s("guided_decoding_guide", "BYTES", doc="the schema, regex or grammar (json: none)"),
 )
 
 PERF_METRIC_OUTPUTS = (

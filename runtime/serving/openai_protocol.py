@@ -2,34 +2,51 @@
 the response, chunk and error bodies (the HTTP routes themselves are runtime/serving/openai_server.py).
 
 Parsing is strict: a parameter this server takes is honoured; a parameter of OpenAI's API that the
-core cannot honour yet (`n` > 1, `best_of` > 1, penalties, `logit_bias`, `response_format` other
-than text, tools, `suffix`, top log probabilities, prompt log probabilities) and any field that is
-not OpenAI's is a `RequestError` naming it, which the server answers 400 with `param` set. The
-prompt, `max_tokens` and context checks are `runtime/core/validation.py`'s, as for gRPC.
+core cannot honour yet (`n` > 1, `best_of` > 1, tools, `suffix`, prompt log probabilities) and any
+field that is neither OpenAI's nor one of vLLM's extensions taken here (`min_p`, and
+`structured_outputs` for a regex or a grammar) is a `RequestError` naming it, which the server
+answers 400 with `param` set. The prompt, `max_tokens` and context checks are
+`runtime/core/validation.py`'s, as for gRPC; a structured-output guide is compiled (and refused,
+naming its field) when the core is given the request.
+
+Log probs (`logprobs`, chat `top_logprobs`, completions `logprobs: k`, at most MAX_TOP_LOGPROBS)
+are those of the distribution each token was drawn from (runtime/core/sampling.py); a token that
+distribution excludes (top_k, top_p, min_p, a ban) has log prob -inf, written -9999.0 as vLLM
+writes it (JSON has no infinity).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamaforge.runtime.core.guided import GuidedSpec
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestError
-from llamaforge.runtime.core.sampling import SamplingParams
+from llamaforge.runtime.core.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from llamaforge.runtime.core.tokenizer import Tokenizer
-from llamaforge.runtime.core.validation import RequestLimits, check_context, check_max_tokens, check_prompt_ids
+from llamaforge.runtime.core.validation import (
+    RequestLimits,
+    check_context,
+    check_logit_bias,
+    check_max_tokens,
+    check_prompt_ids,
+)
 
 __all__ = ["OpenAIRequest", "PromptJob", "parse_completion", "parse_chat", "error_body", "usage_body",
            "completion_body", "chat_body", "completion_chunk", "chat_chunk", "MAX_LOGPROBS"]
 
-MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+MAX_LOGPROBS = MAX_TOP_LOGPROBS  # OpenAI's bound on top_logprobs (and here on the completions logprobs)
+_MINUS_INF_LOGPROB = -9999.0  # vLLM's stand-in for a log prob of -inf
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "logprobs",
-           "user", "n", "presence_penalty", "frequency_penalty", "logit_bias"}
+           "user", "n", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "response_format",
+           "structured_outputs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                           "tool_choice", "parallel_tool_calls", "functions", "function_call"}
 
 
@@ -115,13 +132,37 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
-def _sampling(body: Mapping[str, Any]) -> SamplingParams:
+def _logit_bias(body: Mapping[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: an object from token ids (as strings) to a bias in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestError("logit_bias", f"expected an object of token id -> bias, got {_type_name(value)}")
+    pairs = []
+    for key in value:
+        try:
+            token = int(key)
+        except ValueError:
+            raise RequestError("logit_bias", f"key {key!r} is not a token id") from None
+        bias = value[key]
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise RequestError("logit_bias", f"the bias of token {key} must be a number in [-100, 100], got {bias!r}")
+        pairs.append((token, float(bias)))
+    check_logit_bias(pairs, vocab_size)
+    return tuple(pairs)
+
+
+def _sampling(body: Mapping[str, Any], vocab_size: int) -> SamplingParams:
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = _integer(body, "seed")
     if seed is not None and not 0 <= seed < 2**64:
         raise RequestError("seed", f"must be in [0, 2**64), got {seed}")
-    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
+                          presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                          frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                          min_p=_number(body, "min_p", 0.0, 0.0, 1.0), logit_bias=_logit_bias(body, vocab_size))
 
 
 def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
@@ -140,12 +181,79 @@ def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
 
 def _unsupported_common(body: Mapping[str, Any]) -> None:
     _refuse_unless(body, "n", [1], "one choice per prompt (n > 1 is not implemented yet)")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        _refuse_unless(body, penalty, [0.0], "penalties are not implemented yet")
-    _refuse_unless(body, "logit_bias", [{}], "logit_bias is not implemented yet")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError("user", f"expected a string, got {_type_name(user)}")
+
+
+def _response_format(body: Mapping[str, Any]) -> GuidedSpec | None:
+    """OpenAI's `response_format`: text (no constraint), json_object (any JSON object) or
+    json_schema ({"name", "schema", "strict", "description"}); the output is held to the schema
+    whether `strict` is true or not, as vLLM holds it."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("response_format", f"expected an object, got {_type_name(value)}")
+    kind = value.get("type")
+    expected = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+    if kind not in expected:
+        raise RequestError("response_format.type", f"expected one of {', '.join(expected)}, got {kind!r}")
+    extra = sorted(set(value) - expected[kind])
+    if extra:
+        raise RequestError(f"response_format.{extra[0]}", f"unknown field for type {kind}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GuidedSpec("json_schema", '{"type": "object"}', field="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise RequestError("response_format.json_schema", f"expected an object, got {_type_name(spec)}")
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise RequestError(f"response_format.json_schema.{extra[0]}", "unknown field")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise RequestError("response_format.json_schema.name", "required: a non-empty string")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise RequestError("response_format.json_schema.strict", f"expected a boolean, got {_type_name(spec['strict'])}")
+    schema = spec.get("schema", {"type": "object"})  # OpenAI: no schema is any JSON object
+    if not isinstance(schema, (dict, bool)):
+        raise RequestError("response_format.json_schema.schema", f"expected an object, got {_type_name(schema)}")
+    return GuidedSpec("json_schema", json.dumps(schema), field="response_format")
+
+
+_STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "grammar": "ebnf_grammar"}
+
+
+def _structured_outputs(body: Mapping[str, Any]) -> GuidedSpec | None:
+    """vLLM's extension `structured_outputs`: exactly one of json (a schema), regex or grammar
+    (GBNF / EBNF or Lark): the kinds `response_format` cannot ask for."""
+    value = body.get("structured_outputs")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("structured_outputs", f"expected an object, got {_type_name(value)}")
+    given = [k for k in value if value[k] is not None]
+    unknown = sorted(set(given) - set(_STRUCTURED_KINDS))
+    if unknown:
+        raise RequestError(f"structured_outputs.{unknown[0]}", f"expected one of {', '.join(_STRUCTURED_KINDS)}")
+    if len(given) != 1:
+        raise RequestError("structured_outputs", f"give exactly one of {', '.join(_STRUCTURED_KINDS)}")
+    (key,) = given
+    guide = value[key]
+    field = f"structured_outputs.{key}"
+    if key == "json" and isinstance(guide, (dict, bool)):
+        guide = json.dumps(guide)
+    if not isinstance(guide, str):
+        raise RequestError(field, f"expected a string, got {_type_name(guide)}")
+    return GuidedSpec(_STRUCTURED_KINDS[key], guide, field=field)
+
+
+def _guided(body: Mapping[str, Any]) -> GuidedSpec | None:
+    fmt, structured = _response_format(body), _structured_outputs(body)
+    if fmt is not None and structured is not None:
+        raise RequestError("structured_outputs", "give either response_format or structured_outputs, not both")
+    return fmt or structured
 
 
 def _model(body: Mapping[str, Any]) -> str:
@@ -166,7 +274,7 @@ def _max_tokens(body: Mapping[str, Any], names: Sequence[str]) -> tuple[int | No
 
 
 def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestLimits, prompt_field: str,
-                max_names: Sequence[str], stream: bool, logprobs: bool) -> GenerationRequest:
+                max_names: Sequence[str], stream: bool, logprobs: bool, top_logprobs: int) -> GenerationRequest:
     check_prompt_ids(prompt_ids, limits.vocab_size, prompt_field)
     max_tokens, max_field = _max_tokens(body, max_names)
     if max_tokens is None:  # vLLM's default: whatever the context (here: and the whole KV cache) leaves
@@ -174,8 +282,8 @@ def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestL
         max_tokens = max(1, room - len(prompt_ids))
     check_context(len(prompt_ids), max_tokens, limits, prompt_field, max_field)
     return GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_tokens=max_tokens,
-                             sampling=_sampling(body), stop_words=_stops(body), stream=stream,
-                             return_log_probs=logprobs)
+                             sampling=_sampling(body, limits.vocab_size), stop_words=_stops(body), stream=stream,
+                             return_log_probs=logprobs, top_logprobs=top_logprobs, guided=_guided(body))
 
 
 # -- /v1/completions -----------------------------------------------------------------------------------------
@@ -207,17 +315,16 @@ def parse_completion(body: Mapping[str, Any], tokenizer: Tokenizer | None, limit
     _refuse_unless(body, "suffix", [""], "insertion (suffix) is not implemented")
     stream = _boolean(body, "stream")
     include_usage = _stream_options(body, stream)
-    logprobs = _integer(body, "logprobs")
-    if logprobs is not None and logprobs != 0:
-        raise RequestError("logprobs", f"{logprobs} is not supported: the core returns the sampled token's log "
-                                       "probability only, so logprobs can be 0 (or null)")
+    logprobs = _integer(body, "logprobs")  # the legacy API's: how many top log probs per token
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise RequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
     echo = _boolean(body, "echo")
     if echo and logprobs is not None:
         raise RequestError("echo", "echo with logprobs needs the prompt's log probabilities, which the core does "
                                    "not compute")
     jobs = []
     for index, (ids, text) in enumerate(_prompts(body.get("prompt"), tokenizer)):
-        gen = _generation(ids, body, limits, "prompt", ("max_tokens",), stream, logprobs is not None)
+        gen = _generation(ids, body, limits, "prompt", ("max_tokens",), stream, logprobs is not None, logprobs or 0)
         echoed = ""
         if echo:
             echoed = text if text is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
@@ -277,7 +384,6 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
     _check_fields(body, _CHAT_FIELDS)
     model = _model(body)
     _unsupported_common(body)
-    _refuse_unless(body, "response_format", [{"type": "text"}], "structured output is not implemented yet")
     for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
         _refuse_unless(body, name, [], "tool calling is not implemented")
     stream = _boolean(body, "stream")
@@ -289,13 +395,11 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
             raise RequestError("top_logprobs", "needs logprobs: true")
         if not 0 <= top <= MAX_LOGPROBS:
             raise RequestError("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
-        if top > 0:
-            raise RequestError("top_logprobs", f"{top} is not supported: the core returns the sampled token's log "
-                                               "probability only, so top_logprobs can be 0")
     messages = _messages(body.get("messages"))
     _max_tokens(body, ("max_completion_tokens", "max_tokens"))  # every parameter is checked before the template runs
-    _sampling(body)
+    _sampling(body, limits.vocab_size)
     _stops(body)
+    _guided(body)
     if tokenizer is None:
         raise RequestError("messages", "this engine has no tokenizer, so it has no chat template")
     if tokenizer.chat_template is None:
@@ -304,7 +408,8 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
         ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - a template's raise_exception() is the caller's error
         raise RequestError("messages", f"the chat template refused them: {e}") from None
-    gen = _generation(ids, body, limits, "messages", ("max_completion_tokens", "max_tokens"), stream, logprobs)
+    gen = _generation(ids, body, limits, "messages", ("max_completion_tokens", "max_tokens"), stream, logprobs,
+                      top or 0)
     return OpenAIRequest("chat", model, [PromptJob(0, gen)], stream, include_usage, logprobs,
                          f"chatcmpl-{uuid.uuid4().hex}")
 
@@ -331,24 +436,43 @@ def _token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[i
     return raw.decode("utf-8", "replace"), list(raw)
 
 
+def _finite(logprob: float) -> float:
+    return max(logprob, _MINUS_INF_LOGPROB)
+
+
+Tops = Sequence[Sequence[tuple[int, float]]]  # per token: its step's (token id, log prob), most likely first
+
+
 def completion_logprobs(tokenizer: Tokenizer | None, ids: Sequence[int], logprobs: Sequence[float],
-                        offset: int) -> dict[str, Any]:
-    """The legacy completions `logprobs` object for `ids`; `offset`: their text's start in the choice."""
-    tokens, offsets = [], []
-    for t in ids:
+                        offset: int, tops: Tops = ()) -> dict[str, Any]:
+    """The legacy completions `logprobs` object for `ids`; `offset`: their text's start in the choice.
+    Each `top_logprobs` entry holds the step's top alternatives and, as OpenAI and vLLM do, the
+    sampled token (so up to k + 1 entries)."""
+    tokens, offsets, top_dicts = [], [], []
+    for i, (t, lp) in enumerate(zip(ids, logprobs)):
         offsets.append(offset)
         text, _ = _token_text(tokenizer, t)
         tokens.append(text)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": list(logprobs),
-            "top_logprobs": [{tok: lp} for tok, lp in zip(tokens, logprobs)], "text_offset": offsets}
+        top: dict[str, float] = {}
+        for a, alp in (tops[i] if i < len(tops) else ()):  # tokens of the same text: the most likely's
+            top.setdefault(_token_text(tokenizer, a)[0], _finite(alp))
+        top.setdefault(text, _finite(lp))
+        top_dicts.append(top)
+    return {"tokens": tokens, "token_logprobs": [_finite(lp) for lp in logprobs], "top_logprobs": top_dicts,
+            "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer: Tokenizer | None, ids: Sequence[int], logprobs: Sequence[float]) -> dict[str, Any]:
+def chat_logprobs(tokenizer: Tokenizer | None, ids: Sequence[int], logprobs: Sequence[float],
+                  tops: Tops = ()) -> dict[str, Any]:
     content = []
-    for t, lp in zip(ids, logprobs):
+    for i, (t, lp) in enumerate(zip(ids, logprobs)):
         text, raw = _token_text(tokenizer, t)
-        content.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": []})
+        alternatives = []
+        for a, alp in (tops[i] if i < len(tops) else ()):
+            a_text, a_raw = _token_text(tokenizer, a)
+            alternatives.append({"token": a_text, "logprob": _finite(alp), "bytes": a_raw})
+        content.append({"token": text, "logprob": _finite(lp), "bytes": raw, "top_logprobs": alternatives})
     return {"content": content}
 
 

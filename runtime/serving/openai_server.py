@@ -418,14 +418,15 @@ class OpenAIFrontend:
             text = "".join(o.text for o in outs)
             ids = [t for o in outs for t in o.token_ids]
             lps = [x for o in outs for x in o.log_probs]
+            tops = [x for o in outs for x in o.top_log_probs]
             reason = outs[-1].finish_reason
             if req.kind == "chat":
                 choices.append({"index": job.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": op.chat_logprobs(tok, ids, lps) if req.logprobs else None,
+                                "logprobs": op.chat_logprobs(tok, ids, lps, tops) if req.logprobs else None,
                                 "finish_reason": reason})
             else:
                 choices.append({"index": job.index, "text": job.echo + text, "finish_reason": reason,
-                                "logprobs": op.completion_logprobs(tok, ids, lps, len(job.echo))
+                                "logprobs": op.completion_logprobs(tok, ids, lps, len(job.echo), tops)
                                 if req.logprobs else None})
         usage = op.usage_body(finals)
         build = op.chat_body if req.kind == "chat" else op.completion_body
@@ -455,8 +456,9 @@ class OpenAIFrontend:
                 continue
             logprobs = None
             if req.logprobs:
-                logprobs = (op.chat_logprobs(tok, out.token_ids, out.log_probs) if chat else
-                            op.completion_logprobs(tok, out.token_ids, out.log_probs, offsets[index]))
+                logprobs = (op.chat_logprobs(tok, out.token_ids, out.log_probs, out.top_log_probs) if chat else
+                            op.completion_logprobs(tok, out.token_ids, out.log_probs, offsets[index],
+                                                   out.top_log_probs))
             offsets[index] += len(out.text)
             reason = out.finish_reason if out.finished else None
             if chat:

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from llamaforge.runtime.core.guided import GuidedSpec
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestError
 from llamaforge.runtime.core.sampling import SamplingParams
 from llamaforge.runtime.core.validation import RequestLimits, check_context, check_max_tokens, check_prompt_ids
@@ -342,6 +343,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
             if stops:
                 end_ids = tuple(dict.fromkeys((*(end_ids or ctx.eos_ids), *(s[0] for s in stops))))
 
+    guided = _guided(values)
     context_logits = bool(values.get("return_context_logits", False))
     generation_logits = bool(values.get("return_generation_logits", False))
     outputs = _select_outputs(spec, requested_outputs, bool(values.get("return_log_probs", False)),
@@ -354,7 +356,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
         return_log_probs=any(name in spec.log_prob_outputs for name in outputs),
         detokenize=spec.kind == "text" or bool(stop_words),
         # Computed only when the flag asks, as TensorRT-LLM (naming the output alone returns nothing).
-        return_context_logits=context_logits, return_generation_logits=generation_logits,
+        return_context_logits=context_logits, return_generation_logits=generation_logits, guided=guided,
     )
     return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),
                          prompt_text, outputs, empty_final)
@@ -418,12 +420,31 @@ def _sampling(values: dict[str, Any], k_field: str, p_field: str) -> SamplingPar
     penalty = values.get("repetition_penalty", 1.0)
     if penalty <= 0:
         raise RequestError("repetition_penalty", f"must be > 0, got {penalty}")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = values.get(name, 0.0)
+        if not -2.0 <= value <= 2.0:
+            raise RequestError(name, f"must be in [-2, 2] (OpenAI's range), got {value}")
+        penalties[name] = value
     seed = values.get("seed")
     sample = temperature > 0 and (top_k > 1 or top_p > 0)
     if not sample:
-        return SamplingParams(temperature=0.0, repetition_penalty=penalty, seed=seed)
+        return SamplingParams(temperature=0.0, repetition_penalty=penalty, seed=seed, **penalties)
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p if top_p > 0 else 1.0,
-                          repetition_penalty=penalty, seed=seed)
+                          repetition_penalty=penalty, seed=seed, **penalties)
+
+
+def _guided(values: dict[str, Any]) -> GuidedSpec | None:
+    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide; compiled at submit (a guide
+    that does not compile is refused then, naming guided_decoding_guide)."""
+    kind, guide = values.get("guided_decoding_guide_type"), values.get("guided_decoding_guide")
+    if kind is None:
+        if guide is not None:
+            raise RequestError("guided_decoding_guide", "needs guided_decoding_guide_type")
+        return None
+    kind = _utf8("guided_decoding_guide_type", bytes(kind))
+    text = "" if guide is None else _utf8("guided_decoding_guide", bytes(guide))
+    return GuidedSpec(kind, text, field="guided_decoding_guide")
 
 
 def _sequences(values: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:

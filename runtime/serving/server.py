@@ -185,10 +185,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for parsed, row_sink in zip(parsed_rows, sinks):
                 rows.append((parsed, self.core.submit(parsed.generation, row_sink)))
                 ticket.rows.append(parsed.generation.request_id)
-        except RequestError as e:
+        except RequestError as e:  # the core can refuse a later row (a guide that does not compile)
             if self.metrics:
                 self.metrics.on_invalid()
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e),
+                           tuple(p.generation.request_id for p, _ in rows)) from None
         except QueueFullError as e:
             if self.metrics:
                 self.metrics.on_rejected()

@@ -158,11 +158,17 @@ BAD_INPUTS = [
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"x": 1}}, "stream_options.x"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "n": 2}, "n"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "best_of": 2}, "best_of"),
-    (_COMPLETION, {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
-    (_COMPLETION, {"model": MODEL, "prompt": "hi", "frequency_penalty": 1}, "frequency_penalty"),
-    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, "frequency_penalty"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "frequency_penalty": "1"}, "frequency_penalty"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logit_bias": {"five": 1}}, "logit_bias"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logit_bias": {"5000": 1}}, "logit_bias"),  # outside the vocab
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logit_bias": [5, 1]}, "logit_bias"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "min_p": 1.5}, "min_p"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "suffix": "end"}, "suffix"),
-    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logprobs": 2}, "logprobs"),  # top alternatives
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),  # OpenAI's bound on alternatives
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "logprobs": -1}, "logprobs"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "logprobs": 0, "echo": True}, "echo"),  # prompt logprobs
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "user": 5}, "user"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "top_k": 5}, "top_k"),  # not OpenAI's: refused, not ignored
@@ -178,9 +184,27 @@ BAD_INPUTS = [
      "messages[0].tool_calls"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "tool_choice": "auto"}, "tool_choice"),
-    (_CHAT, {"model": MODEL, "messages": _MSGS, "response_format": {"type": "json_object"}}, "response_format"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "response_format": {"type": "xml"}}, "response_format.type"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "response_format": "json"}, "response_format"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {}}}}, "response_format.json_schema.name"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "strict": "yes"}}}, "response_format.json_schema.strict"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": []}}}, "response_format.json_schema.schema"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object", "schema": {}}},
+     "response_format.schema"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "structured_outputs": {"regex": "a", "grammar": "b"}},
+     "structured_outputs"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "structured_outputs": {"choice": ["a"]}}, "structured_outputs.choice"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "response_format": {"type": "json_object"},
+             "structured_outputs": {"regex": "a"}}, "structured_outputs"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "top_logprobs": 0}, "top_logprobs"),  # needs logprobs
-    (_CHAT, {"model": MODEL, "messages": _MSGS, "logprobs": True, "top_logprobs": 3}, "top_logprobs"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "presence_penalty": -2.1}, "presence_penalty"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "logprobs": 1}, "logprobs"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "max_completion_tokens": -1}, "max_completion_tokens"),
@@ -203,8 +227,38 @@ def test_values_that_mean_the_default_are_accepted(app: tuple[TestClient, FakeCo
     client, _, _ = app
     r = client.post(_COMPLETION, json={"model": MODEL, "prompt": "hi", "n": 1, "best_of": 1, "presence_penalty": 0,
                                        "frequency_penalty": 0.0, "logit_bias": {}, "suffix": "", "user": "me",
+                                       "min_p": 0.0, "response_format": {"type": "text"},
                                        "stream": False, "logprobs": None, "echo": False})
     assert r.status_code == 200, r.text
+
+
+def test_structured_output_parameters_reach_the_core(app: tuple[TestClient, FakeCore, OpenAIFrontend]) -> None:
+    """response_format (json_schema, json_object), vLLM's structured_outputs for a regex or a
+    grammar: each becomes the core's GuidedSpec, naming the field its errors will name (chat parses
+    them with the same code: tests/serving/test_openai_chat.py)."""
+    from llamaforge.runtime.core.guided import GuidedSpec
+
+    client, core, _ = app
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    cases: list[tuple[str, dict[str, Any], GuidedSpec | None]] = [
+        (_COMPLETION, {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema,
+                                                                                  "strict": True}}},
+         GuidedSpec("json_schema", json.dumps(schema), field="response_format")),
+        (_COMPLETION, {"response_format": {"type": "json_object"}},
+         GuidedSpec("json_schema", '{"type": "object"}', field="response_format")),
+        (_COMPLETION, {"response_format": {"type": "text"}}, None),
+        (_COMPLETION, {"structured_outputs": {"regex": "[0-9]+"}},
+         GuidedSpec("regex", "[0-9]+", field="structured_outputs.regex")),
+        (_COMPLETION, {"structured_outputs": {"grammar": 'root ::= "a"'}},
+         GuidedSpec("ebnf_grammar", 'root ::= "a"', field="structured_outputs.grammar")),
+        (_COMPLETION, {"structured_outputs": {"json": schema}},
+         GuidedSpec("json_schema", json.dumps(schema), field="structured_outputs.json")),
+    ]
+    for path, extra, want in cases:
+        body = {"model": MODEL, **({"messages": _MSGS} if path == _CHAT else {"prompt": "hi"}), **extra}
+        r = client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        assert core.submitted[-1].guided == want, extra
 
 
 def test_validation_messages_are_the_grpc_ones(app: tuple[TestClient, FakeCore, OpenAIFrontend]) -> None:

@@ -104,13 +104,52 @@ def test_chat_logprobs_and_seed(client: openai.OpenAI, model: str) -> None:
     args: dict[str, Any] = dict(model=model, messages=MESSAGES, max_completion_tokens=8, temperature=1.0, seed=7)
     assert client.chat.completions.create(**args).choices[0].message.content == \
         client.chat.completions.create(**args).choices[0].message.content
+    # top_logprobs: each token's k most likely alternatives, most likely first, with their bytes; the
+    # same in a stream; with penalties and a bias too (they shape the distribution the k come from).
+    for extra in ({}, {"presence_penalty": 1.0, "frequency_penalty": 0.5, "logit_bias": {"100": 3}}):
+        top = client.chat.completions.create(**args, logprobs=True, top_logprobs=4, **extra)
+        content = top.choices[0].logprobs.content  # type: ignore[union-attr]
+        assert content is not None and len(content) == top.usage.completion_tokens  # type: ignore[union-attr]
+        for t in content:
+            alternatives = [a.logprob for a in t.top_logprobs]
+            assert len(alternatives) == 4 and alternatives == sorted(alternatives, reverse=True)
+            assert all(bytes(a.bytes or []).decode("utf-8", "replace") == a.token for a in t.top_logprobs)
+            assert t.logprob <= alternatives[0] and (t.logprob < alternatives[-1] or
+                                                     any(a.token == t.token for a in t.top_logprobs))
+        streamed = [c for chunk in client.chat.completions.create(**args, logprobs=True, top_logprobs=4, stream=True,
+                                                                   **extra)
+                    for choice in chunk.choices if choice.logprobs and choice.logprobs.content
+                    for c in choice.logprobs.content]
+        assert [(c.token, c.logprob, [a.logprob for a in c.top_logprobs]) for c in streamed] == \
+            [(c.token, c.logprob, [a.logprob for a in c.top_logprobs]) for c in content]
+
+
+def test_chat_structured_output(client: openai.OpenAI, model: str) -> None:
+    """response_format on /v1/chat/completions: json_schema (strict) and json_object, sampled."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "score": {"type": "integer", "minimum": 1, "maximum": 5}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    for seed in range(3):
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=48, temperature=1.0,
+                                           seed=seed, response_format={"type": "json_schema", "json_schema": {
+                                               "name": "verdict", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=48, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert (r.choices[0].message.content or "").startswith("{")
 
 
 def test_chat_errors(client: openai.OpenAI, model: str) -> None:
     tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    for kwargs, param in (({"tools": tools}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
-                          ({"logprobs": True, "top_logprobs": 2}, "top_logprobs"), ({"presence_penalty": 1.0},
-                                                                                    "presence_penalty"),
+    for kwargs, param in (({"tools": tools}, "tools"), ({"response_format": {"type": "json_schema", "json_schema": {
+                              "name": "x", "schema": {"type": "objectx"}}}}, "response_format"),
+                          ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 3.0},
+                                                                                     "presence_penalty"),
                           ({"max_completion_tokens": 100_000}, "max_completion_tokens")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=model, messages=MESSAGES, **kwargs)

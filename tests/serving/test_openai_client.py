@@ -4,6 +4,7 @@ usage, errors, and 32 concurrent streams, some disconnecting, with the KV cache 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.error
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 from server_process import ServerProcess, serve_process
@@ -127,6 +129,105 @@ def test_echo_and_logprobs(client: openai.OpenAI, model: str) -> None:
     assert all(x <= 0.0 for x in logprobs.token_logprobs)
 
 
+class _OpenAIPenalties:
+    """OpenAI's presence / frequency penalties as a transformers logits processor (the reference):
+    counts over the tokens after the prompt only."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        counts = torch.zeros_like(scores)
+        generated = input_ids[:, self.prompt_len:]
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+def test_penalties_bias_min_p_and_top_logprobs(client: openai.OpenAI, model: str, engine: Engine,
+                                               tiny_hf_checkpoint: Path) -> None:
+    """presence / frequency penalties: greedy equals transformers' generate with OpenAI's formula as
+    its logits processor; logit_bias +100 forces a token; min_p (vLLM's extension) keeps only tokens
+    within min_p of the most likely; logprobs: k gives the step's k alternatives (+ the sampled one)."""
+    import torch
+    from tiny_models import load_hf_oracle
+    from transformers import LogitsProcessorList
+
+    assert engine.tokenizer is not None
+    ids = engine.tokenizer.encode(PROMPT)
+    hf = load_hf_oracle(tiny_hf_checkpoint)
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=24,
+                           logits_processor=LogitsProcessorList([_OpenAIPenalties(len(ids), 0.7, 1.1)]),
+                           pad_token_id=0)[0, len(ids):].tolist()
+    r = client.completions.create(model=model, prompt=ids, max_tokens=24, temperature=0, presence_penalty=0.7,
+                                  frequency_penalty=1.1, logprobs=3)
+    got_text = r.choices[0].text
+    stop = next((i for i, t in enumerate(want) if t in engine.eos_ids), len(want))
+    assert got_text == engine.tokenizer.decode(want[:stop])
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs is not None and lp.token_logprobs is not None and lp.tokens is not None
+    for token, token_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # Greedy: the sampled token is the most likely. Alternatives whose texts are the same (byte
+        # pieces of one character: "\ufffd") share a key of this legacy format, so there may be fewer.
+        assert 1 <= len(top) <= 4 and max(top.values()) == token_lp == top[token]
+    # logit_bias: +100 on one token makes it every greedy pick.
+    forced = engine.tokenizer.encode("x", add_bos=False)[-1]
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logit_bias={str(forced): 100})
+    assert r.choices[0].text == engine.tokenizer.decode([forced] * 5)
+    # min_p: every alternative still possible is within min_p of the step's most likely token.
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3, logprobs=5,
+                                  extra_body={"min_p": 0.3})
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs is not None
+    for top in lp.top_logprobs:
+        best = max(top.values())
+        assert all(v >= best + np.log(0.3) - 1e-9 or v == -9999.0 for v in top.values()), top
+    assert r.choices[0].text == client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3, logprobs=5,
+        extra_body={"min_p": 0.3}).choices[0].text
+
+
+GUIDED_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                                 "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                 "required": ["name", "n"], "additionalProperties": False}
+
+
+def test_structured_output(client: openai.OpenAI, model: str) -> None:
+    """response_format json_schema (strict) and json_object, and vLLM's structured_outputs regex,
+    sampled at temperature 1, unary and streamed: every output validates; a schema or regex that
+    does not compile is a 400 naming the field, with the compiler's message."""
+    import json
+
+    import jsonschema
+
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": GUIDED_SCHEMA, "strict": True}}
+    for seed in range(4):
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=64, temperature=1.0, seed=seed,
+                                      extra_body={"response_format": fmt})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].text), GUIDED_SCHEMA)
+        text, reasons, _ = _streamed(client, model=model, prompt=PROMPT, max_tokens=64, temperature=1.0, seed=seed,
+                                     extra_body={"response_format": fmt})
+        assert text == r.choices[0].text and reasons[-1] == "stop"
+        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=64, temperature=1.0, seed=seed,
+                                      extra_body={"structured_outputs": {"regex": r"[a-z]{3}-[0-9]{2}"}})
+        assert re.fullmatch(r"[a-z]{3}-[0-9]{2}", r.choices[0].text), r.choices[0].text
+    obj = client.completions.create(model=model, prompt=PROMPT, max_tokens=64, temperature=0,
+                                    extra_body={"response_format": {"type": "json_object"}}).choices[0]
+    assert obj.finish_reason != "stop" or isinstance(json.loads(obj.text), dict)
+    assert obj.text.startswith("{")
+    for extra, param, message in (
+            ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+             "response_format", "objectx"),
+            ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex", "unclosed character class")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=8, extra_body=extra)
+        assert e.value.param == param and message in e.value.message, e.value.message
+
+
 def test_errors_reach_the_client_in_openais_schema(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=PROMPT, n=2)
@@ -135,8 +236,14 @@ def test_errors_reach_the_client_in_openais_schema(client: openai.OpenAI, model:
         client.completions.create(model=model, prompt=PROMPT, max_tokens=100_000)
     assert e.value.param == "max_tokens" and "context length" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model, prompt=PROMPT, extra_body={"min_p": 0.1})
-    assert e.value.param == "min_p"
+        client.completions.create(model=model, prompt=PROMPT, extra_body={"min_p": 1.5})  # vLLM's extension
+    assert e.value.param == "min_p" and e.value.status_code == 400
+    for kwargs, param in (({"logprobs": 21}, "logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
+                          ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                          ({"logit_bias": {"3": 150}}, "logit_bias"), ({"logit_bias": {"100000": 1}}, "logit_bias")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt=PROMPT, **kwargs)
+        assert e.value.param == param, kwargs
     with pytest.raises(openai.NotFoundError) as nf:
         client.completions.create(model="gpt-4o", prompt=PROMPT)
     assert nf.value.code == "model_not_found" and nf.value.param == "model"

@@ -5,6 +5,7 @@ built engine for end-to-end streaming = unary and KV release on disconnect."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -131,7 +132,9 @@ def test_parse_names_the_field() -> None:
     with pytest.raises(RequestError, match="^temperature"):
         parse(**ok, temperature=("FP32", np.array([[np.nan]], np.float32)))
     with pytest.raises(RequestError, match="^presence_penalty"):
-        parse(**ok, presence_penalty=("FP32", np.array([[0.5]], np.float32)))
+        parse(**ok, presence_penalty=("FP32", np.array([[2.5]], np.float32)))
+    with pytest.raises(RequestError, match="^frequency_penalty"):
+        parse(**ok, frequency_penalty=("FP32", np.array([[-2.5]], np.float32)))
 
 
 # -- health, metadata, config, index, statistics ---------------------------------------------------------
@@ -616,6 +619,73 @@ def test_real_core_min_length_holds_back_the_end_id(real: Any) -> None:
     out = r.as_numpy("output_ids").reshape(-1).tolist()
     assert r.as_numpy("num_output_tokens").tolist() == [[6]] and len(out) == 6 and first[0] not in out
     assert core.stats()["kv_used_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_real_core_presence_and_frequency_penalties(real: Any) -> None:
+    """TensorRT-LLM's presence_penalty / frequency_penalty inputs from a stock tritonclient reach the
+    core: greedy, every token is the argmax of its raw logits row (generation_logits) after OpenAI's
+    formula over the tokens generated before it, the output differs from the unpenalised one, and
+    a value outside [-2, 2] is INVALID_ARGUMENT naming the input, the server serving on."""
+    server, core, client = real
+    ids = core.tokenizer.encode("def f(x):", add_bos=True, allow_special=True)
+    greedy = {"exclude_input_in_output": True, "temperature": 0.0, "end_id": 0}
+    plain = client.infer("tensorrt_llm", token_inputs(ids, 32, **greedy)).as_numpy("output_ids").reshape(-1).tolist()
+    r = client.infer("tensorrt_llm", token_inputs(ids, 32, presence_penalty=0.5, frequency_penalty=1.0,
+                                                  return_generation_logits=True, **greedy))
+    out = r.as_numpy("output_ids").reshape(-1).tolist()
+    rows = r.as_numpy("generation_logits").reshape(len(out), -1).astype(np.float64)
+    assert len(out) == 32 and out != plain, plain
+    for i, token in enumerate(out):
+        counts = np.bincount(out[:i], minlength=rows.shape[1])
+        assert token == int(np.argmax(rows[i] - counts * 1.0 - (counts > 0) * 0.5)), i
+    # The text model takes them under the same names.
+    text = client.infer("ensemble", text_inputs("def f(x):", 32, presence_penalty=0.5, frequency_penalty=1.0,
+                                                 **greedy)).as_numpy("text_output")[0]
+    assert text == core.tokenizer.decode(out).encode()
+    for name in ("presence_penalty", "frequency_penalty"):
+        expect_error(lambda name=name: client.infer("ensemble", text_inputs("hi", 4, **{name: 2.5})),
+                     "INVALID_ARGUMENT", name)
+    assert_serves_real(client)
+
+
+@pytest.mark.slow
+def test_real_core_guided_decoding(real: Any) -> None:
+    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide from a stock tritonclient,
+    text and token models, unary and streamed: the output is held to a JSON schema or a regex; a
+    guide that does not compile (or an unknown type) is INVALID_ARGUMENT naming the input, with
+    llguidance's message, and the server serves on."""
+    import json
+
+    import jsonschema
+
+    server, core, client = real
+    schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "ok": {"type": "boolean"}},
+              "required": ["id", "ok"], "additionalProperties": False}
+    sampled = {"exclude_input_in_output": True, "temperature": 1.0, "top_p": 1.0}
+    for seed in range(3):
+        inputs = text_inputs("def f(x):", 48, seed=seed, guided_decoding_guide_type=["json_schema"],
+                             guided_decoding_guide=[json.dumps(schema)], **sampled)
+        text = client.infer("ensemble", inputs).as_numpy("text_output")[0]
+        jsonschema.validate(json.loads(text), schema)
+        res = stream_infer(client, "ensemble", text_inputs("def f(x):", 48, seed=seed, stream=True,
+                                                          guided_decoding_guide_type=["json_schema"],
+                                                          guided_decoding_guide=[json.dumps(schema)], **sampled))
+        assert not res.errors and res.text() == text
+    ids = core.tokenizer.encode("import os", add_bos=True, allow_special=True)
+    guide = [tensor("guided_decoding_guide_type", np.array([[b"regex"]], dtype=np.object_)),
+             tensor("guided_decoding_guide", np.array([[rb"[0-9]{2}:[0-9]{2}"]], dtype=np.object_))]
+    out = client.infer("tensorrt_llm", token_inputs(ids, 16, exclude_input_in_output=True, temperature=0.0) + guide)
+    gen = out.as_numpy("output_ids").reshape(-1).tolist()
+    assert re.fullmatch(r"[0-9]{2}:[0-9]{2}", core.tokenizer.decode(gen))
+    for kind, bad, message in (("json_schema", '{"type": "objectx"}', "objectx"), ("regex", "[a-", "unclosed"),
+                               ("xml", "<a/>", "guided_decoding_guide_type")):
+        e = expect_error(lambda kind=kind, bad=bad: client.infer("ensemble", text_inputs(
+            "hi", 4, guided_decoding_guide_type=[kind], guided_decoding_guide=[bad])), "INVALID_ARGUMENT",
+            "guided_decoding_guide")
+        assert message in e.message(), e.message()
+    assert_serves_real(client)
 
 
 def assert_serves_real(client: grpcclient.InferenceServerClient) -> None:

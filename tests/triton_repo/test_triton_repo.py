@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -379,6 +380,35 @@ def test_trtllm_names_min_length_and_random_seed_reach_llama(server: Any) -> Non
         assert not call.errors, (model, [e.message() for e in call.errors])
         assert int(call.outputs[-1]["num_output_tokens"][0][0]) == 6, model
     assert core.kv.all_free()
+
+
+def _guided(kind: str, guide: str = "") -> dict[str, np.ndarray]:
+    t = {"guided_decoding_guide_type": np.array([[kind.encode()]], dtype=np.object_)}
+    if guide:
+        t["guided_decoding_guide"] = np.array([[guide.encode()]], dtype=np.object_)
+    return t
+
+
+def test_guided_decoding_and_penalties_reach_llama(server: Any) -> None:
+    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide and presence_penalty /
+    frequency_penalty: ensemble and bls declare them and hand them to llama, which holds the output
+    to the guide; a guide that does not compile is INVALID_ARG naming guided_decoding_guide."""
+    pattern = r"[a-z]{3}-[0-9]{2}"
+    for model in ("ensemble", "bls"):
+        for stream in (False, True):
+            tensors = {**text_request(PROMPTS[0], 24, exclude_input_in_output=True, temperature=1.0, top_p=1.0,
+                                      seed=3, stream=stream, presence_penalty=0.5, frequency_penalty=0.5),
+                       **_guided("regex", pattern)}
+            text = text_of(server.infer(model, tensors).wait(60))
+            assert re.fullmatch(pattern, text.decode()), (model, stream, text)
+        schema = '{"type": "object", "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"], ' \
+                 '"additionalProperties": false}'
+        tensors = {**text_request(PROMPTS[1], 24, exclude_input_in_output=True), **_guided("json_schema", schema)}
+        assert json.loads(text_of(server.infer(model, tensors).wait(60)))["k"] in ("a", "b")
+        call = server.infer(model, {**text_request("hi", 4), **_guided("regex", "[a-")}).wait(30)
+        assert len(call.errors) == 1 and call.errors[0].code() == pb.TritonError.INVALID_ARG
+        assert "guided_decoding_guide" in call.errors[0].message() and "unclosed" in call.errors[0].message()
+    assert server.models["llama"].core.kv.all_free()
 
 
 def test_unknown_request_parameter_is_refused(server: Any) -> None:
