@@ -32,6 +32,7 @@ class Hypothesis:
     tokens: list[int]  # generated tokens, the end id included if it ended with one
     score: float  # length-penalized
     sum_log_probs: float
+    log_probs: list[float] = field(default_factory=list)  # each token's (the beam's output_log_probs)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BeamSearch:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     generated: list[list[int]] = field(default_factory=list)  # each running beam's tokens
+    token_log_probs: list[list[float]] = field(default_factory=list)  # and their log probabilities
     running: np.ndarray = field(init=False)  # running beams' scores, float32
     finished: list[Hypothesis] = field(default_factory=list)
     heuristic_unsatisfied: bool = True
@@ -62,6 +64,7 @@ class BeamSearch:
         self.running = np.full(self.num_beams, NEG, np.float32)
         self.running[0] = 0.0
         self.generated = [[] for _ in range(self.num_beams)]
+        self.token_log_probs = [[] for _ in range(self.num_beams)]
 
     @property
     def steps(self) -> int:
@@ -81,6 +84,7 @@ class BeamSearch:
         top = np.lexsort((np.arange(accumulated.size), -accumulated))[:keep]
         top_scores = accumulated[top]
         parents, tokens = (top // vocab).tolist(), (top % vocab).tolist()
+        chosen = log_probs.reshape(-1)[top].tolist()
         length = self.steps + 1
         hits = np.array([t in self.end_ids or length >= self.max_tokens for t in tokens])
 
@@ -90,7 +94,8 @@ class BeamSearch:
         # 2. the finished set, before the running beams are replaced (it reads the parents' tokens).
         penalized = top_scores / np.float32(length ** self.length_penalty)
         full = len(self.finished) == w and self.early_stopping is True
-        new = [Hypothesis(self.generated[parents[i]] + [tokens[i]], float(penalized[i]), float(top_scores[i]))
+        new = [Hypothesis(self.generated[parents[i]] + [tokens[i]], float(penalized[i]), float(top_scores[i]),
+                          self.token_log_probs[parents[i]] + [chosen[i]])
                for i in range(w) if hits[i] and not full and self.heuristic_unsatisfied]
         if new:
             merged = self.finished + new
@@ -99,6 +104,7 @@ class BeamSearch:
             merged.sort(key=lambda h: -np.float32(h.score))
             self.finished = merged[:w]
         self.generated = [self.generated[parents[i]] + [tokens[i]] for i in order]
+        self.token_log_probs = [self.token_log_probs[parents[i]] + [chosen[i]] for i in order]
         self.running = running_scores[order].astype(np.float32)
         step = BeamStep([parents[i] for i in order], [tokens[i] for i in order], False)
 

@@ -402,7 +402,8 @@ class EngineCore:
                 ended = bool(hyp.tokens) and hyp.tokens[-1] in end_ids
                 tokens = hyp.tokens[:-1] if ended else hyp.tokens
                 text = self.tokenizer.decode(tokens) if request.detokenize and self.tokenizer is not None else ""
-                finals.append(GenerationOutput(request.request_id, tokens, text, finished=True,
+                log_probs = hyp.log_probs[: len(tokens)] if request.return_log_probs else []
+                finals.append(GenerationOutput(request.request_id, tokens, text, log_probs, finished=True,
                                                finish_reason="stop" if ended else "length", sequence_index=i,
                                                num_input_tokens=len(request.prompt_ids), num_output_tokens=len(tokens),
                                                cum_log_prob=hyp.sum_log_probs))
@@ -412,8 +413,9 @@ class EngineCore:
                       for i in range(request.n)]
         for out in finals:
             group.handle.put(out)
-            if self.observer is not None:
-                self.observer.on_finished(request.request_id, out.finish_reason or "error", out.num_output_tokens)
+        if self.observer is not None:  # a request ends once, whatever its number of beams
+            out = finals[0]
+            self.observer.on_finished(request.request_id, out.finish_reason or "error", out.num_output_tokens)
 
     def _finish(self, state: RequestState, reason: str, error: str | None = None) -> None:
         """Free the request's sequence and KV blocks, then send its final output (and its siblings'

@@ -150,7 +150,8 @@ class OutputProcessor:
         now = time.perf_counter()
         if self.observer:
             if not state.generated:
-                self.observer.on_first_token(req.request_id, now - state.arrived)
+                if state.index == 0:  # a request's time to first token, once (its n siblings fork after it)
+                    self.observer.on_first_token(req.request_id, now - state.arrived)
             else:
                 self.observer.on_token(req.request_id, now - state.last_token_at)
         state.last_token_at = now
@@ -202,7 +203,7 @@ class OutputProcessor:
             if tail:
                 state.text.append(tail)
         self._emit(state, finished=True, reason=reason, error=error)
-        if self.observer:
+        if self.observer and state.handle.done.is_set():  # a request ends once, with its last sequence
             self.observer.on_finished(state.request.request_id, reason, len(state.generated))
 
     def _emit(self, state: RequestState, finished: bool = False, reason: str | None = None,

@@ -61,6 +61,7 @@ from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_T
 __all__ = [
     "ModelContext", "ParsedRequest", "parse_request", "parse_batch", "split_rows", "parse_inputs", "encode_prompt",
     "encode_bad_words", "decode_words", "words_array", "output_tensors", "stack_arrays", "stack_rows", "ResponseBuilder",
+    "BeamResponseBuilder", "response_builder",
     "FINAL_PARAM", "EMPTY_FINAL_PARAM",
 ]
 
@@ -546,6 +547,50 @@ class ResponseBuilder:
 
     def _encode(self, tensors: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
         return encode_response(tensors, self.parsed, self.model_name)
+
+
+# The outputs that hold one entry per beam, and the axis of it: TensorRT-LLM's [batch, beam, ...]
+# (text_output, flat, is postprocessing's one string per beam). The rest describe the row (first beam's).
+_BEAM_AXIS = {"text_output": 0, "output_ids": 1, "sequence_length": 1, "cum_log_probs": 1, "output_log_probs": 1,
+              "generation_logits": 1}
+
+
+class BeamResponseBuilder:
+    """One row's beams in one response, as TensorRT-LLM answers a beam search (never streamed: the
+    engine core refuses stream with beams): `add(out)` for each beam's output (by sequence_index),
+    then `whole()` with the beams stacked along the beam axis, best first."""
+
+    def __init__(self, parsed: ParsedRequest, model_name: str) -> None:
+        self.parsed = parsed
+        self.model_name = model_name
+        self.beams = [ResponseBuilder(parsed, model_name) for _ in range(parsed.generation.n)]
+
+    def add(self, out: GenerationOutput) -> None:
+        self.beams[out.sequence_index].add(out)
+
+    def whole(self) -> pb.ModelInferResponse:
+        return encode_response(self.whole_tensors(), self.parsed, self.model_name)
+
+    def whole_tensors(self) -> dict[str, tuple[str, np.ndarray]]:
+        rows = [b.whole_tensors() for b in self.beams]
+        tensors = dict(rows[0])
+        for name, axis in _BEAM_AXIS.items():
+            if name in tensors:
+                beams = [np.moveaxis(row[name][1], axis, 0) for row in rows]
+                tensors[name] = (tensors[name][0], np.moveaxis(stack_arrays([{name: a} for a in beams])[name], 0, axis))
+        return tensors
+
+    def piece(self, out: GenerationOutput, final: bool | None) -> pb.ModelInferResponse | None:
+        raise AssertionError("beam search is never streamed")
+
+    def empty_final(self) -> pb.ModelInferResponse:
+        return self.beams[0].empty_final()
+
+
+def response_builder(parsed: ParsedRequest, model_name: str) -> ResponseBuilder | BeamResponseBuilder:
+    """The builder of one row's response (one sequence's, or the row's beams')."""
+    return BeamResponseBuilder(parsed, model_name) if parsed.generation.beam_width > 1 else \
+        ResponseBuilder(parsed, model_name)
 
 
 def encode_response(tensors: Mapping[str, tuple[str, np.ndarray]], parsed: ParsedRequest,

@@ -85,11 +85,13 @@ from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, 
 from llamaforge.runtime.serving.model_stats import InferStats, RequestTimer
 from llamaforge.runtime.serving.protocol import (
     FINAL_PARAM,
+    BeamResponseBuilder,
     ModelContext,
     ParsedRequest,
     ResponseBuilder,
     encode_response,
     parse_request,
+    response_builder,
     stack_rows,
 )
 from llamaforge.runtime.serving.security import ApiKeyInterceptor, TlsConfig
@@ -294,12 +296,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def unfinished() -> list[str]:
             return [p.generation.request_id for p, h in rows if not h.done.is_set()]
         context.add_callback(lambda: self._cancel(unfinished()))
-        # One builder per sequence of each row (n > 1 or beams: several, by sequence_index); a unary
-        # response stacks them as rows, in order.
-        builders = {(parsed.batch_index, i): ResponseBuilder(parsed, request.model_name)
-                    for parsed, _ in rows for i in range(parsed.generation.n)}
+        # One builder per sequence of each row (n > 1: several, by sequence_index; a row's beams share
+        # one, which stacks them on the beam axis); a unary response stacks the builders as rows.
+        beams = {parsed.batch_index for parsed, _ in rows if parsed.generation.beam_width > 1}
+        builders = {(parsed.batch_index, i): response_builder(parsed, request.model_name)
+                    for parsed, _ in rows for i in range(1 if parsed.batch_index in beams else parsed.generation.n)}
         ends: dict[tuple[int, int], GenerationOutput] = {}
-        while len(ends) < len(builders):
+        while len(ends) < sum(parsed.generation.n for parsed, _ in rows):
             try:
                 row, out = outputs.get(timeout=_POLL_S)
             except queue.Empty:
@@ -308,7 +311,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 continue
             timer.output(out)
             with timer.building():
-                builders[(row, out.sequence_index)].add(out)
+                builders[(row, 0 if row in beams else out.sequence_index)].add(out)
             if out.finished:
                 ends[(row, out.sequence_index)] = out
         failed = [out for _, out in sorted(ends.items()) if out.finish_reason not in ("stop", "length")]
@@ -358,7 +361,7 @@ class _StreamRequest:
 
     group: _StreamGroup
     parsed: ParsedRequest
-    builder: ResponseBuilder
+    builder: ResponseBuilder | BeamResponseBuilder
     row_open: list[int]
     ended: bool = False
 
@@ -409,6 +412,8 @@ class _Stream:
 
         def sink(parsed: ParsedRequest) -> OutputSink:
             n = parsed.generation.n
+            if parsed.generation.beam_width > 1:
+                return beam_sink(parsed, n)
             row_open = [n]
             states = [_StreamRequest(group, parsed, ResponseBuilder(parsed, request.model_name), row_open)
                       for _ in range(n)]
@@ -419,6 +424,24 @@ class _Stream:
             def put(out: GenerationOutput) -> None:
                 timer.output(out)
                 self.out.put((states[out.sequence_index], out))
+            return put
+
+        def beam_sink(parsed: ParsedRequest, n: int) -> OutputSink:
+            """A row's beams answer once, stacked (TensorRT-LLM's beam search response): the core
+            sends every beam's final output together; the last one sends the response."""
+            state = _StreamRequest(group, parsed, BeamResponseBuilder(parsed, request.model_name), [1])
+            with self.lock:
+                entries.append(state)
+                group.open_rows += 1
+            arrived = [0]
+
+            def put(out: GenerationOutput) -> None:
+                timer.output(out)
+                arrived[0] += out.finished
+                if arrived[0] < n:
+                    state.builder.add(out)
+                else:
+                    self.out.put((state, out))
             return put
 
         try:

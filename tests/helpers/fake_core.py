@@ -108,6 +108,8 @@ class _Req:
     last_at: float = 0.0
     admitted: float | None = None  # perf_counter when the step loop first took it into the batch
     first_at: float | None = None  # perf_counter of its first token
+    sequence_index: int = 0  # which of the request's n sequences (each echoes the prompt)
+    finished: bool = False
 
 
 class FakeCore:
@@ -154,13 +156,15 @@ class FakeCore:
             raise RequestError("max_tokens", f"must be > 0, got {req.max_tokens}")
         if len(req.prompt_ids) + req.max_tokens > self.context_length:
             raise RequestError("max_tokens", "prompt + max_tokens exceeds the context length")
-        handle = RequestHandle(req.request_id, self.cancel, sink)
-        detok = IncrementalDetokenizer(self.tokenizer, req.stop_words) if req.detokenize else None
+        handle = RequestHandle(req.request_id, self.cancel, sink, num_sequences=req.n)
         end_ids = frozenset(req.end_ids if req.end_ids is not None else self.eos_ids)
         with self._cv:
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
-            self._waiting.append(_Req(req, handle, detok, end_ids, time.perf_counter()))
+            now = time.perf_counter()
+            for i in range(req.n):  # n sequences (or the best n beams): each its own echo
+                detok = IncrementalDetokenizer(self.tokenizer, req.stop_words) if req.detokenize else None
+                self._waiting.append(_Req(req, handle, detok, end_ids, now, sequence_index=i))
             self.submitted.append(req)
             self._cv.notify_all()
         return handle
@@ -207,7 +211,7 @@ class FakeCore:
             for r in running:
                 self._step(r)
             with self._cv:
-                self._running = [r for r in self._running if not r.handle.done.is_set()]
+                self._running = [r for r in self._running if not r.finished]
             time.sleep(self.step_s)
 
     def _step(self, r: _Req) -> None:
@@ -219,7 +223,8 @@ class FakeCore:
         now = time.perf_counter()
         if self.observer:
             if i == 0:
-                self.observer.on_first_token(req.request_id, now - r.arrived)
+                if r.sequence_index == 0:
+                    self.observer.on_first_token(req.request_id, now - r.arrived)
             else:
                 self.observer.on_token(req.request_id, now - r.last_at)
         r.last_at = now
@@ -249,19 +254,21 @@ class FakeCore:
                                queue_s=None if r.admitted is None else r.admitted - r.arrived,
                                arrival_ns=_ns(r.arrived), first_scheduled_ns=_ns(r.admitted),
                                first_token_ns=_ns(r.first_at), last_token_ns=_ns(r.first_at and r.last_at),
-                               kv_blocks=-(-(len(r.request.prompt_ids) + len(r.generated)) // KV_BLOCK))
+                               kv_blocks=-(-(len(r.request.prompt_ids) + len(r.generated)) // KV_BLOCK),
+                               sequence_index=r.sequence_index)
         r.pending, r.text = [], []
         r.handle.put(out)
 
     def _finish(self, r: _Req, reason: str) -> None:
-        if r.handle.done.is_set():
+        if r.finished:
             return
+        r.finished = True
         if r.detok is not None and reason != "cancelled":
             tail = r.detok.finish()
             if tail:
                 r.text.append(tail)
-        if reason == "cancelled":
-            self.cancelled.append(r.request.request_id)
         self._emit(r, True, reason)
-        if self.observer:
+        if reason == "cancelled" and r.handle.done.is_set():
+            self.cancelled.append(r.request.request_id)
+        if self.observer and r.handle.done.is_set():
             self.observer.on_finished(r.request.request_id, reason, len(r.generated))

@@ -159,3 +159,32 @@ def test_what_beam_search_cannot_take_is_refused_naming_it(tiny_engine: Path, fi
             core.submit(GenerationRequest("x", [5, 6, 7], 4, **kw))
     finally:
         core.stop()
+
+
+def test_beams_through_the_token_model_as_tensorrt_llm_returns_them(tiny_engine: Path, tiny_hf_checkpoint: Path) -> None:
+    """Stock tritonclient, beam_width / num_return_sequences / len_penalty / early_stopping on the
+    token model: one response holding the beams, output_ids and output_log_probs [1, beam, len]
+    padded, sequence_length and cum_log_probs [1, beam]; unary and on a stream the same transformers beams."""
+    from server_utils import grpc_client, running_server, stream_infer, token_inputs
+
+    case = CASES["w3-lp0.5-true"]
+    width, n, lp, es, eos = case
+    p = prompt(17, 5)
+    want = hf_beams(load_hf_oracle(tiny_hf_checkpoint), p, *case)
+    with running_server(core_for(tiny_engine)) as server:
+        client = grpc_client(server)
+        inputs = token_inputs(p, NEW_TOKENS, beam_width=width, num_return_sequences=n, len_penalty=lp,
+                              early_stopping=es, end_id=eos, exclude_input_in_output=True, return_log_probs=True)
+        unary = client.infer("tensorrt_llm", inputs)
+        (streamed,) = [r for r in stream_infer(client, "tensorrt_llm", inputs).results if r.get_response().outputs]
+        for r in (unary, streamed):
+            ids, lengths = r.as_numpy("output_ids"), r.as_numpy("sequence_length")
+            assert ids.shape == (1, n, max(len(b) for b in want)) and lengths.shape == (1, n)
+            assert [ids[0, i, : lengths[0, i]].tolist() for i in range(n)] == want
+            cum, per_token = r.as_numpy("cum_log_probs"), r.as_numpy("output_log_probs")
+            assert cum.shape == (1, n) and (cum < 0).all() and per_token.shape == ids.shape
+            for i in range(n):  # a beam's score is its tokens' log probs summed (the end id's too)
+                logp = per_token[0, i, : lengths[0, i]]
+                assert (logp < 0).all() and cum[0, i] <= logp.sum() + 1e-4
+                if lengths[0, i] == NEW_TOKENS:  # ended by length: no end id in the score
+                    assert cum[0, i] == pytest.approx(logp.sum(), rel=1e-5)

@@ -37,7 +37,7 @@ def _input(name: str, arr: np.ndarray) -> grpcclient.InferInput:
 
 
 def e2e_row(prompt: str, output_len: int, *, streaming: bool, num_return_sequences: int | None = None,
-            return_perf_metrics: bool = False) -> dict[str, np.ndarray]:
+            return_perf_metrics: bool = False, beam_width: int = 1) -> dict[str, np.ndarray]:
     """One prompt's inputs as end_to_end_grpc_client's prepare_inputs builds them with its default
     flags (temperature 1.0, beam width 1, exclude_input_in_output false) plus the given ones."""
     text = np.array([[prompt]]).astype(object)
@@ -45,7 +45,7 @@ def e2e_row(prompt: str, output_len: int, *, streaming: bool, num_return_sequenc
         "text_input": text,
         "max_tokens": np.ones_like(text).astype(np.int32) * output_len,
         "stream": np.array([[streaming]], dtype=bool),
-        "beam_width": np.array([[1]], dtype=np.int32),
+        "beam_width": np.array([[beam_width]], dtype=np.int32),
         "temperature": np.array([[1.0]], dtype=np.float32),
     }
     if num_return_sequences is not None:
@@ -72,12 +72,14 @@ def e2e_outputs(*, batch_inputs: bool, num_return_sequences: int | None,
 
 def run_e2e(client: grpcclient.InferenceServerClient, prompts: list[str], output_len: int, *, streaming: bool,
             batch_inputs: bool, num_return_sequences: int | None = None,
-            return_perf_metrics: bool = False) -> tuple[list[list[str]], list[Any], list[Any]]:
+            return_perf_metrics: bool = False, beam_width: int = 1) -> tuple[list[list[str]], list[Any], list[Any]]:
     """end_to_end_grpc_client's run_inference: one stream per request (all prompts stacked along
-    axis 0 with --batch-inputs), outputs parsed by batch_index / sequence_index. Returns the
-    texts per row, the results and the errors."""
+    axis 0 with --batch-inputs), outputs parsed by batch_index / sequence_index (num_return_sequences
+    of them, or beam_width when it is not given). Returns the texts per row and sequence, the
+    results and the errors."""
     rows = [e2e_row(p, output_len, streaming=streaming, num_return_sequences=num_return_sequences,
-                    return_perf_metrics=return_perf_metrics) for p in prompts]
+                    return_perf_metrics=return_perf_metrics, beam_width=beam_width) for p in prompts]
+    num_generations = beam_width if num_return_sequences is None else num_return_sequences
     if batch_inputs:
         requests = [[_input(k, np.concatenate([r[k] for r in rows], axis=0)) for k in rows[0]]]
     else:
@@ -92,7 +94,7 @@ def run_e2e(client: grpcclient.InferenceServerClient, prompts: list[str], output
         batch_size = inputs[0].shape()[0]
         client.async_stream_infer("ensemble", inputs, outputs=outputs, request_id="")
         client.stop_stream()  # waits for the server to end the stream
-        batch_text = [[""] for _ in range(batch_size)]
+        batch_text = [[""] * num_generations for _ in range(batch_size)]
         while not done.empty():
             result, error = done.get()
             if error is not None:
@@ -104,7 +106,7 @@ def run_e2e(client: grpcclient.InferenceServerClient, prompts: list[str], output
             batch_index = 0 if batch_index is None else batch_index[0][0]
             seq_index = result.as_numpy("sequence_index")
             seq_index = 0 if seq_index is None else seq_index[0][0]
-            if streaming:
+            if streaming and beam_width == 1:
                 batch_text[batch_index][seq_index] += output[0].decode("utf-8")
             else:
                 batch_text[batch_index][seq_index] = output[0].decode("utf-8")
@@ -164,9 +166,42 @@ def test_e2e_client_num_return_sequences_1(client: Any) -> None:
         assert all(r.as_numpy("sequence_index").tolist() == [[0]] for r in results)
 
 
-def test_e2e_client_num_return_sequences_above_1_is_refused_naming_it(client: Any) -> None:
-    _, results, errors = run_e2e(client, ["abc"], 8, streaming=False, batch_inputs=False, num_return_sequences=2)
-    assert not results and len(errors) == 1 and "num_return_sequences" in errors[0].message()
+@pytest.mark.parametrize("streaming", [False, True])
+def test_e2e_client_num_return_sequences_each_its_own_responses(client: Any, streaming: bool) -> None:
+    texts, results, errors = run_e2e(client, ["abc", "xy"], 8, streaming=streaming, batch_inputs=True,
+                                     num_return_sequences=3)
+    assert not errors
+    assert texts == [["abc" if streaming else "abcabc"] * 3, ["xy" if streaming else "xyxy"] * 3]
+    tags = {(int(r.as_numpy("batch_index")[0][0]), int(r.as_numpy("sequence_index")[0][0])) for r in results}
+    assert tags == {(b, i) for b in range(2) for i in range(3)}
+    finals = [r for r in results if r.get_response().parameters["triton_final_response"].bool_param]
+    assert len(finals) == 1 and finals[0] is results[-1]  # the request ends once, after its last sequence
+    if not streaming:
+        assert len(results) == 6  # one whole answer per row and sequence
+
+
+def test_e2e_client_beam_width_reaches_the_core_as_beam_search() -> None:
+    """end_to_end_grpc_client --beam-width 2: two beams (num_return_sequences defaults to the beam
+    width), with the length penalty and early stopping Triton's inputs name, answered as TensorRT-LLM
+    answers a beam search: one response per row, its beams stacked (text_output [beam], output_ids
+    [1, beam, len]); the client prints the best, text_output[0]."""
+    core = FakeCore(FakeConfig(max_num_seqs=4, max_queue=16), context_length=256)
+    with running_server(core) as server:
+        client = grpc_client(server)
+        texts, results, errors = run_e2e(client, ["abc", "xy"], 8, streaming=False, batch_inputs=True, beam_width=2)
+        assert not errors and texts == [["abcabc", ""], ["xyxy", ""]]
+        assert len(results) == 2 and all(r.as_numpy("text_output").shape == (2,) for r in results)
+        assert {r.as_numpy("text_output")[1] for r in results} == {b"abcabc", b"xyxy"}
+        req = core.submitted[0]
+        assert (req.beam_width, req.n, req.length_penalty, req.early_stopping) == (2, 2, 1.0, False)
+        inputs = e2e_row("abc", 8, streaming=False, beam_width=3)
+        inputs["num_return_sequences"] = np.array([[2]], dtype=np.int32)
+        inputs["length_penalty"] = np.array([[0.5]], dtype=np.float32)
+        inputs["early_stopping"] = np.array([[True]], dtype=bool)
+        result = client.infer("ensemble", [_input(k, v) for k, v in inputs.items()])
+        assert result.as_numpy("text_output").tolist() == [b"abcabc", b"abcabc"]  # the best two beams
+        req = core.submitted[-1]
+        assert (req.beam_width, req.n, req.length_penalty, req.early_stopping) == (3, 2, 0.5, True)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

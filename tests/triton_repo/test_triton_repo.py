@@ -349,6 +349,8 @@ def test_concurrent_requests_start_no_thread_each_and_a_cancelled_one_is_freed(s
      "input_ids"),
     ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
                "beam_width": np.array([[2]], np.int32)}, "beam_width"),
+    ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
+               "num_return_sequences": np.array([[2]], np.int32)}, "num_return_sequences"),
 ])
 def test_bad_input_is_invalid_arg_naming_the_field(server: Any, model: str, tensors: dict[str, np.ndarray],
                                                     field: str) -> None:

@@ -255,6 +255,17 @@ class TritonPythonModel:
                     raise RequestError("streaming", "this model is deployed non-decoupled (one response per "
                                                     "request), so it cannot stream; send streaming=false, or "
                                                     "generate the repository decoupled (make repo DECOUPLED=true)")
+                # One sequence per row: the ensemble's postprocessing and the BLS model detokenize a
+                # row's one sequence. `llamaforge serve` (runtime/serving/server.py) answers n > 1
+                # and beams.
+                if parsed.generation.beam_width > 1:
+                    raise RequestError("beam_width", f"this repository's llama model returns one sequence per "
+                                                     f"row (got {parsed.generation.beam_width}); beam search is "
+                                                     "served by `llamaforge serve`")
+                if parsed.generation.n > 1:
+                    raise RequestError("num_return_sequences", f"this repository's llama model returns one "
+                                                               f"sequence per row (got {parsed.generation.n}); "
+                                                               "n > 1 is served by `llamaforge serve`")
                 # Text-aligned chunks: the core emits a stream response when its text grows, so no
                 # response of the ensemble carries an empty piece of a split character.
                 parsed.generation.detokenize = self.core.tokenizer is not None
