@@ -69,6 +69,14 @@ class OpenAIRequest:
     logprobs: bool
     response_id: str
     created: int = field(default_factory=lambda: int(time.time()))
+    n: int = 1  # choices per prompt: prompt i's sequence j is choice i * n + j (vLLM's numbering)
+
+    def choice_index(self, job: PromptJob, sequence_index: int) -> int:
+        return job.index * self.n + sequence_index
+
+    def choices(self) -> list[tuple[int, PromptJob]]:
+        """Every choice's index with the prompt it continues, in index order."""
+        return [(self.choice_index(job, i), job) for job in self.jobs for i in range(self.n)]
 
 
 # -- field readers ---------------------------------------------------------------------------------------
@@ -179,8 +187,17 @@ def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
     return _boolean(options, "include_usage")
 
 
-def _unsupported_common(body: Mapping[str, Any]) -> None:
-    _refuse_unless(body, "n", [1], "one choice per prompt (n > 1 is not implemented yet)")
+def _choices_per_prompt(body: Mapping[str, Any]) -> int:
+    """`n`: sequences sampled from each prompt, which is computed once (the engine core forks its KV)."""
+    n = _integer(body, "n")
+    if n is None:
+        return 1
+    if n < 1:
+        raise RequestError("n", f"must be >= 1, got {n}")
+    return n
+
+
+def _check_user(body: Mapping[str, Any]) -> None:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError("user", f"expected a string, got {_type_name(user)}")
@@ -274,7 +291,8 @@ def _max_tokens(body: Mapping[str, Any], names: Sequence[str]) -> tuple[int | No
 
 
 def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestLimits, prompt_field: str,
-                max_names: Sequence[str], stream: bool, logprobs: bool, top_logprobs: int) -> GenerationRequest:
+                max_names: Sequence[str], stream: bool, logprobs: bool, top_logprobs: int,
+                n: int = 1) -> GenerationRequest:
     check_prompt_ids(prompt_ids, limits.vocab_size, prompt_field)
     max_tokens, max_field = _max_tokens(body, max_names)
     if max_tokens is None:  # vLLM's default: whatever the context (here: and the whole KV cache) leaves
@@ -283,7 +301,7 @@ def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestL
     check_context(len(prompt_ids), max_tokens, limits, prompt_field, max_field)
     return GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_tokens=max_tokens,
                              sampling=_sampling(body, limits.vocab_size), stop_words=_stops(body), stream=stream,
-                             return_log_probs=logprobs, top_logprobs=top_logprobs, guided=_guided(body))
+                             return_log_probs=logprobs, top_logprobs=top_logprobs, guided=_guided(body), n=n)
 
 
 # -- /v1/completions -----------------------------------------------------------------------------------------
@@ -310,8 +328,10 @@ def _prompts(value: Any, tokenizer: Tokenizer | None) -> list[tuple[list[int], s
 def parse_completion(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: RequestLimits) -> OpenAIRequest:
     _check_fields(body, _COMPLETION_FIELDS)
     model = _model(body)
-    _unsupported_common(body)
-    _refuse_unless(body, "best_of", [1], "one candidate per prompt (best_of > 1 is not implemented yet)")
+    _check_user(body)
+    n = _choices_per_prompt(body)
+    _refuse_unless(body, "best_of", [n], "as many candidates as choices, n (ranking best_of > n candidates is "
+                                         "not implemented)")
     _refuse_unless(body, "suffix", [""], "insertion (suffix) is not implemented")
     stream = _boolean(body, "stream")
     include_usage = _stream_options(body, stream)
@@ -324,13 +344,13 @@ def parse_completion(body: Mapping[str, Any], tokenizer: Tokenizer | None, limit
                                    "not compute")
     jobs = []
     for index, (ids, text) in enumerate(_prompts(body.get("prompt"), tokenizer)):
-        gen = _generation(ids, body, limits, "prompt", ("max_tokens",), stream, logprobs is not None, logprobs or 0)
+        gen = _generation(ids, body, limits, "prompt", ("max_tokens",), stream, logprobs is not None, logprobs or 0, n)
         echoed = ""
         if echo:
             echoed = text if text is not None else (tokenizer.decode(ids) if tokenizer is not None else "")
         jobs.append(PromptJob(index, gen, echoed))
     return OpenAIRequest("completion", model, jobs, stream, include_usage, logprobs is not None,
-                         f"cmpl-{uuid.uuid4().hex}")
+                         f"cmpl-{uuid.uuid4().hex}", n=n)
 
 
 # -- /v1/chat/completions ------------------------------------------------------------------------------------
@@ -383,7 +403,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: RequestLimits) -> OpenAIRequest:
     _check_fields(body, _CHAT_FIELDS)
     model = _model(body)
-    _unsupported_common(body)
+    _check_user(body)
     for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
         _refuse_unless(body, name, [], "tool calling is not implemented")
     stream = _boolean(body, "stream")
@@ -395,6 +415,7 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
             raise RequestError("top_logprobs", "needs logprobs: true")
         if not 0 <= top <= MAX_LOGPROBS:
             raise RequestError("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
+    n = _choices_per_prompt(body)
     messages = _messages(body.get("messages"))
     _max_tokens(body, ("max_completion_tokens", "max_tokens"))  # every parameter is checked before the template runs
     _sampling(body, limits.vocab_size)
@@ -409,9 +430,9 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
     except Exception as e:  # noqa: BLE001 - a template's raise_exception() is the caller's error
         raise RequestError("messages", f"the chat template refused them: {e}") from None
     gen = _generation(ids, body, limits, "messages", ("max_completion_tokens", "max_tokens"), stream, logprobs,
-                      top or 0)
+                      top or 0, n)
     return OpenAIRequest("chat", model, [PromptJob(0, gen)], stream, include_usage, logprobs,
-                         f"chatcmpl-{uuid.uuid4().hex}")
+                         f"chatcmpl-{uuid.uuid4().hex}", n=n)
 
 
 # -- response bodies -----------------------------------------------------------------------------------------
@@ -422,11 +443,13 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 def usage_body(outputs: Sequence[GenerationOutput]) -> dict[str, Any]:
-    """OpenAI's usage, with the prompt tokens found in the prefix cache as its `cached_tokens`."""
-    prompt = sum(o.num_input_tokens for o in outputs)
+    """OpenAI's usage of the choices' final outputs: each prompt counted once (its n choices share
+    it), with the prompt tokens found in the prefix cache as its `cached_tokens`."""
+    firsts = [o for o in outputs if o.sequence_index == 0]
+    prompt = sum(o.num_input_tokens for o in firsts)
     completion = sum(o.num_output_tokens for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}}
 
 
 def _token_text(tokenizer: Tokenizer | None, token_id: int) -> tuple[str, list[int]]:

@@ -7,8 +7,11 @@ Routes:
     GET  /v2/health/ready         200 when the core is running, 503 otherwise (starting, draining)
     GET  /v1/models               the served model (the engine's variant name)
     GET  /v1/models/{model}       that model, or 404
-    POST /v1/completions          prompt: a string, token ids, or a list of either (one choice each)
+    POST /v1/completions          prompt: a string, token ids, or a list of either (n choices each)
     POST /v1/chat/completions     messages rendered by the checkpoint's chat template
+
+With `n`, each prompt's n sequences are choices `prompt * n + sequence` (vLLM's numbering); the
+prompt is computed once and counted once in the usage.
 
 Request bodies are parsed by runtime/serving/openai_protocol.py (which parameters are honoured, which
 are refused). Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`:
@@ -27,8 +30,8 @@ are refused). Errors use OpenAI's body, `{"error": {"message", "type", "param", 
                                 shutting_down: nothing new is admitted), or a request still running at
                                 the drain timeout was cancelled
 
-Streaming (`stream: true`) is server-sent events: `data: {chunk}` lines, for chat a first chunk that
-carries only the role, the finish reason in the last chunk of each choice, with
+Streaming (`stream: true`) is server-sent events: `data: {chunk}` lines, for chat a first chunk per
+choice that carries only the role, the finish reason in the last chunk of each choice, with
 `stream_options.include_usage` a chunk with no choices and the usage, then `data: [DONE]`. The
 deltas come from the core's outputs as they are made, so they concatenate to the unary text.
 
@@ -116,7 +119,8 @@ class _BearerAuth:
 
 class _Run:
     """One HTTP request's prompts running in the core: each output arrives, from the core's thread,
-    on this loop's queue as (choice index, output). `ticket` (admission.py) gets each prompt's core id."""
+    on this loop's queue as (choice index, output); a prompt has n choices, its sequences. `ticket`
+    (admission.py) gets each prompt's core id."""
 
     def __init__(self, core: EngineClient, req: op.OpenAIRequest, metrics: ServerMetrics | None,
                  ticket: Ticket) -> None:
@@ -129,10 +133,10 @@ class _Run:
         self.unfinished: set[int] = set()
         self.started = time.monotonic()
 
-    def _sink(self, index: int) -> Callable[[GenerationOutput], None]:
+    def _sink(self, job: op.PromptJob) -> Callable[[GenerationOutput], None]:
         def put(out: GenerationOutput) -> None:
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.req.choice_index(job, out.sequence_index), out))
             except RuntimeError:  # the loop has closed: the HTTP server is gone, nobody is waiting
                 pass
         return put
@@ -141,7 +145,7 @@ class _Run:
         """Submit every prompt; on a refusal cancel those already submitted and raise it."""
         for job in self.req.jobs:
             try:
-                self.core.submit(job.generation, self._sink(job.index))
+                self.core.submit(job.generation, self._sink(job))
             except RequestError as e:
                 self.cancel()
                 if self.metrics:
@@ -154,14 +158,14 @@ class _Run:
                     self.metrics.on_rejected()
                 raise _Refusal(429, f"the waiting queue is full: {e}", "rate_limit_error", None, "queue_full") from None
             self.ticket.rows.append(job.generation.request_id)
-            self.unfinished.add(job.index)
+            self.unfinished.update(self.req.choice_index(job, i) for i in range(self.req.n))
             if self.metrics:
                 self.metrics.on_admitted(len(job.generation.prompt_ids))
 
     def cancel(self) -> None:
         """Cancel every prompt not yet finished (cancelling a finished one does nothing)."""
         for job in self.req.jobs:
-            if job.index in self.unfinished:
+            if any(self.req.choice_index(job, i) in self.unfinished for i in range(self.req.n)):
                 self.core.cancel(job.generation.request_id)
 
     async def next(self) -> tuple[int, GenerationOutput]:
@@ -174,7 +178,8 @@ class _Run:
         index, out = item
         if out.finished:
             self.unfinished.discard(index)
-            if self.metrics:
+            first = index - index % self.req.n  # the prompt's choices: a prompt is done with its last
+            if self.metrics and not any(c in self.unfinished for c in range(first, first + self.req.n)):
                 self.metrics.on_request_done(time.monotonic() - self.started)
         return index, out
 
@@ -386,7 +391,7 @@ class OpenAIFrontend:
 
     async def _whole(self, request: Request, run: _Run) -> Response:
         """Wait for every prompt's outputs, then answer them in one body."""
-        parts: dict[int, list[GenerationOutput]] = {job.index: [] for job in run.req.jobs}
+        parts: dict[int, list[GenerationOutput]] = {index: [] for index, _ in run.req.choices()}
         # One getter task at a time, polled, so no output is lost to a timeout's cancellation. The
         # getter only takes the output off the queue; it is booked (`took`) here, once this loop has
         # it. A getter that booked it itself could finish while `is_disconnected()` awaits (it
@@ -411,21 +416,21 @@ class OpenAIFrontend:
                 run.cancel()
                 return failure.response()
         req, tok = run.req, self.tokenizer
-        finals = [parts[job.index][-1] for job in req.jobs]
+        finals = [outs[-1] for outs in parts.values()]
         choices = []
-        for job in req.jobs:
-            outs = parts[job.index]
+        for index, job in req.choices():
+            outs = parts[index]
             text = "".join(o.text for o in outs)
             ids = [t for o in outs for t in o.token_ids]
             lps = [x for o in outs for x in o.log_probs]
             tops = [x for o in outs for x in o.top_log_probs]
             reason = outs[-1].finish_reason
             if req.kind == "chat":
-                choices.append({"index": job.index, "message": {"role": "assistant", "content": text},
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
                                 "logprobs": op.chat_logprobs(tok, ids, lps, tops) if req.logprobs else None,
                                 "finish_reason": reason})
             else:
-                choices.append({"index": job.index, "text": job.echo + text, "finish_reason": reason,
+                choices.append({"index": index, "text": job.echo + text, "finish_reason": reason,
                                 "logprobs": op.completion_logprobs(tok, ids, lps, len(job.echo), tops)
                                 if req.logprobs else None})
         usage = op.usage_body(finals)
@@ -437,14 +442,14 @@ class OpenAIFrontend:
         req, tok = run.req, self.tokenizer
         chat = req.kind == "chat"
         chunk = op.chat_chunk if chat else op.completion_chunk
-        offsets = {job.index: len(job.echo) for job in req.jobs}
+        offsets = {index: len(job.echo) for index, job in req.choices()}
         finals: list[GenerationOutput] = []
-        if chat:
-            yield _sse(chunk(req, [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                    "finish_reason": None}]))
-        for job in req.jobs:
-            if job.echo:
-                yield _sse(chunk(req, [{"index": job.index, "text": job.echo, "logprobs": None, "finish_reason": None}]))
+        for index, job in req.choices():
+            if chat:
+                yield _sse(chunk(req, [{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
+                                        "finish_reason": None}]))
+            elif job.echo:
+                yield _sse(chunk(req, [{"index": index, "text": job.echo, "logprobs": None, "finish_reason": None}]))
         while run.unfinished:
             index, out = await run.next()
             failure = _failure(out) if out.finished else None

@@ -156,7 +156,8 @@ BAD_INPUTS = [
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"x": 1}}, "stream_options.x"),
-    (_COMPLETION, {"model": MODEL, "prompt": "hi", "n": 2}, "n"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "n": 2, "best_of": 3}, "best_of"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "best_of": 2}, "best_of"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
     (_COMPLETION, {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, "frequency_penalty"),
@@ -208,7 +209,7 @@ BAD_INPUTS = [
     (_CHAT, {"model": MODEL, "messages": _MSGS, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "logprobs": 1}, "logprobs"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "max_completion_tokens": -1}, "max_completion_tokens"),
-    (_CHAT, {"model": MODEL, "messages": _MSGS, "n": 3}, "n"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "n": "3"}, "n"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "echo": True}, "echo"),  # completions only
 ]
 

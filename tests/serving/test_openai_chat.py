@@ -95,6 +95,26 @@ def test_streamed_chat_has_a_role_chunk_and_the_same_text(client: openai.OpenAI,
     assert chunks[-1].usage.prompt_tokens == num_prompt
 
 
+def test_n_chat_choices_unary_and_streamed(client: openai.OpenAI, model: str) -> None:
+    """n = 2: two choices (the first the n = 1 answer with the seed), the prompt counted once; a
+    stream has a role chunk per choice, and each index's deltas concatenate to its unary content."""
+    args: dict[str, Any] = dict(model=model, messages=MESSAGES, max_completion_tokens=8, temperature=1.0, seed=5)
+    one = client.chat.completions.create(**args)
+    two = client.chat.completions.create(**args, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].message.content == one.choices[0].message.content
+    assert two.usage is not None and one.usage is not None and two.usage.prompt_tokens == one.usage.prompt_tokens
+    roles, texts, reasons = set(), {0: "", 1: ""}, {}
+    for chunk in client.chat.completions.create(**args, n=2, stream=True):
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.add(c.index)
+            texts[c.index] += c.delta.content or ""
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    assert roles == {0, 1} and texts == {c.index: c.message.content for c in two.choices}
+    assert reasons == {c.index: c.finish_reason for c in two.choices}
+
+
 def test_chat_logprobs_and_seed(client: openai.OpenAI, model: str) -> None:
     r = client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=4, temperature=0,
                                        logprobs=True)

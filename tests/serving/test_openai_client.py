@@ -228,9 +228,29 @@ def test_structured_output(client: openai.OpenAI, model: str) -> None:
         assert e.value.param == param and message in e.value.message, e.value.message
 
 
+def test_n_choices_per_prompt_share_it_and_follow_the_seed(client: openai.OpenAI, model: str) -> None:
+    """n = 3 over two prompts: choices prompt * 3 + sequence, the first of each prompt's the n = 1
+    completion with the same seed, the others their own streams; each prompt counted once in the
+    usage; streamed, the chunks of each index concatenate to its unary text."""
+    prompts = [PROMPT, "class Config:"]
+    kw: dict[str, Any] = {"model": model, "max_tokens": 10, "temperature": 1.0, "seed": 11, "logprobs": 0}
+    many = client.completions.create(prompt=prompts, n=3, **kw)
+    assert [c.index for c in many.choices] == list(range(6))
+    singles = [client.completions.create(prompt=p, **kw) for p in prompts]
+    assert [many.choices[0].text, many.choices[3].text] == [s.choices[0].text for s in singles]
+    assert len({c.text for c in many.choices[:3]}) > 1  # each sequence samples on its own
+    assert many.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert many.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in many.choices)
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=prompts, n=3, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in many.choices}
+
+
 def test_errors_reach_the_client_in_openais_schema(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model, prompt=PROMPT, n=2)
+        client.completions.create(model=model, prompt=PROMPT, n=0)
     assert e.value.param == "n" and e.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=PROMPT, max_tokens=100_000)

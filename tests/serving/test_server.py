@@ -421,7 +421,8 @@ BAD = {
                                 "stop_words"),
     "unknown input": (lambda: text_inputs("abc", 4, lora_task_id=3), "lora_task_id"),
     "unary stream": (lambda: text_inputs("abc", 4, stream=True), "stream"),
-    "beam search": (lambda: text_inputs("abc", 4, beam_width=2), "beam_width"),
+    "beam width zero": (lambda: text_inputs("abc", 4, beam_width=0), "beam_width"),
+    "no sequences": (lambda: text_inputs("abc", 4, num_return_sequences=0), "num_return_sequences"),
     "top_p out of range": (lambda: text_inputs("abc", 4, top_p=1.5), "top_p"),
     "negative temperature": (lambda: text_inputs("abc", 4, temperature=-1.0), "temperature"),
 }
