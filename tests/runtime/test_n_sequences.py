@@ -79,12 +79,19 @@ def test_sampled_sequences_have_their_own_streams_from_the_seed(tiny_engine: Pat
         a = run_to_completion(core, [GenerationRequest("a", p, 16, params, n=3, end_ids=())])
         b = run_to_completion(core, [GenerationRequest("b", p, 16, params, n=3, end_ids=())])
         single = run_to_completion(core, [GenerationRequest("c", p, 16, params, end_ids=())])
+        # The same request in a batch with others (sampled and greedy, longer and shorter).
+        mixed = run_to_completion(core, [GenerationRequest("x", prompt(9, 7), 24, SamplingParams(temperature=1.0, seed=9),
+                                                           n=2, end_ids=()),
+                                         GenerationRequest("d", p, 16, params, n=3, end_ids=()),
+                                         GenerationRequest("y", prompt(30, 8), 6, end_ids=())])
         assert core.kv.all_free()
     finally:
         core.stop()
     assert [o.token_ids for o in a] == [o.token_ids for o in b], "the same seed, the same n sequences"
     assert len({tuple(o.token_ids) for o in a}) == 3, "each sequence draws from its own stream"
     assert a[0].token_ids == single[0].token_ids, "sequence 0 draws from the seed's stream, as n = 1 does"
+    in_batch = sorted((o for o in mixed if o.request_id == "d"), key=lambda o: o.sequence_index)
+    assert [o.token_ids for o in in_batch] == [o.token_ids for o in a], "whatever else is in the batch"
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["cache", "no-cache"])
