@@ -232,8 +232,9 @@ def tile_image(image: Image.Image, config: MllamaImageConfig) -> TiledImage:
     canvas[:new_h, :new_w] = resized
     # The same dtypes as transformers (product in float64, stored as float32, normalized in float32),
     # so that the values agree to float32 rounding; the zero padding is normalized like any pixel.
-    values = (canvas.astype(np.float64) * config.rescale_factor).astype(np.float32)
-    values = (values - np.asarray(config.image_mean, dtype=np.float32)) / np.asarray(config.image_std, dtype=np.float32)
+    rescaled = (canvas.astype(np.float64) * config.rescale_factor).astype(np.float32)
+    mean, std = np.asarray(config.image_mean, dtype=np.float32), np.asarray(config.image_std, dtype=np.float32)
+    values = (rescaled - mean) / std
     tiles = values.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)
     return TiledImage(np.ascontiguousarray(tiles), (rows, cols))
 
@@ -254,6 +255,7 @@ def preprocess_images(prompts: Sequence[Sequence[ImageInput]],
         raise ValueError("preprocess_images: no prompt has an image")
     tiled = [[tile_image(decode_image(i.data, i.field, config.max_pixels), config) for i in images]
              for images in prompts]
+    num_tiles = [[len(t.tiles) for t in prompt_tiles] for prompt_tiles in tiled]
 
     t, m = config.tile_size, config.max_image_tiles
     pixel_values = np.zeros((len(prompts), max_images, m, 3, t, t), dtype=np.float32)
@@ -263,11 +265,10 @@ def preprocess_images(prompts: Sequence[Sequence[ImageInput]],
     # pads the aspect ratios of missing images with (1, 1).
     aspect_ratio_mask[:, :, 0] = 1
     ids = {a: i + 1 for i, a in enumerate(tile_arrangements(m))}
-    for b, images in enumerate(tiled):
-        for j, image in enumerate(images):
-            n = len(image.tiles)
-            pixel_values[b, j, :n] = image.tiles
-            aspect_ratio_ids[b, j] = ids[image.arrangement]
+    for b, prompt_tiles in enumerate(tiled):
+        for j, tiled_image in enumerate(prompt_tiles):
+            n = len(tiled_image.tiles)
+            pixel_values[b, j, :n] = tiled_image.tiles
+            aspect_ratio_ids[b, j] = ids[tiled_image.arrangement]
             aspect_ratio_mask[b, j, :n] = 1
-    return MllamaImageBatch(pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                            [[len(image.tiles) for image in images] for images in tiled])
+    return MllamaImageBatch(pixel_values, aspect_ratio_ids, aspect_ratio_mask, num_tiles)
