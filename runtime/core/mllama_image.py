@@ -2,7 +2,9 @@
 
 It does what transformers' `MllamaImageProcessor` does with the published `preprocessor_config.json`
 (bilinear resampling through Pillow, CLIP mean and std), so that a served model sees the pixels it
-would see under transformers (tests/runtime/test_mllama_image.py compares the two):
+would see under transformers (tests/runtime/test_mllama_image.py compares the two; the oracle is
+transformers 5's Pillow backend, `MllamaImageProcessorPil`; its torchvision backend resizes with
+torch instead and is not compared):
 
 1. decode the image bytes (a few formats only; a pixel limit checked before anything is decoded);
 2. convert to RGB, compositing any transparency onto white;
