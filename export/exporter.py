@@ -26,7 +26,7 @@ from llamaforge.export.checkpoint import open_checkpoint
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.model import LlamaDecoder, input_names, output_names
-from llamaforge.export.variants import get_variant
+from llamaforge.export.variants import get_variant, require_exportable
 from llamaforge.plugins.attention.torch_op import TRANSLATION_TABLE
 from llamaforge.plugins.moe.torch_op import TRANSLATION_TABLE as MOE_TRANSLATION_TABLE
 
@@ -110,7 +110,10 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
 def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint | None, ModelConfig]:
     """What to export: the checkpoint at `checkpoint` (opened and validated; `model` names it after a
     registry variant) and its config, or without a checkpoint the registry variant `model`'s config
-    and None. UnknownVariantError, CheckpointError, or ValueError when neither is given."""
+    and None. UnknownVariantError, VariantNotExportableError (a variant the exporter cannot build, before
+    any checkpoint is read), CheckpointError, or ValueError when neither is given."""
+    if model:
+        require_exportable(get_variant(model))
     if checkpoint is not None:
         ckpt = open_checkpoint(checkpoint, model)
         return ckpt, ckpt.config

@@ -1,4 +1,4 @@
-"""Registry of the released LLaMA-family *text* models, with their true architecture numbers.
+"""Registry of the released LLaMA-family models, with their true architecture numbers.
 
 Every number below comes from the model's published config (HF `config.json` or Meta `params.json`).
 Where a release differs from what one might expect, a comment says which release the name denotes
@@ -13,6 +13,10 @@ repos carry no such buffer, so their `safetensors.total` is the number given her
 Special tokens: for Llama 3.x the registry uses the *base* models' ids (bos 128000, eos 128001).
 Instruct releases also stop on 128008 (<|eom_id|>) and 128009 (<|eot_id|>). Llama 3.3 was only
 released as an instruct model, so `llama3.3-70b` uses that release's eos list.
+
+Llama 3.2 Vision (11B, 90B) is registered with its vision numbers in a `VisionConfig`
+(export/vision_config.py) next to the text decoder's `ModelConfig`. These variants cannot be
+exported yet: `require_exportable` refuses them with a message that says so (docs/vision.md).
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import difflib
 from dataclasses import dataclass
 
 from llamaforge.export.config import ModelConfig, RopeScaling
+from llamaforge.export.vision_config import VisionConfig, mllama_num_parameters
 
 __all__ = [
     "Variant",
     "VARIANTS",
     "UnknownVariantError",
+    "VariantNotExportableError",
     "get_variant",
+    "require_exportable",
     "variant_names",
     "format_table",
 ]
@@ -40,6 +47,12 @@ class Variant:
     hf_repo: str  # the Hugging Face repo these numbers describe (documentation only)
     notes: str = ""
     published_active_params: int | None = None  # MoE models: parameters one token runs through
+    # Llama 3.2 Vision: the vision encoder and cross-attention layers; `config` is then its text decoder.
+    vision: VisionConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.vision is not None:
+            self.vision.check_text_decoder(self.config)
 
     @property
     def computed_active_params(self) -> int:
@@ -50,7 +63,15 @@ class Variant:
         return self.config.name
 
     @property
+    def exportable(self) -> bool:
+        """Whether the exporter can build this variant (a text decoder alone)."""
+        return self.vision is None
+
+    @property
     def computed_params(self) -> int:
+        """The whole checkpoint's parameters, as implied by the architecture numbers."""
+        if self.vision is not None:
+            return mllama_num_parameters(self.config, self.vision)
         return self.config.num_parameters()
 
     @property
@@ -74,6 +95,27 @@ class UnknownVariantError(KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return self.message
+
+
+class VariantNotExportableError(ValueError):
+    """A registered variant that the exporter cannot build yet (Llama 3.2 Vision)."""
+
+    def __init__(self, variant: Variant) -> None:
+        self.name = variant.name
+        layers = len(variant.vision.cross_attention_layers) if variant.vision is not None else 0
+        super().__init__(
+            f"{variant.name}: exporting Llama 3.2 Vision (MllamaForConditionalGeneration: a vision encoder, a "
+            f"projector and a text decoder with {layers} cross-attention layers) is not implemented yet; the "
+            "vision-encoder and cross-attention decoder graphs do not exist. The registry entry holds its "
+            "architecture numbers only (`llamaforge variants`; docs/vision.md)."
+        )
+
+
+def require_exportable(variant: Variant) -> Variant:
+    """`variant`, or VariantNotExportableError when the exporter cannot build it."""
+    if not variant.exportable:
+        raise VariantNotExportableError(variant)
+    return variant
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -184,10 +226,67 @@ def _llama4(name: str, experts: int) -> ModelConfig:
     )
 
 
+# -- Llama 3.2 Vision (Sep 2024): HF `MllamaForConditionalGeneration` --------------------------------
+#
+# Sources. The four HF repos' config.json files were written by transformers' converter
+# (huggingface/transformers: src/transformers/models/mllama/convert_mllama_weights_to_hf.py) from
+# Meta's params.json, whose numbers Meta's registry listed per SKU (meta-llama/llama-models:
+# models/sku_list.py, `arch_args`, until it moved to llama-stack in Feb 2025):
+#   11B: dim 4096, n_layers 32, n_heads 32, n_kv_heads 8, ffn_dim_multiplier 1.3, multiple_of 1024,
+#        vision_num_cross_attention_layers 8, vision_max_num_chunks 4, vision_chunk_size 448 for the
+#        base Llama-3.2-11B-Vision but 560 for -Instruct;
+#   90B: dim 8192, n_layers 80, n_heads 64, n_kv_heads 8, ffn_dim_multiplier 1.3, multiple_of 4096,
+#        vision_num_cross_attention_layers 20, vision_max_num_chunks 4, vision_chunk_size 560 (both).
+# From those the converter writes: text num_hidden_layers = n_layers + cross layers (40 / 100);
+# cross_attention_layers = range(f - 1, total, f + 1) with f = ceil(n_layers / cross layers) = 4,
+# i.e. 3, 8, 13, ... (every fifth layer); intermediate_size 14336 / 28672 (Meta's FFN rule); vocab
+# 128256; rope_theta 500000 with llama3 scaling factor 8 (low 1, high 4, original 8192), context
+# 131072; bos 128000, eos 128001 (base) or [128001, 128008, 128009] (instruct), pad 128004; untied
+# head; and a vision tower of constants: patch 14, hidden 1280, 32 local + 8 global layers, 16 heads,
+# intermediate 5120, intermediate_layers_indices [3, 7, 15, 23, 30], vision_output_dim 7680, the 8
+# tile arrangements of at most 4 tiles, image_size = vision_chunk_size. The 11B-Vision-Instruct
+# text_config as published (public copies of it agree) reads exactly these numbers.
+# The base 11B's 448-pixel tile is also transformers' MllamaVisionConfig default (documented with
+# that checkpoint) and the cause of the position-embedding size mismatch between the two 11B
+# releases reported in pytorch/torchchat#1229.
+_LLAMA32_VISION_PAD = 128004
+_VISION_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+
+def _llama32_vision(name: str, size: str, instruct: bool) -> tuple[ModelConfig, VisionConfig]:
+    dim, self_layers, heads, ffn, cross = {
+        "11b": (4096, 32, 32, 14336, 8),
+        "90b": (8192, 80, 64, 28672, 20),
+    }[size]
+    total = self_layers + cross
+    every = -(-self_layers // cross)  # ceil: one cross-attention layer after every `every` self-attention layers
+    text = ModelConfig(
+        name=name, family="llama3.2-vision",
+        hidden_size=dim, num_layers=total, num_heads=heads, num_kv_heads=8, head_dim=128,
+        intermediate_size=ffn, vocab_size=_LLAMA3_VOCAB, norm_eps=1e-5, rope_theta=_LLAMA3_THETA,
+        rope_scaling=_ROPE_31, max_position_embeddings=131072, tie_word_embeddings=False,
+        bos_token_id=_LLAMA3_BOS, eos_token_id=_LLAMA3_EOS_INSTRUCT if instruct else _LLAMA3_EOS_BASE,
+        pad_token_id=_LLAMA32_VISION_PAD,
+    )
+    vision = VisionConfig(
+        image_size=448 if (size, instruct) == ("11b", False) else 560,
+        patch_size=14, hidden_size=1280, num_layers=32, num_global_layers=8, num_heads=16,
+        intermediate_size=5120, vision_output_dim=7680, max_num_tiles=4,
+        intermediate_layers_indices=(3, 7, 15, 23, 30), supported_aspect_ratios=_VISION_ASPECT_RATIOS,
+        cross_attention_layers=tuple(range(every - 1, total, every + 1)),
+    )
+    return text, vision
+
+
 def _v(config: ModelConfig, published: int, tokenizer: str, hf_repo: str, notes: str = "",
-       published_active: int | None = None) -> Variant:
+       published_active: int | None = None, vision: VisionConfig | None = None) -> Variant:
     return Variant(config=config, published_params=published, tokenizer=tokenizer, hf_repo=hf_repo, notes=notes,
-                   published_active_params=published_active)
+                   published_active_params=published_active, vision=vision)
+
+
+def _vision_v(name: str, size: str, instruct: bool, published: int, hf_repo: str, notes: str) -> Variant:
+    text, vision = _llama32_vision(name, size, instruct)
+    return _v(text, published, _TIK, hf_repo, notes, vision=vision)
 
 
 _ALL: list[Variant] = [
@@ -243,6 +342,19 @@ _ALL: list[Variant] = [
     _v(_llama4("llama4-maverick-17b-128e", 128), 400_000_000_000, _TIK, "meta-llama/Llama-4-Maverick-17B-128E",
        "128 experts on odd layers, dense FFN 16384 on even layers, no QK norm; published 400B total / 17B "
        "active (rounded).", published_active=17_000_000_000),
+    # -- Llama 3.2 Vision (Sep 2024): vision encoder + projector + Llama 3.1 decoder with cross-attention
+    #    layers; registered, not exportable. Published totals: the 11B-Vision-Instruct safetensors hold
+    #    10,670,220,835 parameters (the HF repo's safetensors metadata, as NVIDIA's model card for it
+    #    quotes); for the others only Meta's model card (meta-llama/llama-models:
+    #    models/llama3_2/MODEL_CARD_VISION.md) gives totals, rounded: "11B (10.6)" and "90B (88.8)". --
+    _vision_v("llama3.2-11b-vision", "11b", False, 10_600_000_000, "meta-llama/Llama-3.2-11B-Vision",
+              "448-pixel tiles (the instruct release: 560); published 10.6B is Meta's rounded model-card total."),
+    _vision_v("llama3.2-11b-vision-instruct", "11b", True, 10_670_220_835, "meta-llama/Llama-3.2-11B-Vision-Instruct",
+              "Published count: the HF safetensors total."),
+    _vision_v("llama3.2-90b-vision", "90b", False, 88_800_000_000, "meta-llama/Llama-3.2-90B-Vision",
+              "Published 88.8B is Meta's rounded model-card total."),
+    _vision_v("llama3.2-90b-vision-instruct", "90b", True, 88_800_000_000, "meta-llama/Llama-3.2-90B-Vision-Instruct",
+              "Published 88.8B is Meta's rounded model-card total."),
 ]
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
@@ -262,9 +374,11 @@ def get_variant(name: str) -> Variant:
 
 
 def format_table() -> str:
-    """A fixed-width table of every variant's shape and parameter count."""
+    """A fixed-width table of every variant's shape and parameter count. For Llama 3.2 Vision the
+    shape is the text decoder's (layers include the `xattn` cross-attention layers) and the count is
+    the whole model's, vision encoder included."""
     headers = ["name", "layers", "hidden", "heads", "kv", "head_dim", "ffn", "vocab", "context",
-               "rope_theta", "rope_scale", "tied", "experts", "params(B)", "published(B)", "delta%", "active(B)"]
+               "rope_theta", "rope_scale", "tied", "experts", "xattn", "params(B)", "published(B)", "delta%", "active(B)"]
     rows: list[list[str]] = []
     for v in VARIANTS.values():
         c = v.config
@@ -282,6 +396,7 @@ def format_table() -> str:
             f"{c.rope_scaling.factor:g}" if c.rope_scaling else "-",
             "yes" if c.tie_word_embeddings else "no",
             f"{c.num_experts_per_tok}/{c.num_local_experts}" if c.is_moe else "-",
+            str(len(v.vision.cross_attention_layers)) if v.vision is not None else "-",
             f"{v.computed_params / 1e9:.2f}",
             f"{v.published_params / 1e9:.2f}",
             f"{v.params_delta_pct:+.3f}",

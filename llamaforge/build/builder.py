@@ -34,7 +34,7 @@ from llamaforge.export.exporter import (
     tqdm_progress,
 )
 from llamaforge.export.tokenizer_files import copy_tokenizer
-from llamaforge.export.variants import UnknownVariantError
+from llamaforge.export.variants import VARIANTS, UnknownVariantError, VariantNotExportableError, require_exportable
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
 from llamaforge.graphs.quantization.awq import awq_search
 from llamaforge.graphs.quantization.calibrate import (
@@ -256,6 +256,11 @@ def quantized_manifest(manifest: EngineManifest, quant: Any, stats: Any, backend
 
 
 def build_engine(opts: BuildOptions) -> Path:
+    if opts.model in VARIANTS:  # first: nothing else (a missing CHECKPOINT=) matters for a model we cannot build
+        try:
+            require_exportable(VARIANTS[opts.model])
+        except VariantNotExportableError as e:
+            raise BuildError(f"MODEL: {e}") from None
     if opts.backend not in BACKENDS:
         raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
     if opts.backend == "trt" and not tensorrt_available():

@@ -21,6 +21,9 @@ REQUIRED_NAMES = [
     "llama4-scout-17b-16e", "llama4-maverick-17b-128e",
 ]
 
+# Llama 3.2 Vision: registered with a VisionConfig, not exportable (tests/export/test_vision_variants.py).
+VISION_NAMES = ["llama3.2-11b-vision", "llama3.2-11b-vision-instruct", "llama3.2-90b-vision", "llama3.2-90b-vision-instruct"]
+
 FAMILIES = {"llama1", "alpaca", "vicuna", "llama2", "codellama", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4"}
 
 MHA = [
@@ -31,8 +34,9 @@ GQA = ["llama2-70b", "llama2-70b-chat", "codellama-34b", "codellama-70b"] + [n f
 
 
 def test_registered_names_are_exactly_the_required_list():
-    assert sorted(VARIANTS) == sorted(REQUIRED_NAMES)
+    assert sorted(VARIANTS) == sorted(REQUIRED_NAMES + VISION_NAMES)
     assert len(REQUIRED_NAMES) == len(set(REQUIRED_NAMES))
+    assert [n for n in VARIANTS if not VARIANTS[n].exportable] == VISION_NAMES
 
 
 @pytest.mark.parametrize("name", REQUIRED_NAMES)
@@ -167,9 +171,9 @@ def test_unknown_variant_error_without_close_match():
 def test_format_table_lists_every_variant():
     table = format_table()
     lines = table.splitlines()
-    assert len(lines) == 2 + len(REQUIRED_NAMES)
+    assert len(lines) == 2 + len(REQUIRED_NAMES) + len(VISION_NAMES)
     first_cells = {line.split()[0] for line in lines[2:]}
-    assert first_cells == set(REQUIRED_NAMES)
+    assert first_cells == set(REQUIRED_NAMES + VISION_NAMES)
     for header in ("layers", "hidden", "kv", "head_dim", "ffn", "vocab", "context", "rope_theta", "delta%"):
         assert header in lines[0]
 
