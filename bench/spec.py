@@ -13,18 +13,22 @@ Workloads (--new-tokens new tokens each, min_tokens = max_tokens so nothing stop
     like). Greedy. The model was trained on 256-token windows, so prompt and output stay within.
   * no-repeat: 64 random token ids, sampled at temperature 1 (seeded): an output with nothing to
     look up, where the proposer must stand back.
-Each is run single-stream (one request at a time; tok/s from its first to its last token, summed
-over the requests) and 8-concurrent (8 requests submitted together; tokens / span), with
-`--speculative ngram` (k = --k, n-grams 2..4) and without, in --rounds rounds alternating which
-goes first; medians. Printed: tok/s, ratio, acceptance rate (accepted / proposed draft tokens) and
-tokens per verify step. Greedy outputs with and without speculation are compared token for token.
+Each is run single-stream (the 8 requests one at a time; tok/s from a request's first to its last
+token, averaged) and 8-concurrent (8 requests submitted together; tokens / span), with
+`--speculative ngram` (k = --k, n-grams 2..4) and without: in each of --rounds rounds, each
+request (1 stream) or batch of 8 runs with speculation on and off back to back, alternating which
+goes first, and the ratio is the median of those pairs' ratios (drift cancels within a pair).
+Printed: tok/s (medians), ratio, acceptance rate (accepted / proposed draft tokens), tokens
+accepted per verify step, and for editing how much of the output is the file's continuation (the
+model's copying: what prompt lookup can find beyond the model's own repetitions). Greedy outputs
+with and without speculation are compared token for token.
 Then the verify call's cost against a decode call's, for 1 and 8 rows, on this model and on the
 125M random-weight bench checkpoint of `make bench-serve` (weight-bound at one row; --no-weight-bound
 skips it).
 
 Targets: editing single-stream >= 1.5x; no-repeat single-stream >= 0.95x.
 
-  python bench/spec.py [--rounds 3] [--k 4] [--new-tokens 128] [--json FILE]
+  python bench/spec.py [--rounds 5] [--k 4] [--new-tokens 64] [--json FILE]
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / ".work" / "spec")
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "stdlib-5m")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--file-tokens", type=int, default=160)
@@ -177,36 +181,48 @@ def main() -> int:
         for c in cores.values():  # warm-up: first runs allocate
             timed(c, workloads["editing"][0][:1], 8, False, False)
         rates: dict[tuple[str, int, bool], list[float]] = {}
+        pairs: dict[tuple[str, int], list[float]] = {}  # on / off of back-to-back runs of the same requests
         accept: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
         outputs: dict[tuple[str, int, bool], list[list[int]]] = {}
         cells = [(w, streams) for w in workloads for streams in (1, 8)]
-        with tqdm(total=args.rounds * len(cells) * 2, desc="bench-spec", unit="run") as bar:
+        # A unit is what one timed run sends: one request (1 stream) or all 8 at once. Each unit runs
+        # with speculation on and off back to back, in alternating order, so the machine's drift
+        # cancels in each pair's ratio; the ratio reported is the median over pairs.
+        units = {(w, streams): ([[p] for p in workloads[w][0]] if streams == 1 else [workloads[w][0]])
+                 for w, streams in cells}
+        with tqdm(total=args.rounds * sum(len(u) for u in units.values()) * 2, desc="bench-spec", unit="run") as bar:
             for r in range(args.rounds):
                 for w, streams in cells:
-                    prompts, sampled = workloads[w]
-                    for spec in ((True, False) if r % 2 else (False, True)):
-                        bar.set_postfix_str(f"round {r + 1} {w} x{streams} {'on' if spec else 'off'}")
-                        before = cores[spec].stats()
-                        steps = cores[spec].counters.verify_steps
-                        rate, outs = timed(cores[spec], prompts if streams == 8 else prompts[:4], args.new_tokens,
-                                           sampled, streams == 8)
-                        rates.setdefault((w, streams, spec), []).append(rate)
-                        outputs[(w, streams, spec)] = outs
-                        if spec:
-                            after = cores[spec].stats()
-                            accept.setdefault((w, streams), []).append((
-                                int(after["spec_draft_tokens"] - before["spec_draft_tokens"]),
-                                int(after["spec_accepted_tokens"] - before["spec_accepted_tokens"]),
-                                cores[spec].counters.verify_steps - steps))
-                        bar.update()
+                    sampled = workloads[w][1]
+                    outs_of: dict[bool, list[list[int]]] = {True: [], False: []}
+                    for i, unit in enumerate(units[(w, streams)]):
+                        rate_of = {}
+                        for spec in ((True, False) if (r + i) % 2 else (False, True)):
+                            bar.set_postfix_str(f"round {r + 1} {w} x{streams} {'on' if spec else 'off'}")
+                            before = cores[spec].stats()
+                            steps = cores[spec].counters.verify_steps
+                            rate, outs = timed(cores[spec], unit, args.new_tokens, sampled, streams == 8)
+                            rate_of[spec] = rate
+                            rates.setdefault((w, streams, spec), []).append(rate)
+                            outs_of[spec] += outs
+                            if spec:
+                                after = cores[spec].stats()
+                                accept.setdefault((w, streams), []).append((
+                                    int(after["spec_draft_tokens"] - before["spec_draft_tokens"]),
+                                    int(after["spec_accepted_tokens"] - before["spec_accepted_tokens"]),
+                                    cores[spec].counters.verify_steps - steps))
+                            bar.update()
+                        pairs.setdefault((w, streams), []).append(rate_of[True] / rate_of[False])
+                    for spec in (True, False):
+                        outputs[(w, streams, spec)] = outs_of[spec]
     finally:
         for c in cores.values():
             c.stop()
 
     table = Table(title=f"speculative decoding (prompt lookup, k={args.k}) on stdlib-5m fp32, {args.new_tokens} new "
-                        f"tokens per request, median of {args.rounds} alternated rounds")
-    for col in ("workload", "streams", "off tok/s", "on tok/s", "on / off", "acceptance", "accepted per verify",
-                "greedy tokens equal"):
+                        f"tokens per request, {args.rounds} rounds; tok/s: medians")
+    for col in ("workload", "streams", "off tok/s", "on tok/s", "on / off (median of pairs)", "acceptance", "accepted per verify",
+                "greedy tokens equal", "output = the file's"):
         table.add_column(col, justify="left" if col == "workload" else "right")
     ratios: dict[str, float] = {}
     failed = False
@@ -219,11 +235,16 @@ def main() -> int:
         same = "sampled" if sampled else (
             "yes" if outputs[(w, streams, True)] == outputs[(w, streams, False)] else "NO")
         failed |= same == "NO"
-        ratio = on / off
+        ratio = statistics.median(pairs[(w, streams)])
         ratios[f"{w} x{streams}"] = ratio
+        copied = "-"
+        if w == "editing":  # how much of the output is the file's continuation (what a model that edits copies)
+            file_tokens = [p[1 + 16: 1 + args.file_tokens] for p in workloads[w][0]]
+            outs = outputs[(w, streams, False)]
+            copied = f"{np.mean([o[i] == f[i] for o, f in zip(outs, file_tokens) for i in range(min(len(o), len(f)))]):.0%}"
         table.add_row(w, str(streams), f"{off:.1f}", f"{on:.1f}", f"{ratio:.2f}x",
                       f"{accepted / proposed:.0%}" if proposed else "-", f"{accepted / verifies:.2f}" if verifies else "-",
-                      same)
+                      same, copied)
     Console(width=160).print(table)
     costs = Table(title=f"verify call vs decode call, {1 + args.k} tokens per row after 200 of context (ms, best of 3x5)")
     for col in ("engine", "rows", "decode", "verify", "verify / decode"):

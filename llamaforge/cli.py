@@ -161,7 +161,8 @@ def _core_config(args: argparse.Namespace) -> CoreConfig:
                       SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.scheduling_policy),
                       max_queue=args.max_queue,
                       speculative=SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.prompt_lookup_min,
-                                                    args.prompt_lookup_max, args.draft_engine))
+                                                    args.prompt_lookup_max, args.draft_engine,
+                                                    args.speculative_disable_by_batch_size))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -235,7 +236,8 @@ def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: 
     if not speculative:
         p.set_defaults(speculative=SpeculativeConfig.method, num_speculative_tokens=SpeculativeConfig.num_speculative_tokens,
                        prompt_lookup_min=SpeculativeConfig.prompt_lookup_min,
-                       prompt_lookup_max=SpeculativeConfig.prompt_lookup_max, draft_engine=SpeculativeConfig.draft_engine)
+                       prompt_lookup_max=SpeculativeConfig.prompt_lookup_max, draft_engine=SpeculativeConfig.draft_engine,
+                       speculative_disable_by_batch_size=SpeculativeConfig.disable_by_batch_size)
     else:
         _add_speculative_arguments(p)
     if policy:
@@ -258,6 +260,9 @@ def _add_speculative_arguments(p: argparse.ArgumentParser) -> None:
                    help="--speculative ngram: longest n-gram matched")
     p.add_argument("--draft-engine", default=SpeculativeConfig.draft_engine,
                    help="--speculative draft: a smaller engine directory with the same tokenizer")
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=SpeculativeConfig.disable_by_batch_size,
+                   help="no drafts in a step where this many sequences or more decode (0: never); the default "
+                        "speculates only for a sequence decoding alone, where verifying is cheap on this backend")
 
 
 def _add_decoupled_argument(p: argparse.ArgumentParser, models: str) -> None:

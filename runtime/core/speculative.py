@@ -26,7 +26,8 @@ Proposers:
 `Speculator` wraps either: it caps the draft by what the request may still generate, and stands
 back from a sequence whose drafts keep missing (after m >= 3 drafts in a row with nothing
 accepted, it proposes nothing for 2^(m-2) steps, at most 64), so a workload without repeats costs
-almost nothing.
+almost nothing; and it proposes nothing in a step where `disable_by_batch_size` sequences or more
+are decoding (where verifying several rows at once costs more than it saves).
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class Speculator:
         if config.num_speculative_tokens < 1:
             raise SpeculativeError(f"num_speculative_tokens must be >= 1, got {config.num_speculative_tokens}")
         self.k = config.num_speculative_tokens
+        if config.disable_by_batch_size < 0:
+            raise SpeculativeError(f"disable_by_batch_size must be >= 0, got {config.disable_by_batch_size}")
+        self.disable_by_batch_size = config.disable_by_batch_size
         self.proposer = proposer
         self.context_length = context_length
         self.stats = SpeculativeStats()
@@ -196,10 +200,13 @@ class Speculator:
         return cls(config, proposer, context_length)
 
     def propose(self, seqs: list[Sequence]) -> None:
-        """Set each sequence's draft: those past their prompt may get one, the rest get none."""
+        """Set each sequence's draft: those past their prompt may get one, the rest get none (all of
+        them when `disable_by_batch_size` sequences or more are decoding)."""
+        decoding = sum(not seq.in_prefill for seq in seqs)
+        off = 0 < self.disable_by_batch_size <= decoding
         for seq in seqs:
             seq.draft = []
-            if seq.in_prefill or seq.group is not None:  # beams advance together, one token a step
+            if off or seq.in_prefill or seq.group is not None:  # beams advance together, one token a step
                 continue
             back = self._backoff.setdefault(seq.seq_id, _Backoff())
             if back.idle:

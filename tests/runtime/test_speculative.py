@@ -87,6 +87,54 @@ def test_the_speculator_caps_drafts_and_stands_back_after_misses() -> None:
     assert seq.draft and spec.stats.draft_tokens == 10 and spec.stats.accepted_tokens == 1
 
 
+def test_no_drafts_in_a_step_with_disable_by_batch_size_sequences_decoding() -> None:
+    """vLLM's speculative_disable_by_batch_size: by default (2) only a sequence decoding alone gets
+    a draft; sequences still in their prompt do not count; 0 never disables."""
+    def seqs() -> list[Sequence]:
+        return [Sequence(name, [1, 2, 3, 1, 2, 3, 1, 2], 8, 40, num_computed=7) for name in "ab"]
+
+    default = Speculator(SpeculativeConfig(method="ngram"), NgramProposer(2, 4), 4096)
+    a, b = seqs()
+    default.propose([a, b])
+    assert a.draft == [] and b.draft == [], "two decoding: no drafts"
+    b.num_computed = 3  # b back in its prompt (a chunk left): a decodes alone
+    default.propose([a, b])
+    assert a.draft == [3, 1, 2] and b.draft == []
+    never = Speculator(SpeculativeConfig(method="ngram", disable_by_batch_size=0), NgramProposer(2, 4), 4096)
+    a, b = seqs()
+    never.propose([a, b])
+    assert a.draft == b.draft == [3, 1, 2]
+    with pytest.raises(SpeculativeError, match="disable_by_batch_size"):
+        Speculator(SpeculativeConfig(method="ngram", disable_by_batch_size=-1), NgramProposer(2, 4), 4096)
+
+
+def test_the_default_speculates_only_for_a_sequence_decoding_alone(tiny_engine: Path) -> None:
+    """Two repetitive requests, the first shorter: while both decode nothing is drafted; once the
+    first has finished, the second speculates; greedy tokens as without speculation."""
+    prompts = repetitive_prompts(3)
+    requests = [GenerationRequest("short", prompts[0], 8, end_ids=()), GenerationRequest("long", prompts[3], 40, end_ids=())]
+    outs = []
+    for spec in (None, SpeculativeConfig(method="ngram", num_speculative_tokens=3)):
+        core = EngineCore(tiny_engine, config(spec))
+        mix: list[tuple[int, int]] = []
+        schedule = core.scheduler.schedule
+
+        def spy():  # type: ignore[no-untyped-def]
+            out = schedule()
+            mix.append((len(out.decode), len(out.verify)))
+            return out
+
+        core.scheduler.schedule = spy  # type: ignore[method-assign]
+        try:
+            outs.append([o.token_ids for o in run_to_completion(core, requests)])
+            drafted = core.stats().get("spec_draft_tokens", 0)
+        finally:
+            core.stop()
+    assert outs[1] == outs[0]
+    assert drafted > 0 and any(v for _, v in mix), "the long request, decoding alone, speculates"
+    assert all(d == 0 and v == 1 for d, v in mix if v), "no verify row shares a step with another decoding row"
+
+
 # -- exactness: sampled tokens follow the target's distribution -------------------------------------------------
 
 
@@ -169,7 +217,8 @@ def run(engine: Path, spec: SpeculativeConfig | None, sampling: SamplingParams =
 def test_prompt_lookup_greedy_equals_plain_decoding_and_transformers(tiny_engine: Path, tiny_hf_checkpoint: Path,
                                                                      chunk: int) -> None:
     plain, _, _ = run(tiny_engine, None)
-    spec, stats, mix = run(tiny_engine, SpeculativeConfig(method="ngram", num_speculative_tokens=3), chunk=chunk)
+    spec, stats, mix = run(tiny_engine, SpeculativeConfig(method="ngram", num_speculative_tokens=3,
+                                                           disable_by_batch_size=0), chunk=chunk)
     for a, b in zip(plain, spec):
         assert b.token_ids == a.token_ids, a.request_id
         np.testing.assert_allclose(b.log_probs, a.log_probs, atol=1e-4)
@@ -188,7 +237,8 @@ def test_a_draft_engine_greedy_equals_plain_decoding(tiny_engine: Path, tiny_bui
     plain, _, _ = run(tiny_engine, None)
     small = tiny_builds.engine(tiny_builds.hf_checkpoint(tiny_config(num_layers=1), seed=4))
     for draft, all_accepted in ((tiny_engine, True), (small, False)):
-        spec, stats, _ = run(tiny_engine, SpeculativeConfig(method="draft", draft_engine=str(draft), num_speculative_tokens=3))
+        spec, stats, _ = run(tiny_engine, SpeculativeConfig(method="draft", draft_engine=str(draft), num_speculative_tokens=3,
+                                                            disable_by_batch_size=0))
         for a, b in zip(plain, spec):
             assert b.token_ids == a.token_ids, (draft, a.request_id)
         assert stats["spec_draft_tokens"] > 0
@@ -198,7 +248,7 @@ def test_a_draft_engine_greedy_equals_plain_decoding(tiny_engine: Path, tiny_bui
 
 def test_sampled_requests_under_speculation_stay_valid_and_seeded(tiny_engine: Path) -> None:
     sampling = SamplingParams(temperature=0.8, top_k=20, seed=7)
-    spec_cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=3)
+    spec_cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=3, disable_by_batch_size=0)
     first, stats, _ = run(tiny_engine, spec_cfg, sampling)
     again, _, _ = run(tiny_engine, spec_cfg, sampling)
     assert [o.token_ids for o in first] == [o.token_ids for o in again], "a seed gives the same tokens"
