@@ -119,7 +119,7 @@ def test_the_default_speculates_only_for_a_sequence_decoding_alone(tiny_engine: 
         mix: list[tuple[int, int]] = []
         schedule = core.scheduler.schedule
 
-        def spy():  # type: ignore[no-untyped-def]
+        def spy(schedule=schedule, mix=mix):  # type: ignore[no-untyped-def]
             out = schedule()
             mix.append((len(out.decode), len(out.verify)))
             return out
