@@ -162,7 +162,8 @@ def _core_config(args: argparse.Namespace) -> CoreConfig:
                       max_queue=args.max_queue,
                       speculative=SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.prompt_lookup_min,
                                                     args.prompt_lookup_max, args.draft_engine,
-                                                    args.speculative_disable_by_batch_size))
+                                                    args.speculative_disable_by_batch_size)
+                      if hasattr(args, "speculative") else SpeculativeConfig())
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -221,7 +222,6 @@ def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: 
         CoreConfig,
         KVCacheConfig,
         SchedulerConfig,
-        SpeculativeConfig,
     )
 
     p.add_argument("--kv-budget-tokens", type=int, default=KVCacheConfig.budget_tokens, help=kv_budget)
@@ -233,12 +233,7 @@ def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: 
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
                    help="tokens per engine step")
     p.add_argument("--max-queue", type=int, default=CoreConfig.max_queue, help=f"waiting requests before {queue_full}")
-    if not speculative:
-        p.set_defaults(speculative=SpeculativeConfig.method, num_speculative_tokens=SpeculativeConfig.num_speculative_tokens,
-                       prompt_lookup_min=SpeculativeConfig.prompt_lookup_min,
-                       prompt_lookup_max=SpeculativeConfig.prompt_lookup_max, draft_engine=SpeculativeConfig.draft_engine,
-                       speculative_disable_by_batch_size=SpeculativeConfig.disable_by_batch_size)
-    else:
+    if speculative:  # without them, `_core_config` takes SpeculativeConfig's defaults (off)
         _add_speculative_arguments(p)
     if policy:
         p.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
