@@ -97,6 +97,19 @@ def test_one_response_per_request_equals_transformers(server: Any, tiny_hf_check
 
 
 @pytest.mark.parametrize("model", ["ensemble", "bls"])
+def test_num_return_sequences_come_stacked_in_the_one_response(server: Any, model: str) -> None:
+    sampled = {**text_request(PROMPT, 8, exclude_input_in_output=True), "num_return_sequences": np.array([[2]], np.int32),
+               "temperature": np.array([[1.0]], np.float32), "top_p": np.array([[1.0]], np.float32),
+               "seed": np.array([[3]], np.uint64)}
+    call = server.infer(model, sampled).wait(60)
+    assert not call.errors and len(call.outputs) == 1, [e.message() for e in call.errors]
+    out = call.outputs[0]
+    assert out["text_output"].shape == (2,) and out["sequence_index"].reshape(-1).tolist() == [0, 1]
+    assert out["text_output"][0] != out["text_output"][1], "each sequence samples on its own"
+    assert server.models["llama"].core.kv.all_free()
+
+
+@pytest.mark.parametrize("model", ["ensemble", "bls"])
 def test_a_streaming_request_is_invalid_arg(server: Any, model: str) -> None:
     call = server.infer(model, text_request(PROMPT, 4, stream=True)).wait(30)
     assert not call.outputs and len(call.errors) == 1

@@ -350,7 +350,7 @@ def test_concurrent_requests_start_no_thread_each_and_a_cancelled_one_is_freed(s
     ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
                "beam_width": np.array([[2]], np.int32)}, "beam_width"),
     ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
-               "num_return_sequences": np.array([[2]], np.int32)}, "num_return_sequences"),
+               "num_return_sequences": np.array([[0]], np.int32)}, "num_return_sequences"),
 ])
 def test_bad_input_is_invalid_arg_naming_the_field(server: Any, model: str, tensors: dict[str, np.ndarray],
                                                     field: str) -> None:
@@ -360,6 +360,40 @@ def test_bad_input_is_invalid_arg_naming_the_field(server: Any, model: str, tens
     assert error.code() == pb.TritonError.INVALID_ARG and field in error.message(), error.message()
     assert server.models["llama"].core.kv.all_free()
     assert text_of(server.infer(model if model != "llama" else "ensemble", text_request("ok", 4)).wait())
+
+
+def test_num_return_sequences_each_sequence_its_own_responses(server: Any) -> None:
+    """n = 3, seeded sampling, through ensemble, bls (streamed and not) and llama: every sequence's
+    responses are tagged by sequence_index, each sequence's text is its own (the first the n = 1
+    text with the seed), the request ends once, and the KV cache is all free after."""
+    core = server.models["llama"].core
+    # TensorRT-LLM's semantics: temperature alone stays greedy; top_p 1.0 samples the distribution.
+    sampled = {"temperature": 1.0, "top_p": 1.0, "seed": 7, "exclude_input_in_output": True}
+    single = text_of(server.infer("ensemble", text_request(PROMPTS[0], 12, **sampled)).wait())
+    texts_of = {}
+    for model in ("ensemble", "bls"):
+        for stream in (False, True):
+            call = server.infer(model, text_request(PROMPTS[0], 12, num_return_sequences=3, stream=stream,
+                                                    **sampled)).wait()
+            assert not call.errors and call.finals == 1, (model, [e.message() for e in call.errors])
+            texts: dict[int, bytes] = {}
+            for o in call.outputs:
+                i = int(o["sequence_index"][0][0])
+                texts[i] = texts.get(i, b"") + bytes(o["text_output"][0])
+            assert sorted(texts) == [0, 1, 2] and texts[0] == single, (model, stream)
+            assert len(set(texts.values())) > 1, "each sequence samples on its own"
+            if not stream:
+                assert len(call.outputs) == 3, "one whole answer per sequence"
+            texts_of[(model, stream)] = texts
+    assert len({tuple(sorted(t.items())) for t in texts_of.values()}) == 1, "the same seed, the same sequences"
+    ids = core.tokenizer.encode(PROMPTS[0], add_bos=True, allow_special=True)
+    call = server.infer("llama", {"input_ids": np.array([ids], np.int32), "request_output_len": np.array([[12]], np.int32),
+                                  "num_return_sequences": np.array([[2]], np.int32),
+                                  "random_seed": np.array([[7]], np.uint64), "temperature": np.array([[1.0]], np.float32),
+                                  "runtime_top_p": np.array([[1.0]], np.float32),
+                                  "exclude_input_in_output": np.array([[True]])}).wait()
+    assert not call.errors and {int(o["sequence_index"][0][0]) for o in call.outputs} == {0, 1}
+    assert core.kv.all_free()
 
 
 def test_trtllm_names_min_length_and_random_seed_reach_llama(server: Any) -> None:

@@ -71,9 +71,16 @@ def _rows(tensors: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{name: arr[None] for name, arr in row.items()} for row in split_rows(tensors, TEXT_MODEL)]
 
 
+def _sequences(row: Mapping[str, np.ndarray]) -> int:
+    """How many sequences llama sends for a row (num_return_sequences; llama checks the value)."""
+    n = row.get("num_return_sequences")
+    return max(1, int(n.reshape(-1)[0])) if n is not None and n.size else 1
+
+
 class _Request:
-    """The rows of one decoupled request: the final flag goes with the last response of the last
-    row to end; an error ends the request (its other rows stop at their next response)."""
+    """The sequences of one decoupled request's rows (one a row, n with num_return_sequences): the
+    final flag goes with the last response of the last sequence to end; an error ends the request
+    (its other rows stop at their next response)."""
 
     def __init__(self, sender: Any, rows: int) -> None:
         self.sender = sender
@@ -120,7 +127,7 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - answer the request rather than leave it hanging
                 sender.send(backend.error_response(e), flags=backend.FINAL)
                 continue
-            group = _Request(sender, len(rows))
+            group = _Request(sender, sum(_sequences(row) for row in rows))
             for index, row in enumerate(rows):
                 thread = threading.Thread(target=self._serve, args=(request, group, index, row), name="bls-row",
                                           daemon=True)
@@ -156,7 +163,8 @@ class TritonPythonModel:
     def _postprocess(self, row: Mapping[str, np.ndarray], response: Any, index: int) -> dict[str, np.ndarray]:
         outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
         text = postprocess(self.tokenizer, {**row, **outputs})
-        text["batch_index"] = np.array([[index]], dtype=np.int32)  # llama saw this row alone, as row 0
+        # llama saw this row alone, as row 0 (its n sequences stacked, non-decoupled)
+        text["batch_index"] = np.full((len(text["text_output"]), 1), index, dtype=np.int32)
         return text
 
     def _one_response(self, request: Any) -> Any:
@@ -177,6 +185,7 @@ class TritonPythonModel:
 
     def _run(self, request: Any, group: _Request, index: int, row: dict[str, np.ndarray]) -> None:
         responses = self._llama_call(request, row).exec(decoupled=True)
+        open_sequences = _sequences(row)  # each ends with its final response (is_final)
         cancelled = False
         for response in responses:
             if cancelled:
@@ -194,10 +203,12 @@ class TritonPythonModel:
             text = self._postprocess(row, response, index)
             final = bool(outputs["is_final"].reshape(-1)[0])
             group.send(pb_utils.InferenceResponse(output_tensors=backend.output_tensors(text)), row_done=final)
-            if final:
+            open_sequences -= final
+            if not open_sequences:
                 return
         if cancelled:
             group.fail(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"request {request.request_id()} was cancelled", pb_utils.TritonError.CANCELLED)))
         else:
-            group.send(row_done=True)  # llama ended without a final data response
+            for _ in range(open_sequences):  # llama ended without their final data responses
+                group.send(row_done=True)

@@ -173,7 +173,7 @@ class _OneResponse:
 
 @dataclass(eq=False)
 class _Request:
-    """One Triton request: its sender, and how many of its rows have not ended."""
+    """One Triton request: its sender, and how many of its rows' sequences have not ended."""
 
     request: Any
     sender: Any
@@ -184,19 +184,25 @@ class _Request:
 
 @dataclass(eq=False)
 class _InFlight:
-    """One admitted request: where its responses go and what building them needs."""
+    """One sequence of an admitted row (a row has n, with num_return_sequences): where its responses
+    go and what building them needs. Each is detokenized on its own by postprocessing."""
 
     group: _Request  # the Triton request this row belongs to
     parsed: ParsedRequest
     builder: ResponseBuilder
     window: _ContextWindow
     echo: dict[str, np.ndarray]  # the row's inputs postprocessing reads, as llama's echo_* outputs
+    sequence_index: int = 0
     cancel_sent: bool = False
     ended: bool = False  # its last response is sent: later outputs are dropped
 
     @property
     def request(self) -> Any:  # the Triton request: is_cancelled() is polled
         return self.group.request
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.parsed.generation.request_id, self.sequence_index
 
 
 class TritonPythonModel:
@@ -213,7 +219,7 @@ class TritonPythonModel:
         self.ctx = ModelContext.from_core(self.core)
         self.decoupled = backend.decoupled(args)
         self._lock = threading.Lock()
-        self._in_flight: dict[str, _InFlight] = {}
+        self._in_flight: dict[tuple[str, int], _InFlight] = {}
         self._stopping = threading.Event()
         self.core.start()
         self._poller = threading.Thread(target=self._poll_cancellations, name="llama-cancellations", daemon=True)
@@ -255,49 +261,51 @@ class TritonPythonModel:
                     raise RequestError("streaming", "this model is deployed non-decoupled (one response per "
                                                     "request), so it cannot stream; send streaming=false, or "
                                                     "generate the repository decoupled (make repo DECOUPLED=true)")
-                # One sequence per row: the ensemble's postprocessing and the BLS model detokenize a
-                # row's one sequence. `llamaforge serve` (runtime/serving/server.py) answers n > 1
-                # and beams.
+                # postprocessing detokenizes one sequence per response: a row's n sequences each
+                # send their own (tagged by sequence_index), but a beam search's one response holds
+                # all its beams, which it cannot take yet. `llamaforge serve` answers beams.
                 if parsed.generation.beam_width > 1:
-                    raise RequestError("beam_width", f"this repository's llama model returns one sequence per "
-                                                     f"row (got {parsed.generation.beam_width}); beam search is "
-                                                     "served by `llamaforge serve`")
-                if parsed.generation.n > 1:
-                    raise RequestError("num_return_sequences", f"this repository's llama model returns one "
-                                                               f"sequence per row (got {parsed.generation.n}); "
-                                                               "n > 1 is served by `llamaforge serve`")
+                    raise RequestError("beam_width", f"this repository's llama model does not run beam search "
+                                                     f"(got {parsed.generation.beam_width}); `llamaforge serve` "
+                                                     "does")
                 # Text-aligned chunks: the core emits a stream response when its text grows, so no
                 # response of the ensemble carries an empty piece of a split character.
                 parsed.generation.detokenize = self.core.tokenizer is not None
         except Exception as e:  # noqa: BLE001 - answer the request rather than leave it hanging
             self._refuse(sender, e)
             return
-        group = _Request(request, sender, len(rows), [])
+        group = _Request(request, sender, sum(parsed.generation.n for parsed in rows), [])
+        sequences: list[list[_InFlight]] = []  # each row's
         for parsed, row in zip(rows, row_tensors):
-            group.rows.append(_InFlight(group, parsed, ResponseBuilder(parsed, "llama"),
+            sequences.append([_InFlight(group, parsed, ResponseBuilder(parsed, "llama"),
                                         _ContextWindow(self.core.tokenizer, parsed.generation.stop_words),
-                                        _echo(row)))
+                                        _echo(row), sequence_index=i) for i in range(parsed.generation.n)])
+            group.rows.extend(sequences[-1])
         with self._lock:  # before submit: a sink may run (and end its row) before submit returns
             for entry in group.rows:
-                self._in_flight[entry.parsed.generation.request_id] = entry
-        for i, entry in enumerate(group.rows):
+                self._in_flight[entry.key] = entry
+        for i, entries in enumerate(sequences):
             try:
-                self.core.submit(entry.parsed.generation, sink=functools.partial(self._forward, entry))
+                self.core.submit(entries[0].parsed.generation, sink=functools.partial(self._route, entries))
             except Exception as e:  # noqa: BLE001 - refused by the core: this row and the rest were not queued
                 with self._lock:
-                    for later in group.rows[i:]:
+                    for later in (entry for row in sequences[i:] for entry in row):
                         later.ended = True
-                        self._in_flight.pop(later.parsed.generation.request_id, None)
+                        self._in_flight.pop(later.key, None)
                 self._fail(group, backend.error_response(e))
                 if isinstance(e, (RequestError, QueueFullError)):
                     self.metrics.on_refused("invalid" if isinstance(e, RequestError) else "rejected")
                 return
-            self.metrics.on_admitted(len(entry.parsed.generation.prompt_ids))
+            self.metrics.on_admitted(len(entries[0].parsed.generation.prompt_ids))
 
     def _refuse(self, sender: Any, error: Exception) -> None:
         if isinstance(error, (RequestError, QueueFullError)):
             self.metrics.on_refused("invalid" if isinstance(error, RequestError) else "rejected")
         sender.send(backend.error_response(error), flags=backend.FINAL)
+
+    def _route(self, entries: list[_InFlight], out: GenerationOutput) -> None:
+        """A row's sink: each output goes to its sequence's entry."""
+        self._forward(entries[out.sequence_index], out)
 
     def _forward(self, entry: _InFlight, out: GenerationOutput) -> None:
         """The request's sink, called from the core's step thread: send what `out` brings. It must not
@@ -327,7 +335,7 @@ class TritonPythonModel:
             if entry.ended:
                 return
             entry.ended = True
-            self._in_flight.pop(entry.parsed.generation.request_id, None)
+            self._in_flight.pop(entry.key, None)
             group.open_rows -= 1
             error = response is not None and response.has_error()
             last = group.open_rows == 0 and not group.closed
@@ -352,9 +360,9 @@ class TritonPythonModel:
             others = [e for e in group.rows if not e.ended]
             for entry in others:
                 entry.ended = True
-                self._in_flight.pop(entry.parsed.generation.request_id, None)
-        for entry in others:
-            self.core.cancel(entry.parsed.generation.request_id)
+                self._in_flight.pop(entry.key, None)
+        for request_id in dict.fromkeys(entry.parsed.generation.request_id for entry in others):
+            self.core.cancel(request_id)
         try:
             group.sender.send(response, flags=backend.FINAL)
         except Exception:  # noqa: BLE001 - the request is already gone

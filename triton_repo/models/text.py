@@ -63,10 +63,12 @@ def postprocess(tokenizer: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, 
     exclude_input_in_output) -> the ensemble's outputs, llama's per-row outputs handed on. Stateless: a stream piece is decoded after its `context_ids` window
     (runtime/core/detokenizer.py `decode_window`), so split UTF-8 characters, SentencePiece spaces and
     held-back stop-word prefixes come out as in the standalone server's streams. A response of
-    several rows (a non-decoupled llama's stacked answer to a batch) is made row by row."""
+    several rows (a non-decoupled llama's stacked answer to a batch, or a row's n sequences) is made
+    row by row; an input of one row (the row the n sequences continue) goes with each."""
     rows = tensors["output_ids"].shape[0]
     if rows > 1:
-        made = [postprocess(tokenizer, {name: arr[i:i + 1] for name, arr in tensors.items()}) for i in range(rows)]
+        made = [postprocess(tokenizer, {name: arr[i:i + 1] if len(arr) == rows else arr for name, arr in tensors.items()})
+                for i in range(rows)]
         return {name: np.concatenate([m[name] for m in made]) for name in made[0]}
     stream = flag(tensors, "stream")
     ids = tensors["output_ids"].reshape(-1).tolist()
