@@ -348,7 +348,8 @@ def test_concurrent_requests_start_no_thread_each_and_a_cancelled_one_is_freed(s
     ("llama", {"input_ids": np.array([[1, 5000]], np.int32), "request_output_len": np.array([[4]], np.int32)},
      "input_ids"),
     ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
-               "beam_width": np.array([[2]], np.int32)}, "beam_width"),
+               "beam_width": np.array([[0]], np.int32)}, "beam_width"),
+    ("ensemble", text_request("hi", 4, beam_width=2, stream=True), "stream"),  # beams are never streamed
     ("llama", {"input_ids": np.array([[1, 5]], np.int32), "request_output_len": np.array([[4]], np.int32),
                "num_return_sequences": np.array([[0]], np.int32)}, "num_return_sequences"),
 ])
@@ -393,6 +394,37 @@ def test_num_return_sequences_each_sequence_its_own_responses(server: Any) -> No
                                   "runtime_top_p": np.array([[1.0]], np.float32),
                                   "exclude_input_in_output": np.array([[True]])}).wait()
     assert not call.errors and {int(o["sequence_index"][0][0]) for o in call.outputs} == {0, 1}
+    assert core.kv.all_free()
+
+
+def test_beam_search_answers_once_with_the_beams_stacked(server: Any, built: tuple[Path, Path]) -> None:
+    """beam_width 3, num_return_sequences 2 (TensorRT-LLM's inputs) through ensemble, bls and llama:
+    one response with the best two beams, transformers' beams token for token, text_output [2] their
+    texts (after the prompt unless excluded), cum_log_probs [1, 2]."""
+    ckpt, _ = built
+    core = server.models["llama"].core
+    ids = core.tokenizer.encode(PROMPTS[1], add_bos=True, allow_special=True)
+    hf = load_hf_oracle(ckpt)
+    eos = core.eos_ids[0]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+                          num_beams=3, num_return_sequences=2, max_new_tokens=10, eos_token_id=eos, pad_token_id=eos)
+    want = [row[: row.index(eos)] if eos in row else row for row in out[:, len(ids):].tolist()]
+    call = server.infer("llama", {"input_ids": np.array([ids], np.int32), "request_output_len": np.array([[10]], np.int32),
+                                  "beam_width": np.array([[3]], np.int32), "num_return_sequences": np.array([[2]], np.int32),
+                                  "exclude_input_in_output": np.array([[True]])}).wait()
+    assert not call.errors and len(call.outputs) == 1, [e.message() for e in call.errors]
+    o = call.outputs[0]
+    got = [o["output_ids"][0, b, : o["sequence_length"][0, b]].tolist() for b in range(2)]
+    assert got == want and o["cum_log_probs"].shape == (1, 2)
+    texts = [core.tokenizer.decode(w).encode() for w in want]
+    for model in ("ensemble", "bls"):
+        for exclude in (True, False):
+            call = server.infer(model, text_request(PROMPTS[1], 10, beam_width=3, num_return_sequences=2,
+                                                    exclude_input_in_output=exclude)).wait()
+            assert not call.errors and len(call.outputs) == 1, (model, [e.message() for e in call.errors])
+            prefix = b"" if exclude else PROMPTS[1].encode()
+            assert [bytes(t) for t in call.outputs[0]["text_output"]] == [prefix + t for t in texts], (model, exclude)
     assert core.kv.all_free()
 
 

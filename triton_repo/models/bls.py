@@ -72,9 +72,13 @@ def _rows(tensors: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 
 def _sequences(row: Mapping[str, np.ndarray]) -> int:
-    """How many sequences llama sends for a row (num_return_sequences; llama checks the value)."""
-    n = row.get("num_return_sequences")
-    return max(1, int(n.reshape(-1)[0])) if n is not None and n.size else 1
+    """How many sequences llama answers for a row, each ending with its own final response:
+    num_return_sequences, or 1 for a beam search (one response holds its beams); llama checks the
+    values."""
+    def value(name: str) -> int:
+        arr = row.get(name)
+        return int(arr.reshape(-1)[0]) if arr is not None and arr.size else 1
+    return 1 if value("beam_width") > 1 else max(1, value("num_return_sequences"))
 
 
 class _Request:

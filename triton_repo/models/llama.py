@@ -64,11 +64,13 @@ from llamaforge.runtime.core.engine_core import EngineCore
 from llamaforge.runtime.core.requests import GenerationOutput, QueueFullError, RequestError
 from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.protocol import (
+    BeamResponseBuilder,
     ModelContext,
     ParsedRequest,
     ResponseBuilder,
     output_tensors,
     parse_batch,
+    response_builder,
     split_rows,
     stack_arrays,
 )
@@ -189,7 +191,7 @@ class _InFlight:
 
     group: _Request  # the Triton request this row belongs to
     parsed: ParsedRequest
-    builder: ResponseBuilder
+    builder: ResponseBuilder | BeamResponseBuilder
     window: _ContextWindow
     echo: dict[str, np.ndarray]  # the row's inputs postprocessing reads, as llama's echo_* outputs
     sequence_index: int = 0
@@ -261,26 +263,24 @@ class TritonPythonModel:
                     raise RequestError("streaming", "this model is deployed non-decoupled (one response per "
                                                     "request), so it cannot stream; send streaming=false, or "
                                                     "generate the repository decoupled (make repo DECOUPLED=true)")
-                # postprocessing detokenizes one sequence per response: a row's n sequences each
-                # send their own (tagged by sequence_index), but a beam search's one response holds
-                # all its beams, which it cannot take yet. `llamaforge serve` answers beams.
-                if parsed.generation.beam_width > 1:
-                    raise RequestError("beam_width", f"this repository's llama model does not run beam search "
-                                                     f"(got {parsed.generation.beam_width}); `llamaforge serve` "
-                                                     "does")
                 # Text-aligned chunks: the core emits a stream response when its text grows, so no
                 # response of the ensemble carries an empty piece of a split character.
                 parsed.generation.detokenize = self.core.tokenizer is not None
         except Exception as e:  # noqa: BLE001 - answer the request rather than leave it hanging
             self._refuse(sender, e)
             return
-        group = _Request(request, sender, sum(parsed.generation.n for parsed in rows), [])
+        # A row's n sequences each send their own responses (postprocessing detokenizes each
+        # through its own window); a beam search answers once, its beams stacked, as TensorRT-LLM's.
         sequences: list[list[_InFlight]] = []  # each row's
+        group = _Request(request, sender, 0, [])
         for parsed, row in zip(rows, row_tensors):
-            sequences.append([_InFlight(group, parsed, ResponseBuilder(parsed, "llama"),
+            beams = parsed.generation.beam_width > 1
+            sequences.append([_InFlight(group, parsed, response_builder(parsed, "llama"),
                                         _ContextWindow(self.core.tokenizer, parsed.generation.stop_words),
-                                        _echo(row), sequence_index=i) for i in range(parsed.generation.n)])
+                                        _echo(row), sequence_index=i)
+                              for i in range(1 if beams else parsed.generation.n)])
             group.rows.extend(sequences[-1])
+        group.open_rows = len(group.rows)
         with self._lock:  # before submit: a sink may run (and end its row) before submit returns
             for entry in group.rows:
                 self._in_flight[entry.key] = entry
@@ -304,8 +304,16 @@ class TritonPythonModel:
         sender.send(backend.error_response(error), flags=backend.FINAL)
 
     def _route(self, entries: list[_InFlight], out: GenerationOutput) -> None:
-        """A row's sink: each output goes to its sequence's entry."""
-        self._forward(entries[out.sequence_index], out)
+        """A row's sink: each output goes to its sequence's entry; a beam search's beams (their
+        final outputs come together) to its one entry, which answers with the last."""
+        entry = entries[0]
+        if isinstance(entry.builder, BeamResponseBuilder):
+            if out.sequence_index < len(entry.builder.beams) - 1 and out.finish_reason in ("stop", "length"):
+                entry.builder.add(out)
+                return
+        else:
+            entry = entries[out.sequence_index]
+        self._forward(entry, out)
 
     def _forward(self, entry: _InFlight, out: GenerationOutput) -> None:
         """The request's sink, called from the core's step thread: send what `out` brings. It must not

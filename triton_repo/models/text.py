@@ -65,7 +65,12 @@ def postprocess(tokenizer: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, 
     held-back stop-word prefixes come out as in the standalone server's streams. A response of
     several rows (a non-decoupled llama's stacked answer to a batch, or a row's n sequences) is made
     row by row; an input of one row (the row the n sequences continue) goes with each."""
-    rows = tensors["output_ids"].shape[0]
+    rows, beams = tensors["output_ids"].shape[:2]
+    if beams > 1:  # a beam search's one response: each beam's text, best first (text_output [beam])
+        made = [postprocess(tokenizer, {**tensors, "output_ids": tensors["output_ids"][:, b: b + 1],
+                                        "sequence_length": tensors["sequence_length"][:, b: b + 1]})
+                for b in range(beams)]
+        return {**made[0], "text_output": np.concatenate([m["text_output"] for m in made])}
     if rows > 1:
         made = [postprocess(tokenizer, {name: arr[i:i + 1] if len(arr) == rows else arr for name, arr in tensors.items()})
                 for i in range(rows)]
@@ -74,9 +79,8 @@ def postprocess(tokenizer: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, 
     ids = tensors["output_ids"].reshape(-1).tolist()
     if "sequence_length" in tensors:  # a stacked batch's ids are padded past each row's length
         ids = ids[: int(_one("sequence_length", tensors))]
-    if not stream:  # one response; output_ids may start with the prompt (exclude_input_in_output false)
-        n_generated = int(_one("num_output_tokens", tensors))
-        ids = ids[len(ids) - n_generated:] if n_generated else []
+    if not stream and not flag(tensors, "exclude_input_in_output"):  # one response, the prompt first
+        ids = ids[int(_one("num_input_tokens", tensors)):]
     stop_words = decode_words("stop_words", tensors["stop_words"]) if "stop_words" in tensors else ()
     text = decode_window(tokenizer, tensors["context_ids"].reshape(-1).tolist(), ids,
                          flag(tensors, "context_continues"), stop_words, final=flag(tensors, "is_final"))
