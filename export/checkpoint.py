@@ -187,9 +187,11 @@ def hf_weight_map(path: Path) -> tuple[dict[str, str], str | None]:
 def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
     warnings: list[str] = []
     hf = read_json_object(path, HF_CONFIG)
-    if hf.get("model_type") == "mllama":  # read as a text model it would fail on a missing field, obscurely
-        raise CheckpointError(f"{HF_CONFIG}: model_type 'mllama' is Llama 3.2 Vision (MllamaForConditionalGeneration); "
-                              "exporting it is not implemented yet (docs/vision.md)")
+    if hf.get("model_type") == "mllama":  # Llama 3.2 Vision: a text decoder, a vision encoder and a projector
+        # Imported here: mllama_checkpoint builds on this module's HF reader.
+        from llamaforge.export.mllama_checkpoint import open_mllama
+
+        return open_mllama(path, hf, name)
     if hf.get("model_type") not in (None, "llama", "llama4", "llama4_text"):
         warnings.append(f"{HF_CONFIG}: model_type={hf.get('model_type')!r}, loading it as a LLaMA model")
     try:

@@ -70,7 +70,8 @@ def trace_text(config: ModelConfig, vision: VisionConfig, precision: str = "fp32
             torch.zeros(batch, seq, tiles, dtype=torch.int64)]
         for i in range(config.num_layers):
             length = image_tokens if i in cross else capacity
-            args += [torch.zeros(batch, config.num_kv_heads, length, config.head_dim, dtype=dtype)] * 2
+            # Two distinct tensors: torch.export would make one graph input of a tensor passed twice.
+            args += [torch.zeros(batch, config.num_kv_heads, length, config.head_dim, dtype=dtype) for _ in range(2)]
     b, s, n = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("num_logits")
     c, new_dim = torch.export.Dim("capacity"), torch.export.Dim("new_image_tokens")
     image_dim, tile_dim = torch.export.Dim("image_tokens"), torch.export.Dim("image_tiles")

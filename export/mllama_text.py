@@ -19,8 +19,10 @@ Graph interface (`model.onnx` of a Llama 3.2 Vision engine), beyond the text mod
            past_cross_key.{i} / past_cross_value.{i} [batch, kv_heads, image_tokens, head_dim] for each
              cross-attention layer i (in place of past_key.{i} / past_value.{i})
   outputs  present_cross_key.{i} / present_cross_value.{i}: the cache with the new image keys written.
-A text-only sequence has image_tokens = image_tiles = 0: its cross-attention layers then change
-nothing, as transformers skips them when there is no image.
+A text-only sequence (transformers skips the cross-attention layers when there is no image) is run
+with one tile of zero image states that no token may see: the attention then averages zero values
+(exactly 0) and `sees_an_image` masks the MLP, so these layers add exactly nothing. (Zero image
+tokens would express the same, but ONNX Runtime's buffer reuse fails on the empty tensors.)
 """
 
 from __future__ import annotations
@@ -71,7 +73,6 @@ class CrossAttentionDecoderLayer(nn.Module):
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h, present_key, present_value = self.cross_attn(self.input_layernorm(x), states, past_key, past_value, mask)
         x = x + self.cross_attn_attn_gate.tanh() * h
-        # A sum, not any(): it is 0 over no tiles at all (a text-only sequence), where a max has no value.
         sees_an_image = ((mask == 1).sum(dim=-1, keepdim=True) > 0).to(x.dtype)
         x = x + self.cross_attn_mlp_gate.tanh() * (sees_an_image * self.mlp(self.post_attention_layernorm(x)))
         return x, present_key, present_value

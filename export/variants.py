@@ -98,16 +98,17 @@ class UnknownVariantError(KeyError):
 
 
 class VariantNotExportableError(ValueError):
-    """A registered variant that the exporter cannot build yet (Llama 3.2 Vision)."""
+    """A registered variant that the exporter cannot build from the registry alone (Llama 3.2 Vision:
+    its engine is built from its HF checkpoint; a graph-only build is not implemented)."""
 
     def __init__(self, variant: Variant) -> None:
         self.name = variant.name
         layers = len(variant.vision.cross_attention_layers) if variant.vision is not None else 0
         super().__init__(
             f"{variant.name}: exporting Llama 3.2 Vision (MllamaForConditionalGeneration: a vision encoder, a "
-            f"projector and a text decoder with {layers} cross-attention layers) is not implemented yet; the "
-            "vision-encoder and cross-attention decoder graphs do not exist. The registry entry holds its "
-            "architecture numbers only (`llamaforge variants`; docs/vision.md)."
+            f"projector and a text decoder with {layers} cross-attention layers) from the registry alone (a graph "
+            "without weights) is not implemented yet; build its engine from its HF checkpoint instead "
+            "(`make engine CHECKPOINT=dir`, ONNX Runtime, fp32; docs/vision.md)."
         )
 
 

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.errors import BuildError
+from llamaforge.build.mllama import build_mllama_engine, refuse_unsupported
 from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions, build_plan
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.checkpoint_errors import CheckpointError
@@ -33,6 +34,7 @@ from llamaforge.export.exporter import (
     timed,
     tqdm_progress,
 )
+from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.export.variants import VARIANTS, UnknownVariantError, VariantNotExportableError, require_exportable
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
@@ -256,7 +258,8 @@ def quantized_manifest(manifest: EngineManifest, quant: Any, stats: Any, backend
 
 
 def build_engine(opts: BuildOptions) -> Path:
-    if opts.model in VARIANTS:  # first: nothing else (a missing CHECKPOINT=) matters for a model we cannot build
+    # First: nothing else matters for a model we cannot build (a vision variant without its checkpoint).
+    if opts.model in VARIANTS and opts.checkpoint is None:
         try:
             require_exportable(VARIANTS[opts.model])
         except VariantNotExportableError as e:
@@ -312,6 +315,11 @@ def build_engine(opts: BuildOptions) -> Path:
         source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
     else:
         source = {"checkpoint": None, "registry": opts.model}
+    if isinstance(ckpt, MllamaCheckpoint):  # two graphs: llamaforge/build/mllama.py
+        refuse_unsupported(opts)
+        out = opts.out or Path("engines") / (opts.model or config.name)
+        _check_out_dir(out)
+        return build_mllama_engine(opts, ckpt, source, out)
     if opts.quantize_lm_head is None:
         quant = quant.with_lm_head_default(config.tie_word_embeddings)
     if quant.precision in INT4_PRECISIONS:  # before the export: a width no INT4 block divides fails here, named

@@ -21,10 +21,10 @@ Outputs
 
 The cache: `present[:, :, :new]` holds the new keys/values, `present[:, :, new:]` is copied from
 `past`. The prefill of a prompt with images passes the image states' keys and values (new =
-capacity, every image token); later calls pass none (new = 0) and attend to the cache. A text-only
-sequence has a cache of capacity 0: the output is then 0 (an empty softmax-weighted sum), which is
-what skipping the layer's attention means (transformers skips cross-attention layers when there is
-no image).
+capacity, every image token); later calls pass none (new = 0) and attend to the cache. The op is
+defined for an empty cache too (capacity 0: the output is 0, an empty weighted sum), but the
+runtime gives a text-only sequence one tile of zero keys and values that no token sees instead
+(export/mllama_text.py says why): the output is 0 all the same.
 
 The mask (transformers' `_prepare_cross_attention_mask`): cache position c belongs to tile
 c // tokens_per_tile; the token at row s may attend to c where `cross_attention_mask[b, s, tile] == 1`.

@@ -1,0 +1,97 @@
+"""The build of a Llama 3.2 Vision engine: two graphs in one engine directory.
+
+    model.onnx + model.onnx.data     the text decoder with its cross-attention layers (export/mllama_text.py),
+                                     through the same ORT pass pipeline as a text model
+    vision.onnx + vision.onnx.data   the vision encoder + projector (export/mllama_vision.py), through `clean`
+    manifest.json                    the text model's entries plus `vision` (runtime/core/manifest.py VisionInfo)
+
+What is not built yet is refused before anything is traced, naming it: TensorRT (neither graph has
+a TensorRT path: no plugin for the cross-attention op), quantized precisions and KV_CACHE=fp8
+(calibration runs the text model alone, without image states), fp16/bf16 (the vision graph is
+traced in float32 only) and a graph-only build from the registry (WEIGHTS=none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from llamaforge.build.atomic import staged_dir
+from llamaforge.build.errors import BuildError
+from llamaforge.export.exporter import bind_weights, save_streaming, timed, tqdm_progress
+from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
+from llamaforge.export.mllama_export import trace_text, trace_vision
+from llamaforge.export.mllama_text import cache_names
+from llamaforge.export.tokenizer_files import copy_tokenizer
+from llamaforge.graphs.pipeline import pipeline, run_pipeline
+from llamaforge.runtime.core.manifest import EngineManifest, VisionInfo
+
+VISION_FILE = "vision.onnx"
+VISION_PASSES = ["clean"]
+
+
+def refuse_unsupported(opts: Any) -> None:
+    """BuildError naming the first option a Llama 3.2 Vision build cannot honour yet."""
+    what = "Llama 3.2 Vision (mllama)"
+    if opts.backend != "ort":
+        raise BuildError(f"BACKEND={opts.backend}: {what} engines are built for ONNX Runtime only; the "
+                         "cross-attention op has no TensorRT plugin yet (docs/vision.md)")
+    if opts.precision != "fp32" or opts.kv_cache:
+        raise BuildError(f"PRECISION={opts.precision} KV_CACHE={opts.kv_cache}: {what} engines are fp32 only for now: "
+                         "calibration does not run the cross-attention layers and the vision graph is traced in "
+                         "float32 (docs/vision.md)")
+    if not opts.weights:
+        raise BuildError(f"WEIGHTS=none: a graph-only {what} build is not implemented yet (docs/vision.md)")
+
+
+def vision_info(ckpt: MllamaCheckpoint, graph: onnx.GraphProto, io_spec: Any) -> VisionInfo:
+    inputs, outputs = io_spec(graph)
+    vision, layers = ckpt.vision, ckpt.config.num_layers
+    past = [n for n in cache_names(vision, layers, "past") if "_cross_" in n]
+    present = [n for n in cache_names(vision, layers, "present") if "_cross_" in n]
+    return VisionInfo(
+        model_file=VISION_FILE, external_data=VISION_FILE + ".data", inputs=inputs, outputs=outputs,
+        config=vision.to_hf(), cross_attention_layers=list(vision.cross_attention_layers),
+        image_token_id=vision.image_token_index, image_size=vision.image_size,
+        max_num_tiles=vision.max_num_tiles, tokens_per_tile=vision.num_patches,
+        past_inputs=past, present_outputs=present,
+    )
+
+
+def build_mllama_engine(opts: Any, ckpt: MllamaCheckpoint, source: dict[str, Any], out: Path) -> Path:
+    """`build_engine` for an opened mllama checkpoint (`opts` a BuildOptions, checked by the caller
+    and by `refuse_unsupported`)."""
+    from llamaforge.build.builder import MODEL_FILE, io_spec, manifest_for
+
+    config = ckpt.config
+    with staged_dir(out) as tmp:
+        done = timed(f"trace {config.name} (text decoder: {config.num_layers} layers, "
+                     f"{len(ckpt.vision.cross_attention_layers)} cross-attention)")
+        text = trace_text(config, ckpt.vision)
+        vision = trace_vision(ckpt.vision, config.hidden_size)
+        done()
+        bind_weights(text, ckpt, torch.float32)
+        bind_weights(vision, ckpt, torch.float32)
+        passes = pipeline("ort")
+        done = timed("pass pipeline (ort): text decoder, then the vision graph")
+        run_pipeline(text, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"))
+        run_pipeline(vision, VISION_PASSES)
+        done()
+        save_streaming(text, tmp / MODEL_FILE, tqdm_progress("write text weights"))
+        save_streaming(vision, tmp / VISION_FILE, tqdm_progress("write vision weights"))
+        done = timed("onnx.checker (full_check)")
+        for name in (MODEL_FILE, VISION_FILE):
+            onnx.checker.check_model(str(tmp / name), full_check=True)
+        done()
+        tokenizer = copy_tokenizer(ckpt, tmp)
+        graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False).graph
+        manifest: EngineManifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
+        vision_graph = onnx.load(str(tmp / VISION_FILE), load_external_data=False).graph
+        manifest = replace(manifest, vision=vision_info(ckpt, vision_graph, io_spec))
+        manifest.write(tmp)
+    print(f"engine: {out}")
+    return out
