@@ -125,10 +125,11 @@ def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint
 
 def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | None) -> ir.Model:
     """The traced graph; with a checkpoint every initializer is bound to its tensor (read when the
-    model is saved), without one the initializers hold no data (see `bind_placeholder_weights`)."""
+    model is saved), without one the initializers hold no data (see `bind_placeholder_weights`).
+    ValueError for a Llama 3.2 Vision checkpoint: its two graphs are made by `llamaforge/build/mllama.py`."""
     if isinstance(checkpoint, MllamaCheckpoint):
-        raise ExportError(f"{checkpoint.path}: a Llama 3.2 Vision checkpoint makes two graphs (model.onnx and "
-                          "vision.onnx); build its engine directory with `llamaforge build` (`make engine CHECKPOINT=`)")
+        raise ValueError(f"{checkpoint.path}: a Llama 3.2 Vision checkpoint makes two graphs (model.onnx and "
+                         "vision.onnx); build its engine directory with `llamaforge build` (`make engine CHECKPOINT=`)")
     model = trace(config, precision)
     if checkpoint is not None:
         bind_weights(model, checkpoint, PRECISIONS[precision], tied=config.tie_word_embeddings)

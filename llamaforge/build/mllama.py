@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -28,13 +28,16 @@ from llamaforge.export.mllama_export import trace_text, trace_vision
 from llamaforge.export.mllama_text import cache_names
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
-from llamaforge.runtime.core.manifest import EngineManifest, VisionInfo
+from llamaforge.runtime.core.manifest import EngineManifest, TensorInfo, VisionInfo
+
+if TYPE_CHECKING:  # builder.py imports this module: the type only, for mypy
+    from llamaforge.build.builder import BuildOptions
 
 VISION_FILE = "vision.onnx"
 VISION_PASSES = ["clean"]
 
 
-def refuse_unsupported(opts: Any) -> None:
+def refuse_unsupported(opts: BuildOptions) -> None:
     """BuildError naming the first option a Llama 3.2 Vision build cannot honour yet."""
     what = "Llama 3.2 Vision (mllama)"
     if opts.backend != "ort":
@@ -48,8 +51,8 @@ def refuse_unsupported(opts: Any) -> None:
         raise BuildError(f"WEIGHTS=none: a graph-only {what} build is not implemented yet (docs/vision.md)")
 
 
-def vision_info(ckpt: MllamaCheckpoint, graph: onnx.GraphProto, io_spec: Any) -> VisionInfo:
-    inputs, outputs = io_spec(graph)
+def vision_info(ckpt: MllamaCheckpoint, inputs: list[TensorInfo], outputs: list[TensorInfo]) -> VisionInfo:
+    """The manifest's `vision` entry; `inputs`/`outputs` are the vision graph's."""
     vision, layers = ckpt.vision, ckpt.config.num_layers
     past = [n for n in cache_names(vision, layers, "past") if "_cross_" in n]
     present = [n for n in cache_names(vision, layers, "present") if "_cross_" in n]
@@ -62,9 +65,10 @@ def vision_info(ckpt: MllamaCheckpoint, graph: onnx.GraphProto, io_spec: Any) ->
     )
 
 
-def build_mllama_engine(opts: Any, ckpt: MllamaCheckpoint, source: dict[str, Any], out: Path) -> Path:
-    """`build_engine` for an opened mllama checkpoint (`opts` a BuildOptions, checked by the caller
-    and by `refuse_unsupported`)."""
+def build_mllama_engine(opts: BuildOptions, ckpt: MllamaCheckpoint, source: dict[str, Any], out: Path) -> Path:
+    """`build_engine` for an opened mllama checkpoint (`opts` checked by the caller and by
+    `refuse_unsupported`)."""
+    # Imported here: builder.py imports this module, and these are the text build's own pieces.
     from llamaforge.build.builder import MODEL_FILE, io_spec, manifest_for
 
     config = ckpt.config
@@ -91,7 +95,7 @@ def build_mllama_engine(opts: Any, ckpt: MllamaCheckpoint, source: dict[str, Any
         graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False).graph
         manifest: EngineManifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
         vision_graph = onnx.load(str(tmp / VISION_FILE), load_external_data=False).graph
-        manifest = replace(manifest, vision=vision_info(ckpt, vision_graph, io_spec))
+        manifest = replace(manifest, vision=vision_info(ckpt, *io_spec(vision_graph)))
         manifest.write(tmp)
     print(f"engine: {out}")
     return out

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tiny_mllama import image_inputs, load_mllama_oracle, make_mllama_checkpoint, tiny_mllama_configs
 
+from llamaforge import cli
 from llamaforge.export.checkpoint_base import read_json_object
 from llamaforge.export.exporter import bind_weights, save_streaming
 from llamaforge.export.mllama_checkpoint import open_mllama
@@ -72,3 +73,12 @@ def test_gates_and_masks_matter(checkpoint: Path, vision_session: ort.InferenceS
     other_mask = dict(inputs, aspect_ratio_mask=np.ones_like(inputs["aspect_ratio_mask"]))
     for changed in (other_id, other_mask):
         assert np.abs(vision_session.run(None, changed)[0] - base).max() > 100 * TOLERANCE
+
+
+def test_single_graph_export_refuses_with_a_pointer_to_the_build(checkpoint: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`llamaforge export` writes one graph; an mllama checkpoint makes two, so it points at the build."""
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "vision.onnx" in err and "llamaforge build" in err and not out.exists()
