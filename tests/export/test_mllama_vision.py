@@ -82,3 +82,29 @@ def test_single_graph_export_refuses_with_a_pointer_to_the_build(checkpoint: Pat
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "vision.onnx" in err and "llamaforge build" in err and not out.exists()
+
+
+@pytest.mark.parametrize("name, change", [("vision_model.class_embedding", "drop"),
+                                          ("language_model.model.layers.1.cross_attn.k_norm.weight", "reshape")])
+def test_bad_tensors_are_named(checkpoint: Path, tmp_path: Path, name: str, change: str) -> None:
+    """A missing or wrongly shaped tensor of either graph stops the opening, named, before any trace."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llamaforge.export.checkpoint import open_checkpoint
+    from llamaforge.export.checkpoint_errors import CheckpointError
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, bad)
+    for shard in sorted(bad.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        if name in tensors:
+            if change == "drop":
+                del tensors[name]
+            else:
+                tensors[name] = tensors[name][:-1].clone()
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    graph_name = name.removeprefix("language_model.")
+    with pytest.raises(CheckpointError, match=graph_name.replace(".", r"\.")):
+        open_checkpoint(bad)
