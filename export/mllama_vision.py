@@ -52,14 +52,12 @@ def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, vision: VisionC
     A position is padding when its tile is (aspect_ratio_mask 0) or it is one of the alignment
     positions; the additive mask is float32's minimum where *both* the query and the key are padding
     and 0 elsewhere. So real positions also attend to padding ones: that is transformers' (and the
-    published weights') behaviour, reproduced as is. When no alignment is needed transformers'
-    `[..., -0:]` slice marks every position padding; that is reproduced too.
+    published weights') behaviour, reproduced as is. (There is always alignment padding: a tile has
+    n² + 1 positions, never a multiple of 8, so transformers' `[..., -pad:]` slice is never `-0:`.)
     """
     images, tiles = aspect_ratio_mask.shape
     target = padded_patches(vision)
-    pad = target - vision.num_patches
-    position = torch.arange(target, device=aspect_ratio_mask.device)
-    real_position = position < vision.num_patches if pad else position < 0
+    real_position = torch.arange(target, device=aspect_ratio_mask.device) < vision.num_patches
     real = aspect_ratio_mask.to(torch.float32)[:, :, None] * real_position.to(torch.float32)  # [I, T, P]
     padding = (1.0 - real).reshape(images, tiles * target, 1)
     return (padding @ padding.transpose(-1, -2) * torch.finfo(torch.float32).min).unsqueeze(1)

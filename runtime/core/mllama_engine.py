@@ -35,6 +35,8 @@ class MllamaEngine:
         self.dir = Path(engine_dir)
         self.manifest = read_manifest(self.dir)
         check_runnable(self.manifest, self.dir)
+        if self.manifest.weights == "none":
+            raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
         if self.manifest.vision is None:
             raise EngineError(f"{self.dir}: not a Llama 3.2 Vision engine (its manifest has no 'vision' entry)")
         if self.manifest.kv_cache.dtype != "float32":

@@ -148,14 +148,20 @@ def test_text_variants_stay_exportable() -> None:
     assert model_source("llama3.2-1b", None)[1] == get_variant("llama3.2-1b").config
 
 
-@pytest.mark.parametrize("weights", [True, False])
-def test_build_refuses_first(tmp_path: Path, weights: bool) -> None:
-    """`make engine MODEL=llama3.2-11b-vision` without CHECKPOINT= (WEIGHTS=none or not): the refusal comes
-    before any other complaint and nothing is written."""
-    out = tmp_path / "engine"
-    with pytest.raises(BuildError) as ei:
-        build_engine(BuildOptions(model="llama3.2-11b-vision", weights=weights, out=out))
-    assert str(ei.value).startswith("MODEL: llama3.2-11b-vision: ") and NOT_YET in str(ei.value)
+def test_build_from_the_registry_needs_weights_none(tmp_path: Path) -> None:
+    """`make engine MODEL=llama3.2-11b-vision` without CHECKPOINT=: the weights are asked for first (the
+    graph alone is built with WEIGHTS=none, tests/build/test_mllama_graph_only.py) and nothing is written."""
+    with pytest.raises(BuildError, match=r"CHECKPOINT= is required \(or WEIGHTS=none"):
+        build_engine(BuildOptions(model="llama3.2-11b-vision", out=tmp_path / "engine"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, match", [({"precision": "fp16"}, "fp32 only"), ({"backend": "trt"}, "BACKEND=trt"),
+                                            ({"precision": "int8-wo"}, "CHECKPOINT= is required")])
+def test_graph_only_builds_refuse_what_is_not_there(tmp_path: Path, options: dict[str, str], match: str) -> None:
+    """Refused before anything is traced, naming the option."""
+    with pytest.raises(BuildError, match=match):
+        build_engine(BuildOptions(model="llama3.2-90b-vision", weights=False, out=tmp_path / "engine", **options))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -167,10 +173,11 @@ def test_build_with_a_checkpoint_is_not_refused_by_the_registry(tmp_path: Path) 
     assert NOT_YET not in str(ei.value)
 
 
-@pytest.mark.parametrize("command", ["build", "export"])
-def test_cli_reports_the_refusal(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / ("engine" if command == "build" else "model.onnx")
-    assert cli.main([command, "--model", "llama3.2-90b-vision-instruct", "--out", str(out)]) == 2
+def test_cli_export_reports_the_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`llamaforge export` writes one graph: a vision variant has two (and the single-graph export of its
+    checkpoint points at the build: tests/export/test_mllama_vision.py)."""
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", "--model", "llama3.2-90b-vision-instruct", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "llama3.2-90b-vision-instruct" in err and NOT_YET in err
     assert "Traceback" not in err and not out.exists()
