@@ -254,10 +254,10 @@ def open_checkpoint(path: str | os.PathLike[str], variant: str | None = None, *,
             ckpt.warnings.append(f"config differs from registry variant {variant!r}: {m}")
     # A tokenizer that can emit ids past the embedding table is a real bug in the checkpoint.
     tok_vocab = tokenizer_vocab_size(ckpt.tokenizer_kind, ckpt.tokenizer_path)
-    if tok_vocab > ckpt.config.vocab_size:
+    if tok_vocab > ckpt.embedding_rows:
         ckpt.warnings.append(
             f"{ckpt.tokenizer_path.name}: tokenizer has {tok_vocab} tokens but vocab_size is "
-            f"{ckpt.config.vocab_size}; ids >= {ckpt.config.vocab_size} have no embedding"
+            f"{ckpt.embedding_rows}; ids >= {ckpt.embedding_rows} have no embedding"
         )
     if validate:
         ckpt.validate()

@@ -113,7 +113,7 @@ def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint
     registry variant) and its config, or without a checkpoint the registry variant `model`'s config
     and None. UnknownVariantError, VariantNotExportableError (a variant the exporter cannot build, before
     any checkpoint is read), CheckpointError, or ValueError when neither is given."""
-    if model and checkpoint is None:  # a vision variant's checkpoint is exportable, its registry entry alone is not
+    if model and checkpoint is None:  # a checkpoint says what it is (an mllama one is refused by export_model)
         require_exportable(get_variant(model))
     if checkpoint is not None:
         ckpt = open_checkpoint(checkpoint, model)

@@ -88,8 +88,10 @@ class MllamaCheckpoint(HFCheckpoint):
             cached = self._expected_cache = (self.config, shapes)
         return cached[1]
 
-    def vision_tensor_names(self) -> list[str]:
-        return list(vision_tensor_shapes(self.vision, self.config.hidden_size))
+    @property
+    def embedding_rows(self) -> int:
+        """The `<|image|>` token (id `vocab_size`) and 7 reserved ids have embedding rows, not output rows."""
+        return self.config.vocab_size + MLLAMA_EXTRA_EMBEDDINGS
 
 
 def mllama_configs(hf: dict[str, Any], name: str) -> tuple[ModelConfig, VisionConfig]:

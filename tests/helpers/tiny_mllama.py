@@ -46,7 +46,7 @@ def _hf_config(vision: VisionConfig, text: ModelConfig) -> Any:
 
 def make_mllama_checkpoint(dest: str | Path, seed: int = 0, init_std: float = 0.1) -> Path:
     """Random-weight `MllamaForConditionalGeneration` (fp32) saved with `save_pretrained` in 2+ shards,
-    plus the tiny tokenizer. Weights as `tiny_models.make_hf_checkpoint` draws them (1-D ones, gates
+    plus the tiny tokenizer with `<|image|>` added. Weights as `tiny_models.make_hf_checkpoint` draws them (1-D ones, gates
     included, ~ 1 + N(0, 0.1))."""
     from transformers import MllamaForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -58,7 +58,10 @@ def make_mllama_checkpoint(dest: str | Path, seed: int = 0, init_std: float = 0.
     model = _randomized(MllamaForConditionalGeneration(_hf_config(vision, text)), seed, init_std)
     sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
     model.save_pretrained(dest, max_shard_size=max(max(sizes), sum(sizes) // 3))
-    train_tiny_tokenizer(text.vocab_size).save(str(dest / "tokenizer.json"))
+    tokenizer = train_tiny_tokenizer(text.vocab_size)
+    tokenizer.add_special_tokens(["<|image|>"])  # id 640 = vocab_size, as 128256 in the published tokenizer
+    assert tokenizer.token_to_id("<|image|>") == vision.image_token_index
+    tokenizer.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": text.max_position_embeddings}, indent=2))

@@ -22,6 +22,7 @@ from PIL import Image
 from tiny_mllama import load_mllama_oracle, make_mllama_checkpoint, tiny_mllama_configs
 from tiny_models import hf_greedy
 
+from llamaforge import cli
 from llamaforge.build.builder import BuildOptions, build_engine
 from llamaforge.build.errors import BuildError
 from llamaforge.runtime.core.engine import Engine, EngineError
@@ -142,3 +143,22 @@ def test_unsupported_builds_are_refused(checkpoint: Path, tmp_path: Path, option
     with pytest.raises(BuildError, match=match):
         build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "engine", **options))
     assert not (tmp_path / "engine").exists()
+
+
+def test_cli_generate_with_an_image(engine_dir: Path, engine: MllamaEngine, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`llamaforge generate ENGINE PROMPT --image FILE`: the tokenizer's `<|image|>` marks the image, and
+    the output is the engine's greedy continuation (the engine itself is compared with transformers above)."""
+    image = tmp_path / "a.png"
+    image.write_bytes(png((60, 30), 0))
+    prompt = "Look at this:<|image|> it is"
+    assert cli.main(["generate", str(engine_dir), prompt, "--image", str(image), "--max-new-tokens", "8"]) == 0
+    assert engine.tokenizer is not None
+    ids = engine.tokenizer.encode(prompt, allow_special=True)
+    assert ids.count(IMAGE) == 1
+    want = engine.tokenizer.decode(engine.generate_greedy(ids, images_of([(60, 30)]), 8, stop_ids=engine.eos_ids))
+    assert capsys.readouterr().out == f"{prompt}{want}\n"
+    with pytest.raises(SystemExit, match=r"1 <\|image\|> token\(s\) but 0 --image"):
+        cli.main(["generate", str(engine_dir), prompt])
+    with pytest.raises(SystemExit, match="greedy only"):
+        cli.main(["generate", str(engine_dir), prompt, "--image", str(image), "--temperature", "0.7"])
