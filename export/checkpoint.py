@@ -143,7 +143,7 @@ class HFCheckpoint(Checkpoint):
 # -- opening ---------------------------------------------------------------------------------
 
 
-def _find_tokenizer_hf(path: Path) -> tuple[str, Path]:
+def find_tokenizer_hf(path: Path) -> tuple[str, Path]:
     tj = path / HF_TOKENIZER
     if tj.is_file():
         return "hf", tj
@@ -153,20 +153,9 @@ def _find_tokenizer_hf(path: Path) -> tuple[str, Path]:
     raise CheckpointError(f"{HF_TOKENIZER}: tokenizer file not found in {path} (nor {META_TOKENIZER})")
 
 
-def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
-    warnings: list[str] = []
-    hf = read_json_object(path, HF_CONFIG)
-    if hf.get("model_type") == "mllama":  # read as a text model it would fail on a missing field, obscurely
-        raise CheckpointError(f"{HF_CONFIG}: model_type 'mllama' is Llama 3.2 Vision (MllamaForConditionalGeneration); "
-                              "exporting it is not implemented yet (docs/vision.md)")
-    if hf.get("model_type") not in (None, "llama", "llama4", "llama4_text"):
-        warnings.append(f"{HF_CONFIG}: model_type={hf.get('model_type')!r}, loading it as a LLaMA model")
-    try:
-        config = ModelConfig.from_hf(hf, source=HF_CONFIG, name=name)
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        msg = str(e)
-        raise CheckpointError(msg if msg.startswith(HF_CONFIG) else f"{HF_CONFIG}: {msg}") from None
-
+def hf_weight_map(path: Path) -> tuple[dict[str, str], str | None]:
+    """(stored tensor name -> shard file, the index file's name or None): from
+    `model.safetensors.index.json`, or without one from the headers of every `*.safetensors`."""
     index_file: str | None = None
     weight_map: dict[str, str]
     if (path / HF_INDEX).is_file():
@@ -192,6 +181,26 @@ def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
         for f in files:  # no index: the headers say where each tensor is
             for t in read_safetensors_header(path / f):
                 weight_map.setdefault(t, f)
+    return weight_map, index_file
+
+
+def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
+    warnings: list[str] = []
+    hf = read_json_object(path, HF_CONFIG)
+    if hf.get("model_type") == "mllama":  # Llama 3.2 Vision: a text decoder, a vision encoder and a projector
+        # Imported here: mllama_checkpoint builds on this module's HF reader.
+        from llamaforge.export.mllama_checkpoint import open_mllama
+
+        return open_mllama(path, hf, name)
+    if hf.get("model_type") not in (None, "llama", "llama4", "llama4_text"):
+        warnings.append(f"{HF_CONFIG}: model_type={hf.get('model_type')!r}, loading it as a LLaMA model")
+    try:
+        config = ModelConfig.from_hf(hf, source=HF_CONFIG, name=name)
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(HF_CONFIG) else f"{HF_CONFIG}: {msg}") from None
+
+    weight_map, index_file = hf_weight_map(path)
 
     # Llama 4's published (multimodal) checkpoints prefix the text model with `language_model.`.
     text_names, other = llama4.strip_multimodal_prefix(list(weight_map))
@@ -200,7 +209,7 @@ def _open_hf(path: Path, variant: str | None, name: str) -> HFCheckpoint:
         warnings.append(f"{len(other)} tensor(s) outside `{llama4.MULTIMODAL_TEXT_PREFIX}` (vision tower) ignored")
     weight_map = {name: weight_map[s] for name, s in text_names.items()}
 
-    tok_kind, tok_path = _find_tokenizer_hf(path)
+    tok_kind, tok_path = find_tokenizer_hf(path)
     ckpt = HFCheckpoint(path, config, tok_kind, tok_path, warnings, weight_map, index_file, stored)
     expected = ckpt.expected_shapes()
     extra = [t for t in weight_map if t not in expected and not _IGNORED_HF.fullmatch(t)]
@@ -245,10 +254,10 @@ def open_checkpoint(path: str | os.PathLike[str], variant: str | None = None, *,
             ckpt.warnings.append(f"config differs from registry variant {variant!r}: {m}")
     # A tokenizer that can emit ids past the embedding table is a real bug in the checkpoint.
     tok_vocab = tokenizer_vocab_size(ckpt.tokenizer_kind, ckpt.tokenizer_path)
-    if tok_vocab > ckpt.config.vocab_size:
+    if tok_vocab > ckpt.embedding_rows:
         ckpt.warnings.append(
             f"{ckpt.tokenizer_path.name}: tokenizer has {tok_vocab} tokens but vocab_size is "
-            f"{ckpt.config.vocab_size}; ids >= {ckpt.config.vocab_size} have no embedding"
+            f"{ckpt.embedding_rows}; ids >= {ckpt.embedding_rows} have no embedding"
         )
     if validate:
         ckpt.validate()

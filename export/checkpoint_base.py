@@ -148,6 +148,11 @@ class Checkpoint:
             cached = self._expected_cache = (self.config, hf_tensor_shapes(self.config))
         return cached[1]
 
+    @property
+    def embedding_rows(self) -> int:
+        """Token ids the input embedding has a row for (the ids a tokenizer may produce)."""
+        return self.config.vocab_size
+
     def tensor_names(self) -> list[str]:
         return list(self.expected_shapes())
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from llamaforge.export.checkpoint import open_checkpoint
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
+from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
 from llamaforge.export.model import LlamaDecoder, input_names, output_names
 from llamaforge.export.variants import get_variant, require_exportable
 from llamaforge.plugins.attention.torch_op import TRANSLATION_TABLE
@@ -112,7 +113,7 @@ def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint
     registry variant) and its config, or without a checkpoint the registry variant `model`'s config
     and None. UnknownVariantError, VariantNotExportableError (a variant the exporter cannot build, before
     any checkpoint is read), CheckpointError, or ValueError when neither is given."""
-    if model:
+    if model and checkpoint is None:  # a checkpoint says what it is (an mllama one is refused by export_model)
         require_exportable(get_variant(model))
     if checkpoint is not None:
         ckpt = open_checkpoint(checkpoint, model)
@@ -124,7 +125,11 @@ def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint
 
 def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | None) -> ir.Model:
     """The traced graph; with a checkpoint every initializer is bound to its tensor (read when the
-    model is saved), without one the initializers hold no data (see `bind_placeholder_weights`)."""
+    model is saved), without one the initializers hold no data (see `bind_placeholder_weights`).
+    ValueError for a Llama 3.2 Vision checkpoint: its two graphs are made by `llamaforge/build/mllama.py`."""
+    if isinstance(checkpoint, MllamaCheckpoint):
+        raise ValueError(f"{checkpoint.path}: a Llama 3.2 Vision checkpoint makes two graphs (model.onnx and "
+                         "vision.onnx); build its engine directory with `llamaforge build` (`make engine CHECKPOINT=`)")
     model = trace(config, precision)
     if checkpoint is not None:
         bind_weights(model, checkpoint, PRECISIONS[precision], tied=config.tie_word_embeddings)

@@ -245,8 +245,8 @@ def open_meta(path: Path, variant: str | None, name: str) -> MetaCheckpoint:
         raise CheckpointError(f"{META_PARAMS}: field 'moe_args': Llama 4's original Meta layout is not supported; "
                               "use the HF checkpoint (meta-llama/Llama-4-*-17B-*E)")
     if "vision_chunk_size" in params:  # read as a text model, its vision and cross-attention weights would be lost
-        raise CheckpointError(f"{META_PARAMS}: field 'vision_chunk_size': Llama 3.2 Vision; exporting it is not "
-                              "implemented yet (docs/vision.md)")
+        raise CheckpointError(f"{META_PARAMS}: field 'vision_chunk_size': Llama 3.2 Vision; exporting its Meta layout "
+                              "is not implemented yet: use the HF checkpoint (docs/vision.md)")
     tok_path = path / META_TOKENIZER
     if not tok_path.is_file():
         raise CheckpointError(f"{META_TOKENIZER}: tokenizer file not found in {path}")

@@ -15,8 +15,9 @@ Instruct releases also stop on 128008 (<|eom_id|>) and 128009 (<|eot_id|>). Llam
 released as an instruct model, so `llama3.3-70b` uses that release's eos list.
 
 Llama 3.2 Vision (11B, 90B) is registered with its vision numbers in a `VisionConfig`
-(export/vision_config.py) next to the text decoder's `ModelConfig`. These variants cannot be
-exported yet: `require_exportable` refuses them with a message that says so (docs/vision.md).
+(export/vision_config.py) next to the text decoder's `ModelConfig`. They are not one text graph:
+`require_exportable` refuses them for the single-graph export, and the engine build makes their two
+graphs (llamaforge/build/mllama.py; docs/vision.md).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Variant:
 
     @property
     def exportable(self) -> bool:
-        """Whether the exporter can build this variant (a text decoder alone)."""
+        """Whether `exporter.model_source` can trace this variant as one graph (a text decoder alone)."""
         return self.vision is None
 
     @property
@@ -98,16 +99,17 @@ class UnknownVariantError(KeyError):
 
 
 class VariantNotExportableError(ValueError):
-    """A registered variant that the exporter cannot build yet (Llama 3.2 Vision)."""
+    """A registered variant that `exporter.model_source` cannot trace as one text graph (Llama 3.2 Vision:
+    its two graphs are built by llamaforge/build/mllama.py)."""
 
     def __init__(self, variant: Variant) -> None:
         self.name = variant.name
         layers = len(variant.vision.cross_attention_layers) if variant.vision is not None else 0
         super().__init__(
             f"{variant.name}: exporting Llama 3.2 Vision (MllamaForConditionalGeneration: a vision encoder, a "
-            f"projector and a text decoder with {layers} cross-attention layers) is not implemented yet; the "
-            "vision-encoder and cross-attention decoder graphs do not exist. The registry entry holds its "
-            "architecture numbers only (`llamaforge variants`; docs/vision.md)."
+            f"projector and a text decoder with {layers} cross-attention layers) as a single graph is not implemented "
+            f"yet: it is two graphs, which the engine build makes (`make engine MODEL={variant.name} WEIGHTS=none` for "
+            "the graphs alone, `make engine CHECKPOINT=dir` from its HF checkpoint; docs/vision.md)."
         )
 
 

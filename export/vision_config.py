@@ -14,7 +14,8 @@ A Llama 3.2 Vision model has three parts:
 The text decoder's shape stays in the variant's `ModelConfig`, whose `num_layers` counts every
 decoder layer, cross-attention ones included, as HF's `text_config.num_hidden_layers` does. That
 config alone describes a model that does not exist (all layers self-attention), which is why the
-exporter refuses these variants (`variants.require_exportable`); nothing here can build a graph.
+single-graph exporter refuses these variants (`variants.require_exportable`); their graphs are
+export/mllama_vision.py and export/mllama_text.py, built by llamaforge/build/mllama.py.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from llamaforge.graphs.passes.cleanup import Clean
 from llamaforge.graphs.passes.fusion import FuseQKV, FuseRMSNorm
 from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
+from llamaforge.graphs.passes.lower_cross_attention import LowerCrossAttentionForORT
 from llamaforge.graphs.passes.lower_moe import LowerMoEForORT
 from llamaforge.graphs.passes.lower_quant_ort import LowerQuantForORT
 from llamaforge.graphs.passes.quantize import QuantizeKVCache, QuantizeMatMuls, SmoothQuant
@@ -34,6 +35,7 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fuse-rmsnorm": FuseRMSNorm,
     "fuse-qkv": FuseQKV,
     "lower-attention-ort": LowerAttentionForORT,
+    "lower-cross-attention-ort": LowerCrossAttentionForORT,
     "lower-moe-ort": LowerMoEForORT,
     "share-tied-embedding": ShareTiedEmbedding,
     "check-trt-ops": CheckTensorRTOps,
@@ -42,7 +44,7 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
 # Per backend: what runs, in order. The plugin op stays intact until the backend's lowering.
 PIPELINES: dict[str, list[str]] = {
     "ort": ["fold-weight-transposes", "clean", "fuse-qkv", "fuse-rmsnorm", "lower-moe-ort", "lower-attention-ort",
-            "share-tied-embedding", "clean"],
+            "lower-cross-attention-ort", "share-tied-embedding", "clean"],
 }
 
 # Quantization passes need the build's calibration statistics: made from a `QuantContext`.
@@ -99,7 +101,7 @@ def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
 
 # Passes that only make sense for ONNX Runtime: its com.microsoft fusions/kernels and the plugin
 # op's lowering. TensorRT keeps the plugin node (plugins/attention/trt_plugin.py implements it).
-ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort", "lower-quant-ort"})
+ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort", "lower-cross-attention-ort", "lower-quant-ort"})
 
 
 def trt_passes(ort_passes: Sequence[str]) -> list[str]:

@@ -127,7 +127,7 @@ def _chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from llamaforge.runtime.core.chat_template import ChatTemplateError
-    from llamaforge.runtime.core.engine import Engine
+    from llamaforge.runtime.core.engine import Engine, read_manifest
     from llamaforge.runtime.core.generate import generate_chat, generate_text
     from llamaforge.runtime.core.sampling import SamplingParams
 
@@ -138,6 +138,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SystemExit("generate --chat: the messages follow --chat (or come from --messages FILE); no PROMPT too")
     if not (args.prompt or args.messages or args.chat):
         raise SystemExit("generate: give a PROMPT (or --chat MESSAGE..., or --chat --messages FILE)")
+    if read_manifest(args.engine).vision is not None:
+        _generate_with_images(args)
+        return
+    if args.image:
+        raise SystemExit(f"generate --image: {args.engine} is not a Llama 3.2 Vision engine")
     engine = Engine(args.engine)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -151,6 +156,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
         print("-" * 40)
+
+
+def _generate_with_images(args: argparse.Namespace) -> None:
+    """`generate` on a Llama 3.2 Vision engine: one PROMPT with an `<|image|>` token where each `--image`
+    goes (none: a text-only prompt), greedy (runtime/core/mllama_engine.py; docs/vision.md)."""
+    from llamaforge.runtime.core.mllama_engine import MllamaEngine
+    from llamaforge.runtime.core.mllama_image import ImageInput, MllamaImageConfig, preprocess_images
+
+    if args.chat is not None or len(args.prompt) != 1:
+        raise SystemExit("generate on a Llama 3.2 Vision engine: exactly one PROMPT (no --chat yet)")
+    if (args.temperature, args.top_k, args.top_p, args.repetition_penalty) != (0.0, 0, 1.0, 1.0):
+        raise SystemExit("generate on a Llama 3.2 Vision engine: greedy only for now (no --temperature, --top-k, "
+                         "--top-p, --repetition-penalty)")
+    engine = MllamaEngine(args.engine)
+    if engine.tokenizer is None:
+        raise SystemExit(f"generate: {args.engine} has no tokenizer")
+    ids = engine.tokenizer.encode(args.prompt[0], allow_special=True)  # <|image|> is a special token
+    marks = ids.count(engine.vision.image_token_id)
+    if marks != len(args.image):
+        raise SystemExit(f"generate: the prompt has {marks} <|image|> token(s) but {len(args.image)} --image file(s)")
+    images = None
+    if args.image:
+        config = MllamaImageConfig(tile_size=engine.vision.image_size, max_image_tiles=engine.vision.max_num_tiles,
+                                   max_images=len(args.image))
+        images = preprocess_images([[ImageInput(f"--image {p}", Path(p).read_bytes()) for p in args.image]], config)
+    out = engine.generate_greedy(ids, images, args.max_new_tokens, stop_ids=engine.eos_ids)
+    print(f"{args.prompt[0]}{engine.tokenizer.decode(out)}")
 
 
 def _core_config(args: argparse.Namespace) -> CoreConfig:
@@ -349,6 +381,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --chat: the conversation as a JSON list of {\"role\", \"content\"} (\"-\": stdin)")
     g.add_argument("--special-tokens", action="store_true",
                    help="special-token text in PROMPT (e.g. <|im_start|>) is the special token, not plain characters")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="Llama 3.2 Vision engines: an image for the next <|image|> token of PROMPT (repeatable)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)

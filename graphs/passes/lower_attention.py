@@ -55,7 +55,8 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
                     new.name = name
                 ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
             graph.remove(node, safe=True)
-        if nodes and DOMAIN in model.opset_imports:
+        # Other llamaforge ops (the cross-attention op) may still be there, lowered by their own pass.
+        if nodes and not any(n.domain == DOMAIN for n in graph) and DOMAIN in model.opset_imports:
             del model.opset_imports[DOMAIN]
         if nodes and self.use_gqa:
             model.opset_imports.setdefault("com.microsoft", 1)

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.errors import BuildError
+from llamaforge.build.mllama import build_mllama_engine, refuse_unsupported
 from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions, build_plan
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.checkpoint_errors import CheckpointError
@@ -33,8 +34,9 @@ from llamaforge.export.exporter import (
     timed,
     tqdm_progress,
 )
+from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
 from llamaforge.export.tokenizer_files import copy_tokenizer
-from llamaforge.export.variants import VARIANTS, UnknownVariantError, VariantNotExportableError, require_exportable
+from llamaforge.export.variants import VARIANTS, UnknownVariantError
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
 from llamaforge.graphs.quantization.awq import awq_search
 from llamaforge.graphs.quantization.calibrate import (
@@ -256,11 +258,6 @@ def quantized_manifest(manifest: EngineManifest, quant: Any, stats: Any, backend
 
 
 def build_engine(opts: BuildOptions) -> Path:
-    if opts.model in VARIANTS:  # first: nothing else (a missing CHECKPOINT=) matters for a model we cannot build
-        try:
-            require_exportable(VARIANTS[opts.model])
-        except VariantNotExportableError as e:
-            raise BuildError(f"MODEL: {e}") from None
     if opts.backend not in BACKENDS:
         raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
     if opts.backend == "trt" and not tensorrt_available():
@@ -299,6 +296,13 @@ def build_engine(opts: BuildOptions) -> Path:
         raise BuildError("CHECKPOINT= is required (or WEIGHTS=none to build the graph alone)")
     if opts.checkpoint is None and not opts.model:
         raise BuildError("MODEL= is required with WEIGHTS=none")
+    vision_variant = VARIANTS.get(opts.model or "")
+    if opts.checkpoint is None and vision_variant is not None and vision_variant.vision is not None:
+        refuse_unsupported(opts)  # graph only (WEIGHTS=none: checked above) from the registry
+        out = opts.out or Path("engines") / vision_variant.name
+        _check_out_dir(out)
+        return build_mllama_engine(opts, vision_variant.config, vision_variant.vision, None,
+                                   {"checkpoint": None, "registry": opts.model}, out)
     try:
         ckpt, config = model_source(opts.model, opts.checkpoint)  # a checkpoint's every header is validated
     except UnknownVariantError as e:
@@ -312,6 +316,11 @@ def build_engine(opts: BuildOptions) -> Path:
         source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
     else:
         source = {"checkpoint": None, "registry": opts.model}
+    if isinstance(ckpt, MllamaCheckpoint):  # two graphs: llamaforge/build/mllama.py
+        refuse_unsupported(opts)
+        out = opts.out or Path("engines") / (opts.model or config.name)
+        _check_out_dir(out)
+        return build_mllama_engine(opts, ckpt.config, ckpt.vision, ckpt, source, out)
     if opts.quantize_lm_head is None:
         quant = quant.with_lm_head_default(config.tie_word_embeddings)
     if quant.precision in INT4_PRECISIONS:  # before the export: a width no INT4 block divides fails here, named

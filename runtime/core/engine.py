@@ -118,6 +118,9 @@ class Engine:
         check_runnable(self.manifest, self.dir)
         if self.manifest.weights == "none":
             raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
+        if self.manifest.vision is not None:  # its text model takes image states and cross caches too
+            raise EngineError(f"{self.dir}: a Llama 3.2 Vision engine; the engine core does not carry images yet: "
+                              "run it with runtime/core/mllama_engine.py (docs/vision.md)")
         kv = self.manifest.kv_cache
         if kv.dtype not in NP_DTYPES:
             raise EngineError(f"{self.dir}: KV dtype {kv.dtype!r} has no NumPy type for ONNX Runtime on this host")

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "MANIFEST_FILE", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ManifestError", "EngineManifest", "TensorInfo",
-    "KVCacheInfo", "KVQuantization", "SpecialTokens", "TokenizerInfo", "QuantizationInfo",
+    "KVCacheInfo", "KVQuantization", "SpecialTokens", "TokenizerInfo", "QuantizationInfo", "VisionInfo",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -138,6 +138,27 @@ class QuantizationInfo:
 
 
 @dataclass(frozen=True)
+class VisionInfo:
+    """A Llama 3.2 Vision engine's image side (docs/vision.md): the vision graph beside the text model
+    (pixel values in, the projected image states out), and what the runtime needs to feed the text
+    model's cross-attention layers: their caches are `past_cross_key.{layer}` / `past_cross_value.{layer}`
+    (in place of the self-attention caches of those layers), `tokens_per_tile` image tokens per tile."""
+
+    model_file: str
+    external_data: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    config: dict[str, Any]  # transformers' vision_config fields (export's VisionConfig.to_hf())
+    cross_attention_layers: list[int]
+    image_token_id: int
+    image_size: int
+    max_num_tiles: int
+    tokens_per_tile: int
+    past_inputs: list[str]
+    present_outputs: list[str]
+
+
+@dataclass(frozen=True)
 class EngineManifest:
     variant: str
     config: dict[str, Any]  # export's ModelConfig.to_dict(); the runtime reads `vocab_size` from it
@@ -157,6 +178,7 @@ class EngineManifest:
     quantization: QuantizationInfo | None = None
     ort_session_config: dict[str, str] | None = None  # session settings a quantized graph needs
     tensorrt: dict[str, Any] | None = None  # BACKEND=trt: the plan's profiles and timing cache
+    vision: VisionInfo | None = None  # Llama 3.2 Vision: the vision graph and the cross-attention caches
     format: str = MANIFEST_FORMAT
     format_version: int = 1
     manifest_version: int = MANIFEST_VERSION

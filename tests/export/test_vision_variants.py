@@ -148,40 +148,53 @@ def test_text_variants_stay_exportable() -> None:
     assert model_source("llama3.2-1b", None)[1] == get_variant("llama3.2-1b").config
 
 
-@pytest.mark.parametrize("weights, checkpoint", [(True, None), (False, None), (True, "no-such-dir")])
-def test_build_refuses_first(tmp_path: Path, weights: bool, checkpoint: str | None) -> None:
-    """`make engine MODEL=llama3.2-11b-vision` (with or without CHECKPOINT=, WEIGHTS=none): the refusal
-    comes before any other complaint (a missing checkpoint) and nothing is written."""
-    out = tmp_path / "engine"
-    with pytest.raises(BuildError) as ei:
-        build_engine(BuildOptions(model="llama3.2-11b-vision", weights=weights, out=out,
-                                  checkpoint=tmp_path / checkpoint if checkpoint else None))
-    assert str(ei.value).startswith("MODEL: llama3.2-11b-vision: ") and NOT_YET in str(ei.value)
+def test_build_from_the_registry_needs_weights_none(tmp_path: Path) -> None:
+    """`make engine MODEL=llama3.2-11b-vision` without CHECKPOINT=: the weights are asked for first (the
+    graph alone is built with WEIGHTS=none, tests/build/test_mllama_graph_only.py) and nothing is written."""
+    with pytest.raises(BuildError, match=r"CHECKPOINT= is required \(or WEIGHTS=none"):
+        build_engine(BuildOptions(model="llama3.2-11b-vision", out=tmp_path / "engine"))
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["build", "export"])
-def test_cli_reports_the_refusal(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / ("engine" if command == "build" else "model.onnx")
-    assert cli.main([command, "--model", "llama3.2-90b-vision-instruct", "--out", str(out)]) == 2
+@pytest.mark.parametrize("options, match", [({"precision": "fp16"}, "fp32 only"), ({"backend": "trt"}, "BACKEND=trt"),
+                                            ({"precision": "int8-wo"}, "CHECKPOINT= is required")])
+def test_graph_only_builds_refuse_what_is_not_there(tmp_path: Path, options: dict[str, str], match: str) -> None:
+    """Refused before anything is traced, naming the option."""
+    with pytest.raises(BuildError, match=match):
+        build_engine(BuildOptions(model="llama3.2-90b-vision", weights=False, out=tmp_path / "engine", **options))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_with_a_checkpoint_is_not_refused_by_the_registry(tmp_path: Path) -> None:
+    """With CHECKPOINT= the engine is built from the checkpoint (tests/runtime/test_mllama_engine.py): a
+    missing one is reported as missing, not as the registry's refusal."""
+    with pytest.raises(BuildError, match="does not exist") as ei:
+        build_engine(BuildOptions(model="llama3.2-11b-vision", out=tmp_path / "engine", checkpoint=tmp_path / "nothing"))
+    assert NOT_YET not in str(ei.value)
+
+
+def test_cli_export_reports_the_refusal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`llamaforge export` writes one graph: a vision variant has two (and the single-graph export of its
+    checkpoint points at the build: tests/export/test_mllama_vision.py)."""
+    out = tmp_path / "model.onnx"
+    assert cli.main(["export", "--model", "llama3.2-90b-vision-instruct", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "llama3.2-90b-vision-instruct" in err and NOT_YET in err
     assert "Traceback" not in err and not out.exists()
 
 
-def test_mllama_checkpoints_are_refused_by_name(tmp_path: Path) -> None:
-    """A Llama 3.2 Vision checkpoint given without MODEL=: the HF config.json (model_type mllama) and
-    Meta's params.json (vision_chunk_size) are refused for what they are, not for a missing field."""
+def test_mllama_checkpoints_are_read_as_mllama(tmp_path: Path) -> None:
+    """A Llama 3.2 Vision checkpoint given without MODEL=: the HF config.json (model_type mllama) is read as
+    an mllama checkpoint (here it has no weights, which is what is reported, not a missing text field);
+    Meta's params.json (vision_chunk_size) is still refused for what it is."""
     hf = tmp_path / "hf"
     hf.mkdir()
     vision, text = vision_of("llama3.2-11b-vision-instruct"), get_variant("llama3.2-11b-vision-instruct").config
     (hf / "config.json").write_text(json.dumps({
         "model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"], "vision_config": vision.to_hf(),
         "text_config": text.to_hf() | {"cross_attention_layers": list(vision.cross_attention_layers)}}))
-    with pytest.raises(CheckpointError, match=rf"config.json: model_type 'mllama' .*Llama 3.2 Vision.*{NOT_YET}"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
         open_checkpoint(hf)
-    with pytest.raises(BuildError, match=rf"mllama.*{NOT_YET}"):
-        build_engine(BuildOptions(checkpoint=hf, out=tmp_path / "engine"))
     meta = tmp_path / "meta"
     meta.mkdir()
     (meta / "params.json").write_text(json.dumps({
@@ -189,4 +202,6 @@ def test_mllama_checkpoints_are_refused_by_name(tmp_path: Path) -> None:
         "vision_chunk_size": 560, "vision_max_num_chunks": 4, "vision_num_cross_attention_layers": 8}))
     with pytest.raises(CheckpointError, match=rf"params.json: field 'vision_chunk_size'.*{NOT_YET}"):
         open_checkpoint(meta)
+    with pytest.raises(BuildError, match=rf"vision_chunk_size.*{NOT_YET}"):
+        build_engine(BuildOptions(checkpoint=meta, out=tmp_path / "engine"))
     assert not (tmp_path / "engine").exists()
