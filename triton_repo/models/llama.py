@@ -15,7 +15,10 @@ come (no dynamic batching; our scheduler batches), each with its own batch dimen
 (`max_batch_size` > 0, as TensorRT-LLM's): every row of a request is submitted as its own sequence
 (runtime/serving/protocol.py `parse_batch`), each of its responses is that row's (`[1, ...]`
 tensors with its `batch_index`), and TRITONSERVER_RESPONSE_COMPLETE_FINAL comes with the last
-response of the request's last row to end. A row that fails ends the request: the others are
+response of the request's last row to end. A row with num_return_sequences n sends each of its n
+sequences' responses through that sequence's own `_InFlight` (its own detokenization window,
+tagged by `sequence_index`); a beam search answers once with its beams stacked (protocol.py
+`BeamResponseBuilder`, TensorRT-LLM's form). A row that fails ends the request: the others are
 cancelled and the error is the final response.
 
 Non-decoupled, a Python model must return one response per request from `execute`, so `execute`
