@@ -58,6 +58,8 @@ from typing import Any, TypeVar
 import onnx
 from onnx import defs
 
+from llamaforge.plugins.node_attrs import attrs_from_node
+
 DOMAIN = "llamaforge"
 OP_TYPE = "LlamaAttention"
 OPSET_VERSION = 1
@@ -132,11 +134,7 @@ class AttentionAttrs:
 
     @classmethod
     def from_onnx_attributes(cls, attrs: dict[str, Any]) -> AttentionAttrs:
-        version = attrs.get("plugin_version", PLUGIN_VERSION)
-        if version != PLUGIN_VERSION:
-            raise ValueError(f"{OP_TYPE}: plugin_version {version!r} is not supported (this build has {PLUGIN_VERSION!r})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in attrs.items() if k in names})
+        return attrs_from_node(cls, attrs, OP_TYPE, PLUGIN_VERSION)
 
     @classmethod
     def from_flat_values(cls, values: Mapping[str, Any]) -> AttentionAttrs:

@@ -24,11 +24,13 @@ checkpoint module (`...feed_forward.router`), which quantization passes leave in
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import onnx
 from onnx import defs
+
+from llamaforge.plugins.node_attrs import attrs_from_node
 
 DOMAIN = "llamaforge"
 OP_TYPE = "MoE"
@@ -53,11 +55,7 @@ class MoEAttrs:
 
     @classmethod
     def from_onnx_attributes(cls, attrs: dict[str, Any]) -> MoEAttrs:
-        version = attrs.get("plugin_version", PLUGIN_VERSION)
-        if version != PLUGIN_VERSION:
-            raise ValueError(f"{OP_TYPE}: plugin_version {version!r} is not supported (this build has {PLUGIN_VERSION!r})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in attrs.items() if k in names})
+        return attrs_from_node(cls, attrs, OP_TYPE, PLUGIN_VERSION)
 
 
 def _infer(ctx: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from llamaforge.runtime.core.manifest import EngineManifest, ManifestError
-from llamaforge.runtime.core.tokenizer import load_tokenizer
+from llamaforge.runtime.core.tokenizer import Tokenizer, load_tokenizer
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -88,6 +88,15 @@ def check_runnable(manifest: EngineManifest, engine_dir: Path) -> None:
                           "ONNX Runtime (expected 'ort')")
 
 
+def engine_tokenizer(manifest: EngineManifest, engine_dir: Path) -> tuple[Tokenizer | None, tuple[int, ...]]:
+    """The engine's tokenizer (None: token ids only) and its stop set: config.json's eos ids, then
+    the tokenizer's (generation_config.json, eos_token)."""
+    tok = manifest.tokenizer
+    tokenizer = load_tokenizer(engine_dir, tok.to_json()) if tok is not None else None
+    extra = tokenizer.eos_ids if tokenizer is not None else ()
+    return tokenizer, tuple(dict.fromkeys((*manifest.special_tokens.eos_token_id, *extra)))
+
+
 def ort_providers(device: str, device_id: int = 0) -> list[Any]:
     """ONNX Runtime execution providers for a device: "cpu", or "gpu" on CUDA device `device_id`
     (which needs the onnxruntime-gpu build; the CPU-only wheel is refused with a message saying so)."""
@@ -127,11 +136,7 @@ class Engine:
         self.kv = KVSpec(kv.num_layers, kv.num_kv_heads, kv.head_dim, np.dtype(NP_DTYPES[kv.dtype]), kv.max_capacity)
         self.config = self.manifest.config
         self.vocab_size = self.manifest.vocab_size
-        tok = self.manifest.tokenizer
-        self.tokenizer = load_tokenizer(self.dir, tok.to_json()) if tok is not None else None
-        # The stop set: config.json's eos ids, then the tokenizer's (generation_config.json, eos_token).
-        extra = self.tokenizer.eos_ids if self.tokenizer is not None else ()
-        self.eos_ids = tuple(dict.fromkeys((*self.manifest.special_tokens.eos_token_id, *extra)))
+        self.tokenizer, self.eos_ids = engine_tokenizer(self.manifest, self.dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaforge.runtime.core.engine import EngineError, check_runnable, read_manifest
+from llamaforge.runtime.core.engine import EngineError, check_runnable, engine_tokenizer, read_manifest
 from llamaforge.runtime.core.manifest import VisionInfo
 from llamaforge.runtime.core.mllama_image import MllamaImageBatch
 from llamaforge.runtime.core.mllama_prompt import cross_attention_mask
-from llamaforge.runtime.core.tokenizer import load_tokenizer
 
 
 class MllamaEngine:
@@ -43,10 +42,7 @@ class MllamaEngine:
         if self.manifest.kv_cache.dtype != "float32":
             raise EngineError(f"{self.dir}: KV dtype {self.manifest.kv_cache.dtype!r}: this runner takes float32 engines")
         self.vision: VisionInfo = self.manifest.vision
-        tok = self.manifest.tokenizer
-        self.tokenizer = load_tokenizer(self.dir, tok.to_json()) if tok is not None else None
-        extra = self.tokenizer.eos_ids if self.tokenizer is not None else ()
-        self.eos_ids = tuple(dict.fromkeys((*self.manifest.special_tokens.eos_token_id, *extra)))
+        self.tokenizer, self.eos_ids = engine_tokenizer(self.manifest, self.dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
