@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from llamaforge.graphs.passes.plugin_node import drop_opset_if_unused, replace_plugin_node
 from llamaforge.plugins.attention import ort_lowering
 from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, AttentionAttrs
 
@@ -45,19 +46,9 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
                     node, attrs, graph.initializers[cos.name], graph.initializers[sin.name])  # type: ignore[index]
             else:
                 new_nodes, outputs = ort_lowering.decompose(node, attrs)
-            ort_lowering.name_values(node.name or f"attention_{nodes.index(node)}", new_nodes)
-            graph.insert_before(node, new_nodes)
-            for old, new in zip(node.outputs, outputs):
-                new.shape, new.type = old.shape, old.type
-                if old.is_graph_output():  # graph outputs keep their public names (present_key.N ...)
-                    name = old.name
-                    old.name = f"{name}.lowered"
-                    new.name = name
-                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-        # Other llamaforge ops (the cross-attention op) may still be there, lowered by their own pass.
-        if nodes and not any(n.domain == DOMAIN for n in graph) and DOMAIN in model.opset_imports:
-            del model.opset_imports[DOMAIN]
+            replace_plugin_node(graph, node, new_nodes, outputs, node.name or f"attention_{nodes.index(node)}")
+        if nodes:
+            drop_opset_if_unused(model, DOMAIN)
         if nodes and self.use_gqa:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, bool(nodes))

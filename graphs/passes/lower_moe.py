@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from llamaforge.graphs.passes.plugin_node import drop_opset_if_unused, replace_plugin_node
 from llamaforge.graphs.passes.weights import constant_input, lazy_weight
-from llamaforge.plugins.attention.ort_lowering import name_values
 from llamaforge.plugins.moe import ort_lowering
 from llamaforge.plugins.moe.schema import DOMAIN, OP_TYPE, MoEAttrs
 
@@ -42,16 +42,8 @@ class LowerMoEForORT(ir.passes.InPlacePass):
         for index, node in enumerate(nodes):
             attrs = MoEAttrs.from_onnx_attributes({k: a.value for k, a in node.attributes.items()})
             lower = ort_lowering.decompose_dense if self.dense else ort_lowering.decompose
-            new_nodes, (out,) = lower(node, attrs, transposed_router(graph, node))
-            name_values(node.name or f"moe_{index}", new_nodes)
-            graph.insert_before(node, new_nodes)
-            old = node.outputs[0]
-            out.shape, out.type = old.shape, old.type
-            if old.is_graph_output():  # a graph output keeps its public name
-                name, old.name = old.name, f"{old.name}.lowered"
-                out.name = name
-            ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-        if nodes and not any(n.domain == DOMAIN for n in graph) and DOMAIN in model.opset_imports:
-            del model.opset_imports[DOMAIN]
+            new_nodes, outputs = lower(node, attrs, transposed_router(graph, node))
+            replace_plugin_node(graph, node, new_nodes, outputs, node.name or f"moe_{index}")
+        if nodes:
+            drop_opset_if_unused(model, DOMAIN)
         return ir.passes.PassResult(model, bool(nodes))
