@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaforge.export.checkpoint import HFCheckpoint, find_tokenizer_hf, hf_weight_map
-from llamaforge.export.checkpoint_base import HF_CONFIG
+from llamaforge.export.checkpoint_base import HF_CONFIG, hf_tensor_shapes
 from llamaforge.export.checkpoint_errors import CheckpointError
 from llamaforge.export.config import ConfigError, ModelConfig
 from llamaforge.export.mllama_vision import vision_tensor_shapes
@@ -43,30 +43,25 @@ def graph_name(stored: str) -> str:
 
 
 def text_decoder_shapes(text: ModelConfig, vision: VisionConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight of the text decoder (graph names): self-attention layers as in Llama, cross-attention
-    layers with `cross_attn.*` projections, q/k RMSNorm weights and two tanh gates; `vocab_size + 8`
-    embedding rows (the `<|image|>` token and 7 reserved), `vocab_size` output rows."""
-    h, i, d = text.hidden_size, text.intermediate_size, text.head_dim
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (text.vocab_size + MLLAMA_EXTRA_EMBEDDINGS, h)}
-    for layer in range(text.num_layers):
-        p = f"model.layers.{layer}."
-        attn = "cross_attn." if layer in vision.cross_attention_layers else "self_attn."
-        out[p + attn + "q_proj.weight"] = (text.q_size, h)
-        out[p + attn + "k_proj.weight"] = (text.kv_size, h)
-        out[p + attn + "v_proj.weight"] = (text.kv_size, h)
-        out[p + attn + "o_proj.weight"] = (h, text.q_size)
-        if layer in vision.cross_attention_layers:
-            out[p + "cross_attn.q_norm.weight"] = (d,)
-            out[p + "cross_attn.k_norm.weight"] = (d,)
-            out[p + "cross_attn_attn_gate"] = (1,)
-            out[p + "cross_attn_mlp_gate"] = (1,)
-        out[p + "mlp.gate_proj.weight"] = (i, h)
-        out[p + "mlp.up_proj.weight"] = (i, h)
-        out[p + "mlp.down_proj.weight"] = (h, i)
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-    out["model.norm.weight"] = (h,)
-    out["lm_head.weight"] = (text.vocab_size, h)
+    """Every weight of the text decoder (graph names): a Llama decoder's (`hf_tensor_shapes`), whose
+    cross-attention layers have `cross_attn.*` projections, q/k RMSNorm weights and two tanh gates;
+    `vocab_size + 8` embedding rows (the `<|image|>` token and 7 reserved), `vocab_size` output rows."""
+    d = text.head_dim
+    cross = {f"model.layers.{layer}." for layer in vision.cross_attention_layers}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in hf_tensor_shapes(text).items():
+        prefix = name[: name.find(".", len("model.layers.")) + 1] if name.startswith("model.layers.") else ""
+        if prefix not in cross:
+            out[name] = shape
+            continue
+        out[name.replace(".self_attn.", ".cross_attn.")] = shape
+        if name.endswith("self_attn.o_proj.weight"):
+            out[prefix + "cross_attn.q_norm.weight"] = (d,)
+            out[prefix + "cross_attn.k_norm.weight"] = (d,)
+            out[prefix + "cross_attn_attn_gate"] = (1,)
+            out[prefix + "cross_attn_mlp_gate"] = (1,)
+    out["model.embed_tokens.weight"] = (text.vocab_size + MLLAMA_EXTRA_EMBEDDINGS, text.hidden_size)
+    out["lm_head.weight"] = (text.vocab_size, text.hidden_size)
     return out
 
 
