@@ -45,7 +45,7 @@ from typing import Any
 import onnx
 from onnx import defs
 
-from llamaforge.plugins.node_attrs import attrs_from_node
+from llamaforge.plugins.op_schema import attrs_from_node, copy_input_types
 
 DOMAIN = "llamaforge"
 OP_TYPE = "CrossAttention"
@@ -85,9 +85,8 @@ class CrossAttentionAttrs:
 
 
 def _infer(ctx: Any) -> None:
-    for out_index, in_index in ((0, 0), (1, 3), (2, 4)):
-        if ctx.has_output(out_index) and ctx.has_input(in_index):
-            ctx.set_output_type(out_index, ctx.get_input_type(in_index))
+    """output has the query's type and shape; presents have the past cross caches' type and shape."""
+    copy_input_types(ctx, ((0, 0), (1, 3), (2, 4)))
 
 
 def _build_schema() -> defs.OpSchema:

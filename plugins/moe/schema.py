@@ -30,7 +30,7 @@ from typing import Any
 import onnx
 from onnx import defs
 
-from llamaforge.plugins.node_attrs import attrs_from_node
+from llamaforge.plugins.op_schema import attrs_from_node, copy_input_types
 
 DOMAIN = "llamaforge"
 OP_TYPE = "MoE"
@@ -59,8 +59,7 @@ class MoEAttrs:
 
 
 def _infer(ctx: Any) -> None:
-    if ctx.has_output(0) and ctx.has_input(0):
-        ctx.set_output_type(0, ctx.get_input_type(0))
+    copy_input_types(ctx, ((0, 0),))
 
 
 def _build_schema() -> defs.OpSchema:
