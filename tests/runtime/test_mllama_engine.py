@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_mllama import load_mllama_oracle, make_mllama_checkpoint, tiny_mllama_configs
+from tiny_mllama import load_mllama_oracle, tiny_mllama_configs
 from tiny_models import hf_greedy
 
 from llamaforge import cli
@@ -42,13 +42,13 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mllama_checkpoint(tmp_path_factory.mktemp("mllama") / "ckpt")
+def checkpoint(tiny_mllama_checkpoint: Path) -> Path:
+    return tiny_mllama_checkpoint
 
 
 @pytest.fixture(scope="module")
-def engine_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path_factory.mktemp("engine") / "engine"))
+def engine_dir(tiny_mllama_engine: Path) -> Path:
+    return tiny_mllama_engine
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_engine_directory(engine_dir: Path) -> None:
     assert vision["model_file"] == "vision.onnx" and vision["cross_attention_layers"] == [1, 3]
     assert vision["past_inputs"] == ["past_cross_key.1", "past_cross_value.1", "past_cross_key.3", "past_cross_value.3"]
     assert "lower-cross-attention-ort" in manifest["passes"]
-    with pytest.raises(EngineError, match="Llama 3.2 Vision engine"):
-        Engine(engine_dir)
+    with pytest.raises(EngineError, match="Llama 3.2 Vision engine's text model also takes image states"):
+        Engine(engine_dir).step(np.ones((1, 2), np.int64), np.zeros(1, np.int32), [])
 
 
 @pytest.mark.parametrize("name", sorted(PROMPTS))
