@@ -41,7 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llamaforge.runtime.core.mllama_image import DEFAULT_MAX_PIXELS, ImageInput, MllamaImageBatch, MllamaImageConfig, preprocess_images
+from llamaforge.runtime.core.mllama_image import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    MllamaImageBatch,
+    MllamaImageConfig,
+    preprocess_images,
+)
 from llamaforge.runtime.core.mllama_prompt import cross_attention_mask
 from llamaforge.runtime.core.requests import RequestError
 

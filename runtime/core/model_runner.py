@@ -160,9 +160,16 @@ class ModelRunner:
             past_lengths[row] = by_id[sid].num_computed
         t1 = time.perf_counter()
         arrays = batch.views()  # leading-axis slices of C-contiguous arrays: contiguous, no copy
+        # A vision model's decode rows also take their cross caches.
         extra = self.cross.decode_feeds([by_id.get(sid) if sid else None for sid in batch.rows]) if self.cross else None
         if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
-            logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays, extra_feeds=extra), arrays
+            if extra is None:
+                logits = self.engine.decode_in_place_step(input_ids, past_lengths, arrays)
+            else:
+                logits = self.engine.decode_in_place_step(input_ids, past_lengths, arrays, extra_feeds=extra)
+            present = arrays
+        elif extra is None:
+            logits, present = self.engine.step(input_ids, past_lengths, arrays)
         else:
             logits, present = self.engine.step(input_ids, past_lengths, arrays, extra_feeds=extra)
         t2 = time.perf_counter()
@@ -287,11 +294,13 @@ class ModelRunner:
         positions = max(c.count for c, keep in zip(chunks, keeps) if keep) if any(keeps) else 1
         index = np.array([[min(i, c.count - 1) if keep else c.count - 1 for i in range(positions)]
                           for c, keep in zip(chunks, keeps)], np.int64)
-        extra, fetch = self.cross.prefill_feeds(chunks, width) if self.cross is not None else (None, [])
-        logits, present, cross = self.engine.step_with(input_ids, np.array([c.start for c in chunks], np.int32), past,
-                                                       index, extra, fetch)
-        if self.cross is not None:
+        starts = np.array([c.start for c in chunks], np.int32)
+        if self.cross is not None:  # a vision model: its cross inputs, and the cross K/V its first call computes
+            extra, fetch = self.cross.prefill_feeds(chunks, width)
+            logits, present, cross = self.engine.step_with(input_ids, starts, past, index, extra, fetch)
             self.cross.store(chunks, cross)
+        else:
+            logits, present = self.engine.step(input_ids, starts, past, index)
         self.kv.scatter(ids, [c.start for c in chunks], [c.count for c in chunks], present)
         sampled: Sampled = []
         for row, (c, keep) in enumerate(zip(chunks, keeps)):

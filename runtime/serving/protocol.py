@@ -53,9 +53,9 @@ from tritonclient.grpc import service_pb2 as pb
 from llamaforge.runtime.core.guided import GuidedSpec
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestError
 from llamaforge.runtime.core.sampling import SamplingParams
-from llamaforge.runtime.serving.image_inputs import image_inputs
 from llamaforge.runtime.core.validation import RequestLimits, check_context, check_max_tokens, check_prompt_ids
 from llamaforge.runtime.serving.engine_client import EngineClient
+from llamaforge.runtime.serving.image_inputs import image_inputs
 from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, ModelSpec
 from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_TYPES, decode_inputs, encode_output
 
@@ -359,7 +359,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
         detokenize=spec.kind == "text" or bool(stop_words),
         # Computed only when the flag asks, as TensorRT-LLM (naming the output alone returns nothing).
         return_context_logits=context_logits, return_generation_logits=generation_logits, guided=guided,
-        images=image_inputs(arrays) if spec.kind == "text" else (),
+        images=image_inputs(arrays),  # only the text model (and a Triton repository's llama) declares them
     )
     return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),
                          prompt_text, outputs, empty_final)

@@ -31,7 +31,7 @@ LLAMA32_VISION_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- endif %}
 
 {#- Find out if there are any images #}
-{% set image_ns = namespace(has_images=false) %}      
+{% set image_ns = namespace(has_images=false) %}<6 SPACES>
 {%- for message in messages %}
     {%- for content in message['content'] %}
         {%- if content['type'] == 'image' %}
@@ -126,4 +126,4 @@ LLAMA32_VISION_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
-"""
+""".replace("<6 SPACES>", " " * 6)  # trailing spaces in the published file (kept out of this source)
