@@ -84,7 +84,8 @@ class EngineCore:
             if self.speculator is not None:
                 raise EngineError(f"{engine_dir}: speculative decoding does not run Llama 3.2 Vision engines (its verify "
                                   "calls do not carry the cross-attention inputs)")
-            self.runner.cross = CrossAttentionInputs(self.engine, self.config.threads, self.config.providers)
+            self.runner.cross = CrossAttentionInputs(self.engine, self.config.threads, self.config.providers,
+                                                     max_images=self.config.max_images)
         self._limits = RequestLimits(self.context_length, self.engine.vocab_size,
                                      kv_tokens=self.kv.num_blocks * self.kv.block_size,
                                      image_token_id=self.vision.image_token_id if self.vision is not None else None)
