@@ -80,10 +80,13 @@ class ModelContext:
     context_length: int
     vocab_size: int
     eos_ids: tuple[int, ...]
+    image_token_id: int | None = None  # a Llama 3.2 Vision engine's `<|image|>`: a prompt id past the vocabulary
 
     @classmethod
     def from_core(cls, core: EngineClient) -> ModelContext:
-        return cls(core.tokenizer, core.context_length, core.manifest.vocab_size, tuple(core.eos_ids))
+        vision = core.manifest.vision
+        return cls(core.tokenizer, core.context_length, core.manifest.vocab_size, tuple(core.eos_ids),
+                   vision.image_token_id if vision is not None else None)
 
 
 @dataclass
@@ -305,7 +308,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
                 raise RequestError("input_lengths", f"is {length} but {len(prompt_ids)} input_ids were sent "
                                                     "(must be in [1, the number of input_ids])")
             prompt_ids = prompt_ids[:length]
-        check_prompt_ids(prompt_ids, ctx.vocab_size, "input_ids")
+        check_prompt_ids(prompt_ids, ctx.vocab_size, "input_ids", ctx.image_token_id)
         prompt_field = "input_ids"
 
     check_context(len(prompt_ids), max_tokens, RequestLimits(ctx.context_length, ctx.vocab_size), prompt_field, max_field)
