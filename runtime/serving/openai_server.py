@@ -381,7 +381,10 @@ class OpenAIFrontend:
                     self.metrics.on_invalid()
                 raise _invalid(e) from None
             run = _Run(self.core, req, self.metrics, ticket)
-            run.submit(prompt_field)
+            if any(job.generation.images for job in req.jobs):  # decoding and resizing them: off the event loop
+                await asyncio.to_thread(run.submit, prompt_field)
+            else:
+                run.submit(prompt_field)
         except _Refusal as refusal:
             return refusal.response()
         if req.stream:

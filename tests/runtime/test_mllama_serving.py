@@ -28,11 +28,14 @@ from server_utils import grpc_client, running_server, tensor
 from tiny_mllama import load_mllama_oracle, tiny_mllama_configs
 from tritonclient.utils import InferenceServerException
 
-from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig, SpeculativeConfig
+from llamaforge.runtime.core.engine import EngineError
 from llamaforge.runtime.core.engine_core import EngineCore, run_to_completion
 from llamaforge.runtime.core.mllama_image import ImageInput, MllamaImageConfig, preprocess_images
 from llamaforge.runtime.core.requests import GenerationRequest, RequestError
 from llamaforge.runtime.core.sampling import SamplingParams
+from llamaforge.runtime.core.validation import RequestLimits
+from llamaforge.runtime.serving.openai_protocol import parse_chat
 from llamaforge.runtime.serving.openai_server import HttpServer, OpenAIFrontend
 
 TOLERANCE = 1e-4
@@ -147,6 +150,18 @@ def test_chunked_prefill_and_preemption(tiny_mllama_engine: Path, expected: dict
     assert any(PROMPTS[p.split("#")[0]][1] for p in preempted), "an image request was meant to be preempted"
     for out in outs:
         assert out.token_ids == expected[out.request_id.split("#")[0]][1], out.request_id
+
+
+def test_n_sequences_share_the_requests_cross_cache(core: EngineCore, expected: dict[str, Any]) -> None:
+    """n = 2: the prompt (and its cross K/V) computed once, both sequences decode from them."""
+    outs = run_to_completion(core, [request("two-images", n=2)])
+    assert [o.token_ids for o in outs] == [expected["two-images"][1]] * 2
+    assert len(core.runner.cross.cache) == 0  # type: ignore[union-attr]
+
+
+def test_speculative_decoding_is_refused_on_a_vision_engine(tiny_mllama_engine: Path) -> None:
+    with pytest.raises(EngineError, match="speculative decoding"):
+        EngineCore(tiny_mllama_engine, CoreConfig(threads=1, speculative=SpeculativeConfig("ngram")))
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(core: EngineCore) -> None:
@@ -268,7 +283,27 @@ def test_openai_chat_with_images_matches_transformers(servers: tuple[openai.Open
     assert core.tokenizer is not None
     stop = set(core.eos_ids)
     cut = next((i for i, t in enumerate(want) if t in stop), len(want))
+    assert cut >= 8, "the oracle stops at once: the text would compare nothing"
+    assert response.usage.completion_tokens == cut
     assert response.choices[0].message.content == core.tokenizer.decode(want[:cut])
+
+
+def test_openai_text_only_chat_on_the_vision_model_matches_transformers(servers: tuple[openai.OpenAI, Any],
+                                                                       core: EngineCore, oracle: Any) -> None:
+    messages = [{"role": "user", "content": "Say something about the sea."}]
+    assert core.tokenizer is not None
+    ids = core.tokenizer.encode_chat(messages)
+    assert IMAGE not in ids
+    with torch.no_grad():
+        tokens = oracle.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    cut = next((i for i, t in enumerate(tokens) if t in set(core.eos_ids)), len(tokens))
+    assert cut >= 8, "the oracle stops at once: the text would compare nothing"
+    response = servers[0].chat.completions.create(model=core.model_name, messages=messages, max_tokens=NEW,  # type: ignore[arg-type]
+                                                  temperature=0)
+    assert response.usage is not None and response.usage.prompt_tokens == len(ids)
+    assert response.usage.completion_tokens == cut
+    assert response.choices[0].message.content == core.tokenizer.decode(tokens[:cut])
 
 
 @pytest.mark.parametrize("url, match", [
@@ -281,6 +316,17 @@ def test_openai_bad_image_urls_are_400_naming_the_field(servers: tuple[openai.Op
         servers[0].chat.completions.create(model=core.model_name, messages=[{"role": "user", "content": parts}],  # type: ignore[misc,list-item]
                                            max_tokens=4)
     assert e.value.body["param"] == "messages[0].content[1].image_url"  # type: ignore[index]
+
+
+def test_openai_images_on_a_text_model_are_refused_naming_the_part(core: EngineCore) -> None:
+    """A text-only engine's limits have no image token: its chat parser refuses image parts (400)."""
+    parts = [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": data_url(png((9, 9), 0))}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": parts}], "max_tokens": 4}
+    with pytest.raises(RequestError, match="text-only") as e:
+        parse_chat(body, core.tokenizer, RequestLimits(512, 640))
+    assert e.value.field == "messages[0].content[1]"
+    assert parse_chat(body, core.tokenizer, RequestLimits(512, 640, image_token_id=IMAGE)).jobs[0].generation.images[0].field \
+        == "messages[0].content[1].image_url"
 
 
 def test_grpc_image_inputs_match_transformers(servers: tuple[Any, grpcclient.InferenceServerClient],
