@@ -160,29 +160,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _generate_with_images(args: argparse.Namespace) -> None:
     """`generate` on a Llama 3.2 Vision engine: one PROMPT with an `<|image|>` token where each `--image`
-    goes (none: a text-only prompt), greedy (runtime/core/mllama_engine.py; docs/vision.md)."""
+    goes (none: a text-only prompt), through the engine core (runtime/core/mllama_engine.py; docs/vision.md)."""
     from llamaforge.runtime.core.mllama_engine import MllamaEngine
-    from llamaforge.runtime.core.mllama_image import ImageInput, MllamaImageConfig, preprocess_images
+    from llamaforge.runtime.core.mllama_image import ImageInput
+    from llamaforge.runtime.core.requests import RequestError
+    from llamaforge.runtime.core.sampling import SamplingParams
 
     if args.chat is not None or len(args.prompt) != 1:
         raise SystemExit("generate on a Llama 3.2 Vision engine: exactly one PROMPT (no --chat yet)")
-    if (args.temperature, args.top_k, args.top_p, args.repetition_penalty) != (0.0, 0, 1.0, 1.0):
-        raise SystemExit("generate on a Llama 3.2 Vision engine: greedy only for now (no --temperature, --top-k, "
-                         "--top-p, --repetition-penalty)")
-    engine = MllamaEngine(args.engine)
-    if engine.tokenizer is None:
-        raise SystemExit(f"generate: {args.engine} has no tokenizer")
-    ids = engine.tokenizer.encode(args.prompt[0], allow_special=True)  # <|image|> is a special token
-    marks = ids.count(engine.vision.image_token_id)
-    if marks != len(args.image):
-        raise SystemExit(f"generate: the prompt has {marks} <|image|> token(s) but {len(args.image)} --image file(s)")
-    images = None
-    if args.image:
-        config = MllamaImageConfig(tile_size=engine.vision.image_size, max_image_tiles=engine.vision.max_num_tiles,
-                                   max_images=len(args.image))
-        images = preprocess_images([[ImageInput(f"--image {p}", Path(p).read_bytes()) for p in args.image]], config)
-    out = engine.generate_greedy(ids, images, args.max_new_tokens, stop_ids=engine.eos_ids)
-    print(f"{args.prompt[0]}{engine.tokenizer.decode(out)}")
+    engine = MllamaEngine(args.engine, max_images=max(1, len(args.image)))
+    try:
+        if engine.tokenizer is None:
+            raise SystemExit(f"generate: {args.engine} has no tokenizer")
+        ids = engine.tokenizer.encode(args.prompt[0], allow_special=True)  # <|image|> is a special token
+        marks = ids.count(engine.vision.image_token_id)
+        if marks != len(args.image):
+            raise SystemExit(f"generate: the prompt has {marks} <|image|> token(s) but {len(args.image)} --image file(s)")
+        images = [ImageInput(f"--image {p}", Path(p).read_bytes()) for p in args.image]
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+        try:
+            out = engine.generate(ids, images, args.max_new_tokens, params, stop_ids=engine.eos_ids)
+        except RequestError as e:
+            raise SystemExit(f"generate: {e}") from None
+        print(f"{args.prompt[0]}{engine.tokenizer.decode(out)}")
+    finally:
+        engine.close()
 
 
 def _core_config(args: argparse.Namespace) -> CoreConfig:

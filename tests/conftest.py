@@ -8,6 +8,8 @@ test that edits a checkpoint or an engine copies it first (tests/export/test_che
     tiny_engine           the fp32 ONNX Runtime engine of tiny_hf_checkpoint (default BuildOptions)
     tiny_builds           any other tiny HF checkpoint or engine, built once per distinct set of arguments:
                           tiny_builds.hf_checkpoint(tiny_config(), seed=5), tiny_builds.engine(ckpt, precision="fp8")
+    tiny_mllama_checkpoint  tiny_mllama.make_mllama_checkpoint, with the Llama 3.2 Vision Instruct chat template
+    tiny_mllama_engine      its engine directory (model.onnx + vision.onnx, default BuildOptions)
 """
 
 from __future__ import annotations
@@ -41,3 +43,18 @@ def tiny_hf_checkpoint(tiny_builds: TinyBuilds) -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_builds: TinyBuilds, tiny_hf_checkpoint: Path) -> Path:
     return tiny_builds.engine(tiny_hf_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mllama_chat_template import LLAMA32_VISION_CHAT_TEMPLATE
+    from tiny_mllama import make_mllama_checkpoint
+
+    return make_mllama_checkpoint(tmp_path_factory.mktemp("mllama") / "ckpt", chat_template=LLAMA32_VISION_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama_engine(tiny_mllama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llamaforge.build.builder import BuildOptions, build_engine
+
+    return build_engine(BuildOptions(checkpoint=tiny_mllama_checkpoint, out=tmp_path_factory.mktemp("mllama-engine") / "engine"))

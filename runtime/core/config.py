@@ -82,6 +82,9 @@ class CoreConfig:
     max_logits_bytes: int = 1 << 30
     threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
     providers: tuple[Any, ...] | None = None  # ONNX Runtime execution providers (None: CPU)
+    # Llama 3.2 Vision engines: images one request may carry (Meta recommends a single image per
+    # prompt; each image costs its cross-attention cache, docs/vision.md).
+    max_images: int = 2
 
     @property
     def max_num_seqs(self) -> int:

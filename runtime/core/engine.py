@@ -127,13 +127,18 @@ class Engine:
         check_runnable(self.manifest, self.dir)
         if self.manifest.weights == "none":
             raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
-        if self.manifest.vision is not None:  # its text model takes image states and cross caches too
-            raise EngineError(f"{self.dir}: a Llama 3.2 Vision engine; the engine core does not carry images yet: "
-                              "run it with runtime/core/mllama_engine.py (docs/vision.md)")
         kv = self.manifest.kv_cache
         if kv.dtype not in NP_DTYPES:
             raise EngineError(f"{self.dir}: KV dtype {kv.dtype!r} has no NumPy type for ONNX Runtime on this host")
-        self.kv = KVSpec(kv.num_layers, kv.num_kv_heads, kv.head_dim, np.dtype(NP_DTYPES[kv.dtype]), kv.max_capacity)
+        # The layers with a self-attention KV cache: every layer of a text model. A Llama 3.2 Vision
+        # text model's cross-attention layers have a cross cache instead (runtime/core/cross_attention.py
+        # feeds it, with the image states and the cross-attention mask, through `extra_feeds`).
+        self.vision = self.manifest.vision
+        cross = set(self.vision.cross_attention_layers) if self.vision is not None else set()
+        self.kv_layers = [layer for layer in range(kv.num_layers) if layer not in cross]
+        self.kv = KVSpec(len(self.kv_layers), kv.num_kv_heads, kv.head_dim, np.dtype(NP_DTYPES[kv.dtype]), kv.max_capacity)
+        self.past_names = [p.format(layer=layer) for layer in self.kv_layers for p in kv.past_inputs]
+        self.present_names = [p.format(layer=layer) for layer in self.kv_layers for p in kv.present_outputs]
         self.config = self.manifest.config
         self.vocab_size = self.manifest.vocab_size
         self.tokenizer, self.eos_ids = engine_tokenizer(self.manifest, self.dir)
@@ -176,18 +181,34 @@ class Engine:
         return logits[np.arange(logits.shape[0])[:, None], logits_index]
 
     def step(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray],
-             logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+             logits_index: np.ndarray | None = None,
+             extra_feeds: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """One forward call: logits [B, N, V] at positions `logits_index` [B, N] (default: all S
-        positions) and the updated caches."""
+        positions) and the updated caches. `extra_feeds`: the model's other inputs (a vision model's
+        image states, cross-attention mask and cross caches)."""
+        logits, presents, _ = self.step_with(input_ids, past_lengths, past, logits_index, extra_feeds)
+        return logits, presents
+
+    def step_with(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray],
+                  logits_index: np.ndarray | None, extra_feeds: dict[str, np.ndarray] | None,
+                  extra_outputs: Sequence[str] = ()) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """`step`, also returning the named `extra_outputs` (e.g. a vision model's present cross caches)."""
         feeds = self._feeds(input_ids, past_lengths, logits_index)
-        for layer in range(self.kv.num_layers):
-            feeds[f"past_key.{layer}"] = past[2 * layer]
-            feeds[f"past_value.{layer}"] = past[2 * layer + 1]
-        outputs = self.session.run(self.output_names, feeds)
-        return self._select(outputs[0], logits_index), outputs[1:]
+        feeds.update(zip(self.past_names, past))
+        self._check_extra(extra_feeds)
+        feeds.update(extra_feeds or {})
+        outputs = self.session.run(["logits", *self.present_names, *extra_outputs], feeds)
+        count = len(self.present_names)
+        return self._select(outputs[0], logits_index), outputs[1 : 1 + count], outputs[1 + count :]
+
+    def _check_extra(self, extra_feeds: dict[str, np.ndarray] | None) -> None:
+        if self.vision is not None and not extra_feeds:
+            raise EngineError(f"{self.dir}: a Llama 3.2 Vision engine's text model also takes image states and cross "
+                              "caches: run it through the engine core (runtime/core/cross_attention.py feeds them)")
 
     def decode_in_place_step(self, input_ids: np.ndarray, past_lengths: np.ndarray, caches: list[np.ndarray],
-                             logits_index: np.ndarray | None = None) -> np.ndarray:
+                             logits_index: np.ndarray | None = None,
+                             extra_feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One call that writes each row's new keys/values into `caches` (C-contiguous, key.0,
         value.0, ...) at its past length, and returns the logits [B, N, V] at `logits_index` [B, N]
         (default: every position). input_ids [B, 1] (a decode step), or [1, S] (one row's S tokens:
@@ -197,7 +218,9 @@ class Engine:
         `step` hands ORT the past and gets a fresh present back: a copy of every row's whole cache,
         every step, which costs as much as the matmuls once contexts are long. Bound as one buffer
         (input and output), ORT's GroupQueryAttention kernel appends in place instead. Only for
-        engines whose manifest says every layer's decode update is that kernel (`decode_in_place`)."""
+        engines whose manifest says every layer's decode update is that kernel (`decode_in_place`).
+        `extra_feeds`: as for `step` (a vision model's cross inputs; its present cross caches, equal to
+        the past ones in a decode step, are not fetched)."""
         import onnxruntime as ort
 
         if not self.decode_in_place:
@@ -215,15 +238,16 @@ class Engine:
         else:
             binding = self.session.io_binding()
             binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]
-            for layer in range(self.kv.num_layers):
-                for kind, cache in (("key", caches[2 * layer]), ("value", caches[2 * layer + 1])):
-                    if not cache.flags.c_contiguous or cache.dtype != self.kv.dtype:
-                        raise EngineError(f"past_{kind}.{layer}: in-place caches must be C-contiguous {self.kv.dtype}")
-                    value = ort.OrtValue.ortvalue_from_numpy(cache)
-                    binding.bind_ortvalue_input(f"past_{kind}.{layer}", value)
-                    binding.bind_ortvalue_output(f"present_{kind}.{layer}", value)
+            for past, present, cache in zip(self.past_names, self.present_names, caches):
+                if not cache.flags.c_contiguous or cache.dtype != self.kv.dtype:
+                    raise EngineError(f"{past}: in-place caches must be C-contiguous {self.kv.dtype}")
+                value = ort.OrtValue.ortvalue_from_numpy(cache)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
             self._in_place_binding = (list(caches), binding)
+        self._check_extra(extra_feeds)
         feeds = self._feeds(input_ids, past_lengths, logits_index)  # kept alive until the run is over
+        feeds.update({k: np.ascontiguousarray(v) for k, v in (extra_feeds or {}).items()})
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         self.session.run_with_iobinding(binding)

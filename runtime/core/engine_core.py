@@ -24,7 +24,8 @@ import numpy as np
 
 from llamaforge.runtime.core.beam_search import BeamSearch, BeamStep
 from llamaforge.runtime.core.config import CoreConfig
-from llamaforge.runtime.core.engine import Engine
+from llamaforge.runtime.core.cross_attention import CrossAttentionInputs, RequestImages
+from llamaforge.runtime.core.engine import Engine, EngineError
 from llamaforge.runtime.core.kv_cache import KVCacheManager
 from llamaforge.runtime.core.model_runner import ModelRunner, padding_groups
 from llamaforge.runtime.core.output_processor import CoreObserver, OutputProcessor, RequestState
@@ -78,8 +79,16 @@ class EngineCore:
                                                 observer, vocab_size=self.engine.vocab_size)
         self.speculator = Speculator.from_config(self.config.speculative, self.context_length, self.engine.vocab_size,
                                                  self.tokenizer, self.config.threads)
+        self.vision = self.engine.vision  # Llama 3.2 Vision: requests may carry images
+        if self.vision is not None:
+            if self.speculator is not None:
+                raise EngineError(f"{engine_dir}: speculative decoding does not run Llama 3.2 Vision engines (its verify "
+                                  "calls do not carry the cross-attention inputs)")
+            self.runner.cross = CrossAttentionInputs(self.engine, self.config.threads, self.config.providers,
+                                                     max_images=self.config.max_images)
         self._limits = RequestLimits(self.context_length, self.engine.vocab_size,
-                                     kv_tokens=self.kv.num_blocks * self.kv.block_size)
+                                     kv_tokens=self.kv.num_blocks * self.kv.block_size,
+                                     image_token_id=self.vision.image_token_id if self.vision is not None else None)
         self._lock = threading.Condition()
         self._inbox: list[RequestState] = []
         self._cancels: set[str] = set()
@@ -135,10 +144,13 @@ class EngineCore:
             group = self._beam_group(request, handle, state)
         else:
             state = self.output_processor.new_request(request, handle)
+        images = self._images(request)
         # Context logits need every prompt position computed: such a request never starts from
         # cached blocks (it still leaves its own for others).
         for s in (state, *state.siblings):
             s.seq.reuse_prefix = not request.return_context_logits
+            if images is not None:  # the same tokens with other images have other KV
+                s.seq.images, s.seq.cache_salt = images, images.digest
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests); retry later")
@@ -149,6 +161,21 @@ class EngineCore:
             self._inbox.append(state)
             self._lock.notify_all()
         return handle
+
+    def _images(self, request: GenerationRequest) -> RequestImages | None:
+        """The request's images preprocessed (runtime/core/cross_attention.py); None for text only."""
+        cross = self.runner.cross
+        if not request.images:
+            if cross is not None and cross.vision.image_token_id in request.prompt_ids:
+                raise RequestError("images", f"the prompt has <|image|> tokens (id {cross.vision.image_token_id}) "
+                                             "but the request carries no image")
+            return None
+        field = request.images[0].field
+        if cross is None:
+            raise RequestError(field, f"model {self.model_name!r} is a text-only model: it takes no images")
+        if request.beam_width > 1:
+            raise RequestError("beam_width", "beam search does not take images here (use beam_width 1)")
+        return cross.prepare(request.request_id, request.prompt_ids, request.images, field, field)
 
     def _check_beam(self, request: GenerationRequest) -> None:
         """What beam search takes here: greedy scoring (no sampling, penalties or bans), whole outputs
@@ -426,6 +453,9 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.forget(state.seq.seq_id)
         self._live.pop(state.seq.seq_id, None)
+        rid = state.request.request_id
+        if self.runner.cross is not None and not any(s.request.request_id == rid for s in self._live.values()):
+            self.runner.cross.free(rid)  # the request's last sequence: its cross-attention cache goes too
         self.output_processor.finish(state, reason, error)
         for sibling in state.siblings:
             self.output_processor.finish(sibling, reason, error)

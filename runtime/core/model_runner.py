@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llamaforge.runtime.core.cross_attention import CrossAttentionInputs
 from llamaforge.runtime.core.engine import Engine
 from llamaforge.runtime.core.kv_cache import KVCacheManager
 from llamaforge.runtime.core.scheduler import Chunk, SchedulerOutput, Sequence
@@ -102,6 +103,8 @@ class ModelRunner:
         self.decode_batch: DecodeBatch | None = None
         # Sequences whose prompt logits are kept (the engine core registers and drops them).
         self.context_logits: dict[str, ContextLogits] = {}
+        # A Llama 3.2 Vision engine's image side: every call's cross-attention inputs (the engine core sets it).
+        self.cross: CrossAttentionInputs | None = None
 
     def execute(self, out: SchedulerOutput) -> Iterator[Sampled]:
         """Run the step's engine calls: the decodes, then the prefill calls. After each call, yield
@@ -124,7 +127,10 @@ class ModelRunner:
             if c.start == 0:
                 (keeping if self._keeps_context(c) else plain).append(c)
         pad = self.prefill_padding_tokens
-        for group in padding_groups(plain, pad) + padding_groups(keeping, pad):
+        groups = padding_groups(plain, pad) + padding_groups(keeping, pad)
+        if self.cross is not None:  # a chunk with images runs alone (cross_attention.py says why)
+            groups = self.cross.split_groups(groups)
+        for group in groups:
             yield self.run_prefill(group)
         for chunk in out.prefill:
             if chunk.start != 0:
@@ -154,10 +160,18 @@ class ModelRunner:
             past_lengths[row] = by_id[sid].num_computed
         t1 = time.perf_counter()
         arrays = batch.views()  # leading-axis slices of C-contiguous arrays: contiguous, no copy
+        # A vision model's decode rows also take their cross caches.
+        extra = self.cross.decode_feeds([by_id.get(sid) if sid else None for sid in batch.rows]) if self.cross else None
         if self.engine.decode_in_place:  # the new token lands in `arrays` itself: no cache copy
-            logits, present = self.engine.decode_in_place_step(input_ids, past_lengths, arrays), arrays
-        else:
+            if extra is None:
+                logits = self.engine.decode_in_place_step(input_ids, past_lengths, arrays)
+            else:
+                logits = self.engine.decode_in_place_step(input_ids, past_lengths, arrays, extra_feeds=extra)
+            present = arrays
+        elif extra is None:
             logits, present = self.engine.step(input_ids, past_lengths, arrays)
+        else:
+            logits, present = self.engine.step(input_ids, past_lengths, arrays, extra_feeds=extra)
         t2 = time.perf_counter()
         ids = list(row_of)
         self.kv.scatter(ids, [by_id[sid].num_computed for sid in ids], [1] * len(ids), present,
@@ -280,7 +294,13 @@ class ModelRunner:
         positions = max(c.count for c, keep in zip(chunks, keeps) if keep) if any(keeps) else 1
         index = np.array([[min(i, c.count - 1) if keep else c.count - 1 for i in range(positions)]
                           for c, keep in zip(chunks, keeps)], np.int64)
-        logits, present = self.engine.step(input_ids, np.array([c.start for c in chunks], np.int32), past, index)
+        starts = np.array([c.start for c in chunks], np.int32)
+        if self.cross is not None:  # a vision model: its cross inputs, and the cross K/V its first call computes
+            extra, fetch = self.cross.prefill_feeds(chunks, width)
+            logits, present, cross = self.engine.step_with(input_ids, starts, past, index, extra, fetch)
+            self.cross.store(chunks, cross)
+        else:
+            logits, present = self.engine.step(input_ids, starts, past, index)
         self.kv.scatter(ids, [c.start for c in chunks], [c.count for c in chunks], present)
         sampled: Sampled = []
         for row, (c, keep) in enumerate(zip(chunks, keeps)):

@@ -12,8 +12,9 @@ import numpy as np
 
 from llamaforge.runtime.core.sampling import SamplingParams
 
-if TYPE_CHECKING:  # guided.py imports RequestError from here
+if TYPE_CHECKING:  # guided.py and mllama_image.py import RequestError from here
     from llamaforge.runtime.core.guided import GuidedSpec
+    from llamaforge.runtime.core.mllama_image import ImageInput
 
 
 class RequestError(ValueError):
@@ -59,6 +60,10 @@ class GenerationRequest:
     beam_width: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # Llama 3.2 Vision: the prompt's images in order, one per `<|image|>` token, as the request carried
+    # them (encoded bytes and the field that held them, which errors name); the engine core
+    # preprocesses them at `submit` (runtime/core/cross_attention.py).
+    images: tuple[ImageInput, ...] = ()
 
 
 @dataclass

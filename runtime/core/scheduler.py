@@ -24,9 +24,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llamaforge.runtime.core.config import SchedulerConfig
 from llamaforge.runtime.core.kv_cache import KVCacheManager
+
+if TYPE_CHECKING:
+    from llamaforge.runtime.core.cross_attention import RequestImages
 
 __all__ = ["Chunk", "Scheduler", "SchedulerConfig", "SchedulerOutput", "Sequence"]
 
@@ -56,6 +60,8 @@ class Sequence:
     # Beam search: the id of the beam group this sequence is a beam of. A group's beams decode in
     # the same step or not at all, and are preempted together (the engine core restarts the search).
     group: str | None = None
+    # Llama 3.2 Vision: the request's images (shared by its n sequences); None: text only.
+    images: RequestImages | None = None
 
     @property
     def in_prefill(self) -> bool:

@@ -24,6 +24,7 @@ class RequestLimits:
     context_length: int
     vocab_size: int
     kv_tokens: int | None = None
+    image_token_id: int | None = None  # a vision model's `<|image|>`: a prompt id past the vocabulary
 
 
 def check_max_tokens(max_tokens: int, field: str) -> None:
@@ -31,11 +32,11 @@ def check_max_tokens(max_tokens: int, field: str) -> None:
         raise RequestError(field, f"must be > 0, got {max_tokens}")
 
 
-def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, field: str) -> None:
-    """The prompt is not empty and every id is in the vocabulary."""
+def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, field: str, image_token_id: int | None = None) -> None:
+    """The prompt is not empty and every id is in the vocabulary (or is a vision model's `<|image|>`)."""
     if not prompt_ids:
         raise RequestError(field, "the prompt is empty")
-    bad = [i for i in prompt_ids if not 0 <= i < vocab_size]
+    bad = [i for i in prompt_ids if not 0 <= i < vocab_size and i != image_token_id]
     if bad:
         raise RequestError("input_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
@@ -70,7 +71,7 @@ def check_logit_bias(pairs: Sequence[tuple[int, float]], vocab_size: int, field:
 
 def check_request(request: GenerationRequest, limits: RequestLimits, prompt_field: str = "text_input") -> None:
     """Every check above, on a request built by the caller (as `EngineCore.submit` gets it)."""
-    check_prompt_ids(request.prompt_ids, limits.vocab_size, prompt_field)
+    check_prompt_ids(request.prompt_ids, limits.vocab_size, prompt_field, limits.image_token_id)
     check_max_tokens(request.max_tokens, "max_tokens")
     check_context(len(request.prompt_ids), request.max_tokens, limits, prompt_field, "max_tokens")
     check_top_logprobs(request.top_logprobs, "top_logprobs")

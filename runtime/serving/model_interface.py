@@ -45,6 +45,10 @@ text model, served as "ensemble" (and "tensorrt_llm_bls" and the engine's varian
                                            num_return_sequences (default: beam_width) beams, one
                                            response each; not streamed
     length_penalty, early_stopping  FP32, BOOL [1]  beam search's (1.0, false)
+    image_url_input          BYTES   [-1]  Llama 3.2 Vision engines: one base64 data: URL per <|image|>
+                                           token of the prompt (TensorRT-LLM's multimodal name; no http)
+    image_bytes_input        UINT8   [-1, -1, -1, -1]  or the images' RGB pixels, [images, H, W, 3] or
+                                           [images, 3, H, W] (runtime/serving/image_inputs.py)
 
     output (dims after the batch dim)  dtype  shape of one row's response
     text_output       BYTES  [-1]      [1]  the text (streams: only the new text of this response)
@@ -231,6 +235,9 @@ TEXT_MODEL = ModelSpec(
         _s("length_penalty", "FP32"),
         TensorSpec("stop_words", "BYTES", (-1,), kind="list"),
         TensorSpec("bad_words", "BYTES", (-1,), kind="list"),
+        # Llama 3.2 Vision engines: TensorRT-LLM's multimodal ensemble's image inputs (image_inputs.py).
+        TensorSpec("image_url_input", "BYTES", (-1,), kind="list", doc="data: URLs, one per <|image|>"),
+        TensorSpec("image_bytes_input", "UINT8", (-1, -1, -1, -1), kind="list", doc="RGB pixels, one image per <|image|>"),
     ),
     outputs=(
         TensorSpec("text_output", "BYTES", (-1,)),

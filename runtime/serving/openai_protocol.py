@@ -17,6 +17,8 @@ writes it (JSON has no infinity).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 import uuid
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamaforge.runtime.core.guided import GuidedSpec
+from llamaforge.runtime.core.mllama_image import ImageInput
 from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest, RequestError
 from llamaforge.runtime.core.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from llamaforge.runtime.core.tokenizer import Tokenizer
@@ -293,7 +296,7 @@ def _max_tokens(body: Mapping[str, Any], names: Sequence[str]) -> tuple[int | No
 def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestLimits, prompt_field: str,
                 max_names: Sequence[str], stream: bool, logprobs: bool, top_logprobs: int,
                 n: int = 1) -> GenerationRequest:
-    check_prompt_ids(prompt_ids, limits.vocab_size, prompt_field)
+    check_prompt_ids(prompt_ids, limits.vocab_size, prompt_field, limits.image_token_id)
     max_tokens, max_field = _max_tokens(body, max_names)
     if max_tokens is None:  # vLLM's default: whatever the context (here: and the whole KV cache) leaves
         room = min(limits.context_length, limits.kv_tokens or limits.context_length)
@@ -358,22 +361,58 @@ def parse_completion(body: Mapping[str, Any], tokenizer: Tokenizer | None, limit
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _content(value: Any, where: str) -> str:
-    """A message's content: a string, or text parts (joined), as vLLM joins them."""
+def _content(value: Any, where: str, images: list[ImageInput] | None) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or text parts (joined), as vLLM joins them. With `images` (a
+    vision model's request): `image_url` parts too, decoded into `images`; a message with one is
+    the part list the chat template takes ({"type": "text", "text": ...} and {"type": "image"},
+    in order)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        texts = []
+        texts, parts = [], []
         for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else _type_name(part)
-                raise RequestError(f"{where}[{i}]", f"content part of type {kind!r} is not supported (text only)")
+            kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+            if kind == "image_url" and isinstance(part, dict):
+                if images is None:
+                    raise RequestError(f"{where}[{i}]", "this model is text-only: it takes no images")
+                images.append(image_input(part.get("image_url"), f"{where}[{i}].image_url"))
+                parts.append({"type": "image"})
+                continue
+            if not isinstance(part, dict) or kind != "text" or not isinstance(part.get("text"), str):
+                also = " and image_url" if images is not None else ""
+                raise RequestError(f"{where}[{i}]", f"content part of type {kind!r} is not supported (text{also} only)")
             texts.append(part["text"])
-        return "\n".join(texts)
+            parts.append({"type": "text", "text": part["text"]})
+        return parts if any(p["type"] == "image" for p in parts) else "\n".join(texts)
     raise RequestError(where, f"expected a string or a list of text parts, got {_type_name(value)}")
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def image_input(value: Any, where: str) -> ImageInput:
+    """An `image_url` part's image: {"url": "data:image/...;base64,..."} (the server fetches no URL)."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise RequestError(where, f"expected {{'url': 'data:image/...;base64,...'}}, got {_type_name(value)}")
+    return ImageInput(where, data_url_bytes(url, where))
+
+
+def data_url_bytes(url: str, where: str) -> bytes:
+    """The bytes of a base64 `data:` URL (RFC 2397); other URLs are refused: the server fetches nothing."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise RequestError(where, "http(s) image URLs are not fetched (this server makes no outgoing requests): send "
+                                  "the image inline as a data: URL, data:image/png;base64,...")
+    if scheme != "data":
+        raise RequestError(where, "expected a data: URL (data:image/png;base64,...)")
+    head, comma, payload = url[5:].partition(",")
+    if not comma or not head.lower().endswith(";base64"):
+        raise RequestError(where, "expected a base64 data: URL (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(where, "the data: URL's payload is not valid base64") from None
+
+
+def _messages(value: Any, images: list[ImageInput] | None = None) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise RequestError("messages", "required: a non-empty list of messages")
     messages = []
@@ -391,7 +430,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise RequestError(f"{where}.role", f"expected one of {', '.join(_ROLES)}, got {role!r}")
         content = m.get("content")
         message: dict[str, Any] = {"role": role, "content": "" if content is None and role == "assistant"
-                                   else _content(content, f"{where}.content")}
+                                   else _content(content, f"{where}.content", images)}
         if m.get("name") is not None:
             if not isinstance(m["name"], str):
                 raise RequestError(f"{where}.name", "expected a string")
@@ -416,7 +455,8 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
         if not 0 <= top <= MAX_LOGPROBS:
             raise RequestError("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
     n = _choices_per_prompt(body)
-    messages = _messages(body.get("messages"))
+    images: list[ImageInput] | None = [] if limits.image_token_id is not None else None
+    messages = _messages(body.get("messages"), images)
     _max_tokens(body, ("max_completion_tokens", "max_tokens"))  # every parameter is checked before the template runs
     _sampling(body, limits.vocab_size)
     _stops(body)
@@ -431,6 +471,7 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
         raise RequestError("messages", f"the chat template refused them: {e}") from None
     gen = _generation(ids, body, limits, "messages", ("max_completion_tokens", "max_tokens"), stream, logprobs,
                       top or 0, n)
+    gen.images = tuple(images or ())  # preprocessed (and checked, naming each one's field) by the core
     return OpenAIRequest("chat", model, [PromptJob(0, gen)], stream, include_usage, logprobs,
                          f"chatcmpl-{uuid.uuid4().hex}", n=n)
 

@@ -260,8 +260,10 @@ class OpenAIFrontend:
         self.model_name = core.model_name
         self.created = int(time.time())
         # The core's own limits (it checks them again on submit): its KV cache never grows.
+        vision = core.manifest.vision  # a Llama 3.2 Vision model takes image_url content parts
         self.limits = RequestLimits(core.context_length, core.manifest.vocab_size,
-                                    kv_tokens=int(core.stats()["kv_total_tokens"]) or None)
+                                    kv_tokens=int(core.stats()["kv_total_tokens"]) or None,
+                                    image_token_id=vision.image_token_id if vision is not None else None)
         self.app: ASGIApp = Starlette(routes=[
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
@@ -379,7 +381,10 @@ class OpenAIFrontend:
                     self.metrics.on_invalid()
                 raise _invalid(e) from None
             run = _Run(self.core, req, self.metrics, ticket)
-            run.submit(prompt_field)
+            if any(job.generation.images for job in req.jobs):  # decoding and resizing them: off the event loop
+                await asyncio.to_thread(run.submit, prompt_field)
+            else:
+                run.submit(prompt_field)
         except _Refusal as refusal:
             return refusal.response()
         if req.stream:

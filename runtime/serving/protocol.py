@@ -55,6 +55,7 @@ from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest
 from llamaforge.runtime.core.sampling import SamplingParams
 from llamaforge.runtime.core.validation import RequestLimits, check_context, check_max_tokens, check_prompt_ids
 from llamaforge.runtime.serving.engine_client import EngineClient
+from llamaforge.runtime.serving.image_inputs import image_inputs
 from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, ModelSpec
 from llamaforge.runtime.serving.tensor_codec import FLOAT_TYPES, INT_TYPES, NP_TYPES, decode_inputs, encode_output
 
@@ -79,10 +80,13 @@ class ModelContext:
     context_length: int
     vocab_size: int
     eos_ids: tuple[int, ...]
+    image_token_id: int | None = None  # a Llama 3.2 Vision engine's `<|image|>`: a prompt id past the vocabulary
 
     @classmethod
     def from_core(cls, core: EngineClient) -> ModelContext:
-        return cls(core.tokenizer, core.context_length, core.manifest.vocab_size, tuple(core.eos_ids))
+        vision = core.manifest.vision
+        return cls(core.tokenizer, core.context_length, core.manifest.vocab_size, tuple(core.eos_ids),
+                   vision.image_token_id if vision is not None else None)
 
 
 @dataclass
@@ -304,7 +308,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
                 raise RequestError("input_lengths", f"is {length} but {len(prompt_ids)} input_ids were sent "
                                                     "(must be in [1, the number of input_ids])")
             prompt_ids = prompt_ids[:length]
-        check_prompt_ids(prompt_ids, ctx.vocab_size, "input_ids")
+        check_prompt_ids(prompt_ids, ctx.vocab_size, "input_ids", ctx.image_token_id)
         prompt_field = "input_ids"
 
     check_context(len(prompt_ids), max_tokens, RequestLimits(ctx.context_length, ctx.vocab_size), prompt_field, max_field)
@@ -358,6 +362,7 @@ def parse_inputs(tensors: Mapping[str, np.ndarray], spec: ModelSpec, ctx: ModelC
         detokenize=spec.kind == "text" or bool(stop_words),
         # Computed only when the flag asks, as TensorRT-LLM (naming the output alone returns nothing).
         return_context_logits=context_logits, return_generation_logits=generation_logits, guided=guided,
+        images=image_inputs(arrays),  # only the text model (and a Triton repository's llama) declares them
     )
     return ParsedRequest(spec, gen, client_id, stream, bool(values.get("exclude_input_in_output", False)),
                          prompt_text, outputs, empty_final)

@@ -44,7 +44,8 @@ def _hf_config(vision: VisionConfig, text: ModelConfig) -> Any:
                         image_token_index=vision.image_token_index)
 
 
-def make_mllama_checkpoint(dest: str | Path, seed: int = 0, init_std: float = 0.1) -> Path:
+def make_mllama_checkpoint(dest: str | Path, seed: int = 0, init_std: float = 0.1,
+                           chat_template: str | None = None) -> Path:
     """Random-weight `MllamaForConditionalGeneration` (fp32) saved with `save_pretrained` in 2+ shards,
     plus the tiny tokenizer with `<|image|>` added. Weights as `tiny_models.make_hf_checkpoint` draws them (1-D ones, gates
     included, ~ 1 + N(0, 0.1))."""
@@ -64,7 +65,8 @@ def make_mllama_checkpoint(dest: str | Path, seed: int = 0, init_std: float = 0.
     tokenizer.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": text.max_position_embeddings}, indent=2))
+         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": text.max_position_embeddings}
+        | ({"chat_template": chat_template} if chat_template is not None else {}), indent=2))
     return dest
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_mllama import load_mllama_oracle, make_mllama_checkpoint, tiny_mllama_configs
+from tiny_mllama import load_mllama_oracle, tiny_mllama_configs
 from tiny_models import hf_greedy
 
 from llamaforge import cli
@@ -28,6 +29,7 @@ from llamaforge.build.errors import BuildError
 from llamaforge.runtime.core.engine import Engine, EngineError
 from llamaforge.runtime.core.mllama_engine import MllamaEngine
 from llamaforge.runtime.core.mllama_image import ImageInput, MllamaImageBatch, MllamaImageConfig, preprocess_images
+from llamaforge.runtime.core.sampling import SamplingParams
 
 TOLERANCE = 1e-4
 MIN_MARGIN = 10 * TOLERANCE  # the oracle's top-2 logit gap at every greedy step
@@ -42,18 +44,20 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mllama_checkpoint(tmp_path_factory.mktemp("mllama") / "ckpt")
+def checkpoint(tiny_mllama_checkpoint: Path) -> Path:
+    return tiny_mllama_checkpoint
 
 
 @pytest.fixture(scope="module")
-def engine_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path_factory.mktemp("engine") / "engine"))
+def engine_dir(tiny_mllama_engine: Path) -> Path:
+    return tiny_mllama_engine
 
 
 @pytest.fixture(scope="module")
-def engine(engine_dir: Path) -> MllamaEngine:
-    return MllamaEngine(engine_dir, threads=2)
+def engine(engine_dir: Path) -> Iterator[MllamaEngine]:
+    engine = MllamaEngine(engine_dir, threads=1)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +72,14 @@ def png(size: tuple[int, int], seed: int) -> bytes:
     return out.getvalue()
 
 
+def inputs_of(sizes: list[tuple[int, int]]) -> list[ImageInput]:
+    return [ImageInput(f"image[{i}]", png(s, i)) for i, s in enumerate(sizes)]
+
+
 def images_of(sizes: list[tuple[int, int]]) -> MllamaImageBatch:
+    """What the oracle gets: the runtime's preprocessing (compared with transformers' in test_mllama_image.py)."""
     config = MllamaImageConfig(tile_size=tiny_mllama_configs()[0].image_size, max_images=2)
-    return preprocess_images([[ImageInput(f"image[{i}]", png(s, i)) for i, s in enumerate(sizes)]], config)
+    return preprocess_images([inputs_of(sizes)], config)
 
 
 def oracle_inputs(ids: list[int], images: MllamaImageBatch) -> dict[str, torch.Tensor]:
@@ -93,8 +102,8 @@ def test_engine_directory(engine_dir: Path) -> None:
     assert vision["model_file"] == "vision.onnx" and vision["cross_attention_layers"] == [1, 3]
     assert vision["past_inputs"] == ["past_cross_key.1", "past_cross_value.1", "past_cross_key.3", "past_cross_value.3"]
     assert "lower-cross-attention-ort" in manifest["passes"]
-    with pytest.raises(EngineError, match="Llama 3.2 Vision engine"):
-        Engine(engine_dir)
+    with pytest.raises(EngineError, match="Llama 3.2 Vision engine's text model also takes image states"):
+        Engine(engine_dir).step(np.ones((1, 2), np.int64), np.zeros(1, np.int32), [])
 
 
 @pytest.mark.parametrize("name", sorted(PROMPTS))
@@ -103,12 +112,13 @@ def test_prefill_logits_match_transformers(engine: MllamaEngine, oracle: Any, na
     images = images_of(sizes)
     with torch.no_grad():
         want = oracle(**oracle_inputs(ids, images)).logits[0].numpy()
-    got = engine.prefill_logits(ids, images)
+    got = engine.prefill_logits(ids, inputs_of(sizes))
     diff = float(np.abs(got - want).max())
     print(f"{name}: prefill max abs diff {diff:.3g} (|logits| max {np.abs(want).max():.3g})")
     assert diff <= TOLERANCE
-    # The test can fail: the same prompt without its images gives other logits after the image token.
-    assert np.abs(engine.prefill_logits(ids, None) - want)[ids.index(IMAGE):].max() > 100 * TOLERANCE
+    # The test can fail: the same prompt with other images gives other logits after the image token.
+    others = [ImageInput(f"image[{i}]", png(s, 10 + i)) for i, s in enumerate(sizes)]
+    assert np.abs(engine.prefill_logits(ids, others) - want)[ids.index(IMAGE):].max() > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("name", sorted(PROMPTS))
@@ -124,7 +134,7 @@ def test_greedy_tokens_match_transformers(engine: MllamaEngine, oracle: Any, nam
     # A prompt whose greedy path passes a near-tie cannot test equality at this tolerance: pick another.
     top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values
     assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_MARGIN, f"{name}: the oracle's greedy path has a near-tie"
-    assert engine.generate_greedy(ids, images, max_new_tokens=32) == want
+    assert engine.generate(ids, inputs_of(sizes), max_new_tokens=32) == want
 
 
 def test_text_only_request(engine: MllamaEngine, oracle: Any) -> None:
@@ -133,7 +143,7 @@ def test_text_only_request(engine: MllamaEngine, oracle: Any) -> None:
     with torch.no_grad():
         want = oracle(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert float(np.abs(engine.prefill_logits(ids) - want).max()) <= TOLERANCE
-    assert engine.generate_greedy(ids, None, max_new_tokens=32) == hf_greedy(oracle, ids, 32)
+    assert engine.generate(ids, (), max_new_tokens=32) == hf_greedy(oracle, ids, 32)
 
 
 @pytest.mark.parametrize("options, match", [
@@ -156,9 +166,13 @@ def test_cli_generate_with_an_image(engine_dir: Path, engine: MllamaEngine, tmp_
     assert engine.tokenizer is not None
     ids = engine.tokenizer.encode(prompt, allow_special=True)
     assert ids.count(IMAGE) == 1
-    want = engine.tokenizer.decode(engine.generate_greedy(ids, images_of([(60, 30)]), 8, stop_ids=engine.eos_ids))
+    want = engine.tokenizer.decode(engine.generate(ids, inputs_of([(60, 30)]), 8, stop_ids=engine.eos_ids))
     assert capsys.readouterr().out == f"{prompt}{want}\n"
     with pytest.raises(SystemExit, match=r"1 <\|image\|> token\(s\) but 0 --image"):
         cli.main(["generate", str(engine_dir), prompt])
-    with pytest.raises(SystemExit, match="greedy only"):
-        cli.main(["generate", str(engine_dir), prompt, "--image", str(image), "--temperature", "0.7"])
+    sampled = ["generate", str(engine_dir), prompt, "--image", str(image), "--max-new-tokens", "8",
+               "--temperature", "0.7", "--seed", "3"]
+    assert cli.main(sampled) == 0
+    want = engine.tokenizer.decode(engine.generate(ids, inputs_of([(60, 30)]), 8, SamplingParams(temperature=0.7, seed=3),
+                                                   stop_ids=engine.eos_ids))
+    assert capsys.readouterr().out == f"{prompt}{want}\n"

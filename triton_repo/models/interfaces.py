@@ -5,7 +5,8 @@ the TensorRT-LLM-compatible interfaces):
 
 * `ensemble` and `bls` expose `TEXT_MODEL` (text_input, max_tokens, stream, ... -> text_output, ...);
 * `llama` is `TOKEN_MODEL` (TensorRT-LLM's `tensorrt_llm` tensors: input_ids, request_output_len,
-  streaming, ... -> output_ids, ...) plus text `stop_words` and the prompt `text_input`, and
+  streaming, ... -> output_ids, ...) plus text `stop_words`, the prompt `text_input` and the image
+  inputs (`image_url_input`, `image_bytes_input`: Llama 3.2 Vision engines), and
   outputs that let the stateless `postprocessing` step make each row's text exactly (see
   runtime/core/detokenizer.py): `context_ids` (the generated ids before this response's, from a
   resume point), `context_continues` (text was generated before them), `is_final` (the row's last
@@ -60,6 +61,9 @@ class ModelInterface:
 _TEXT_STOP_WORDS = next(t for t in TEXT_MODEL.inputs if t.name == "stop_words")
 _TEXT_INPUT = replace(next(t for t in TEXT_MODEL.inputs if t.name == "text_input"), optional=True,
                       doc="the prompt's text (ensemble, bls): echoed per row for postprocessing")
+# Llama 3.2 Vision engines: the images go from the ensemble straight to `llama` (its engine core
+# preprocesses them), under TensorRT-LLM's multimodal names.
+_IMAGE_INPUTS = tuple(t for t in TEXT_MODEL.inputs if t.name in ("image_url_input", "image_bytes_input"))
 _CONTEXT_OUTPUTS = (
     TensorSpec("context_ids", "INT32", (-1,), doc="generated ids before this response's, from a resume point"),
     TensorSpec("context_continues", "BOOL", (1,), doc="text was generated before context_ids"),
@@ -71,7 +75,7 @@ _ECHO_OUTPUTS = tuple(replace(t, name=f"echo_{t.name}", optional=True) for t in 
 
 # What `llama` parses requests against: the token model plus text stop words and the prompt text.
 LLAMA_MODEL = ModelSpec(
-    name=LLAMA, kind="tokens", inputs=(*TOKEN_MODEL.inputs, _TEXT_STOP_WORDS, _TEXT_INPUT),
+    name=LLAMA, kind="tokens", inputs=(*TOKEN_MODEL.inputs, _TEXT_STOP_WORDS, _TEXT_INPUT, *_IMAGE_INPUTS),
     outputs=(*TOKEN_MODEL.outputs, *_CONTEXT_OUTPUTS, *_ECHO_OUTPUTS), aliases=TOKEN_MODEL.aliases,
     default_outputs=TOKEN_MODEL.default_outputs, perf_metric_outputs=TOKEN_MODEL.perf_metric_outputs,
 )
