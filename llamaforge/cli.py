@@ -210,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           core_config=core_config, max_message_bytes=args.max_message_mb * 1024 * 1024,
           decoupled=args.decoupled, http_port=None if args.http_port < 0 else args.http_port,
           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, api_key=args.api_key,
-          drain_timeout=args.drain_timeout)
+          drain_timeout=args.drain_timeout, tp_timeout=args.tp_timeout)
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
@@ -420,6 +420,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT stop admitting (UNAVAILABLE / 503) and let the requests in flight "
                         "finish for up to this long, then cancel the rest and exit 0 (default 30)")
+    s.add_argument("--tp-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a tensor-parallel engine (run under mpiexec -n N): how long a step's collective waits for "
+                        "the other ranks before the engine is marked unavailable (default 30)")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("repo", help="a Triton model repository for an engine (make repo)")
