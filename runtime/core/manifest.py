@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 __all__ = [
     "MANIFEST_FILE", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ManifestError", "EngineManifest", "TensorInfo",
     "KVCacheInfo", "KVQuantization", "SpecialTokens", "TokenizerInfo", "QuantizationInfo", "VisionInfo",
+    "TensorParallelInfo",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -159,6 +160,20 @@ class VisionInfo:
 
 
 @dataclass(frozen=True)
+class TensorParallelInfo:
+    """A tensor-parallel engine (docs/tensor_parallel.md): `size` ranks, each in `rank{i}/` with its own
+    graph and manifest. `rank` is None in the top-level manifest. Each rank's KV caches hold
+    `kv_heads_per_rank` heads and its `logits` output is its vocabulary shard `vocab_shards[rank]`
+    ([start, end) rows, in rank order: the ranks' logits concatenated are the model's)."""
+
+    size: int
+    rank: int | None
+    q_heads_per_rank: int
+    kv_heads_per_rank: int
+    vocab_shards: list[list[int]]
+
+
+@dataclass(frozen=True)
 class EngineManifest:
     variant: str
     config: dict[str, Any]  # export's ModelConfig.to_dict(); the runtime reads `vocab_size` from it
@@ -179,6 +194,7 @@ class EngineManifest:
     ort_session_config: dict[str, str] | None = None  # session settings a quantized graph needs
     tensorrt: dict[str, Any] | None = None  # BACKEND=trt: the plan's profiles and timing cache
     vision: VisionInfo | None = None  # Llama 3.2 Vision: the vision graph and the cross-attention caches
+    tensor_parallel: TensorParallelInfo | None = None  # TP=N engines: the ranks (docs/tensor_parallel.md)
     format: str = MANIFEST_FORMAT
     format_version: int = 1
     manifest_version: int = MANIFEST_VERSION
