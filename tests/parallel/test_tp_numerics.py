@@ -11,10 +11,6 @@ llama3 RoPE scaling and a Llama 4 MoE model (TP inside every expert). Ranks run 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +24,13 @@ from tiny_models import (
     tiny_config,
     tiny_llama4_config,
 )
+from tp_runs import NEW_TOKENS, prompts, run_ranks
 
 from llamaforge.build.builder import BuildOptions, build_engine
 from llamaforge.export.config import RopeScaling
 from llamaforge.runtime.core.manifest import EngineManifest
 
 ATOL = 1e-4
-NEW_TOKENS = 16
-PROMPT_LENGTHS = (7, 23)
-RANK_SCRIPT = Path(__file__).parents[1] / "helpers" / "tp_rank.py"
 
 CASES: dict[str, tuple[int, dict]] = {  # case -> (TP, tiny_config overrides)
     "mha": (2, dict(num_heads=4, num_kv_heads=4, norm_eps=1e-6)),
@@ -47,23 +41,6 @@ CASES: dict[str, tuple[int, dict]] = {  # case -> (TP, tiny_config overrides)
     "llama3-rope-scaling": (2, dict(rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))),
     "llama4-moe": (2, {}),
 }
-
-
-def prompts(seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 640, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
-
-
-def run_ranks(engine: Path, batch: list[list[int]], tmp: Path, ranks: int) -> tuple[np.ndarray, np.ndarray]:
-    """(prefill logits [batch, longest, vocab], greedy tokens [batch, NEW_TOKENS]) from rank 0."""
-    (tmp / "prompts.json").write_text(json.dumps(batch))
-    out = tmp / f"{engine.name}.npz"
-    command = [sys.executable, str(RANK_SCRIPT), str(engine), str(out), str(tmp / "prompts.json"), str(NEW_TOKENS)]
-    if ranks > 1:
-        command = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *command]
-    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    result = np.load(out)
-    return result["prefill"], result["tokens"]
 
 
 def oracle(hf: torch.nn.Module, batch: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]]]:
