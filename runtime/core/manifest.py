@@ -161,16 +161,14 @@ class VisionInfo:
 
 @dataclass(frozen=True)
 class TensorParallelInfo:
-    """A tensor-parallel engine (docs/tensor_parallel.md): `size` ranks, each in `rank{i}/` with its own
-    graph and manifest. `rank` is None in the top-level manifest. Each rank's KV caches hold
-    `kv_heads_per_rank` heads and its `logits` output is its vocabulary shard `vocab_shards[rank]`
-    ([start, end) rows, in rank order: the ranks' logits concatenated are the model's)."""
+    """A tensor-parallel engine's split (docs/tensor_parallel.md): `size` ranks; `rank` is this rank's
+    number in a rank's manifest (rank{i}/manifest.json) and None in the engine's top-level one."""
 
     size: int
     rank: int | None
-    q_heads_per_rank: int
     kv_heads_per_rank: int
-    vocab_shards: list[list[int]]
+    q_heads_per_rank: int
+    vocab_shards: list[list[int]]  # [start, end) of each rank's LM-head rows, in rank order
 
 
 @dataclass(frozen=True)

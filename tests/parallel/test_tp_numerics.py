@@ -14,9 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from tiny_models import (
+    hf_state_dict,
     load_hf_oracle,
     load_llama4_oracle,
     make_hf_checkpoint,
@@ -27,7 +30,7 @@ from tiny_models import (
 from tp_runs import NEW_TOKENS, prompts, run_ranks
 
 from llamaforge.build.builder import BuildOptions, build_engine
-from llamaforge.export.config import RopeScaling
+from llamaforge.export.config import ModelConfig, RopeScaling
 from llamaforge.runtime.core.manifest import EngineManifest
 
 ATOL = 1e-4
@@ -53,6 +56,32 @@ def oracle(hf: torch.nn.Module, batch: list[list[int]]) -> tuple[list[np.ndarray
                               min_new_tokens=0, eos_token_id=None, pad_token_id=0)
             tokens.append(out[0, len(p):].tolist())
     return logits, tokens
+
+
+def check_rank_weights(engine: Path, ckpt: Path, config: ModelConfig, tp: int) -> None:
+    """Each rank's external data holds its shard of the checkpoint (Megatron's cut, KV heads replicated
+    where there are fewer than ranks) and nothing of the other ranks' shards."""
+    sd = {k: v.numpy() for k, v in hf_state_dict(ckpt).items()}
+    d, group = config.head_dim, config.num_heads // config.num_kv_heads
+    q_part, ffn_part = config.q_size // tp, config.intermediate_size // tp
+    vocab_part = config.vocab_size // tp
+    for rank in range(tp):
+        weights = {t.name: numpy_helper.to_array(t, base_dir=str(engine / f"rank{rank}"))
+                   for t in onnx.load(str(engine / f"rank{rank}" / "model.onnx"), load_external_data=False).graph.initializer}
+        p = "model.layers.1."
+        q = sd[p + "self_attn.q_proj.weight"][rank * q_part:(rank + 1) * q_part]
+        kv_heads = range(rank * q_part // d // group, rank * q_part // d // group + 1) if config.num_kv_heads < tp else \
+            range(rank * config.num_kv_heads // tp, (rank + 1) * config.num_kv_heads // tp)
+        k = np.concatenate([sd[p + "self_attn.k_proj.weight"][h * d:(h + 1) * d] for h in kv_heads])
+        v = np.concatenate([sd[p + "self_attn.v_proj.weight"][h * d:(h + 1) * d] for h in kv_heads])
+        np.testing.assert_array_equal(weights[p + "self_attn.qkv_proj.weight.T"], np.concatenate([q, k, v]).T)
+        np.testing.assert_array_equal(weights[p + "self_attn.o_proj.weight.T"],
+                                      sd[p + "self_attn.o_proj.weight"][:, rank * q_part:(rank + 1) * q_part].T)
+        np.testing.assert_array_equal(weights[p + "mlp.down_proj.weight.T"],
+                                      sd[p + "mlp.down_proj.weight"][:, rank * ffn_part:(rank + 1) * ffn_part].T)
+        head = sd["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+        np.testing.assert_array_equal(weights["lm_head.weight.T"], head[rank * vocab_part:(rank + 1) * vocab_part].T)
+        np.testing.assert_array_equal(weights["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
 
 
 @pytest.mark.slow
@@ -83,6 +112,9 @@ def test_tp_engine_matches_tp1_and_transformers(case: str, tmp_path: Path) -> No
         assert rank_manifest.kv_cache.num_kv_heads == info.kv_heads_per_rank
         logits = next(o for o in rank_manifest.outputs if o.name == "logits")
         assert logits.shape[-1] == config.vocab_size // tp
+
+    if case != "llama4-moe":
+        check_rank_weights(sharded, ckpt, config, tp)
 
     batch = prompts(seed=4)
     tp_logits, tp_tokens = run_ranks(sharded, batch, tmp_path, tp)
