@@ -10,6 +10,8 @@ CHECKPOINT  ?=
 PRECISION   ?= fp32
 BACKEND     ?= ort
 WEIGHTS     ?= checkpoint
+# TP=N: a tensor-parallel engine of N rank graphs (docs/tensor_parallel.md)
+TP          ?= 1
 OUT         ?= engines/$(MODEL)
 PROMPT      ?= def main(
 MAX_NEW_TOKENS ?= 32
@@ -66,13 +68,13 @@ venv: $(VENV)/.installed
 checkpoints/demo-tiny/config.json: | $(VENV)/.installed
 	$(BIN)/llamaforge demo-checkpoint checkpoints/demo-tiny
 
-## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo|int4-awq|int4-rtn] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
+## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo|int4-awq|int4-rtn] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [TP=1] [OUT=dir] [DUMP_AFTER=pass]
 engine: $(VENV)/.installed $(DEMO_DEP)
 	$(BIN)/llamaforge build $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --out $(OUT) \
+		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --tp $(TP) --out $(OUT) \
 		$(foreach p,$(DUMP_AFTER),--dump-after $(p)) $(TRT_ARGS) \
 		$(if $(KV_CACHE),--kv-cache $(KV_CACHE)) $(if $(CALIB),--calib "$(CALIB)")
-	@if [ "$(WEIGHTS)" != "none" ] && [ "$(BACKEND)" = "ort" ]; then \
+	@if [ "$(WEIGHTS)" != "none" ] && [ "$(BACKEND)" = "ort" ] && [ "$(TP)" = "1" ]; then \
 		echo "sample (greedy, $(MAX_NEW_TOKENS) tokens):"; \
 		$(BIN)/llamaforge generate $(OUT) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS); fi
 

@@ -84,7 +84,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         **{k: getattr(args, k) for k in ("fp8_activation_scale", "fp8_weight_scale", "fp8_weights")
            if getattr(args, k) is not None},
         int4_block_size=args.int4_block_size, ort_kernels=args.ort_kernels,
-        tensorrt=_tensorrt_options(args),
+        tensorrt=_tensorrt_options(args), tp=args.tp,
     ))
 
 
@@ -323,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="ort", help="ort | trt")
     b.add_argument("--weights", default=True, type=_weights, help="checkpoint (default) | none: graph only")
     b.add_argument("--out", help="engine directory (default engines/MODEL)")
+    b.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: N rank graphs in OUT/rank0..N-1 (TP; docs/tensor_parallel.md)")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="write the model after PASS")
     b.add_argument("--dump-dir", help="where --dump-after writes (default OUT.dump)")
     q = b.add_argument_group("quantization (--precision fp8|int8-sq|int8-wo|int4-awq|int4-rtn, --kv-cache fp8)")

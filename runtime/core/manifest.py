@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 __all__ = [
     "MANIFEST_FILE", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ManifestError", "EngineManifest", "TensorInfo",
     "KVCacheInfo", "KVQuantization", "SpecialTokens", "TokenizerInfo", "QuantizationInfo", "VisionInfo",
+    "TensorParallelInfo",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -191,7 +192,7 @@ class EngineManifest:
     ort_session_config: dict[str, str] | None = None  # session settings a quantized graph needs
     tensorrt: dict[str, Any] | None = None  # BACKEND=trt: the plan's profiles and timing cache
     vision: VisionInfo | None = None  # Llama 3.2 Vision: the vision graph and the cross-attention caches
-    tensor_parallel: TensorParallelInfo | None = None  # a tensor-parallel engine (docs/tensor_parallel.md)
+    tensor_parallel: TensorParallelInfo | None = None  # TP=N engines: the ranks (docs/tensor_parallel.md)
     format: str = MANIFEST_FORMAT
     format_version: int = 1
     manifest_version: int = MANIFEST_VERSION
