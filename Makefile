@@ -46,7 +46,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided lint clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided bench-tp lint clean help
 
 ## make help: this list
 help:
@@ -174,6 +174,10 @@ bench-moe: $(VENV)/.installed
 ## make bench-moe-quant: quantized MoE experts (int8-wo, fp8; router fp32) vs fp32: logit KL, top-1 agreement
 bench-moe-quant: $(VENV)/.installed
 	$(PY) bench/moe.py --quality
+
+## make bench-tp: tensor parallelism's overhead on this CPU: decode tok/s TP=2 (1 thread per rank, mpiexec) vs TP=1 (2 threads) on the 125M bench model; the all-reduce's share of a step and bytes per token vs 2 x layers x hidden x 4
+bench-tp: $(VENV)/.installed
+	$(PY) bench/tp.py
 
 ## make bench-kv: KV cache layout: sequences a budget holds (blocks vs slots), block bookkeeping cost, in-place decode vs copy [ENGINE=engines/MODEL]
 bench-kv: $(VENV)/.installed

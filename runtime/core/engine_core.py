@@ -122,6 +122,7 @@ class EngineCore:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.runner.close()
 
     def submit(self, request: GenerationRequest, sink: OutputSink | None = None) -> RequestHandle:
         """Queue a request. Its outputs go to the returned handle, or to `sink` (see RequestHandle),

@@ -103,6 +103,10 @@ class ModelRunner:
         # Sequences whose prompt logits are kept (the engine core registers and drops them).
         self.context_logits: dict[str, ContextLogits] = {}
 
+    def close(self) -> None:
+        """The core has stopped: release what runs beside this process (a tensor-parallel runner's
+        other ranks; the single-process runner has nothing to release)."""
+
     def execute(self, out: SchedulerOutput) -> Iterator[Sampled]:
         """Run the step's engine calls: the decodes, then the prefill calls. After each call, yield
         the sequences that sample now (each decode; each chunk that completes its prompt) with

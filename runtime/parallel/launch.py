@@ -1,8 +1,10 @@
 """`llamaforge serve` of a tensor-parallel engine: what each rank process does (docs/tensor_parallel.md).
 
-    mpiexec -disable-auto-cleanup -n N llamaforge serve ENGINE [--tp-timeout 30] ...
+    mpiexec -disable-auto-cleanup -n N llamaforge serve ENGINE [--tp-timeout 30] ...   (leader mode)
+    llamaforge serve ENGINE ...        (orchestrator mode: rank 0 spawns the other N - 1 itself)
 
-Every rank runs the same command. `start_rank` makes the process's world (MPI) and, on ranks >= 1,
+Under mpiexec every rank runs the same command; in orchestrator mode (also the Triton `llama`
+model's) the spawned ranks run `python -m llamaforge.runtime.parallel.launch ENGINE THREADS TIMEOUT`. `start_rank` makes the process's world (MPI) and, on ranks >= 1,
 runs the shard's step loop until rank 0 says stop; rank 0 goes on to serve: its engine core's runner
 drives the other ranks (runner.py), and `watch_ranks` turns a failure of the world into the
 servers' not-ready / UNAVAILABLE state.
@@ -16,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from llamaforge.runtime.parallel.rank_engine import TensorParallelEngine, tensor_parallel_size
+from llamaforge.runtime.parallel.rank_engine import TensorParallelEngine, spawn_args, tensor_parallel_size
 from llamaforge.runtime.parallel.runner import TensorParallelRunner, run_worker
 from llamaforge.runtime.parallel.world import DEFAULT_TIMEOUT_S, RankFailure, init_world
 
@@ -28,7 +30,7 @@ def start_rank(engine_dir: str | os.PathLike[str], threads: int | None = None,
     size = tensor_parallel_size(engine_dir)
     if size is None:
         return False
-    world = init_world(size, timeout_s)
+    world = init_world(size, timeout_s, spawn_args(engine_dir, threads, timeout_s))
     world.install_failure_signal()
     if world.rank == 0:
         return False
@@ -68,7 +70,7 @@ def watch_ranks(core: Any, mark_unavailable: Callable[[str], None]) -> Callable[
     runner.world.on_failure(on_failure)
 
     def stop() -> None:
-        runner.close()
+        runner.close()  # the core's stop has done it already; idempotent
         _ending()
     return stop
 
@@ -82,3 +84,8 @@ def exit_after_failure() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+if __name__ == "__main__":  # a rank spawned by an orchestrator (world.py init_world): ENGINE THREADS TIMEOUT
+    engine_dir, threads, timeout = sys.argv[1:4]
+    start_rank(engine_dir, int(threads) or None, float(timeout))

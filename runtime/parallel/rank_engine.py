@@ -76,6 +76,11 @@ def tensor_parallel_size(engine_dir: str | os.PathLike[str]) -> int | None:
     return None if tp is None else tp.size
 
 
+def spawn_args(engine_dir: str | os.PathLike[str], threads: int | None, timeout_s: float) -> list[str]:
+    """What a spawned rank is told (orchestrator mode): `launch.py ENGINE THREADS TIMEOUT`."""
+    return [str(Path(engine_dir).resolve()), str(threads or 0), repr(timeout_s)]
+
+
 def open_engine(engine_dir: str | os.PathLike[str], threads: int | None = None,
                 providers: Sequence[Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Engine:
     """The engine the engine core runs: a single-process `Engine`, or rank 0 of a tensor-parallel one
@@ -83,7 +88,7 @@ def open_engine(engine_dir: str | os.PathLike[str], threads: int | None = None,
     size = tensor_parallel_size(engine_dir)
     if size is None:
         return Engine(engine_dir, threads=threads, providers=providers)
-    world = init_world(size, timeout_s)
+    world = init_world(size, timeout_s, spawn_args(engine_dir, threads, timeout_s))
     if world.rank != 0:
         raise EngineError(f"rank {world.rank} of a tensor-parallel job runs its shard (run_worker), not an engine core")
     return TensorParallelEngine(engine_dir, world, threads, providers)

@@ -20,10 +20,14 @@ UNAVAILABLE (runner.py, launch.py); the other ranks exit.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,14 +166,35 @@ class RankWorld:
 _world: RankWorld | None = None
 
 
-def init_world(size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> RankWorld:
+def _spawn(count: int, args: Sequence[str]) -> Any:
+    """`count` rank processes spawned by MPI (an intercommunicator to them). MPICH's singleton spawn
+    runs the `mpiexec` it finds on PATH: the one installed beside this Python comes first."""
+    from mpi4py import MPI
+
+    here = str(Path(sys.executable).parent)
+    if shutil.which("mpiexec", path=here):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+    return MPI.COMM_SELF.Spawn(sys.executable, args=["-m", "llamaforge.runtime.parallel.launch", *args],
+                               maxprocs=count)
+
+
+def init_world(size: int, timeout_s: float = DEFAULT_TIMEOUT_S, spawn: Sequence[str] | None = None) -> RankWorld:
     """This process's world for an engine of `size` ranks (MPI initialised on first use, once per
-    process); refused with a message naming the launch command when the job has another size."""
+    process): the job's COMM_WORLD under `mpiexec -n size` (leader mode), or, in a process started
+    alone with `spawn` given, rank 0 of `size` ranks it spawns itself (orchestrator mode: MPI_Comm_spawn
+    of `python -m llamaforge.runtime.parallel.launch *spawn`, as TensorRT-LLM's TRTLLM_ORCHESTRATOR=1);
+    a spawned rank joins its parent's. Refused, naming the launch command, when the sizes differ."""
     global _world
     if _world is None:
         from mpi4py import MPI
 
-        _world = RankWorld(MPI.COMM_WORLD, timeout_s)
+        comm = MPI.COMM_WORLD
+        parent = MPI.Comm.Get_parent()
+        if parent != MPI.COMM_NULL:  # spawned by an orchestrator: rank 1.. after it
+            comm = parent.Merge(high=True)
+        elif comm.Get_size() == 1 and size > 1 and spawn is not None:
+            comm = _spawn(size - 1, spawn).Merge(high=False)
+        _world = RankWorld(comm, timeout_s)
     if _world.size != size:
         raise EngineError(f"this engine has {size} tensor-parallel ranks but this process is one of "
                                 f"{_world.size}: launch it as `mpiexec -n {size} llamaforge serve ENGINE` "
