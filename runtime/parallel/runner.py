@@ -88,7 +88,16 @@ class TensorParallelRunner(ModelRunner):
             if self._closed:
                 raise RankFailure("the tensor-parallel ranks have been stopped")
             self.world.broadcast(pickle.dumps(self._plan(out)))
-            yield from super().execute(out)
+            calls = super().execute(out)
+            finished = False
+            try:
+                for sampled in calls:  # not `yield from`: closing this generator must not close `calls`
+                    yield sampled
+                finished = True
+            finally:
+                if not finished:  # the core left the step early: its other calls still run, as on the other ranks
+                    for _ in calls:
+                        pass
 
     def _plan(self, out: SchedulerOutput) -> StepPlan:
         seqs = [*out.decode, *out.verify, *(c.seq for c in out.prefill)]
