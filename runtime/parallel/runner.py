@@ -119,6 +119,7 @@ class TensorParallelRunner(ModelRunner):
             if self._closed:
                 return
             self._closed = True
+            self.world.closed = True
             if self.world.failure is None:
                 try:
                     self.world.broadcast(pickle.dumps(None), "stop", timeout_s=5.0)

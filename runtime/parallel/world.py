@@ -69,6 +69,8 @@ class RankWorld:
         self.size: int = comm.Get_size()
         self.timeout_s = timeout_s
         self.failure: str | None = None
+        self.spawned = False  # rank 0 of an orchestrator: it spawned the other ranks (init_world)
+        self.closed = False  # the other ranks were told to exit (runner.py TensorParallelRunner.close)
         self.stats = CollectiveStats()
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
@@ -185,16 +187,24 @@ def init_world(size: int, timeout_s: float = DEFAULT_TIMEOUT_S, spawn: Sequence[
     of `python -m llamaforge.runtime.parallel.launch *spawn`, as TensorRT-LLM's TRTLLM_ORCHESTRATOR=1);
     a spawned rank joins its parent's. Refused, naming the launch command, when the sizes differ."""
     global _world
+    if _world is not None and _world.spawned and (_world.closed or _world.failure is not None) and spawn is not None:
+        _world = None  # an orchestrator whose ranks are gone (a core stopped before): spawn a new set
     if _world is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
         parent = MPI.Comm.Get_parent()
+        spawned = False
         if parent != MPI.COMM_NULL:  # spawned by an orchestrator: rank 1.. after it
             comm = parent.Merge(high=True)
         elif comm.Get_size() == 1 and size > 1 and spawn is not None:
             comm = _spawn(size - 1, spawn).Merge(high=False)
+            spawned = True
         _world = RankWorld(comm, timeout_s)
+        _world.spawned = spawned
+    elif _world.closed:
+        raise EngineError("this process's tensor-parallel ranks were stopped with the engine core that ran them; "
+                          "under mpiexec a process runs one engine core (restart the job)")
     if _world.size != size:
         raise EngineError(f"this engine has {size} tensor-parallel ranks but this process is one of "
                                 f"{_world.size}: launch it as `mpiexec -n {size} llamaforge serve ENGINE` "
