@@ -91,7 +91,7 @@ class TensorParallelRunner(ModelRunner):
             calls = super().execute(out)
             finished = False
             try:
-                for sampled in calls:  # not `yield from`: closing this generator must not close `calls`
+                for sampled in calls:  # noqa: UP028 - `yield from` would close `calls` with this generator
                     yield sampled
                 finished = True
             finally:
