@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import ml_dtypes
+import onnx
 import onnx_ir as ir
 import torch
 from tqdm import tqdm
@@ -127,16 +128,34 @@ def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint
     raise ValueError("--model or --checkpoint is required")
 
 
+def graph_template(config: ModelConfig, precision: str, shard: RankShard | None = None) -> onnx.ModelProto:
+    """The traced graph with its initializers unbound (external references to no file), to be
+    copied by `export_model(..., traced=)`: the ranks of a tensor-parallel engine have the same graph
+    (only their weights differ), and copying it costs about a second where tracing a 405B rank
+    costs minutes."""
+    model = trace(config, precision, shard)
+    offset = 0
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        assert const is not None
+        length = int(const.dtype.itemsize * math.prod(const.shape.numpy()))
+        value.const_value = ir.ExternalTensor("unbound.data", offset, length, const.dtype,
+                                              shape=ir.Shape(const.shape.numpy()), name=name)
+        offset += length
+    return ir.serde.serialize_model(model)
+
+
 def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | None,
-                 shard: RankShard | None = None) -> ir.Model:
+                 shard: RankShard | None = None, traced: onnx.ModelProto | None = None) -> ir.Model:
     """The traced graph; with a checkpoint every initializer is bound to its tensor (read when the
     model is saved), without one the initializers hold no data (see `bind_placeholder_weights`).
-    With `shard`, the graph of that tensor-parallel rank, each initializer bound to its slice.
+    With `shard`, the graph of that tensor-parallel rank, each initializer bound to its slice;
+    `traced` (a `graph_template` of a rank with the same shapes) is used instead of tracing again.
     ValueError for a Llama 3.2 Vision checkpoint: its two graphs are made by `llamaforge/build/mllama.py`."""
     if isinstance(checkpoint, MllamaCheckpoint):
         raise ValueError(f"{checkpoint.path}: a Llama 3.2 Vision checkpoint makes two graphs (model.onnx and "
                          "vision.onnx); build its engine directory with `llamaforge build` (`make engine CHECKPOINT=`)")
-    model = trace(config, precision, shard)
+    model = ir.serde.deserialize_model(traced) if traced is not None else trace(config, precision, shard)
     if checkpoint is not None:
         bind_weights(model, checkpoint, PRECISIONS[precision], tied=config.tie_word_embeddings, shard=shard)
     return model

@@ -370,13 +370,15 @@ def build_engine(opts: BuildOptions) -> Path:
 
 
 def write_graph(directory: Path, config: ModelConfig, opts: BuildOptions, ckpt: Checkpoint | None, quant: QuantConfig,
-                stats: CalibrationStats | None, out: Path, shard: RankShard | None = None) -> tuple[onnx.GraphProto, list[str]]:
-    """Trace (with `shard`: that tensor-parallel rank), run the pass pipeline and write
+                stats: CalibrationStats | None, out: Path, shard: RankShard | None = None,
+                traced: onnx.ModelProto | None = None) -> tuple[onnx.GraphProto, list[str]]:
+    """Trace (with `shard`: that tensor-parallel rank; `traced`: copy that graph template instead), run the pass pipeline and write
     `directory/model.onnx` + external data (weights streamed one at a time, or WEIGHTS=none's
     placeholders); the checked graph (without weights) and the passes run."""
     where = f" rank {shard.rank}/{shard.size}" if shard is not None else ""
-    done = timed(f"trace {config.name}{where} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
-    model = export_model(config, activation_precision(opts.precision), ckpt, shard)
+    done = timed(f"{'copy the traced graph' if traced is not None else 'trace'} {config.name}{where} "
+                 f"({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
+    model = export_model(config, activation_precision(opts.precision), ckpt, shard, traced)
     done()
     if ckpt is None:
         bind_placeholder_weights(model, directory / "scratch.data")

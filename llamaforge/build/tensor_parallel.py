@@ -4,9 +4,10 @@
     <engine>/tokenizer files, calibration.safetensors (quantized: measured once, on the whole model)
     <engine>/rank{i}/model.onnx, model.onnx.data, manifest.json   rank i's graph, its shard only
 
-Each rank is traced from the same checkpoint with `export.tensor_parallel.RankShard` (its heads,
-FFN columns and vocabulary rows; an all-reduce after every row-parallel projection), so its
-external data holds only its shard: each weight is read whole from the checkpoint, sliced, written
+The rank graph is traced once with `export.tensor_parallel.RankShard`'s shapes (its heads, FFN
+columns and vocabulary rows; an all-reduce after every row-parallel projection: the same graph on
+every rank, but for the logits width when N does not divide the vocabulary) and copied for each
+rank, whose initializers are bound to its own slices, so its external data holds only its shard: each weight is read whole from the checkpoint, sliced, written
 and dropped, one at a time, and peak memory stays about the largest tensor. Calibration runs once
 on the unsharded model; each rank's quantization passes read its cut of the statistics
 (graphs/quantization/sharding.py). The whole directory is staged and renamed into place.
@@ -18,18 +19,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.builder import (
     CALIBRATION_FILE,
     BuildError,
     BuildOptions,
     _calibrate,
+    activation_precision,
     manifest_for,
     quantized_manifest,
     write_graph,
 )
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
+from llamaforge.export.exporter import graph_template, timed
 from llamaforge.export.tensor_parallel import RankShard, ShardingError, check_shardable, vocab_shards
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.graphs.quantization.calibrate import CalibrationText
@@ -78,11 +83,17 @@ def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | 
         stats = _calibrate(ckpt, calib_text, tmp, quant) if ckpt is not None and calib_text is not None else None
         tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
         top: EngineManifest | None = None
+        templates: dict[int, onnx.ModelProto] = {}  # by logits width: the only shape that differs between ranks
         for rank in range(opts.tp):
             shard = RankShard(config, opts.tp, rank)
             rank_dir = tmp / RANK_DIR.format(rank=rank)
             rank_dir.mkdir()
-            graph, passes = write_graph(rank_dir, config, opts, ckpt, quant, stats, out, shard)
+            start, end = shard.vocab_rows()
+            if end - start not in templates:
+                done = timed(f"trace {config.name} for ranks with {end - start} vocabulary rows")
+                templates[end - start] = graph_template(config, activation_precision(opts.precision), shard)
+                done()
+            graph, passes = write_graph(rank_dir, config, opts, ckpt, quant, stats, out, shard, templates[end - start])
             manifest = manifest_for(config, opts, graph, {"kind": "none"}, passes, source)  # tokenizer: top level
             manifest = replace(manifest, kv_cache=replace(manifest.kv_cache, num_kv_heads=shard.kv_heads),
                                tensor_parallel=tp_info(shard, rank))

@@ -5,7 +5,8 @@ transformers (the oracle), each rank run as its own process under mpiexec (tests
     within 1e-4 max-abs of TP=1's and of transformers';
   * 16 greedy tokens per prompt identical to TP=1's and to transformers' `generate`;
 
-for MHA, GQA (KV heads split), MQA and TP=4 over 2 KV heads (KV heads replicated), tied embeddings,
+for MHA, GQA (KV heads split), MQA and TP=4 over 2 KV heads (KV heads replicated), TP=3 with a
+vocabulary it does not divide, tied embeddings,
 llama3 RoPE scaling and a Llama 4 MoE model (TP inside every expert). Ranks run one thread each.
 """
 
@@ -40,6 +41,8 @@ CASES: dict[str, tuple[int, dict]] = {  # case -> (TP, tiny_config overrides)
     "gqa-split": (2, dict(num_heads=4, num_kv_heads=2)),
     "mqa-replicated": (2, dict(num_heads=4, num_kv_heads=1)),
     "tp4-kv-replicated": (4, dict(num_heads=8, num_kv_heads=2, hidden_size=64)),
+    # 640 rows over 3 ranks: 214, 213, 213 (two graph widths, so two traces)
+    "tp3-uneven-vocab": (3, dict(num_heads=6, num_kv_heads=3, hidden_size=96, intermediate_size=192)),
     "tied-embeddings": (2, dict(tie_word_embeddings=True, rope_theta=500000.0)),
     "llama3-rope-scaling": (2, dict(rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))),
     "llama4-moe": (2, {}),
@@ -58,13 +61,12 @@ def oracle(hf: torch.nn.Module, batch: list[list[int]]) -> tuple[list[np.ndarray
     return logits, tokens
 
 
-def check_rank_weights(engine: Path, ckpt: Path, config: ModelConfig, tp: int) -> None:
+def check_rank_weights(engine: Path, ckpt: Path, config: ModelConfig, tp: int, vocab: list[list[int]]) -> None:
     """Each rank's external data holds its shard of the checkpoint (Megatron's cut, KV heads replicated
     where there are fewer than ranks) and nothing of the other ranks' shards."""
     sd = {k: v.numpy() for k, v in hf_state_dict(ckpt).items()}
     d, group = config.head_dim, config.num_heads // config.num_kv_heads
     q_part, ffn_part = config.q_size // tp, config.intermediate_size // tp
-    vocab_part = config.vocab_size // tp
     for rank in range(tp):
         weights = {t.name: numpy_helper.to_array(t, base_dir=str(engine / f"rank{rank}"))
                    for t in onnx.load(str(engine / f"rank{rank}" / "model.onnx"), load_external_data=False).graph.initializer}
@@ -80,7 +82,7 @@ def check_rank_weights(engine: Path, ckpt: Path, config: ModelConfig, tp: int) -
         np.testing.assert_array_equal(weights[p + "mlp.down_proj.weight.T"],
                                       sd[p + "mlp.down_proj.weight"][:, rank * ffn_part:(rank + 1) * ffn_part].T)
         head = sd["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
-        np.testing.assert_array_equal(weights["lm_head.weight.T"], head[rank * vocab_part:(rank + 1) * vocab_part].T)
+        np.testing.assert_array_equal(weights["lm_head.weight.T"], head[vocab[rank][0]:vocab[rank][1]].T)
         np.testing.assert_array_equal(weights["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
 
 
@@ -104,17 +106,18 @@ def test_tp_engine_matches_tp1_and_transformers(case: str, tmp_path: Path) -> No
     assert info is not None and info.size == tp and info.rank is None
     assert info.q_heads_per_rank == config.num_heads // tp
     replicated = config.num_kv_heads < tp
+    base, extra = divmod(config.vocab_size, tp)
     assert info.kv_heads_per_rank == (1 if replicated else config.num_kv_heads // tp)
-    assert [end - start for start, end in info.vocab_shards] == [config.vocab_size // tp] * tp
+    assert info.vocab_shards == [[b * base + min(b, extra), (b + 1) * base + min(b + 1, extra)] for b in range(tp)]
     for rank in range(tp):
         rank_manifest = EngineManifest.read(sharded / f"rank{rank}")
         assert rank_manifest.tensor_parallel is not None and rank_manifest.tensor_parallel.rank == rank
         assert rank_manifest.kv_cache.num_kv_heads == info.kv_heads_per_rank
         logits = next(o for o in rank_manifest.outputs if o.name == "logits")
-        assert logits.shape[-1] == config.vocab_size // tp
+        assert logits.shape[-1] == info.vocab_shards[rank][1] - info.vocab_shards[rank][0]
 
     if case != "llama4-moe":
-        check_rank_weights(sharded, ckpt, config, tp)
+        check_rank_weights(sharded, ckpt, config, tp, info.vocab_shards)
 
     batch = prompts(seed=4)
     tp_logits, tp_tokens = run_ranks(sharded, batch, tmp_path, tp)

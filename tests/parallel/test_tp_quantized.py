@@ -1,6 +1,6 @@
 """Quantized tensor-parallel engines: calibration once on the unsharded model, each rank's weight
 scales cut with its channels and activation scales shared (graphs/quantization/sharding.py), so for
-int8-wo (exact kernels), fp8 (+ fp8 KV cache) and int4-rtn a TP=2 engine computes what the TP=1
+int8-wo and int4-rtn (exact kernels) and fp8 (+ fp8 KV cache) a TP=2 engine computes what the TP=1
 engine of the same precision computes: prefill logits within 1e-4 and the same greedy tokens. And the
 TP builds refused, each naming why."""
 
@@ -51,7 +51,7 @@ def checkpoint(tiny_builds: TinyBuilds) -> Path:
 CASES = {
     "int8-wo-exact": dict(precision="int8-wo", ort_kernels="exact"),
     "fp8-with-fp8-kv-cache": dict(precision="fp8", kv_cache="fp8"),
-    "int4-rtn": dict(precision="int4-rtn", int4_block_size=32),
+    "int4-rtn-exact": dict(precision="int4-rtn", int4_block_size=32, ort_kernels="exact"),
 }
 
 
