@@ -9,6 +9,10 @@ Shutdown (docs/serving.md, "Production switches"): the first signal starts the d
 not ready at once, new requests UNAVAILABLE / 503, the admitted ones run to the end for up to
 `drain_timeout` seconds, then those left are cancelled; the ports close and serve() returns (the CLI
 exits 0). A second signal cuts the wait short.
+
+A tensor-parallel engine (docs/tensor_parallel.md, "Running") is served by rank 0 of its ranks:
+`mpiexec -disable-auto-cleanup -n N llamaforge serve ENGINE` (every rank runs this function; ranks
+>= 1 run their shard and return), or `llamaforge serve ENGINE` alone, which spawns the other ranks.
 """
 
 from __future__ import annotations
