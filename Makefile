@@ -10,6 +10,8 @@ CHECKPOINT  ?=
 PRECISION   ?= fp32
 BACKEND     ?= ort
 WEIGHTS     ?= checkpoint
+# TP=N: a tensor-parallel engine of N rank graphs (docs/tensor_parallel.md)
+TP          ?= 1
 OUT         ?= engines/$(MODEL)
 PROMPT      ?= def main(
 MAX_NEW_TOKENS ?= 32
@@ -44,7 +46,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided lint clean help
+.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided bench-tp lint clean help
 
 ## make help: this list
 help:
@@ -66,13 +68,13 @@ venv: $(VENV)/.installed
 checkpoints/demo-tiny/config.json: | $(VENV)/.installed
 	$(BIN)/llamaforge demo-checkpoint checkpoints/demo-tiny
 
-## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo|int4-awq|int4-rtn] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [OUT=dir] [DUMP_AFTER=pass]
+## make engine [MODEL=stdlib-5m] [CHECKPOINT=dir] [PRECISION=fp32|fp16|bf16|fp8|int8-sq|int8-wo|int4-awq|int4-rtn] [KV_CACHE=fp8] [CALIB=file-or-dir] [BACKEND=ort|trt] [WEIGHTS=checkpoint|none] [TP=1] [OUT=dir] [DUMP_AFTER=pass]
 engine: $(VENV)/.installed $(DEMO_DEP)
 	$(BIN)/llamaforge build $(MODEL_ARG) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --out $(OUT) \
+		--precision $(PRECISION) --backend $(BACKEND) --weights $(WEIGHTS) --tp $(TP) --out $(OUT) \
 		$(foreach p,$(DUMP_AFTER),--dump-after $(p)) $(TRT_ARGS) \
 		$(if $(KV_CACHE),--kv-cache $(KV_CACHE)) $(if $(CALIB),--calib "$(CALIB)")
-	@if [ "$(WEIGHTS)" != "none" ] && [ "$(BACKEND)" = "ort" ]; then \
+	@if [ "$(WEIGHTS)" != "none" ] && [ "$(BACKEND)" = "ort" ] && [ "$(TP)" = "1" ]; then \
 		echo "sample (greedy, $(MAX_NEW_TOKENS) tokens):"; \
 		$(BIN)/llamaforge generate $(OUT) "$(PROMPT)" --max-new-tokens $(MAX_NEW_TOKENS); fi
 
@@ -172,6 +174,10 @@ bench-moe: $(VENV)/.installed
 ## make bench-moe-quant: quantized MoE experts (int8-wo, fp8; router fp32) vs fp32: logit KL, top-1 agreement
 bench-moe-quant: $(VENV)/.installed
 	$(PY) bench/moe.py --quality
+
+## make bench-tp: tensor parallelism's overhead on this CPU: decode tok/s TP=2 (1 thread per rank, mpiexec) vs TP=1 (2 threads) on the 125M bench model; the all-reduce's share of a step and bytes per token vs 2 x layers x hidden x 4
+bench-tp: $(VENV)/.installed
+	$(PY) bench/tp.py
 
 ## make bench-kv: KV cache layout: sequences a budget holds (blocks vs slots), block bookkeeping cost, in-place decode vs copy [ENGINE=engines/MODEL]
 bench-kv: $(VENV)/.installed

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import ml_dtypes
+import onnx
 import onnx_ir as ir
 import torch
 from tqdm import tqdm
@@ -27,7 +28,9 @@ from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
 from llamaforge.export.model import LlamaDecoder, input_names, output_names
+from llamaforge.export.tensor_parallel import RankShard
 from llamaforge.export.variants import get_variant, require_exportable
+from llamaforge.plugins.all_reduce.torch_op import TRANSLATION_TABLE as ALL_REDUCE_TRANSLATION_TABLE
 from llamaforge.plugins.attention.torch_op import TRANSLATION_TABLE
 from llamaforge.plugins.moe.torch_op import TRANSLATION_TABLE as MOE_TRANSLATION_TABLE
 
@@ -54,14 +57,16 @@ def torch_to_ir(t: torch.Tensor, name: str) -> ir.Tensor:
     return ir.Tensor(t.numpy(), name=name)
 
 
-def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
+def trace(config: ModelConfig, precision: str = "fp32", shard: RankShard | None = None) -> ir.Model:
     """The decoder graph with every weight a (data-less) initializer. Shapes are symbolic in
-    batch, sequence and cache capacity."""
+    batch, sequence and cache capacity. With `shard`, the graph of that tensor-parallel rank."""
     if precision not in PRECISIONS:
         raise ExportError(f"PRECISION={precision!r} is not one of {sorted(PRECISIONS)}")
     dtype = PRECISIONS[precision]
+    kv_heads = shard.kv_heads if shard else config.num_kv_heads
+    vocab = (lambda rows: rows[1] - rows[0])(shard.vocab_rows()) if shard else config.vocab_size
     with torch.device("meta"):
-        model = LlamaDecoder(config).to(dtype).eval()
+        model = LlamaDecoder(config, shard).to(dtype).eval()
         batch, seq, num_logits, capacity = 2, 5, 3, 8  # distinct sizes: no dims unified by accident
         args: list[torch.Tensor] = [
             torch.zeros(batch, seq, dtype=torch.int64),
@@ -69,7 +74,7 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
             torch.zeros(batch, num_logits, dtype=torch.int64),
         ]
         for _ in range(2 * config.num_layers):
-            args.append(torch.zeros(batch, config.num_kv_heads, capacity, config.head_dim, dtype=dtype))
+            args.append(torch.zeros(batch, kv_heads, capacity, config.head_dim, dtype=dtype))
     b, s, c = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("capacity")
     n = torch.export.Dim("num_logits")
     kv_dims = {0: b, 2: c}
@@ -88,7 +93,7 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
             input_names=input_names(config),
             output_names=output_names(config),
             dynamic_shapes=dynamic_shapes,
-            custom_translation_table={**TRANSLATION_TABLE, **MOE_TRANSLATION_TABLE},
+            custom_translation_table={**TRANSLATION_TABLE, **MOE_TRANSLATION_TABLE, **ALL_REDUCE_TRANSLATION_TABLE},
             verbose=False,
         )
     assert program is not None
@@ -98,13 +103,13 @@ def trace(config: ModelConfig, precision: str = "fp32") -> ir.Model:
     ir_model.metadata_props["llamaforge.max_positions"] = str(config.max_position_embeddings)
     # Give symbolic dims stable, documented names regardless of what torch.export called them.
     graph = ir_model.graph
-    kv_shape = ir.Shape(["batch", config.num_kv_heads, "capacity", config.head_dim])
+    kv_shape = ir.Shape(["batch", kv_heads, "capacity", config.head_dim])
     graph.inputs[0].shape = ir.Shape(["batch", "seq"])
     graph.inputs[1].shape = ir.Shape(["batch"])
     graph.inputs[2].shape = ir.Shape(["batch", "num_logits"])
     for v in list(graph.inputs[3:]) + list(graph.outputs[1:]):
         v.shape = kv_shape
-    graph.outputs[0].shape = ir.Shape(["batch", "num_logits", config.vocab_size])
+    graph.outputs[0].shape = ir.Shape(["batch", "num_logits", vocab])
     return ir_model
 
 
@@ -123,16 +128,36 @@ def model_source(model: str | None, checkpoint: Path | None) -> tuple[Checkpoint
     raise ValueError("--model or --checkpoint is required")
 
 
-def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | None) -> ir.Model:
+def graph_template(config: ModelConfig, precision: str, shard: RankShard | None = None) -> onnx.ModelProto:
+    """The traced graph with its initializers unbound (external references to no file), to be
+    copied by `export_model(..., traced=)`: the ranks of a tensor-parallel engine have the same graph
+    (only their weights differ), and copying it costs about a second where tracing a 405B rank
+    costs minutes."""
+    model = trace(config, precision, shard)
+    offset = 0
+    for name, value in model.graph.initializers.items():
+        const = value.const_value
+        assert const is not None
+        length = int(const.dtype.itemsize * math.prod(const.shape.numpy()))
+        value.const_value = ir.ExternalTensor("unbound.data", offset, length, const.dtype,
+                                              shape=ir.Shape(const.shape.numpy()), name=name)
+        offset += length
+    return ir.serde.serialize_model(model)
+
+
+def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | None,
+                 shard: RankShard | None = None, traced: onnx.ModelProto | None = None) -> ir.Model:
     """The traced graph; with a checkpoint every initializer is bound to its tensor (read when the
     model is saved), without one the initializers hold no data (see `bind_placeholder_weights`).
+    With `shard`, the graph of that tensor-parallel rank, each initializer bound to its slice;
+    `traced` (a `graph_template` of a rank with the same shapes) is used instead of tracing again.
     ValueError for a Llama 3.2 Vision checkpoint: its two graphs are made by `llamaforge/build/mllama.py`."""
     if isinstance(checkpoint, MllamaCheckpoint):
         raise ValueError(f"{checkpoint.path}: a Llama 3.2 Vision checkpoint makes two graphs (model.onnx and "
                          "vision.onnx); build its engine directory with `llamaforge build` (`make engine CHECKPOINT=`)")
-    model = trace(config, precision)
+    model = ir.serde.deserialize_model(traced) if traced is not None else trace(config, precision, shard)
     if checkpoint is not None:
-        bind_weights(model, checkpoint, PRECISIONS[precision], tied=config.tie_word_embeddings)
+        bind_weights(model, checkpoint, PRECISIONS[precision], tied=config.tie_word_embeddings, shard=shard)
     return model
 
 
@@ -140,15 +165,20 @@ def export_model(config: ModelConfig, precision: str, checkpoint: Checkpoint | N
 TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 
 
-def bind_weights(model: ir.Model, source: WeightSource, dtype: torch.dtype, tied: bool = False) -> None:
-    """Point every initializer at its checkpoint tensor; nothing is read until the model is saved."""
+def bind_weights(model: ir.Model, source: WeightSource, dtype: torch.dtype, tied: bool = False,
+                 shard: RankShard | None = None) -> None:
+    """Point every initializer at its checkpoint tensor (with `shard`: at the rank's slice of it,
+    cut as the one whole tensor is read); nothing is read until the model is saved."""
     for name, value in model.graph.initializers.items():
         const = value.const_value
         assert const is not None, name
         source_name = TIED_ALIASES.get(name, name) if tied else name
 
         def load(name: str = name, source_name: str = source_name) -> ir.Tensor:
-            return torch_to_ir(source.load(source_name).to(dtype), name)
+            tensor = source.load(source_name)
+            if shard is not None:
+                tensor = shard.shard_tensor(name, tensor)
+            return torch_to_ir(tensor.to(dtype), name)
 
         value.const_value = ir.LazyTensor(load, dtype=const.dtype, shape=ir.Shape(const.shape.numpy()), name=name)
 

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from llamaforge.export.config import ModelConfig
+from llamaforge.export.tensor_parallel import RankShard
+from llamaforge.plugins.all_reduce.schema import AllReduceAttrs
+from llamaforge.plugins.all_reduce.torch_op import all_reduce
 from llamaforge.plugins.moe.schema import MoEAttrs
 from llamaforge.plugins.moe.torch_op import moe
 
@@ -27,27 +30,34 @@ MULTIMODAL_TEXT_PREFIX = "language_model."
 
 
 class Experts(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """On a rank of a TP engine, every expert with its share of the intermediate columns (TP inside
+    each expert: the MoE op is unchanged and the layer needs one all-reduce, docs/tensor_parallel.md)."""
+
+    def __init__(self, config: ModelConfig, shard: RankShard | None = None) -> None:
         super().__init__()
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size // (shard.size if shard else 1)
         self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
         self.down_proj = nn.Parameter(torch.empty(e, i, h))
 
 
 class MoEFeedForward(nn.Module):
     """Routed experts (one `llamaforge::MoE` node) plus the shared expert (a plain SwiGLU MLP,
-    passed in by the decoder that owns the MLP class)."""
+    passed in by the decoder that owns the MLP class). On a rank both are partial sums over its
+    columns, added before the layer's one all-reduce (the router is replicated: every rank routes
+    every token the same way)."""
 
-    def __init__(self, config: ModelConfig, shared_expert: nn.Module) -> None:
+    def __init__(self, config: ModelConfig, shared_expert: nn.Module, shard: RankShard | None = None) -> None:
         super().__init__()
         self.attrs = MoEAttrs(config.num_local_experts, config.num_experts_per_tok)
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.experts = Experts(config)
+        self.experts = Experts(config, shard)
         self.shared_expert = shared_expert
+        self.world_size = shard.size if shard else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = moe(x, self.router.weight, self.experts.gate_up_proj, self.experts.down_proj, self.attrs)
-        return self.shared_expert(x) + routed
+        out = self.shared_expert(x) + routed
+        return all_reduce(out, AllReduceAttrs(self.world_size)) if self.world_size > 1 else out
 
 
 def ffn_tensor_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:

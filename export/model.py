@@ -7,6 +7,10 @@ projections -> `LlamaAttention` -> output projection -> RMSNorm -> SwiGLU MLP, t
 Llama 4 layers differ in their attention attributes (NoPE, QK norm, chunking) and, on MoE layers,
 in the FFN: one `llamaforge::MoE` node plus a shared-expert MLP (`export/llama4.py`).
 
+A tensor-parallel rank (`shard`, export/tensor_parallel.py) is the same decoder with its share of
+the heads, FFN columns and vocabulary, and a `llamaforge::AllReduce` after each row-parallel
+projection (o_proj, down_proj; a MoE layer's experts and shared expert together).
+
 Graph interface (names are part of the engine manifest):
   inputs   input_ids [batch, seq] int64, past_lengths [batch] int32,
            logits_index [batch, num_logits] int64: the positions (0..seq-1) whose logits are wanted,
@@ -22,16 +26,24 @@ from torch import nn
 
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.llama4 import MoEFeedForward
+from llamaforge.export.tensor_parallel import RankShard
+from llamaforge.plugins.all_reduce.schema import AllReduceAttrs
+from llamaforge.plugins.all_reduce.torch_op import all_reduce
 from llamaforge.plugins.attention.schema import AttentionAttrs
 from llamaforge.plugins.attention.torch_op import attention
 
 
-def attention_attrs(config: ModelConfig, layer: int = 0) -> AttentionAttrs:
+def reduce_over_ranks(x: torch.Tensor, shard: RankShard | None) -> torch.Tensor:
+    """The all-reduce after a row-parallel projection; nothing on a single device."""
+    return x if shard is None or shard.size == 1 else all_reduce(x, AllReduceAttrs(shard.size))
+
+
+def attention_attrs(config: ModelConfig, layer: int = 0, shard: RankShard | None = None) -> AttentionAttrs:
     rs = config.rope_scaling
     rope = config.layer_uses_rope(layer)
     return AttentionAttrs(
-        num_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads,
+        num_heads=shard.q_heads if shard else config.num_heads,
+        num_kv_heads=shard.kv_heads if shard else config.num_kv_heads,
         head_dim=config.head_dim,
         rope_theta=config.rope_theta,
         rope_scaling_type="llama3" if rs else "none",
@@ -65,47 +77,54 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0, shard: RankShard | None = None) -> None:
         super().__init__()
-        self.attrs = attention_attrs(config, layer)
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.attrs = attention_attrs(config, layer, shard)
+        self.shard = shard
+        q_size, kv_size = self.attrs.num_heads * config.head_dim, self.attrs.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
                 past_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out, present_key, present_value = attention(
             self.q_proj(x), self.k_proj(x), self.v_proj(x), past_key, past_value, past_lengths, self.attrs
         )
-        return self.o_proj(out), present_key, present_value
+        return reduce_over_ranks(self.o_proj(out), self.shard), present_key, present_value
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, intermediate_size: int = 0) -> None:
+    """SwiGLU; on a rank, its share of the columns, then the all-reduce unless `reduce=False` (a MoE
+    layer's shared expert, summed with the experts before one all-reduce)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int = 0, shard: RankShard | None = None,
+                 reduce: bool = True) -> None:
         super().__init__()
-        width = intermediate_size or config.intermediate_size
+        width = (intermediate_size or config.intermediate_size) // (shard.size if shard else 1)
+        self.shard = shard if reduce else None
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return reduce_over_ranks(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.shard)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0, shard: RankShard | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, shard)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         # The FFN's attribute name is its checkpoint prefix: `mlp` (LLaMA 1-3) or `feed_forward` (Llama 4).
         self.ffn_name = "feed_forward" if config.architecture == "llama4" else "mlp"
         ffn: nn.Module
         if layer in config.moe_layer_indices():
-            ffn = MoEFeedForward(config, shared_expert=MLP(config, config.intermediate_size))
+            ffn = MoEFeedForward(config, MLP(config, config.intermediate_size, shard, reduce=False), shard)
         else:
-            ffn = MLP(config, config.dense_intermediate_size)
+            ffn = MLP(config, config.dense_intermediate_size, shard)
         self.add_module(self.ffn_name, ffn)
 
     def forward(self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
@@ -117,20 +136,23 @@ class DecoderLayer(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: RankShard | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated on every rank
+        self.layers = nn.ModuleList(DecoderLayer(config, i, shard) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
 
 class LlamaDecoder(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, shard: RankShard | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Body(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.model = Body(config, shard)
+        # On a rank: the vocabulary rows [start, end), so `logits` is the rank's vocab shard. A tied
+        # head is then its own slice of the table (bound by the exporter), not the table itself.
+        start, end = shard.vocab_rows() if shard else (0, config.vocab_size)
+        self.lm_head = nn.Linear(config.hidden_size, end - start, bias=False)
+        if config.tie_word_embeddings and (shard is None or shard.size == 1):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, past_lengths: torch.Tensor, logits_index: torch.Tensor,

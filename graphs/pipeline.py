@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from llamaforge.graphs.passes.cleanup import Clean
 from llamaforge.graphs.passes.fusion import FuseQKV, FuseRMSNorm
+from llamaforge.graphs.passes.lower_all_reduce import LowerAllReduceForORT, LowerAllReduceForTensorRT
 from llamaforge.graphs.passes.lower_attention import LowerAttentionForORT
 from llamaforge.graphs.passes.lower_cross_attention import LowerCrossAttentionForORT
 from llamaforge.graphs.passes.lower_moe import LowerMoEForORT
@@ -37,6 +38,8 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "lower-attention-ort": LowerAttentionForORT,
     "lower-cross-attention-ort": LowerCrossAttentionForORT,
     "lower-moe-ort": LowerMoEForORT,
+    "lower-all-reduce-ort": LowerAllReduceForORT,  # TP rank graphs; no change at TP=1
+    "lower-all-reduce-trt": LowerAllReduceForTensorRT,
     "share-tied-embedding": ShareTiedEmbedding,
     "check-trt-ops": CheckTensorRTOps,
 }
@@ -44,7 +47,7 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
 # Per backend: what runs, in order. The plugin op stays intact until the backend's lowering.
 PIPELINES: dict[str, list[str]] = {
     "ort": ["fold-weight-transposes", "clean", "fuse-qkv", "fuse-rmsnorm", "lower-moe-ort", "lower-attention-ort",
-            "lower-cross-attention-ort", "share-tied-embedding", "clean"],
+            "lower-cross-attention-ort", "lower-all-reduce-ort", "share-tied-embedding", "clean"],
 }
 
 # Quantization passes need the build's calibration statistics: made from a `QuantContext`.
@@ -101,15 +104,17 @@ def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
 
 # Passes that only make sense for ONNX Runtime: its com.microsoft fusions/kernels and the plugin
 # op's lowering. TensorRT keeps the plugin node (plugins/attention/trt_plugin.py implements it).
-ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort", "lower-cross-attention-ort", "lower-quant-ort"})
+ORT_ONLY_PASSES = frozenset({"fuse-rmsnorm", "lower-attention-ort", "lower-cross-attention-ort", "lower-quant-ort",
+                             "lower-all-reduce-ort"})
 
 
 def trt_passes(ort_passes: Sequence[str]) -> list[str]:
     """The TensorRT pipeline for a precision: the ORT pipeline of that precision (its quantization
-    passes included) without the ORT-only passes, ending with the TensorRT op-support check."""
+    passes included) without the ORT-only passes, ending with the all-reduce's TensorRT form (TP rank
+    graphs: TensorRT-LLM's NCCL plugin) and the TensorRT op-support check."""
     kept = [p for p in ort_passes if p not in ORT_ONLY_PASSES]
     kept = [p for i, p in enumerate(kept) if not (p == "clean" and i and kept[i - 1] == "clean")]  # no clean twice
-    return [*kept, "check-trt-ops"]
+    return [*kept, "lower-all-reduce-trt", "check-trt-ops"]
 
 
 PIPELINES["trt"] = trt_passes(PIPELINES["ort"])

@@ -2,7 +2,8 @@
 
 Every node of a TensorRT-targeted graph must be either one of our plugin ops (`plugins/attention/
 schema.py`: `llamaforge::LlamaAttention`, which `plugins/attention/trt_plugin.py` registers with
-TensorRT) or an operator on the ONNX parser's supported list recorded in `trt_supported_ops.json`
+TensorRT; `llamaforge::AllReduce` of tensor-parallel ranks in its TensorRT form, TensorRT-LLM's NCCL
+plugin, `plugins/all_reduce/trt_plugin.py`) or an operator on the ONNX parser's supported list recorded in `trt_supported_ops.json`
 (with the TensorRT version it comes from). Beyond the op name, the check applies what the list says
 that a graph can show statically:
 
@@ -33,6 +34,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from llamaforge.plugins.all_reduce import trt_plugin as all_reduce_trt
+from llamaforge.plugins.all_reduce.schema import OP_TYPE as ALL_REDUCE_OP_TYPE
 from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
 from llamaforge.plugins.attention.trt_plugin import ATTRIBUTE_NAMES
 
@@ -208,6 +211,31 @@ def _check_plugin(node: ir.Node) -> list[str]:
     return problems
 
 
+def _check_all_reduce(node: ir.Node) -> list[str]:
+    """`llamaforge::AllReduce` in its TensorRT form (`lower-all-reduce-trt`): TensorRT-LLM's NCCL
+    `AllReduce` plugin (plugins/all_reduce/trt_plugin.py; TensorRT 10.13 has no collective layer)."""
+    label = _label(node)
+    namespace = node.attributes.get_string("plugin_namespace", "")
+    version = node.attributes.get_string("plugin_version", "")
+    if (namespace, version) != (all_reduce_trt.PLUGIN_NAMESPACE, all_reduce_trt.PLUGIN_VERSION):
+        return [f"{label}: not in TensorRT form (plugin {namespace or '<none>'}::{node.op_type} version {version!r}); "
+                f"`lower-all-reduce-trt` maps it to {all_reduce_trt.PLUGIN_ID} version {all_reduce_trt.PLUGIN_VERSION}"]
+    x = node.inputs[0] if node.inputs else None
+    dtype = x.dtype.name if x is not None and x.dtype is not None else None
+    world_size = node.attributes.get_int("world_size", 0)
+    try:
+        want = all_reduce_trt.plugin_fields(world_size, dtype or "")
+    except ValueError as e:
+        return [f"{label}: {e}"]
+    got = {name: node.attributes[name].value for name in all_reduce_trt.PLUGIN_FIELDS if name in node.attributes}
+    got = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in got.items()}
+    wrong = sorted(name for name in want if got.get(name) != want[name])
+    if wrong:
+        return [f"{label}: {all_reduce_trt.PLUGIN_ID} fields {wrong} are not the NCCL, unfused all-reduce over "
+                f"world_size={world_size} ranks of {dtype}"]
+    return []
+
+
 def tensorrt_problems(model: ir.Model) -> list[str]:
     """Every reason TensorRT's ONNX parser would reject a node of `model`; empty if none."""
     ops = supported_ops()
@@ -215,11 +243,14 @@ def tensorrt_problems(model: ir.Model) -> list[str]:
     for node in _nodes(model.graph):
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
             problems += _check_plugin(node)
+        elif node.domain == DOMAIN and node.op_type == ALL_REDUCE_OP_TYPE:
+            problems += _check_all_reduce(node)
         elif node.domain in ("", "ai.onnx"):
             problems += _check_standard(node, ops)
         else:
             problems.append(f"{_label(node)}: domain {node.domain!r} is neither the ONNX standard nor a "
-                            f"llama-forge plugin ({DOMAIN}::{OP_TYPE}); TensorRT has no importer for it")
+                            f"llama-forge plugin ({DOMAIN}::{OP_TYPE}, {DOMAIN}::{ALL_REDUCE_OP_TYPE}); TensorRT has "
+                            "no importer for it")
     return problems
 
 

@@ -84,7 +84,7 @@ def cmd_build(args: argparse.Namespace) -> None:
         **{k: getattr(args, k) for k in ("fp8_activation_scale", "fp8_weight_scale", "fp8_weights")
            if getattr(args, k) is not None},
         int4_block_size=args.int4_block_size, ort_kernels=args.ort_kernels,
-        tensorrt=_tensorrt_options(args),
+        tensorrt=_tensorrt_options(args), tp=args.tp,
     ))
 
 
@@ -213,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           core_config=core_config, max_message_bytes=args.max_message_mb * 1024 * 1024,
           decoupled=args.decoupled, http_port=None if args.http_port < 0 else args.http_port,
           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, api_key=args.api_key,
-          drain_timeout=args.drain_timeout)
+          drain_timeout=args.drain_timeout, tp_timeout=args.tp_timeout)
 
 
 def cmd_repo(args: argparse.Namespace) -> None:
@@ -326,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="ort", help="ort | trt")
     b.add_argument("--weights", default=True, type=_weights, help="checkpoint (default) | none: graph only")
     b.add_argument("--out", help="engine directory (default engines/MODEL)")
+    b.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: N rank graphs in OUT/rank0..N-1 (TP; docs/tensor_parallel.md)")
     b.add_argument("--dump-after", action="append", default=[], metavar="PASS", help="write the model after PASS")
     b.add_argument("--dump-dir", help="where --dump-after writes (default OUT.dump)")
     q = b.add_argument_group("quantization (--precision fp8|int8-sq|int8-wo|int4-awq|int4-rtn, --kv-cache fp8)")
@@ -423,6 +425,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT stop admitting (UNAVAILABLE / 503) and let the requests in flight "
                         "finish for up to this long, then cancel the rest and exit 0 (default 30)")
+    s.add_argument("--tp-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a tensor-parallel engine (run under mpiexec -n N): how long a step's collective waits for "
+                        "the other ranks before the engine is marked unavailable (default 30)")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("repo", help="a Triton model repository for an engine (make repo)")

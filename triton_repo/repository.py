@@ -60,6 +60,9 @@ _SOURCE_NAMES = ("models", "__pycache__")  # triton_repo/NAME must not overwrite
 # Distributions the runtime imports on a serving host (no torch): runtime/ and its imports.
 RUNTIME_DISTRIBUTIONS = ("numpy", "onnxruntime", "tokenizers", "sentencepiece", "tiktoken", "jinja2", "protobuf",
                          "tritonclient", "prometheus-client")
+# A tensor-parallel engine's ranks also need MPI (mpi4py over the mpich wheel, whose mpiexec the
+# orchestrator's spawn runs) and the all-reduce op's host (runtime/parallel/).
+TENSOR_PARALLEL_DISTRIBUTIONS = ("mpi4py", "mpich", "onnxruntime-extensions")
 
 
 class RepoError(RuntimeError):
@@ -118,8 +121,8 @@ def _check(opts: RepoOptions) -> None:
             raise RepoError(f"core.{key}: the llama model's config.pbtxt does not carry it; leave the default {default!r}")
 
 
-def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConfig]:
-    """The config of every model in the repository."""
+def model_configs(opts: RepoOptions, engine_path: str, tensor_parallel: int | None = None) -> dict[str, mc.ModelConfig]:
+    """The config of every model in the repository (`tensor_parallel`: the engine's ranks, if any)."""
     _check(opts)
     configs: dict[str, mc.ModelConfig] = {}
     for name in PYTHON_MODELS:
@@ -133,6 +136,8 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
         declare_tensors(cfg, iface.inputs, iface.outputs)
         cfg.parameters["engine_dir"].string_value = engine_path
         if name == LLAMA:
+            if tensor_parallel is not None:  # read by nothing: it tells a reader how the instance runs
+                cfg.parameters["tensor_parallel_size"].string_value = str(tensor_parallel)
             group = cfg.instance_group.add(count=opts.instances)
             if opts.device == "gpu":
                 group.kind = mc.ModelInstanceGroup.KIND_GPU
@@ -161,11 +166,12 @@ def model_configs(opts: RepoOptions, engine_path: str) -> dict[str, mc.ModelConf
     return configs
 
 
-def runtime_requirements(device: str) -> list[str]:
+def runtime_requirements(device: str, tensor_parallel: bool = False) -> list[str]:
     """Pinned third-party requirements of the runtime on a serving host: the versions installed
-    here (which pyproject.toml pins); onnxruntime becomes onnxruntime-gpu for GPU instances."""
+    here (which pyproject.toml pins); onnxruntime becomes onnxruntime-gpu for GPU instances; MPI's
+    for a tensor-parallel engine."""
     lines = []
-    for dist in RUNTIME_DISTRIBUTIONS:
+    for dist in (*RUNTIME_DISTRIBUTIONS, *(TENSOR_PARALLEL_DISTRIBUTIONS if tensor_parallel else ())):
         version = metadata.version(dist)
         name = {"onnxruntime": "onnxruntime-gpu" if device == "gpu" else "onnxruntime",
                 "tritonclient": "tritonclient[grpc]"}.get(dist, dist)
@@ -208,6 +214,13 @@ def write_repo(opts: RepoOptions) -> Path:
     if manifest.backend == "trt":
         print(f"note: ENGINE={engine} is a TensorRT engine; the llama model will refuse to load it until the runtime "
               "has a TensorRT runner (see triton_repo/README.md, 'ORT and TRT engines')")
+    tp = manifest.tensor_parallel
+    if tp is not None and (opts.instances != 1 or (opts.device == "gpu" and len(opts.gpus) != 1)):
+        # Orchestrator mode (triton_repo/README.md): the one llama instance is rank 0 and spawns the
+        # other ranks; several instances would each spawn a whole set of ranks.
+        raise RepoError(f"ENGINE={engine} is tensor-parallel ({tp.size} ranks): the llama model runs as one instance "
+                        f"(rank 0, which spawns the other {tp.size - 1}); got INSTANCES={opts.instances}, "
+                        f"GPUS={','.join(map(str, opts.gpus))}")
     name = opts.name or manifest.variant or engine.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise RepoError(f"NAME={name!r} is not a valid directory name")
@@ -215,7 +228,7 @@ def write_repo(opts: RepoOptions) -> Path:
         raise RepoError(f"NAME={name!r} is a source folder of triton_repo/; give another NAME or an OUT")
     out = Path(opts.out) if opts.out else Path("triton_repo") / name
     engine_path = opts.engine_path or str(engine.resolve())
-    configs = model_configs(opts, engine_path)
+    configs = model_configs(opts, engine_path, None if tp is None else tp.size)
 
     parent = out.resolve().parent
     try:
@@ -232,6 +245,7 @@ def write_repo(opts: RepoOptions) -> Path:
             if model in PYTHON_MODELS:
                 (version / "model.py").write_text(_MODEL_PY.format(name=model))
                 _copy_serving_code(version)
-        (tmp / LLAMA / "1" / "requirements.txt").write_text("\n".join(runtime_requirements(opts.device)) + "\n")
+        requirements = runtime_requirements(opts.device, tensor_parallel=tp is not None)
+        (tmp / LLAMA / "1" / "requirements.txt").write_text("\n".join(requirements) + "\n")
     print(f"triton repository: {out} (models: {', '.join(configs)}; engine_dir {engine_path})")
     return out

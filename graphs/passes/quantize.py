@@ -276,7 +276,8 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
             scale = fp8_weight_scale(source.numpy(), self.ctx.config.fp8_weight_scale, per_channel)
         else:
             amax = self._weight_amax(lin, source)
-            scale = scale_from_amax(amax if per_channel else amax.max(), fmt.qmax)
+            scale = scale_from_amax(amax if per_channel else self.ctx.stats.weight_amax_per_tensor(lin.name, amax),
+                                    fmt.qmax)
         quantized = lazy_weight(f"{old.name}.{fmt.name}", [source], lambda w: fmt.quantize(w, scale),
                                 fmt.weight_dtype, list(source.shape.numpy()))
         w_scale = register(graph, const_value(f"{old.name}.scale", scale))
@@ -299,7 +300,7 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
         if self.fp8 and self.ctx.config.fp8_activation_scale != "amax":
             amax = max(stats.activation_clip(lin.name) for lin in group)
         else:
-            amax = max(float(stats.activation_amax(lin.name).max()) for lin in group)
+            amax = max(stats.activation_amax_per_tensor(lin.name) for lin in group)
         scale_array, zero_array = scale_from_amax(amax, fmt.qmax), zero_point(fmt.weight_dtype, ())
         for lin in group:
             scale = register(graph, const_value(f"{lin.name}.input_scale", scale_array))

@@ -193,6 +193,11 @@ class CalibrationStats:
     act_clip: dict[str, float] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # what was measured: file(s), tokens, sequences
+    # A tensor-parallel rank's copy (graphs/quantization/sharding.py): the whole linear's per-tensor
+    # max |W| and max |x| before its channels were cut, so per-tensor scales are the same on every
+    # rank and equal to the unsharded model's. Derived, never saved.
+    whole_weight_amax: dict[str, float] = field(default_factory=dict)
+    whole_act_amax: dict[str, float] = field(default_factory=dict)
 
     def copy(self) -> CalibrationStats:
         return copy.deepcopy(self)
@@ -225,6 +230,20 @@ class CalibrationStats:
         if any(p not in self.weight_out_amax for p in parts):
             return None
         return np.concatenate([self.weight_out_amax[p] for p in parts])
+
+    def weight_amax_per_tensor(self, linear: str, per_output: np.ndarray) -> float:
+        """max |W| of the whole linear: the unsharded one's on a TP rank, else max of `per_output`."""
+        parts = self._parts(linear)
+        if all(p in self.whole_weight_amax for p in parts):
+            return max(self.whole_weight_amax[p] for p in parts)
+        return float(per_output.max())
+
+    def activation_amax_per_tensor(self, linear: str) -> float:
+        """max |x| of the linear's input: the unsharded one's on a TP rank, else from activation_amax."""
+        parts = self._parts(linear)
+        if all(p in self.whole_act_amax for p in parts):
+            return max(self.whole_act_amax[p] for p in parts)
+        return float(self.activation_amax(linear).max())
 
     def awq_factors(self, linear: str) -> np.ndarray:
         """[in]: AWQ's scale for `linear`'s input (a packed linear's parts share it: one input)."""
@@ -271,6 +290,8 @@ class CalibrationStats:
             self.act_amax[p] = self.act_amax[p] / s
             self.weight_in_amax[p] = self.weight_in_amax[p] * s
             self.weight_out_amax.pop(p, None)  # no longer derivable: the pass re-measures the weight
+            self.whole_weight_amax.pop(p, None)
+            self.whole_act_amax.pop(p, None)
 
     # -- persistence (safetensors: what the TensorRT builder or a later build can reuse) ----------
     def save(self, path: Path) -> None:

@@ -35,6 +35,7 @@ from llamaforge.export.exporter import (
     tqdm_progress,
 )
 from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
+from llamaforge.export.tensor_parallel import RankShard
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.export.variants import VARIANTS, UnknownVariantError
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
@@ -60,6 +61,7 @@ from llamaforge.graphs.quantization.recipes import (
     ort_session_config,
 )
 from llamaforge.graphs.quantization.search import backend_int8_activation, layer_search
+from llamaforge.graphs.quantization.sharding import shard_stats
 from llamaforge.plugins.attention.schema import KV_LAYOUT
 from llamaforge.runtime.core.manifest import (
     MANIFEST_FILE,
@@ -104,6 +106,7 @@ class BuildOptions:
     int4_block_size: int = 128  # PRECISION=int4-*: input channels per weight scale
     ort_kernels: str = "fast"  # int8-wo / int4-*: fast (MatMulNBits) | exact (the Q/DQ graph), see recipes.ORT_KERNELS
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)  # BACKEND=trt only
+    tp: int = 1  # TP=N: one graph per rank in rank{i}/ (llamaforge/build/tensor_parallel.py)
 
 
 def tensorrt_available() -> bool:
@@ -257,6 +260,11 @@ def quantized_manifest(manifest: EngineManifest, quant: Any, stats: Any, backend
                    ort_session_config=ort_session_config(quant.precision, quant.kv_cache, quant.ort_kernels))
 
 
+def _refuse_tp(opts: BuildOptions, what: str) -> None:
+    if opts.tp != 1:
+        raise BuildError(f"TP={opts.tp}: tensor-parallel engines of {what} are not supported yet; build with TP=1")
+
+
 def build_engine(opts: BuildOptions) -> Path:
     if opts.backend not in BACKENDS:
         raise BuildError(f"BACKEND={opts.backend!r} is not one of {list(BACKENDS)}")
@@ -289,7 +297,6 @@ def build_engine(opts: BuildOptions) -> Path:
     if opts.calib is not None and not quant.active:
         raise BuildError(f"CALIB={opts.calib}: calibration data is only used by PRECISION={'|'.join(QUANT_PRECISIONS)} "
                          "or KV_CACHE=fp8")
-    base_precision = activation_precision(opts.precision)
     calib_text = _calibration_text(opts) if quant.active else None  # bad CALIB fails before the export
 
     if opts.checkpoint is None and opts.weights:
@@ -298,6 +305,7 @@ def build_engine(opts: BuildOptions) -> Path:
         raise BuildError("MODEL= is required with WEIGHTS=none")
     vision_variant = VARIANTS.get(opts.model or "")
     if opts.checkpoint is None and vision_variant is not None and vision_variant.vision is not None:
+        _refuse_tp(opts, "Llama 3.2 Vision")
         refuse_unsupported(opts)  # graph only (WEIGHTS=none: checked above) from the registry
         out = opts.out or Path("engines") / vision_variant.name
         _check_out_dir(out)
@@ -317,10 +325,15 @@ def build_engine(opts: BuildOptions) -> Path:
     else:
         source = {"checkpoint": None, "registry": opts.model}
     if isinstance(ckpt, MllamaCheckpoint):  # two graphs: llamaforge/build/mllama.py
+        _refuse_tp(opts, "Llama 3.2 Vision")
         refuse_unsupported(opts)
         out = opts.out or Path("engines") / (opts.model or config.name)
         _check_out_dir(out)
         return build_mllama_engine(opts, ckpt.config, ckpt.vision, ckpt, source, out)
+    if opts.tp != 1:  # before the export and calibration: a model TP cannot split fails here, named
+        from llamaforge.build.tensor_parallel import check_tp_options
+
+        check_tp_options(opts, config, quant)
     if opts.quantize_lm_head is None:
         quant = quant.with_lm_head_default(config.tie_word_embeddings)
     if quant.precision in INT4_PRECISIONS:  # before the export: a width no INT4 block divides fails here, named
@@ -336,41 +349,57 @@ def build_engine(opts: BuildOptions) -> Path:
 
     out = opts.out or Path("engines") / (opts.model or config.name)
     _check_out_dir(out)
+    if opts.tp > 1:
+        from llamaforge.build.tensor_parallel import build_tp_engine  # imports this module
+
+        return build_tp_engine(opts, config, ckpt, quant, calib_text, source, out)
     with staged_dir(out) as tmp:  # readable by a server running as another user (see staged_dir)
-        done = timed(f"trace {config.name} ({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
-        model = export_model(config, base_precision, ckpt)
-        done()
-        if ckpt is None:
-            bind_placeholder_weights(model, tmp / "scratch.data")
         # quant.active implies both (checked above): quantization needs the checkpoint and calibration text.
         stats = _calibrate(ckpt, calib_text, tmp, quant) if ckpt is not None and calib_text is not None else None
-        context = QuantContext(quant, stats.copy()) if stats is not None else None  # passes update their copy
-        passes = pipeline(opts.backend, quant)
-        done = timed(f"pass pipeline ({opts.backend})")
-        try:
-            run_pipeline(model, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"), quant=context)
-        except QuantizationError as e:
-            raise BuildError(str(e)) from None
-        done()
-        path = tmp / MODEL_FILE
-        if ckpt is not None:
-            save_streaming(model, path, tqdm_progress("write weights"))
-        else:
-            bind_placeholder_weights(model, tmp / (MODEL_FILE + ".data"))
-            ir.save(model, path)
-            (tmp / "scratch.data").unlink()
-        done = timed("onnx.checker (full_check)")
-        onnx.checker.check_model(str(path), full_check=True)
-        done()
+        graph, passes = write_graph(tmp, config, opts, ckpt, quant, stats, out)
         tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
-        graph = onnx.load(str(path), load_external_data=False).graph
-        manifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
+        manifest = manifest_for(config, opts, graph, tokenizer, passes, source)
         if stats is not None:
             stats.save(tmp / CALIBRATION_FILE)  # as measured, before smoothing: reusable by another build
             manifest = quantized_manifest(manifest, quant, stats, opts.backend)
         if opts.backend == "trt":
-            manifest = replace(manifest, tensorrt=_build_tensorrt_plan(path, tmp / PLAN_FILE, config, opts, out))
+            manifest = replace(manifest, tensorrt=_build_tensorrt_plan(tmp / MODEL_FILE, tmp / PLAN_FILE, config, opts, out))
         manifest.write(tmp)
     print(f"engine: {out}")
     return out
 
+
+def write_graph(directory: Path, config: ModelConfig, opts: BuildOptions, ckpt: Checkpoint | None, quant: QuantConfig,
+                stats: CalibrationStats | None, out: Path, shard: RankShard | None = None,
+                traced: onnx.ModelProto | None = None) -> tuple[onnx.GraphProto, list[str]]:
+    """Trace (with `shard`: that tensor-parallel rank; `traced`: copy that graph template instead), run the pass pipeline and write
+    `directory/model.onnx` + external data (weights streamed one at a time, or WEIGHTS=none's
+    placeholders); the checked graph (without weights) and the passes run."""
+    where = f" rank {shard.rank}/{shard.size}" if shard is not None else ""
+    done = timed(f"{'copy the traced graph' if traced is not None else 'trace'} {config.name}{where} "
+                 f"({config.num_layers} layers, {config.num_parameters() / 1e9:.2f}B params)")
+    model = export_model(config, activation_precision(opts.precision), ckpt, shard, traced)
+    done()
+    if ckpt is None:
+        bind_placeholder_weights(model, directory / "scratch.data")
+    rank_stats = None if stats is None else shard_stats(stats, shard) if shard is not None else stats.copy()
+    context = QuantContext(quant, rank_stats) if rank_stats is not None else None  # passes update their copy
+    passes = pipeline(opts.backend, quant)
+    done = timed(f"pass pipeline ({opts.backend}){where}")
+    try:
+        run_pipeline(model, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"), quant=context)
+    except QuantizationError as e:
+        raise BuildError(str(e)) from None
+    done()
+    path = directory / MODEL_FILE
+    if ckpt is not None:
+        save_streaming(model, path, tqdm_progress(f"write weights{where}"))
+    else:
+        bind_placeholder_weights(model, directory / (MODEL_FILE + ".data"))
+        ir.save(model, path)
+        (directory / "scratch.data").unlink()
+    del model
+    done = timed("onnx.checker (full_check)")
+    onnx.checker.check_model(str(path), full_check=True)
+    done()
+    return onnx.load(str(path), load_external_data=False).graph, list(passes)

@@ -118,13 +118,21 @@ class Engine:
     """One ONNX Runtime session over an engine directory, plus its tokenizer and KV-cache spec."""
 
     def __init__(self, engine_dir: str | os.PathLike[str], threads: int | None = None,
-                 providers: Sequence[Any] | None = None) -> None:
-        """`providers`: ONNX Runtime execution providers (default CPU; see `ort_providers`)."""
+                 providers: Sequence[Any] | None = None, *, session_options: Any = None,
+                 tokenizer_dir: str | os.PathLike[str] | None = None) -> None:
+        """`providers`: ONNX Runtime execution providers (default CPU; see `ort_providers`).
+        `session_options`: ONNX Runtime session options to start from (a tensor-parallel rank's graph
+        needs the all-reduce op's library); `tokenizer_dir`: the engine directory whose manifest and
+        files give the tokenizer (a tensor-parallel rank's: the engine's top level)."""
         import onnxruntime as ort
 
         self.dir = Path(engine_dir)
         self.manifest = read_manifest(self.dir)
         check_runnable(self.manifest, self.dir)
+        tp = self.manifest.tensor_parallel
+        if tp is not None and tp.rank is None:
+            raise EngineError(f"{self.dir}: a tensor-parallel engine of {tp.size} ranks; serve it as {tp.size} rank "
+                              f"processes: mpiexec -n {tp.size} llamaforge serve {self.dir} (docs/tensor_parallel.md)")
         if self.manifest.weights == "none":
             raise EngineError(f"{self.dir}: built with WEIGHTS=none (graph only); it has no weights to run")
         kv = self.manifest.kv_cache
@@ -141,8 +149,9 @@ class Engine:
         self.present_names = [p.format(layer=layer) for layer in self.kv_layers for p in kv.present_outputs]
         self.config = self.manifest.config
         self.vocab_size = self.manifest.vocab_size
-        self.tokenizer, self.eos_ids = engine_tokenizer(self.manifest, self.dir)
-        options = ort.SessionOptions()
+        home = self.dir if tokenizer_dir is None else Path(tokenizer_dir)
+        self.tokenizer, self.eos_ids = engine_tokenizer(self.manifest if tokenizer_dir is None else read_manifest(home), home)
+        options = session_options if session_options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -30,6 +30,7 @@ from llamaforge.runtime.core.kv_cache import KVCacheManager
 from llamaforge.runtime.core.model_runner import ModelRunner, padding_groups
 from llamaforge.runtime.core.output_processor import CoreObserver, OutputProcessor, RequestState
 from llamaforge.runtime.core.requests import (
+    EngineUnavailable,
     GenerationOutput,
     GenerationRequest,
     OutputSink,
@@ -41,6 +42,8 @@ from llamaforge.runtime.core.scheduler import Scheduler, Sequence
 from llamaforge.runtime.core.speculative import Speculator
 from llamaforge.runtime.core.stats import CoreStats
 from llamaforge.runtime.core.validation import RequestLimits, check_request
+from llamaforge.runtime.parallel.rank_engine import open_engine
+from llamaforge.runtime.parallel.runner import runner_class
 
 __all__ = ["CoreConfig", "CoreObserver", "EngineCore", "padding_groups", "run_to_completion"]
 
@@ -61,7 +64,8 @@ class EngineCore:
     def __init__(self, engine_dir: str | os.PathLike[str], config: CoreConfig | None = None,
                  observer: CoreObserver | None = None) -> None:
         self.config = config or CoreConfig()
-        self.engine = Engine(engine_dir, threads=self.config.threads, providers=self.config.providers)
+        # A tensor-parallel engine opens its rank 0 here, and runs its steps on every rank (runtime/parallel/).
+        self.engine: Engine = open_engine(engine_dir, threads=self.config.threads, providers=self.config.providers)
         self.manifest = self.engine.manifest
         self.model_name = self.manifest.variant
         self.tokenizer = self.engine.tokenizer
@@ -72,7 +76,7 @@ class EngineCore:
                                              default_tokens=min(self.context_length, 2048) * sched.max_num_seqs)
         self.scheduler = Scheduler(sched, self.kv)
         self.counters = CoreStats()
-        self.runner = ModelRunner(self.engine, self.kv, self.counters, max_num_seqs=sched.max_num_seqs,
+        self.runner: ModelRunner = runner_class(self.engine)(self.engine, self.kv, self.counters, max_num_seqs=sched.max_num_seqs,
                                   prefill_padding_tokens=self.config.prefill_padding_tokens,
                                   condense_decode_rows=self.config.condense_decode_rows)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.context_length, self.counters,
@@ -127,6 +131,7 @@ class EngineCore:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.runner.close()
 
     def submit(self, request: GenerationRequest, sink: OutputSink | None = None) -> RequestHandle:
         """Queue a request. Its outputs go to the returned handle, or to `sink` (see RequestHandle),
@@ -268,8 +273,9 @@ class EngineCore:
                 self.step()
             except Exception as e:  # noqa: BLE001 - one failed step must not take the server down
                 traceback.print_exc()
+                reason = "unavailable" if isinstance(e, EngineUnavailable) else "error"
                 for request_id in {s.request.request_id for s in self._live.values()}:
-                    self._finish_id(request_id, "error", error=f"engine step failed: {e}")
+                    self._finish_id(request_id, reason, error=f"engine step failed: {e}")
         for request_id in {s.request.request_id for s in self._live.values()}:
             self._finish_id(request_id, "cancelled")
 

@@ -97,6 +97,9 @@ class KVCacheManager:
         self._hash_of: dict[int, bytes] = {}
         self._chains: dict[str, list[bytes]] = {}
         self.prefix_stats = PrefixCacheStats()
+        # Tensor parallelism: rank 0 records the block copies `fork` makes, (source, copy) in order, so
+        # that the other ranks make them in their own pools (runtime/parallel/runner.py). None: off.
+        self.block_copies: list[tuple[int, int]] | None = None
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, spec: KVSpec, default_tokens: int) -> KVCacheManager:
@@ -232,6 +235,8 @@ class KVCacheManager:
             copy = self._take()
             for pool in (*self.keys, *self.values):
                 pool[copy] = pool[parent[full]]
+            if self.block_copies is not None:
+                self.block_copies.append((parent[full], copy))
             table = [*table, copy]
         self.tables[child_id] = table
         chain = self._chains.get(parent_id)

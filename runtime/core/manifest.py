@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 __all__ = [
     "MANIFEST_FILE", "MANIFEST_FORMAT", "MANIFEST_VERSION", "ManifestError", "EngineManifest", "TensorInfo",
     "KVCacheInfo", "KVQuantization", "SpecialTokens", "TokenizerInfo", "QuantizationInfo", "VisionInfo",
+    "TensorParallelInfo",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -159,6 +160,18 @@ class VisionInfo:
 
 
 @dataclass(frozen=True)
+class TensorParallelInfo:
+    """A tensor-parallel engine's split (docs/tensor_parallel.md): `size` ranks; `rank` is this rank's
+    number in a rank's manifest (rank{i}/manifest.json) and None in the engine's top-level one."""
+
+    size: int
+    rank: int | None
+    kv_heads_per_rank: int
+    q_heads_per_rank: int
+    vocab_shards: list[list[int]]  # [start, end) of each rank's LM-head rows, in rank order
+
+
+@dataclass(frozen=True)
 class EngineManifest:
     variant: str
     config: dict[str, Any]  # export's ModelConfig.to_dict(); the runtime reads `vocab_size` from it
@@ -179,6 +192,7 @@ class EngineManifest:
     ort_session_config: dict[str, str] | None = None  # session settings a quantized graph needs
     tensorrt: dict[str, Any] | None = None  # BACKEND=trt: the plan's profiles and timing cache
     vision: VisionInfo | None = None  # Llama 3.2 Vision: the vision graph and the cross-attention caches
+    tensor_parallel: TensorParallelInfo | None = None  # TP=N engines: the ranks (docs/tensor_parallel.md)
     format: str = MANIFEST_FORMAT
     format_version: int = 1
     manifest_version: int = MANIFEST_VERSION

@@ -106,6 +106,10 @@ class ModelRunner:
         # A Llama 3.2 Vision engine's image side: every call's cross-attention inputs (the engine core sets it).
         self.cross: CrossAttentionInputs | None = None
 
+    def close(self) -> None:
+        """The core has stopped: release what runs beside this process (a tensor-parallel runner's
+        other ranks; the single-process runner has nothing to release)."""
+
     def execute(self, out: SchedulerOutput) -> Iterator[Sampled]:
         """Run the step's engine calls: the decodes, then the prefill calls. After each call, yield
         the sequences that sample now (each decode; each chunk that completes its prompt) with

@@ -29,6 +29,11 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its bound: answer RESOURCE_EXHAUSTED at once."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine can no longer run steps (a tensor-parallel rank died or stopped answering): the
+    requests in flight end with finish reason 'unavailable' (gRPC UNAVAILABLE, HTTP 503)."""
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
@@ -69,7 +74,7 @@ class GenerationRequest:
 @dataclass
 class GenerationOutput:
     """One step's news for one request. For streams each carries only what is new; the last has
-    `finished` set and a `finish_reason` of 'stop', 'length', 'cancelled' or 'error'."""
+    `finished` set and a `finish_reason` of 'stop', 'length', 'cancelled', 'error' or 'unavailable'."""
 
     request_id: str
     token_ids: list[int]

@@ -187,6 +187,8 @@ class _Run:
 def _failure(out: GenerationOutput) -> _Refusal | None:
     if out.finish_reason == "cancelled":
         return _Refusal(503, "the request was cancelled (the server is stopping)", "service_unavailable")
+    if out.finish_reason == "unavailable":
+        return _Refusal(503, f"the engine became unavailable: {out.error}", "service_unavailable")
     if out.finish_reason not in ("stop", "length"):
         return _Refusal(500, f"the engine failed while running the request: {out.error or out.finish_reason}",
                         "server_error")

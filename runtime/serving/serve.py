@@ -9,6 +9,10 @@ Shutdown (docs/serving.md, "Production switches"): the first signal starts the d
 not ready at once, new requests UNAVAILABLE / 503, the admitted ones run to the end for up to
 `drain_timeout` seconds, then those left are cancelled; the ports close and serve() returns (the CLI
 exits 0). A second signal cuts the wait short.
+
+A tensor-parallel engine (docs/tensor_parallel.md, "Running") is served by rank 0 of its ranks:
+`mpiexec -disable-auto-cleanup -n N llamaforge serve ENGINE` (every rank runs this function; ranks
+>= 1 run their shard and return), or `llamaforge serve ENGINE` alone, which spawns the other ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
+from llamaforge.runtime.parallel.launch import exit_after_failure, start_rank, watch_ranks
+from llamaforge.runtime.parallel.world import DEFAULT_TIMEOUT_S
 from llamaforge.runtime.serving.engine_client import EngineClient
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.security import load_tls, resolve_api_key
@@ -39,7 +45,8 @@ def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int
           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, decoupled: bool = True,
           http_port: int | None = None, tls_cert: str | os.PathLike[str] | None = None,
           tls_key: str | os.PathLike[str] | None = None, tls_client_ca: str | os.PathLike[str] | None = None,
-          api_key: str | None = None, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S) -> None:
+          api_key: str | None = None, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+          tp_timeout: float = DEFAULT_TIMEOUT_S) -> None:
     """Load the engine, serve until SIGINT/SIGTERM, drain, return. `host`: the address every port binds
     (gRPC, HTTP, metrics); `decoupled`: the models' transaction policy; `http_port`: also serve the
     OpenAI-compatible HTTP front end on the same core, with `max_message_bytes` as its body limit
@@ -48,7 +55,11 @@ def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int
     `tls_cert`/`tls_key` (`tls_client_ca`): TLS on gRPC and HTTP (security.py); `api_key` (default
     $LLAMAFORGE_API_KEY): required on inference and metadata; `drain_timeout`: how long the drain waits
     for the requests in flight before cancelling them. Bad settings raise ValueError naming the flag
-    before the engine loads or a port binds."""
+    before the engine loads or a port binds.
+
+    A tensor-parallel engine runs as the ranks of an MPI job (`mpiexec -n N llamaforge serve ...`):
+    rank 0 serves, the others run their shard (runtime/parallel/launch.py); `tp_timeout`: how long a
+    step's collective waits for the other ranks before the engine is marked unavailable."""
     from llamaforge.runtime.core.engine_core import CoreConfig, EngineCore
     from llamaforge.runtime.serving.openai_server import HttpServer, OpenAIFrontend
 
@@ -56,10 +67,15 @@ def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int
         raise ValueError(f"--drain-timeout: must be >= 0 seconds, got {drain_timeout}")
     tls = load_tls(tls_cert, tls_key, tls_client_ca)
     key = resolve_api_key(api_key)
+    core_config = core_config or CoreConfig()
+    if start_rank(engine_dir, core_config.threads, tp_timeout):  # a tensor-parallel rank >= 1: its part is done
+        return
     metrics = ServerMetrics()
-    core: EngineClient = EngineCore(engine_dir, core_config or CoreConfig(), observer=metrics)
+    engine_core = EngineCore(engine_dir, core_config, observer=metrics)
+    core: EngineClient = engine_core
     server = InferenceServer(core, host, port, metrics_port, metrics=metrics, max_message_bytes=max_message_bytes,
                              decoupled=decoupled, tls=tls, api_key=key)
+    stop_ranks = watch_ranks(engine_core, server.servicer.mark_unavailable)
     http = None
     if http_port is not None:
         frontend = OpenAIFrontend(core, metrics, max_body_bytes=max_message_bytes,
@@ -106,6 +122,8 @@ def serve(engine_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int
         server.stop(grace=1.0)  # whatever is left ends cancelled with the core, which ends the HTTP ones too
         if http is not None:
             http.stop()
+        stop_ranks()
     print(f"llama-forge: stopped after {result.seconds:.1f} s of drain: {result.drained} request(s) answered, "
           f"{result.cancelled} cancelled; KV cache in use: {stats['kv_used_tokens']:g} of "
           f"{stats['kv_total_tokens']:g} tokens", flush=True)
+    exit_after_failure()

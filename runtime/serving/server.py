@@ -26,7 +26,9 @@ request's `id` in `infer_response.id`, and the stream stays open):
     CANCELLED           the request was cancelled (client gone, or still running at the drain timeout)
     INTERNAL            the engine failed while running the request
     UNAVAILABLE         the server is draining (SIGTERM): a new ModelInfer or ModelStreamInfer call, or
-                        a new request on a stream already open (which stays open for those running)
+                        a new request on a stream already open (which stays open for those running);
+                        or the engine became unavailable (a tensor-parallel rank died): every request
+                        then, and those in flight when it happened (docs/tensor_parallel.md)
     UNAUTHENTICATED     an API key is set and the call's `authorization` metadata is not `Bearer KEY`
                         (every RPC but ServerLive and ServerReady; security.py)
 
@@ -150,7 +152,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.models[TOKEN_MODEL.name] = TOKEN_MODEL
         self.stats = {name: InferStats() for name in self.models}
         self.ready = True
+        self.unavailable: str | None = None  # why the engine can no longer serve (mark_unavailable)
         self._version = _package_version()
+
+    def mark_unavailable(self, reason: str) -> None:
+        """The engine can no longer run (a tensor-parallel rank died): not ready from now on, and every
+        new request is refused UNAVAILABLE naming `reason`; health and metadata keep answering."""
+        self.unavailable = f"the engine is unavailable: {reason}"
+        self.ready = False
 
     # -- helpers -------------------------------------------------------------------------------------
     def _resolve(self, name: str, version: str) -> ModelSpec:
@@ -272,6 +281,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------------------
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        if self.unavailable is not None:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, self.unavailable)
         ticket = self.admission.admit()
         if ticket is None:
             _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -326,6 +337,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.id or rows[0][0].generation.request_id
         if any(out.finish_reason == "cancelled" for out in failed):
             context.abort(grpc.StatusCode.CANCELLED, f"request {name} was cancelled")
+        if any(out.finish_reason == "unavailable" for out in failed):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"request {name} failed: {failed[0].error or 'unavailable'}")
         if failed:
             context.abort(grpc.StatusCode.INTERNAL, f"request {name} failed: {failed[0].error or failed[0].finish_reason}")
         return response
@@ -333,6 +346,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
         if self.admission.draining:  # a new stream; requests on a stream already open: _Stream.start
             _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if self.unavailable is not None:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, self.unavailable)
         stream = _Stream(self, context)
         context.add_callback(stream.cancel_all)
         reader = threading.Thread(target=stream.read, args=(request_iterator,), name="grpc-stream-reader", daemon=True)
@@ -400,9 +415,10 @@ class _Stream:
             self.out.put(_READER_DONE)
 
     def start(self, request: pb.ModelInferRequest) -> None:
-        ticket = self.servicer.admission.admit()
+        refusal = self.servicer.unavailable
+        ticket = self.servicer.admission.admit() if refusal is None else None
         if ticket is None:  # draining: this request is refused, the stream and its running requests go on
-            self.out.put(self.error(request, SHUTTING_DOWN))
+            self.out.put(self.error(request, refusal or SHUTTING_DOWN))
             return
         with self.lock:
             self.tickets.add(ticket)

@@ -94,16 +94,19 @@ class ServerProcess:
 
 
 @contextmanager
-def serve_process(engine_dir: Path, *args: str, env: Mapping[str, str] | None = None) -> Iterator[ServerProcess]:
+def serve_process(engine_dir: Path, *args: str, env: Mapping[str, str] | None = None,
+                  launcher: tuple[str, ...] = (), exit_status: int | None = 0) -> Iterator[ServerProcess]:
     """`llamaforge serve ENGINE --port 0 --http-port 0 --metrics-port 0 ARGS`; SIGTERM on exit, which
-    must end it with status 0 (a test may have sent it and waited already)."""
+    must end it with status 0 (a test may have sent it and waited already). `launcher`: the command
+    the server runs under (e.g. `mpiexec -n 2` for a tensor-parallel engine); `exit_status`: the
+    status it must end with (None: any, for a test that kills part of it)."""
     root = Path(__file__).resolve().parents[2]
     environ = {k: v for k, v in os.environ.items() if k != "LLAMAFORGE_API_KEY"} | dict(env or {})
     fd, name = tempfile.mkstemp(prefix="llamaforge-serve-", suffix=".log")
     log_path = Path(name)
     with os.fdopen(fd, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
+            [*launcher, sys.executable, "-c", "import sys; from llamaforge.cli import main; sys.exit(main())", "serve",
              str(engine_dir), "--port", "0", "--http-port", "0", "--metrics-port", "0", *args],
             cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
     clean = False
@@ -121,7 +124,8 @@ def serve_process(engine_dir: Path, *args: str, env: Mapping[str, str] | None = 
             raise
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=30)
-        assert status == 0, f"the server exited with status {status}\n{server.log_tail()}"
+        assert exit_status is None or status == exit_status, \
+            f"the server exited with status {status}\n{server.log_tail()}"
         clean = True
     finally:
         if proc.poll() is None:

@@ -1,0 +1,117 @@
+"""`make engine TP=N` / `llamaforge build --tp N`: one engine directory holding N rank graphs.
+
+    <engine>/manifest.json              the model's manifest + tensor_parallel {size N, rank null, ...}
+    <engine>/tokenizer files, calibration.safetensors (quantized: measured once, on the whole model)
+    <engine>/rank{i}/model.onnx, model.onnx.data, manifest.json   rank i's graph, its shard only
+
+The rank graph is traced once with `export.tensor_parallel.RankShard`'s shapes (its heads, FFN
+columns and vocabulary rows; an all-reduce after every row-parallel projection: the same graph on
+every rank, but for the logits width when N does not divide the vocabulary) and copied for each
+rank, whose initializers are bound to its own slices, so its external data holds only its shard: each weight is read whole from the checkpoint, sliced, written
+and dropped, one at a time, and peak memory stays about the largest tensor. Calibration runs once
+on the unsharded model; each rank's quantization passes read its cut of the statistics
+(graphs/quantization/sharding.py). The whole directory is staged and renamed into place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from llamaforge.build.atomic import staged_dir
+from llamaforge.build.builder import (
+    CALIBRATION_FILE,
+    BuildError,
+    BuildOptions,
+    _calibrate,
+    activation_precision,
+    manifest_for,
+    quantized_manifest,
+    write_graph,
+)
+from llamaforge.export.checkpoint_base import Checkpoint
+from llamaforge.export.config import ModelConfig
+from llamaforge.export.exporter import graph_template, timed
+from llamaforge.export.tensor_parallel import RankShard, ShardingError, check_shardable, vocab_shards
+from llamaforge.export.tokenizer_files import copy_tokenizer
+from llamaforge.graphs.quantization.calibrate import CalibrationText
+from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS
+from llamaforge.graphs.quantization.recipes import QuantConfig
+from llamaforge.runtime.core.manifest import EngineManifest, TensorParallelInfo
+
+RANK_DIR = "rank{rank}"
+
+
+def check_tp_options(opts: BuildOptions, config: ModelConfig, quant: QuantConfig) -> None:
+    """BuildError naming what a TP=N build cannot do with these options, before any work."""
+    try:
+        check_shardable(config, opts.tp)
+    except ShardingError as e:
+        raise BuildError(f"TP: {e}") from None
+    if opts.backend == "trt":
+        raise BuildError(f"TP={opts.tp} BACKEND=trt: the trt pass pipeline maps the all-reduce to TensorRT-LLM's NCCL "
+                         "plugin (plugins/all_reduce/trt_plugin.py), but building a plan per rank with that plugin "
+                         "library is not wired into the build yet; use BACKEND=ort")
+    if quant.precision is not None and config.is_moe:
+        raise BuildError(f"TP={opts.tp} PRECISION={quant.precision}: quantized MoE experts are not sharded yet "
+                         "(their statistics are per expert tensor); build Llama 4 TP engines unquantized")
+    if quant.precision == "int8-sq" and quant.int8_activation == "static":
+        raise BuildError(f"TP={opts.tp} PRECISION=int8-sq --int8-activation static: SmoothQuant changes a row-parallel "
+                         "input's per-tensor maximum in ways one rank cannot see; use the per-token activations")
+    if quant.precision in INT4_PRECISIONS:
+        block = quant.int4_block_size
+        widths = {"q heads per rank x head_dim (o_proj's input)": config.q_size // opts.tp,
+                  "intermediate_size / TP (down_proj's input)": config.dense_intermediate_size // opts.tp}
+        bad = [f"{what} = {width}" for what, width in widths.items() if width % block]
+        if bad:
+            raise BuildError(f"TP={opts.tp} PRECISION={quant.precision}: --int4-block-size {block} does not divide "
+                             f"{'; '.join(bad)}: a rank's row-parallel input must hold whole blocks")
+
+
+def tp_info(shard: RankShard, rank: int | None) -> TensorParallelInfo:
+    return TensorParallelInfo(size=shard.size, rank=rank, q_heads_per_rank=shard.q_heads,
+                              kv_heads_per_rank=shard.kv_heads,
+                              vocab_shards=[list(b) for b in vocab_shards(shard.config.vocab_size, shard.size)])
+
+
+def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | None, quant: QuantConfig,
+                    calib_text: CalibrationText | None, source: dict[str, Any], out: Path) -> Path:
+    with staged_dir(out) as tmp:
+        stats = _calibrate(ckpt, calib_text, tmp, quant) if ckpt is not None and calib_text is not None else None
+        tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
+        top: EngineManifest | None = None
+        templates: dict[int, onnx.ModelProto] = {}  # by logits width: the only shape that differs between ranks
+        for rank in range(opts.tp):
+            shard = RankShard(config, opts.tp, rank)
+            rank_dir = tmp / RANK_DIR.format(rank=rank)
+            rank_dir.mkdir()
+            start, end = shard.vocab_rows()
+            if end - start not in templates:
+                done = timed(f"trace {config.name} for ranks with {end - start} vocabulary rows")
+                templates[end - start] = graph_template(config, activation_precision(opts.precision), shard)
+                done()
+            graph, passes = write_graph(rank_dir, config, opts, ckpt, quant, stats, out, shard, templates[end - start])
+            manifest = manifest_for(config, opts, graph, {"kind": "none"}, passes, source)  # tokenizer: top level
+            manifest = replace(manifest, kv_cache=replace(manifest.kv_cache, num_kv_heads=shard.kv_heads),
+                               tensor_parallel=tp_info(shard, rank))
+            if stats is not None:
+                manifest = quantized_manifest(manifest, quant, stats, opts.backend)
+            manifest.write(rank_dir)
+            if top is None:
+                top = manifest
+        assert top is not None and top.tensor_parallel is not None
+        if stats is not None:
+            stats.save(tmp / CALIBRATION_FILE)
+        # The model's manifest: rank 0's (each rank's interface is the same but for its logits width),
+        # with the tokenizer, and `model_file` naming the graph inside each rank{i}/.
+        from llamaforge.runtime.core.manifest import TokenizerInfo
+
+        top = replace(top, tokenizer=None if tokenizer.get("kind", "none") == "none" else
+                      TokenizerInfo.from_json(tokenizer, "copy_tokenizer's entry"),
+                      tensor_parallel=replace(top.tensor_parallel, rank=None))
+        top.write(tmp)
+    print(f"engine: {out} ({opts.tp} ranks)")
+    return out
