@@ -198,6 +198,10 @@ class CalibrationStats:
     # rank and equal to the unsharded model's. Derived, never saved.
     whole_weight_amax: dict[str, float] = field(default_factory=dict)
     whole_act_amax: dict[str, float] = field(default_factory=dict)
+    # A TP build's row-parallel linears: the whole weight's per-output-channel amax after smoothing
+    # (llamaforge/build/tensor_parallel.py reads it from the checkpoint), which `smoothed` installs in
+    # place of the rank's re-measure of its own rows.
+    smoothed_weight_out_amax: dict[str, np.ndarray] = field(default_factory=dict)
 
     def copy(self) -> CalibrationStats:
         return copy.deepcopy(self)
@@ -289,7 +293,10 @@ class CalibrationStats:
         for p in self._parts(linear):
             self.act_amax[p] = self.act_amax[p] / s
             self.weight_in_amax[p] = self.weight_in_amax[p] * s
-            self.weight_out_amax.pop(p, None)  # no longer derivable: the pass re-measures the weight
+            if p in self.smoothed_weight_out_amax:  # a TP rank's row-parallel part: the whole weight's
+                self.weight_out_amax[p] = self.smoothed_weight_out_amax[p]
+            else:  # no longer derivable: the pass re-measures the weight
+                self.weight_out_amax.pop(p, None)
             self.whole_weight_amax.pop(p, None)
             self.whole_act_amax.pop(p, None)
 

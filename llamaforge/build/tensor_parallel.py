@@ -15,11 +15,14 @@ on the unsharded model; each rank's quantization passes read its cut of the stat
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from tqdm import tqdm
 
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.builder import (
@@ -39,7 +42,7 @@ from llamaforge.export.tensor_parallel import RankShard, ShardingError, check_sh
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.graphs.quantization.calibrate import CalibrationText
 from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS
-from llamaforge.graphs.quantization.recipes import QuantConfig
+from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, smoothing_factors
 from llamaforge.runtime.core.manifest import EngineManifest, TensorParallelInfo
 
 RANK_DIR = "rank{rank}"
@@ -71,6 +74,25 @@ def check_tp_options(opts: BuildOptions, config: ModelConfig, quant: QuantConfig
                              f"{'; '.join(bad)}: a rank's row-parallel input must hold whole blocks")
 
 
+def row_parallel_smoothed_amax(stats: CalibrationStats, ckpt: Checkpoint, config: ModelConfig,
+                               quant: QuantConfig) -> dict[str, np.ndarray]:
+    """For the precisions that smooth (int8-sq, int8-wo on the fast kernels): each row-parallel
+    linear's per-output-channel max |W diag(s)| over ALL its input channels, as the unsharded
+    model's quantization measures it after smoothing. A rank holds only some of those inputs, so it
+    is computed here from the checkpoint (one weight at a time) and every rank's weight scales are
+    the unsharded model's. Empty for the other precisions."""
+    if quant.precision != "int8-sq" and not quant.smooths_int8_wo:
+        return {}
+    linears = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in ("self_attn.o_proj", "mlp.down_proj")]
+    out = {}
+    for linear in tqdm(linears, desc="row-parallel scales", unit="weight", disable=os.environ.get("LLAMAFORGE_QUIET") == "1"):
+        alpha = quant.smoothquant_alpha if quant.smoothquant_alpha is not None else stats.searched_alpha(linear)
+        s = smoothing_factors(stats.activation_amax(linear), stats.weight_amax_per_input(linear), alpha)
+        weight = ckpt.load(linear + ".weight").float().numpy()  # [out, in], as the fp32 graph holds it
+        out[linear] = (np.abs(weight) * s[None, :]).max(axis=1)
+    return out
+
+
 def tp_info(shard: RankShard, rank: int | None) -> TensorParallelInfo:
     return TensorParallelInfo(size=shard.size, rank=rank, q_heads_per_rank=shard.q_heads,
                               kv_heads_per_rank=shard.kv_heads,
@@ -81,6 +103,8 @@ def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | 
                     calib_text: CalibrationText | None, source: dict[str, Any], out: Path) -> Path:
     with staged_dir(out) as tmp:
         stats = _calibrate(ckpt, calib_text, tmp, quant) if ckpt is not None and calib_text is not None else None
+        if stats is not None and ckpt is not None:
+            stats.smoothed_weight_out_amax = row_parallel_smoothed_amax(stats, ckpt, config, quant)
         tokenizer = copy_tokenizer(ckpt, tmp) if ckpt is not None else {"kind": "none"}
         top: EngineManifest | None = None
         templates: dict[int, onnx.ModelProto] = {}  # by logits width: the only shape that differs between ranks

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 from tiny_models import TinyBuilds, tiny_config, tiny_llama4_config
 from tp_runs import prompts, run_ranks
 
@@ -89,3 +91,34 @@ def test_quantized_moe_tp_is_refused(tmp_path: Path) -> None:
     ckpt = make_llama4_checkpoint(tmp_path / "ckpt", tiny_llama4_config(), seed=1)
     with pytest.raises(BuildError, match="TP=2 PRECISION=int8-wo: quantized MoE experts are not sharded yet"):
         build_engine(BuildOptions(checkpoint=ckpt, out=tmp_path / "engine", tp=2, precision="int8-wo"))
+
+
+@pytest.mark.slow
+def test_smoothed_int8_ranks_hold_the_unsharded_weight_scales_of_their_channels(checkpoint: Path, tmp_path: Path) -> None:
+    """int8-wo on the fast kernels smooths first: every rank's per-output-channel weight scales are the
+    TP=1 engine's scales of its channels; the row-parallel ones (o_proj, down_proj, whose outputs every
+    rank has) measured over the whole input, not over the rank's rows."""
+    sharded = build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "tp", tp=2, precision="int8-wo"))
+    single = build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "tp1", precision="int8-wo"))
+
+    def scales(path: Path) -> dict[str, np.ndarray]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in graph.initializer
+                if t.name.endswith("nbits_scales")}
+
+    whole = scales(single / "model.onnx")
+    ranks = [scales(sharded / f"rank{r}" / "model.onnx") for r in range(2)]
+    config = tiny_config()
+    q, kv = config.q_size, config.kv_size
+    assert whole and set(whole) == set(ranks[0])
+    for name, want in whole.items():
+        parts = [r[name] for r in ranks]
+        if "o_proj" in name or "down_proj" in name:  # row-parallel: every output channel on every rank
+            for part in parts:
+                np.testing.assert_array_equal(part, want, err_msg=name)
+        elif "qkv_proj" in name:  # each rank: its q heads | its k heads | its v heads
+            splits = [np.split(p, [q // 2, q // 2 + kv // 2]) for p in parts]
+            got = np.concatenate([np.concatenate([s[i] for s in splits]) for i in range(3)])
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:  # gate / up / lm_head: column-parallel
+            np.testing.assert_array_equal(np.concatenate(parts), want, err_msg=name)
