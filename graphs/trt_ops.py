@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
 from llamaforge.graphs.trt_cross_attention import cross_attention_problems
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
 from llamaforge.plugins.attention.trt_plugin import ATTRIBUTE_NAMES
 from llamaforge.plugins.cross_attention.schema import DOMAIN as CROSS_DOMAIN
 from llamaforge.plugins.cross_attention.schema import OP_TYPE as CROSS_OP_TYPE

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 import onnx_ir as ir
-import torch
 
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.errors import BuildError

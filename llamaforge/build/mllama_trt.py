@@ -18,9 +18,11 @@ wrote. Needs the real TensorRT (checked by the caller, `builder.build_engine`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llamaforge.build.errors import BuildError
 from llamaforge.build.trt_backend import (
     CONTEXT_PROFILE,
     PLAN_FILE,
@@ -32,7 +34,6 @@ from llamaforge.build.trt_backend import (
     build_plan_with_profiles,
     optimization_profiles,
 )
-from llamaforge.build.errors import BuildError
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.vision_config import VisionConfig
 from llamaforge.plugins.attention import trt_plugin
@@ -43,6 +44,12 @@ VISION_PROFILE = "vision"
 MAX_IMAGES = 1
 
 Range = tuple[Shape, Shape, Shape]
+
+
+def _ranged(*dims: Sequence[int]) -> Range:
+    """(min, opt, max) shapes from one (min, opt, max) triple per dimension."""
+    lo, opt, hi = (tuple(dim[i] for dim in dims) for i in range(3))
+    return lo, opt, hi
 
 
 def text_profiles(config: ModelConfig, vision: VisionConfig, options: TensorRTOptions,
@@ -57,14 +64,13 @@ def text_profiles(config: ModelConfig, vision: VisionConfig, options: TensorRTOp
         shapes = dict(base.shapes)
         batch = tuple(s[0] for s in shapes["input_ids"])
         seq = tuple(s[1] for s in shapes["input_ids"])
+        new = tokens if base.name == CONTEXT_PROFILE else (0, 0, 0)  # decode: no new image states
         for layer in vision.cross_attention_layers:
             del shapes[f"past_key.{layer}"], shapes[f"past_value.{layer}"]
-            cache: Range = tuple((batch[i], kvh, tokens[i], d) for i in range(3))  # type: ignore[assignment]
+            cache = _ranged(batch, (kvh,) * 3, tokens, (d,) * 3)
             shapes[f"past_cross_key.{layer}"] = shapes[f"past_cross_value.{layer}"] = cache
-        new = tokens if base.name == CONTEXT_PROFILE else (0, 0, 0)  # decode: no new image states
-        shapes["cross_attention_states"] = tuple((batch[i], new[i], hidden) for i in range(3))  # type: ignore[assignment]
-        tile_counts = (1, tiles, max_images * tiles)
-        shapes["cross_attention_mask"] = tuple((batch[i], seq[i], tile_counts[i]) for i in range(3))  # type: ignore[assignment]
+        shapes["cross_attention_states"] = _ranged(batch, new, (hidden,) * 3)
+        shapes["cross_attention_mask"] = _ranged(batch, seq, (1, tiles, max_images * tiles))
         profiles.append(Profile(base.name, shapes))
     return profiles
 
@@ -72,12 +78,10 @@ def text_profiles(config: ModelConfig, vision: VisionConfig, options: TensorRTOp
 def vision_profiles(vision: VisionConfig, options: TensorRTOptions, max_images: int = MAX_IMAGES) -> list[Profile]:
     """One profile: 1..MAX_BATCH prompts of 1..MAX_IMAGES images (opt: one image), every tile."""
     b, tiles, size, channels = options.limits.max_batch, vision.max_num_tiles, vision.image_size, vision.num_channels
-    rows = ((1, 1), (1, 1), (b, max_images))
+    batch, images = (1, 1, b), (1, 1, max_images)
     return [Profile(VISION_PROFILE, {
-        "pixel_values": tuple((r[0], r[1], tiles, channels, size, size) for r in rows),  # type: ignore[dict-item]
-        "aspect_ratio_ids": rows,  # type: ignore[dict-item]
-        "aspect_ratio_mask": tuple((r[0], r[1], tiles) for r in rows),  # type: ignore[dict-item]
-    })]
+        "pixel_values": _ranged(batch, images, *[(n,) * 3 for n in (tiles, channels, size, size)]),
+        "aspect_ratio_ids": _ranged(batch, images), "aspect_ratio_mask": _ranged(batch, images, (tiles,) * 3)})]
 
 
 def build_mllama_plans(tmp: Path, config: ModelConfig, vision: VisionConfig, options: TensorRTOptions,
