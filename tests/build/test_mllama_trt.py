@@ -62,3 +62,14 @@ def test_two_plan_build(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"]["plugins"] == ["llamaforge::LlamaAttention", "llamaforge::CrossAttention"]
     assert manifest["tensorrt"]["vision"]["plan_file"] == VISION_PLAN_FILE
+
+
+def test_fp8_kv_cache_with_tensorrt_is_refused_naming_it() -> None:
+    """Reached only where TensorRT is installed (the build stops at its absence first): refused before
+    anything is traced, as neither plugin has an FP8 cache."""
+    from llamaforge.build.mllama import refuse_unsupported
+    from llamaforge.graphs.quantization.recipes import QuantConfig
+
+    with pytest.raises(BuildError, match="KV_CACHE=fp8 with BACKEND=trt"):
+        refuse_unsupported(BuildOptions(backend="trt", kv_cache="fp8"), QuantConfig(None, "fp8"))
+    refuse_unsupported(BuildOptions(backend="ort", kv_cache="fp8"), QuantConfig(None, "fp8"))  # ORT: built
