@@ -26,10 +26,13 @@ from llamaforge.plugins.cross_attention.torch_op import TRANSLATION_TABLE as CRO
 OPSET = 23
 
 
-def trace_vision(vision: VisionConfig, text_hidden_size: int) -> ir.Model:
-    """`vision.onnx`'s graph (float32), every weight a data-less initializer."""
+def trace_vision(vision: VisionConfig, text_hidden_size: int, precision: str = "fp32") -> ir.Model:
+    """`vision.onnx`'s graph in `precision` (its pixel_values input float32 all the same), every
+    weight a data-less initializer."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"PRECISION={precision!r} is not one of {sorted(PRECISIONS)}")
     with torch.device("meta"):
-        model = VisionGraph(vision, text_hidden_size).eval()
+        model = VisionGraph(vision, text_hidden_size).to(PRECISIONS[precision]).eval()
         batch, images, tiles, size = 2, 3, vision.max_num_tiles, vision.image_size  # distinct sample sizes
         args = (torch.zeros(batch, images, tiles, vision.num_channels, size, size),
                 torch.zeros(batch, images, dtype=torch.int64),

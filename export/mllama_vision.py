@@ -15,9 +15,9 @@ What it computes, per image (`VisionConfig` holds the numbers):
     -> projector (linear with bias) to the text hidden size.
 
 Graph interface (`vision.onnx` in the engine directory):
-  inputs   pixel_values [batch, max_images, max_num_tiles, 3, S, S] float32,
+  inputs   pixel_values [batch, max_images, max_num_tiles, 3, S, S] float32 (cast to the encoder's precision inside),
            aspect_ratio_ids [batch, max_images] int64, aspect_ratio_mask [batch, max_images, max_num_tiles] int64
-  output   cross_attention_states [batch, max_images * max_num_tiles * num_patches, text_hidden]: the
+  output   cross_attention_states (the encoder's precision) [batch, max_images * max_num_tiles * num_patches, text_hidden]: the
            projected states in transformers' memory order (it hands the text model
            [batch * max_images * max_num_tiles, num_patches, text_hidden], which its cross-attention
            views as [batch, -1, ...]), so row b holds exactly the keys' source states of prompt b.
@@ -46,11 +46,12 @@ def padded_patches(vision: VisionConfig) -> int:
     return vision.num_patches + (-vision.num_patches) % PATCH_ALIGNMENT
 
 
-def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, vision: VisionConfig) -> torch.Tensor:
-    """transformers' `_prepare_aspect_ratio_attention_mask`, float32 [images, 1, T*P, T*P].
+def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, vision: VisionConfig,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' `_prepare_aspect_ratio_attention_mask`, [images, 1, T*P, T*P] in `dtype` (the encoder's).
 
     A position is padding when its tile is (aspect_ratio_mask 0) or it is one of the alignment
-    positions; the additive mask is float32's minimum where *both* the query and the key are padding
+    positions; the additive mask is `dtype`'s minimum where *both* the query and the key are padding
     and 0 elsewhere. So real positions also attend to padding ones: that is transformers' (and the
     published weights') behaviour, reproduced as is. (There is always alignment padding: a tile has
     n² + 1 positions, never a multiple of 8, so transformers' `[..., -pad:]` slice is never `-0:`.)
@@ -58,9 +59,9 @@ def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, vision: VisionC
     images, tiles = aspect_ratio_mask.shape
     target = padded_patches(vision)
     real_position = torch.arange(target, device=aspect_ratio_mask.device) < vision.num_patches
-    real = aspect_ratio_mask.to(torch.float32)[:, :, None] * real_position.to(torch.float32)  # [I, T, P]
+    real = aspect_ratio_mask.to(dtype)[:, :, None] * real_position.to(dtype)  # [I, T, P]
     padding = (1.0 - real).reshape(images, tiles * target, 1)
-    return (padding @ padding.transpose(-1, -2) * torch.finfo(torch.float32).min).unsqueeze(1)
+    return (padding @ padding.transpose(-1, -2) * torch.finfo(dtype).min).unsqueeze(1)
 
 
 class VisionAttention(nn.Module):
@@ -195,7 +196,7 @@ class VisionModel(nn.Module):
         x = torch.cat([self.class_embedding.expand(images * tiles, 1, dim), x], dim=1)
         x = self.gated_positional_embedding(x.reshape(images, tiles, positions, dim), ids)
         x = F.pad(self.layernorm_pre(x), (0, 0, 0, padded - positions))
-        mask = aspect_ratio_attention_mask(aspect_ratio_mask.reshape(images, tiles), cfg)
+        mask = aspect_ratio_attention_mask(aspect_ratio_mask.reshape(images, tiles), cfg, x.dtype)
 
         local = self.transformer(x.reshape(images, tiles * padded, dim), mask)
         x = self.layernorm_post(local[-1]).reshape(images, tiles, padded, dim)
@@ -219,6 +220,9 @@ class VisionGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        # pixel_values stay float32 at the interface (the runtime's preprocessing output) whatever the
+        # encoder's precision; the cast is the graph's first node, as TensorRT-LLM casts them to the model dtype.
+        pixel_values = pixel_values.to(self.multi_modal_projector.weight.dtype)
         states = self.multi_modal_projector(self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
         return states.reshape(pixel_values.shape[0], -1, states.shape[-1])
 

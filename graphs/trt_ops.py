@@ -2,8 +2,10 @@
 
 Every node of a TensorRT-targeted graph must be either one of our plugin ops (`plugins/attention/
 schema.py`: `llamaforge::LlamaAttention`, which `plugins/attention/trt_plugin.py` registers with
-TensorRT; `llamaforge::AllReduce` of tensor-parallel ranks in its TensorRT form, TensorRT-LLM's NCCL
-plugin, `plugins/all_reduce/trt_plugin.py`) or an operator on the ONNX parser's supported list recorded in `trt_supported_ops.json`
+TensorRT; `llamaforge::CrossAttention`, `plugins/cross_attention/trt_plugin.py`, checked by
+`trt_cross_attention.py`; `llamaforge::AllReduce` of tensor-parallel ranks in its TensorRT form,
+TensorRT-LLM's NCCL plugin, `plugins/all_reduce/trt_plugin.py`) or an operator on the ONNX parser's
+supported list recorded in `trt_supported_ops.json`
 (with the TensorRT version it comes from). Beyond the op name, the check applies what the list says
 that a graph can show statically:
 
@@ -34,10 +36,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from llamaforge.graphs.trt_cross_attention import cross_attention_problems
 from llamaforge.plugins.all_reduce import trt_plugin as all_reduce_trt
 from llamaforge.plugins.all_reduce.schema import OP_TYPE as ALL_REDUCE_OP_TYPE
 from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, AttentionAttrs
 from llamaforge.plugins.attention.trt_plugin import ATTRIBUTE_NAMES
+from llamaforge.plugins.cross_attention.schema import DOMAIN as CROSS_DOMAIN
+from llamaforge.plugins.cross_attention.schema import OP_TYPE as CROSS_OP_TYPE
 
 SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_supported_ops.json")
 
@@ -245,12 +250,14 @@ def tensorrt_problems(model: ir.Model) -> list[str]:
             problems += _check_plugin(node)
         elif node.domain == DOMAIN and node.op_type == ALL_REDUCE_OP_TYPE:
             problems += _check_all_reduce(node)
+        elif node.domain == CROSS_DOMAIN and node.op_type == CROSS_OP_TYPE:  # Llama 3.2 Vision
+            problems += cross_attention_problems(node, _label(node))
         elif node.domain in ("", "ai.onnx"):
             problems += _check_standard(node, ops)
         else:
             problems.append(f"{_label(node)}: domain {node.domain!r} is neither the ONNX standard nor a "
-                            f"llama-forge plugin ({DOMAIN}::{OP_TYPE}, {DOMAIN}::{ALL_REDUCE_OP_TYPE}); TensorRT has "
-                            "no importer for it")
+                            f"llama-forge plugin ({DOMAIN}::{OP_TYPE}, {DOMAIN}::{ALL_REDUCE_OP_TYPE}, "
+                            f"{CROSS_DOMAIN}::{CROSS_OP_TYPE}); TensorRT has no importer for it")
     return problems
 
 

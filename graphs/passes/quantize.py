@@ -8,6 +8,7 @@ at a time when the engine is written, like every other weight-rewriting pass (bo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ class Linear:
         return w
 
 
+LAYER_PREFIX = re.compile(r"model\.layers\.\d+\.")
+
+
 def linear_name(node: ir.Node) -> str:
     if any(o.name == LOGITS and o.is_graph_output() for o in node.outputs):
         return "lm_head"  # by position: a tied lm_head's weight is named after the embedding
@@ -78,13 +82,18 @@ def linears(graph: ir.Graph, ctx: QuantContext) -> list[Linear]:
     return found
 
 
-def by_input(items: list[Linear]) -> dict[ir.Value, list[Linear]]:
-    groups: dict[ir.Value, list[Linear]] = {}
+def by_input(items: list[Linear]) -> list[tuple[ir.Value, list[Linear]]]:
+    """The linears grouped by the tensor they read, one group per decoder layer: Llama 3.2 Vision's
+    cross-attention layers all read the graph input `cross_attention_states` (k_proj, v_proj), and
+    calibration measures and searches each layer on its own, so each layer's pair is a group (an
+    input smoothed gets one Mul per layer). In a text model no tensor feeds two layers' linears."""
+    groups: dict[tuple[ir.Value, str], list[Linear]] = {}
     for lin in items:
         x = lin.node.inputs[0]
         assert x is not None
-        groups.setdefault(x, []).append(lin)
-    return groups
+        layer = LAYER_PREFIX.match(lin.name)
+        groups.setdefault((x, layer.group(0) if layer else ""), []).append(lin)
+    return [(x, group) for (x, _), group in groups.items()]
 
 
 def const_value(name: str, array: np.ndarray) -> ir.Value:
@@ -132,8 +141,8 @@ class SmoothQuant(ir.passes.InPlacePass):
         if self.ctx.config.smooths_int8_wo and self.ctx.config.smoothquant_alpha is None:
             # weight-only's smoothing serves the fast kernel's activation rounding, and the search covers
             # the decoder layers: a quantized lm_head keeps its input as it is
-            groups = {x: g for x, g in groups.items() if all(lin.name != "lm_head" for lin in g)}
-        for x, group in groups.items():
+            groups = [(x, g) for x, g in groups if all(lin.name != "lm_head" for lin in g)]
+        for x, group in groups:
             alpha = self._alpha(group)
             a = np.maximum.reduce([stats.activation_amax(lin.name) for lin in group])
             w = np.maximum.reduce([stats.weight_amax_per_input(lin.name) for lin in group])
@@ -251,7 +260,7 @@ class QuantizeMatMuls(ir.passes.InPlacePass):
         for lin in items:
             self._quantize_weight(graph, lin)
         if self.fmt.activations:
-            for x, group in by_input(items).items():
+            for x, group in by_input(items):
                 self._quantize_activation(graph, x, group)
         return ir.passes.PassResult(model, bool(items))
 

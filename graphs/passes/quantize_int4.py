@@ -50,10 +50,9 @@ class AWQScale(ir.passes.InPlacePass):
             raise QuantizationError("PRECISION=int4-awq: the calibration statistics hold no AWQ scales "
                                     "(calibration.safetensors from an older build?); recalibrate")
         groups = by_input(linears(graph, self.ctx))
-        for x, group in list(groups.items()):
-            if [lin.name for lin in group] == ["lm_head"] and "lm_head" not in stats.awq_scale:
-                del groups[x]  # a quantized head: the search covers the decoder layers; the head is RTN
-                continue
+        # a quantized head: the search covers the decoder layers; the head is RTN
+        groups = [(x, g) for x, g in groups if not ([lin.name for lin in g] == ["lm_head"] and "lm_head" not in stats.awq_scale)]
+        for x, group in groups:
             scales = [stats.awq_factors(lin.name) for lin in group]
             if any(not np.array_equal(s, scales[0]) for s in scales[1:]):
                 raise QuantizationError(f"{[lin.name for lin in group]} read one input but their AWQ scales differ: "

@@ -39,7 +39,9 @@ from tqdm import tqdm
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.demo.train import heldout_text, split_files
 from llamaforge.export.llama4 import MoEFeedForward
+from llamaforge.export.mllama_text import CrossAttentionDecoderLayer
 from llamaforge.export.model import DecoderLayer, RMSNorm
+from llamaforge.export.vision_config import VisionConfig
 from llamaforge.graphs.quantization.recipes import CalibrationStats
 from llamaforge.plugins.moe.reference import expert_input_amax
 
@@ -70,6 +72,17 @@ class LayerSearch(Protocol):
     def capture(self, name: str, x: torch.Tensor) -> None: ...
 
     def finish(self, prefix: str, weights: dict[str, torch.Tensor], stats: CalibrationStats) -> None: ...
+
+
+@dataclass
+class ImageStates:
+    """Llama 3.2 Vision: what the cross-attention layers read during calibration, one row per
+    calibration sequence: the projected image states [n, image_tokens, hidden] (the vision graph's
+    output) and the cross-attention mask [n, seq_len, tiles] (1: the token sees the tile)."""
+
+    vision: VisionConfig
+    states: torch.Tensor
+    mask: torch.Tensor
 
 
 class TextTokenizer(Protocol):
@@ -154,9 +167,12 @@ class _AmaxRecorder:
         self.values[key] = amax.float() if old is None else torch.maximum(old, amax.float())
 
 
-def _layer_module(config: ModelConfig, layer: int = 0) -> nn.Module:
-    """Layer `layer`'s structure (Llama 4's layers differ: MoE or dense FFN, RoPE or NoPE attention)."""
+def _layer_module(config: ModelConfig, layer: int = 0, images: ImageStates | None = None) -> nn.Module:
+    """Layer `layer`'s structure (Llama 4's layers differ: MoE or dense FFN, RoPE or NoPE attention;
+    Llama 3.2 Vision's cross-attention layers are `mllama_text.CrossAttentionDecoderLayer`)."""
     with torch.device("meta"):  # structure only: weights come from the checkpoint per call
+        if images is not None and layer in images.vision.cross_attention_layers:
+            return CrossAttentionDecoderLayer(config, images.vision).eval()
         return DecoderLayer(config, layer).eval()
 
 
@@ -180,8 +196,12 @@ EXPERT_WEIGHTS = (".experts.gate_up_proj", ".experts.down_proj")
 
 @torch.inference_mode()
 def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
-              on_layer: Callable[[int], None] | None = None, search: LayerSearch | None = None) -> CalibrationStats:
-    """Measure `CalibrationStats` for `ckpt` on `tokens` [n, seq_len], one layer in memory at a time."""
+              on_layer: Callable[[int], None] | None = None, search: LayerSearch | None = None,
+              images: ImageStates | None = None) -> CalibrationStats:
+    """Measure `CalibrationStats` for `ckpt` on `tokens` [n, seq_len], one layer in memory at a time.
+    `images` (Llama 3.2 Vision, required there): the image states the cross-attention layers attend
+    to, so their linears (k_proj/v_proj read the image states themselves) and every later layer are
+    calibrated on what they see at run time."""
     config = ckpt.config
     stats = CalibrationStats()
     names = set(ckpt.tensor_names())
@@ -218,7 +238,8 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
         hooks = [m.register_forward_pre_hook(on_moe_input(name) if isinstance(m, MoEFeedForward)
                                              else on_linear_input(name))
                  for name, m in layer.named_modules() if isinstance(m, (nn.Linear, MoEFeedForward))]
-        hooks.append(layer.get_submodule("self_attn").register_forward_hook(on_attention))
+        attention = "cross_attn" if isinstance(layer, CrossAttentionDecoderLayer) else "self_attn"
+        hooks.append(layer.get_submodule(attention).register_forward_hook(on_attention))
         return hooks
 
     hooks: list[Any] = []
@@ -228,15 +249,22 @@ def calibrate(ckpt: TensorSource, tokens: torch.Tensor, progress: bool = True,
     try:
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
-            layer = _layer_module(config, i)
+            layer = _layer_module(config, i, images)
             linear_names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
             hooks = hooked(layer)
             weights = _weights(ckpt, prefix)
             _record_weights(stats, prefix, weights, linear_names)
             for start in range(0, n, CHUNK):
                 x = hidden[start:start + CHUNK]
-                cache = torch.zeros(x.shape[0], config.num_kv_heads, seq_len, config.head_dim)
-                out, _, _ = torch.func.functional_call(layer, weights, (x, cache, cache, past_lengths[: x.shape[0]]))
+                if isinstance(layer, CrossAttentionDecoderLayer):
+                    assert images is not None
+                    states = images.states[start:start + CHUNK]
+                    cache = torch.zeros(x.shape[0], config.num_kv_heads, states.shape[1], config.head_dim)
+                    args: tuple[torch.Tensor, ...] = (x, states, cache, cache, images.mask[start:start + CHUNK])
+                else:
+                    cache = torch.zeros(x.shape[0], config.num_kv_heads, seq_len, config.head_dim)
+                    args = (x, cache, cache, past_lengths[: x.shape[0]])
+                out, _, _ = torch.func.functional_call(layer, weights, args)
                 hidden[start:start + CHUNK] = out
             if search is not None:
                 search.finish(prefix, weights, stats)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.errors import BuildError
-from llamaforge.build.mllama import build_mllama_engine, refuse_unsupported
+from llamaforge.build.mllama import build_mllama_engine
 from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, TensorRTOptions, build_plan
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.checkpoint_errors import CheckpointError
@@ -228,6 +228,14 @@ def _calibration_text(opts: BuildOptions) -> CalibrationText:
         raise BuildError(str(e)) from None
 
 
+def layer_search_for(quant: QuantConfig | None, text: CalibrationText, tokens: Any) -> Any:
+    """The per-layer search calibration runs for `quant`: AWQ's scales (int4-awq), SmoothQuant's alpha
+    or fp8's clip (graphs/quantization/search.py), or None."""
+    if quant is not None and quant.precision == "int4-awq":
+        return awq_search(quant.int4_block_size, text, tokens)
+    return layer_search(quant, text, tokens) if quant is not None else None
+
+
 def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path, quant: QuantConfig | None = None) -> CalibrationStats:
     """Calibration statistics for a quantized build (PyTorch, one decoder layer in memory at a time);
     int4-awq adds AWQ's per-layer scale search (graphs/quantization/awq.py) to the same pass."""
@@ -238,9 +246,7 @@ def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path, quant: QuantC
         raise BuildError(str(e)) from None
     print(f"calibration data: {text.source}")
     try:
-        search = awq_search(quant.int4_block_size, text, tokens) if quant is not None and quant.precision == "int4-awq" else \
-            layer_search(quant, text, tokens) if quant is not None else None  # int8-sq alpha, fp8 clip
-        stats = calibrate(ckpt, tokens, search=search)
+        stats = calibrate(ckpt, tokens, search=layer_search_for(quant, text, tokens))
     except CalibrationError as e:
         raise BuildError(str(e)) from None
     stats.source = text.source
@@ -306,11 +312,10 @@ def build_engine(opts: BuildOptions) -> Path:
     vision_variant = VARIANTS.get(opts.model or "")
     if opts.checkpoint is None and vision_variant is not None and vision_variant.vision is not None:
         _refuse_tp(opts, "Llama 3.2 Vision")
-        refuse_unsupported(opts)  # graph only (WEIGHTS=none: checked above) from the registry
-        out = opts.out or Path("engines") / vision_variant.name
+        out = opts.out or Path("engines") / vision_variant.name  # graph only (WEIGHTS=none: checked above)
         _check_out_dir(out)
         return build_mllama_engine(opts, vision_variant.config, vision_variant.vision, None,
-                                   {"checkpoint": None, "registry": opts.model}, out)
+                                   {"checkpoint": None, "registry": opts.model}, out, quant)
     try:
         ckpt, config = model_source(opts.model, opts.checkpoint)  # a checkpoint's every header is validated
     except UnknownVariantError as e:
@@ -324,13 +329,9 @@ def build_engine(opts: BuildOptions) -> Path:
         source = {"checkpoint": str(opts.checkpoint), "layout": ckpt.layout, "warnings": list(ckpt.warnings)}
     else:
         source = {"checkpoint": None, "registry": opts.model}
-    if isinstance(ckpt, MllamaCheckpoint):  # two graphs: llamaforge/build/mllama.py
+    if isinstance(ckpt, MllamaCheckpoint):
         _refuse_tp(opts, "Llama 3.2 Vision")
-        refuse_unsupported(opts)
-        out = opts.out or Path("engines") / (opts.model or config.name)
-        _check_out_dir(out)
-        return build_mllama_engine(opts, ckpt.config, ckpt.vision, ckpt, source, out)
-    if opts.tp != 1:  # before the export and calibration: a model TP cannot split fails here, named
+    elif opts.tp != 1:  # before the export and calibration: a model TP cannot split fails here, named
         from llamaforge.build.tensor_parallel import check_tp_options
 
         check_tp_options(opts, config, quant)
@@ -346,6 +347,10 @@ def build_engine(opts: BuildOptions) -> Path:
             opts.tensorrt.limits.validate(config.max_position_embeddings)
         except TensorRTBuildError as e:
             raise BuildError(str(e)) from None
+    if isinstance(ckpt, MllamaCheckpoint):  # two graphs: llamaforge/build/mllama.py
+        out = opts.out or Path("engines") / (opts.model or config.name)
+        _check_out_dir(out)
+        return build_mllama_engine(opts, ckpt.config, ckpt.vision, ckpt, source, out, quant, calib_text)
 
     out = opts.out or Path("engines") / (opts.model or config.name)
     _check_out_dir(out)

@@ -7,10 +7,14 @@
 
 From an HF mllama checkpoint, or without weights from a registry variant (WEIGHTS=none: both graphs
 complete and checked, their external data sparse files of the right size, as a text model's
-graph-only build). What is not built yet is refused before anything is traced, naming it: TensorRT
-(neither graph has a TensorRT path: no plugin for the cross-attention op), quantized precisions and
-KV_CACHE=fp8 (calibration runs the text model alone, without image states) and fp16/bf16 (the
-vision graph is traced in float32 only).
+graph-only build).
+
+Precisions: fp32/fp16/bf16 trace both graphs in that type (the vision graph's pixel_values input
+stays float32). A quantized PRECISION (and KV_CACHE=fp8, ORT only) quantizes the text decoder, its
+cross-attention layers included, calibrated with image states (graphs/quantization/mllama_images.py);
+the vision graph stays unquantized in the text graph's activation type (`vision_precision`).
+BACKEND=trt runs the `trt` pipeline on the text graph and `clean` + `check-trt-ops` on the vision
+graph, then builds one plan per graph (llamaforge/build/mllama_trt.py).
 """
 
 from __future__ import annotations
@@ -21,38 +25,54 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 import onnx_ir as ir
-import torch
 
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.errors import BuildError
 from llamaforge.export.config import ModelConfig
-from llamaforge.export.exporter import bind_placeholder_weights, bind_weights, save_streaming, timed, tqdm_progress
+from llamaforge.export.exporter import (
+    PRECISIONS,
+    bind_placeholder_weights,
+    bind_weights,
+    save_streaming,
+    timed,
+    tqdm_progress,
+)
 from llamaforge.export.mllama_checkpoint import MllamaCheckpoint
 from llamaforge.export.mllama_export import trace_text, trace_vision
 from llamaforge.export.mllama_text import cache_names
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.export.vision_config import VisionConfig
 from llamaforge.graphs.pipeline import pipeline, run_pipeline
+from llamaforge.graphs.quantization.calibrate import CalibrationError, CalibrationText, calibrate, calibration_batch
+from llamaforge.graphs.quantization.mllama_images import calibration_image_states
+from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, QuantContext, QuantizationError
+from llamaforge.graphs.trt_ops import UnsupportedForTensorRT
 from llamaforge.runtime.core.manifest import EngineManifest, TensorInfo, VisionInfo
+from llamaforge.runtime.core.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # builder.py imports this module: the type only, for mypy
     from llamaforge.build.builder import BuildOptions
 
 VISION_FILE = "vision.onnx"
-VISION_PASSES = ["clean"]
+VISION_PASSES = {"ort": ["clean"], "trt": ["clean", "check-trt-ops"]}
 SMALL_CONSTANT_BYTES = 1024  # save_streaming's threshold: larger tensors go to external data
 
 
-def refuse_unsupported(opts: BuildOptions) -> None:
-    """BuildError naming the first option a Llama 3.2 Vision build cannot honour yet."""
+def refuse_unsupported(opts: BuildOptions, quant: QuantConfig) -> None:
+    """BuildError naming the first option a Llama 3.2 Vision build cannot honour."""
     what = "Llama 3.2 Vision (mllama)"
-    if opts.backend != "ort":
-        raise BuildError(f"BACKEND={opts.backend}: {what} engines are built for ONNX Runtime only; the "
-                         "cross-attention op has no TensorRT plugin yet (docs/vision.md)")
-    if opts.precision != "fp32" or opts.kv_cache:
-        raise BuildError(f"PRECISION={opts.precision} KV_CACHE={opts.kv_cache}: {what} engines are fp32 only for now: "
-                         "calibration does not run the cross-attention layers and the vision graph is traced in "
-                         "float32 (docs/vision.md)")
+    if opts.backend == "trt" and quant.kv_cache:
+        raise BuildError(f"KV_CACHE={quant.kv_cache} with BACKEND=trt: neither TensorRT plugin has an FP8 cache "
+                         f"(docs/tensorrt.md); {what} engines keep their caches in the activation type there")
+
+
+def vision_precision(precision: str) -> str:
+    """The vision graph's precision: never quantized (TensorRT-LLM builds the visual engine unquantized,
+    in the checkpoint's dtype, and quantizes the decoder only), in the text graph's activation type,
+    which its output (`cross_attention_states`) feeds."""
+    from llamaforge.build.builder import activation_precision
+
+    return activation_precision(precision)
 
 
 def vision_info(config: ModelConfig, vision: VisionConfig, inputs: list[TensorInfo],
@@ -85,30 +105,63 @@ def _save(model: ir.Model, path: Path, with_weights: bool, what: str) -> None:
     ir.save(model, path)
 
 
-def build_mllama_engine(opts: BuildOptions, config: ModelConfig, vision: VisionConfig, ckpt: MllamaCheckpoint | None,
-                        source: dict[str, Any], out: Path) -> Path:
-    """`build_engine` for Llama 3.2 Vision: from an opened mllama checkpoint, or graph only (`ckpt`
-    None, WEIGHTS=none) from a registry variant's `config` and `vision`. `opts` is checked by the
-    caller and by `refuse_unsupported`."""
-    # Imported here: builder.py imports this module, and these are the text build's own pieces.
-    from llamaforge.build.builder import MODEL_FILE, io_spec, manifest_for
+def _calibrate(ckpt: MllamaCheckpoint, text: CalibrationText, quant: QuantConfig, tmp: Path) -> CalibrationStats:
+    """The text decoder's calibration statistics, its cross-attention layers fed image states."""
+    from llamaforge.build.builder import layer_search_for  # the text build's search choice (int8-sq alpha, AWQ)
 
+    try:
+        tokenizer = load_tokenizer(tmp, copy_tokenizer(ckpt, tmp))
+        tokens = calibration_batch(tokenizer, text, seq_len=min(256, ckpt.config.max_position_embeddings))
+        print(f"calibration data: {text.source}; image states of generated images (graphs/quantization/mllama_images.py)")
+        images = calibration_image_states(ckpt, ckpt.vision, ckpt.config.hidden_size, tokens)
+        stats = calibrate(ckpt, tokens, search=layer_search_for(quant, text, tokens), images=images)
+    except CalibrationError as e:
+        raise BuildError(str(e)) from None
+    stats.source = text.source
+    return stats
+
+
+def build_mllama_engine(opts: BuildOptions, config: ModelConfig, vision: VisionConfig, ckpt: MllamaCheckpoint | None,
+                        source: dict[str, Any], out: Path, quant: QuantConfig,
+                        calib_text: CalibrationText | None = None) -> Path:
+    """`build_engine` for Llama 3.2 Vision: from an opened mllama checkpoint, or graph only (`ckpt`
+    None, WEIGHTS=none) from a registry variant's `config` and `vision`. `opts` and `quant` are
+    checked by the caller and by `refuse_unsupported`; `calib_text` is given when `quant` is active."""
+    # Imported here: builder.py imports this module, and these are the text build's own pieces.
+    from llamaforge.build.builder import (
+        CALIBRATION_FILE,
+        MODEL_FILE,
+        activation_precision,
+        io_spec,
+        manifest_for,
+        quantized_manifest,
+    )
+    from llamaforge.build.mllama_trt import build_mllama_plans
+
+    refuse_unsupported(opts, quant)
+    text_precision, image_precision = activation_precision(opts.precision), vision_precision(opts.precision)
     with staged_dir(out) as tmp:
         done = timed(f"trace {config.name} (text decoder: {config.num_layers} layers, "
-                     f"{len(vision.cross_attention_layers)} cross-attention; vision encoder)")
-        text = trace_text(config, vision)
-        image = trace_vision(vision, config.hidden_size)
+                     f"{len(vision.cross_attention_layers)} cross-attention, {text_precision}; "
+                     f"vision encoder, {image_precision})")
+        text = trace_text(config, vision, text_precision)
+        image = trace_vision(vision, config.hidden_size, image_precision)
         done()
         if ckpt is not None:
-            bind_weights(text, ckpt, torch.float32)
-            bind_weights(image, ckpt, torch.float32)
+            bind_weights(text, ckpt, PRECISIONS[text_precision])
+            bind_weights(image, ckpt, PRECISIONS[image_precision])
         else:  # passes that make weights need every initializer to have a location
             bind_placeholder_weights(text, tmp / "scratch-text.data")
             bind_placeholder_weights(image, tmp / "scratch-vision.data")
-        passes = pipeline("ort")
-        done = timed("pass pipeline (ort): text decoder, then the vision graph")
-        run_pipeline(text, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"))
-        run_pipeline(image, VISION_PASSES)
+        stats = _calibrate(ckpt, calib_text, quant, tmp) if ckpt is not None and calib_text is not None else None
+        context = QuantContext(quant, stats.copy()) if stats is not None else None
+        passes = pipeline(opts.backend, quant)
+        done = timed(f"pass pipeline ({opts.backend}): text decoder, then the vision graph")
+        try:
+            run_pipeline(text, passes, opts.dump_after, opts.dump_dir or (out.parent / f"{out.name}.dump"), quant=context)
+            run_pipeline(image, VISION_PASSES[opts.backend])
+        except (QuantizationError, UnsupportedForTensorRT) as e:
+            raise BuildError(str(e)) from None
         done()
         _save(text, tmp / MODEL_FILE, ckpt is not None, "text")
         _save(image, tmp / VISION_FILE, ckpt is not None, "vision")
@@ -123,6 +176,11 @@ def build_mllama_engine(opts: BuildOptions, config: ModelConfig, vision: VisionC
         manifest: EngineManifest = manifest_for(config, opts, graph, tokenizer, list(passes), source)
         vision_graph = onnx.load(str(tmp / VISION_FILE), load_external_data=False).graph
         manifest = replace(manifest, vision=vision_info(config, vision, *io_spec(vision_graph)))
+        if stats is not None:
+            stats.save(tmp / CALIBRATION_FILE)
+            manifest = quantized_manifest(manifest, quant, stats, opts.backend)
+        if opts.backend == "trt":
+            manifest = replace(manifest, tensorrt=build_mllama_plans(tmp, config, vision, opts.tensorrt, out))
         manifest.write(tmp)
     print(f"engine: {out}")
     return out

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from llamaforge.plugins.attention import trt_plugin
+from llamaforge.plugins.cross_attention import trt_plugin as cross_trt_plugin
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -108,21 +109,29 @@ def tensorrt_version() -> str:
     return str(trt.__version__)
 
 
+# Each plugin op's TensorRT module: (its id, its name, the creator version tensorrt.plugin gives it).
+PLUGINS = {trt_plugin.PLUGIN_ID: (trt_plugin.PLUGIN_NAME, trt_plugin.QDP_PLUGIN_VERSION),
+           cross_trt_plugin.PLUGIN_ID: (cross_trt_plugin.PLUGIN_NAME, cross_trt_plugin.QDP_PLUGIN_VERSION)}
+
+
 def register_plugins() -> None:
-    """Register llama-forge's TensorRT plugins; the ONNX parser needs them before it meets the nodes."""
+    """Register llama-forge's TensorRT plugins (the attention op's and the cross-attention op's); the
+    ONNX parser needs them before it meets the nodes."""
     try:
         trt_plugin.register()
-    except trt_plugin.TensorRTUnavailable as e:
+        cross_trt_plugin.register()
+    except (trt_plugin.TensorRTUnavailable, cross_trt_plugin.TensorRTUnavailable) as e:
         raise TensorRTBuildError(f"BACKEND=trt: {e}") from None
 
 
-def _check_plugin_registered(builder: trt.Builder) -> None:
-    creator = builder.get_plugin_registry().get_creator(
-        trt_plugin.PLUGIN_NAME, trt_plugin.QDP_PLUGIN_VERSION, trt_plugin.PLUGIN_ID.split("::")[0])
-    if creator is None:
-        raise TensorRTBuildError(f"the TensorRT plugin {trt_plugin.PLUGIN_ID} (version {trt_plugin.QDP_PLUGIN_VERSION}) "
-                                 "is not in TensorRT's plugin registry after registration; the ONNX parser "
-                                 f"could not import the {trt_plugin.PLUGIN_NAME} nodes")
+def _check_plugin_registered(builder: trt.Builder, plugin_ids: Sequence[str]) -> None:
+    for plugin_id in plugin_ids:
+        name, version = PLUGINS[plugin_id]
+        creator = builder.get_plugin_registry().get_creator(name, version, plugin_id.split("::")[0])
+        if creator is None:
+            raise TensorRTBuildError(f"the TensorRT plugin {plugin_id} (version {version}) is not in TensorRT's "
+                                     f"plugin registry after registration; the ONNX parser could not import the "
+                                     f"{name} nodes")
 
 
 def _parse(parser: trt.OnnxParser, model_path: Path) -> None:
@@ -208,17 +217,26 @@ def _progress_monitor() -> trt.IProgressMonitor:
 
 def build_plan(model_path: Path, plan_path: Path, num_layers: int, num_kv_heads: int, head_dim: int,
                options: TensorRTOptions, previous_timing_cache: Path | None = None) -> dict[str, Any]:
-    """Build `plan_path` from the ONNX model at `model_path`; returns what the manifest records.
+    """Build `plan_path` from a text model's ONNX graph at `model_path` (its two profiles,
+    `optimization_profiles`); returns what the manifest records.
 
     The timing cache is read from `options.timing_cache` (or `previous_timing_cache`, the one the
     engine being replaced carried) and written next to the plan (and to `options.timing_cache`).
     """
+    profiles = optimization_profiles(num_layers, num_kv_heads, head_dim, options.limits)
+    return build_plan_with_profiles(model_path, plan_path, profiles, [trt_plugin.PLUGIN_ID], options,
+                                    previous_timing_cache)
+
+
+def build_plan_with_profiles(model_path: Path, plan_path: Path, profiles: Sequence[Profile], plugin_ids: Sequence[str],
+                             options: TensorRTOptions, previous_timing_cache: Path | None = None) -> dict[str, Any]:
+    """`build_plan` for any graph: its optimization profiles and the plugin ops it holds given."""
     import tensorrt as trt
 
     register_plugins()
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    _check_plugin_registered(builder)
+    _check_plugin_registered(builder, plugin_ids)
     flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) | (
         1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS))
     network = builder.create_network(flags)
@@ -233,7 +251,6 @@ def build_plan(model_path: Path, plan_path: Path, num_layers: int, num_kv_heads:
     config.builder_optimization_level = options.optimization_level
     monitor = _progress_monitor()  # TensorRT does not own it: keep it alive until the build is done
     config.progress_monitor = monitor
-    profiles = optimization_profiles(num_layers, num_kv_heads, head_dim, options.limits)
     _add_profiles(builder, network, config, profiles)
     cache_in = options.timing_cache if options.timing_cache is not None else previous_timing_cache
     timing_cache = _load_timing_cache(config, cache_in)
@@ -251,7 +268,7 @@ def build_plan(model_path: Path, plan_path: Path, num_layers: int, num_kv_heads:
         "plan_file": plan_path.name,
         "tensorrt_version": str(trt.__version__),
         "strongly_typed": True,
-        "plugins": [trt_plugin.PLUGIN_ID],
+        "plugins": list(plugin_ids),
         "builder_optimization_level": options.optimization_level,
         "workspace_bytes": options.workspace_bytes,
         "timing_cache": {"file": TIMING_CACHE_FILE, "loaded_from": str(cache_in) if cache_in else None},

@@ -32,6 +32,9 @@ A row that may attend to no tile at all attends to *every* cache position unmask
 multiplies its additive mask by the "full text row" mask; the decoder layer then zeroes that row's
 MLP output, outside this op).
 
+Attributes: num_heads, num_kv_heads, head_dim, tokens_per_tile, scale, and the plugin's identity
+(plugin_version, plugin_namespace: how TensorRT's ONNX parser finds `trt_plugin.py`'s plugin).
+
 Grouped-query: query head j reads KV head j // (num_heads / num_kv_heads). Scores are scaled by
 `scale` (0: 1/sqrt(head_dim)). Arithmetic is float32 whatever T.
 """
@@ -51,6 +54,7 @@ DOMAIN = "llamaforge"
 OP_TYPE = "CrossAttention"
 OPSET_VERSION = 1
 PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = "llamaforge"  # TensorRT's ONNX parser finds the plugin by op type, namespace and version
 
 INPUTS = ("query", "key", "value", "past_key", "past_value", "cross_attention_mask")
 OUTPUTS = ("output", "present_key", "present_value")
@@ -77,7 +81,7 @@ class CrossAttentionAttrs:
         return self.num_heads // self.num_kv_heads
 
     def onnx_attributes(self) -> dict[str, Any]:
-        return {**asdict(self), "plugin_version": PLUGIN_VERSION}
+        return {**asdict(self), "plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 
     @classmethod
     def from_onnx_attributes(cls, attrs: dict[str, Any]) -> CrossAttentionAttrs:
@@ -103,7 +107,8 @@ def _build_schema() -> defs.OpSchema:
                     A("head_dim", INT, "head size", required=True),
                     A("tokens_per_tile", INT, "image tokens per tile", required=True),
                     A("scale", FLOAT, "score scale", required=False),
-                    A("plugin_version", STRING, "plugin version", required=False)],
+                    A("plugin_version", STRING, "plugin version", required=False),
+                    A("plugin_namespace", STRING, "TensorRT plugin namespace", required=False)],
     )
     schema.set_type_and_shape_inference_function(_infer)
     return schema

@@ -59,15 +59,17 @@ class TensorParallelEngine(Engine):
         return self.world.gather_vocab(shard, self.vocab_widths)
 
     def step(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray],
-             logits_index: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+             logits_index: np.ndarray | None = None,
+             extra_feeds: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         self.world.check()
-        logits, present = super().step(input_ids, past_lengths, past, logits_index)
+        logits, present = super().step(input_ids, past_lengths, past, logits_index, extra_feeds)
         return self._whole(logits), present
 
     def decode_in_place_step(self, input_ids: np.ndarray, past_lengths: np.ndarray, caches: list[np.ndarray],
-                             logits_index: np.ndarray | None = None) -> np.ndarray:
+                             logits_index: np.ndarray | None = None,
+                             extra_feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
         self.world.check()
-        return self._whole(super().decode_in_place_step(input_ids, past_lengths, caches, logits_index))
+        return self._whole(super().decode_in_place_step(input_ids, past_lengths, caches, logits_index, extra_feeds))
 
 
 def tensor_parallel_size(engine_dir: str | os.PathLike[str]) -> int | None:
