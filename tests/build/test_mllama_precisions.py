@@ -117,6 +117,29 @@ def test_precision_builds_runs_and_error_is_bounded(engines: dict[str, Path], in
         assert float(np.abs(got - oracle_logits["fp16"]).max()) <= 2**-7 * scale
 
 
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_the_serving_engine_core_runs_every_precision(engines: dict[str, Path], inputs: Any, name: str) -> None:
+    """The engine core `serve` runs (through MllamaEngine: the manifest's session settings, caches in
+    its KV dtype, the runtime's own preprocessing and mask) gives the two graphs' own prefill logits."""
+    import io
+
+    from PIL import Image
+
+    from llamaforge.runtime.core.mllama_engine import MllamaEngine
+
+    feeds, mask, _ = inputs
+    want = prefill_logits(engines[name], PROMPT, feeds, mask)
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    engine = MllamaEngine(engines[name], threads=2)
+    try:
+        got = engine.prefill_logits(PROMPT, [ImageInput("image", data.getvalue())])
+    finally:
+        engine.close()
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=1e-4 * float(np.abs(want).max()), rtol=0)
+
+
 @pytest.mark.parametrize("name", ["fp16", "bf16", "int8-wo", "fp8", "int4-awq"])
 def test_vision_graph_precision(engines: dict[str, Path], name: str) -> None:
     """fp16/bf16: both graphs in that type. Quantized: the text decoder's linears, cross-attention

@@ -1,8 +1,8 @@
 """Run a Llama 3.2 Vision engine directory's two graphs under ONNX Runtime at whatever precision it
 was built in (a helper module, not a test file): the vision graph on an image batch, then one
 prefill of the text graph, with the manifest's ONNX Runtime session settings (quantized engines need
-them) and caches in the manifest's KV dtype. `MllamaEngine` (runtime/core/mllama_engine.py) runs
-float32 engines only; this is the tests' way to run the others."""
+them) and caches in the manifest's KV dtype: the precision tests' direct run of the two graphs, which
+tests/build/test_mllama_precisions.py also compares with the serving engine core's."""
 
 from __future__ import annotations
 
