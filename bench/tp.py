@@ -34,9 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import ROOT, prepare  # noqa: E402 - bench/ is on sys.path: `python bench/tp.py`
+from serve import ROOT, prepare  # bench/ is on sys.path as the script's folder (`python bench/tp.py`)
 
 PROMPT_TOKENS = 64
 
