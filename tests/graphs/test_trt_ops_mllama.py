@@ -94,7 +94,9 @@ def test_cross_attention_node_without_namespace_is_named(tiny) -> None:  # type:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+# fp32 and bf16 (the published checkpoints' dtype) at full size, ~70 s each; fp16 differs from bf16
+# only in the type, which the tiny graphs check at every precision.
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_11b_graph_only_passes_the_trt_check(tmp_path: Path, precision: str) -> None:
     """The full-size graphs (40 layers, 8 cross-attention; the 560-pixel, 4-tile vision tower)."""
     variant = get_variant("llama3.2-11b-vision-instruct")
