@@ -3,8 +3,8 @@ the response, chunk and error bodies (the HTTP routes themselves are runtime/ser
 
 Parsing is strict: a parameter this server takes is honoured; a parameter of OpenAI's API that the
 core cannot honour yet (`n` > 1, `best_of` > 1, tools, `suffix`, prompt log probabilities) and any
-field that is neither OpenAI's nor one of vLLM's extensions taken here (`min_p`, and
-`structured_outputs` for a regex or a grammar) is a `RequestError` naming it, which the server
+field that is neither OpenAI's nor one of vLLM's extensions taken here (`min_p`, `min_tokens`,
+and `structured_outputs` for a regex or a grammar) is a `RequestError` naming it, which the server
 answers 400 with `param` set. The prompt, `max_tokens` and context checks are
 `runtime/core/validation.py`'s, as for gRPC; a structured-output guide is compiled (and refused,
 naming its field) when the core is given the request.
@@ -47,7 +47,7 @@ _MINUS_INF_LOGPROB = -9999.0  # vLLM's stand-in for a log prob of -inf
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "logprobs",
            "user", "n", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "response_format",
-           "structured_outputs"}
+           "structured_outputs", "min_tokens"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                           "tool_choice", "parallel_tool_calls", "functions", "function_call"}
@@ -293,6 +293,14 @@ def _max_tokens(body: Mapping[str, Any], names: Sequence[str]) -> tuple[int | No
     return None, names[0]
 
 
+def _min_tokens(body: Mapping[str, Any]) -> int:
+    """vLLM's extension: no end id before this many tokens."""
+    value = _integer(body, "min_tokens") or 0
+    if value < 0:
+        raise RequestError("min_tokens", f"must be >= 0, got {value}")
+    return value
+
+
 def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestLimits, prompt_field: str,
                 max_names: Sequence[str], stream: bool, logprobs: bool, top_logprobs: int,
                 n: int = 1) -> GenerationRequest:
@@ -302,7 +310,11 @@ def _generation(prompt_ids: list[int], body: Mapping[str, Any], limits: RequestL
         room = min(limits.context_length, limits.kv_tokens or limits.context_length)
         max_tokens = max(1, room - len(prompt_ids))
     check_context(len(prompt_ids), max_tokens, limits, prompt_field, max_field)
+    min_tokens = _min_tokens(body)
+    if min_tokens > max_tokens:
+        raise RequestError("min_tokens", f"must be at most {max_field}={max_tokens}, got {min_tokens}")
     return GenerationRequest(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                             min_tokens=min_tokens,
                              sampling=_sampling(body, limits.vocab_size), stop_words=_stops(body), stream=stream,
                              return_log_probs=logprobs, top_logprobs=top_logprobs, guided=_guided(body), n=n)
 
@@ -459,6 +471,7 @@ def parse_chat(body: Mapping[str, Any], tokenizer: Tokenizer | None, limits: Req
     messages = _messages(body.get("messages"), images)
     _max_tokens(body, ("max_completion_tokens", "max_tokens"))  # every parameter is checked before the template runs
     _sampling(body, limits.vocab_size)
+    _min_tokens(body)
     _stops(body)
     _guided(body)
     if tokenizer is None:

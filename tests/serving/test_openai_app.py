@@ -95,6 +95,9 @@ def test_completion_parameters_reach_the_core(app: tuple[TestClient, FakeCore, O
     req = core.submitted[-1]
     assert req.stop_words == ("cd",) and req.max_tokens == 5
     assert (req.sampling.seed, req.sampling.temperature, req.sampling.top_p) == (3, 0.5, 0.9)
+    assert req.min_tokens == 0
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 5, "min_tokens": 5})
+    assert core.submitted[-1].min_tokens == 5  # vLLM's extension
     # Defaults: OpenAI's temperature 1 and top_p 1; max_tokens whatever the context leaves (vLLM's).
     client.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "stop": ["x", ""]})
     req = core.submitted[-1]
@@ -211,6 +214,8 @@ BAD_INPUTS = [
     (_CHAT, {"model": MODEL, "messages": _MSGS, "max_completion_tokens": -1}, "max_completion_tokens"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "n": "3"}, "n"),
     (_CHAT, {"model": MODEL, "messages": _MSGS, "echo": True}, "echo"),  # completions only
+    (_COMPLETION, {"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    (_CHAT, {"model": MODEL, "messages": _MSGS, "min_tokens": -1}, "min_tokens"),
 ]
 
 

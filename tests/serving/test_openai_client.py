@@ -275,16 +275,19 @@ def test_32_concurrent_streams_some_disconnecting_leave_the_kv_cache_free(
     results: dict[int, tuple[str, str | None]] = {}
     errors: list[BaseException] = []
     expected = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0).choices[0]
-    # The disconnecting streams ask for 200 tokens, which greedy decoding of this prompt does not end before.
-    long = client.completions.create(model=model, prompt=PROMPT, max_tokens=200, temperature=0).choices[0]
+    # The disconnecting streams ask for nearly the whole context, with EOS held off by min_tokens, so
+    # none can end before its client goes: a client thread starved among 32 on a loaded machine may
+    # read its second chunk long after the server sent it (200 tokens once finished first there).
+    long_tokens = {"max_tokens": 480, "extra_body": {"min_tokens": 480}}
+    long = client.completions.create(model=model, prompt=PROMPT, temperature=0, **long_tokens).choices[0]
     assert long.finish_reason == "length"
 
     def run(i: int) -> None:
         try:
             own = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
             disconnect = i % 4 == 0
-            stream = own.completions.create(model=model, prompt=PROMPT, max_tokens=200 if disconnect else 16,
-                                            temperature=0, stream=True)
+            size: dict[str, Any] = long_tokens if disconnect else {"max_tokens": 16}
+            stream = own.completions.create(model=model, prompt=PROMPT, temperature=0, stream=True, **size)
             pieces, reason = [], None
             for n, chunk in enumerate(stream):
                 pieces.append(chunk.choices[0].text)
