@@ -33,6 +33,8 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
         graph = model.graph
         nodes = attention_nodes(graph)
         max_positions = int(model.metadata_props.get(MAX_POSITIONS_KEY, "0"))
+        # One GqaCall per past_lengths input (one per graph): every layer's If reads the first's.
+        calls: dict[int, ort_lowering.GqaCall] = {}
         for node in nodes:
             attrs = node_attrs(node)
             dtype, _ = ort_lowering.activation_and_cache_types(node)
@@ -42,8 +44,10 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
                 for table in (cos, sin):
                     if table.name not in graph.initializers:
                         graph.register_initializer(table)
-                new_nodes, outputs = ort_lowering.lower_with_gqa(
-                    node, attrs, graph.initializers[cos.name], graph.initializers[sin.name])  # type: ignore[index]
+                key = id(node.inputs[5])
+                new_nodes, outputs, calls[key] = ort_lowering.lower_with_gqa(
+                    node, attrs, graph.initializers[cos.name], graph.initializers[sin.name],  # type: ignore[index]
+                    calls.get(key))
             else:
                 new_nodes, outputs = ort_lowering.decompose(node, attrs)
             replace_plugin_node(graph, node, new_nodes, outputs, node.name or f"attention_{nodes.index(node)}")

@@ -12,6 +12,8 @@ of the cache is built.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -230,15 +232,36 @@ def rope_cache(attrs: AttentionAttrs, max_positions: int, dtype: ir.DataType, wh
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=shape, const_value=tensor)
 
 
-def _gqa_branch(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value) -> ir.Graph:
-    tape = ir.tape.Tape()
-    query, key, value, past_key, past_value, past_lengths = node.inputs
-    assert query is not None and past_lengths is not None
+@dataclass(frozen=True)
+class GqaCall:
+    """What every layer's `If` and GQA node read that is the same in all layers of a call: whether
+    the kernel takes it, and GQA's `seqlens_k` / `total_sequence_length`. They depend only on the
+    call's shapes and `past_lengths`, so they are computed once per graph: per layer they were 11
+    small ops, about 130 op launches in a 12-layer decode step that genai's graph does not have."""
+
+    use_gqa: ir.Value  # BOOL scalar: decode, or a single row, or a fresh prefill
+    seqlens_k: ir.Value  # INT32 [B]: past + new - 1 (GQA's convention)
+    total: ir.Value  # INT32 scalar: the longest row's past + new
+
+
+def gqa_call(tape: ir.tape.Tape, query: ir.Value, past_lengths: ir.Value) -> GqaCall:
+    shape = tape.op("Shape", [query], {"start": 0, "end": 2})
+    batch_seq_one = tape.op("Equal", [shape, _ints(tape, 1, 1)])  # [batch == 1, seq == 1]
+    any_one = tape.op("ReduceMax", [tape.op("Cast", [batch_seq_one], {"to": ir.DataType.INT32})], {"keepdims": 0})
+    fresh = tape.op("Equal", [tape.op("ReduceMax", [past_lengths], {"keepdims": 0}), _const(tape, np.array(0, np.int32), "zero32")])
+    use_gqa = tape.op("Or", [tape.op("Cast", [any_one], {"to": ir.DataType.BOOL}), fresh])
     seq = tape.op("Cast", [tape.op("Shape", [query], {"start": 1, "end": 2})], {"to": ir.DataType.INT32})
-    seqlens_k = tape.op("Sub", [tape.op("Add", [past_lengths, seq]), _const(tape, np.array([1], np.int32), "one")])
-    total = tape.op("ReduceMax", [tape.op("Add", [past_lengths, seq])], {"keepdims": 0})
+    lengths = tape.op("Add", [past_lengths, seq])
+    seqlens_k = tape.op("Sub", [lengths, _const(tape, np.array([1], np.int32), "one")])
+    total = tape.op("ReduceMax", [lengths], {"keepdims": 0})
+    return GqaCall(use_gqa, seqlens_k, total)
+
+
+def _gqa_branch(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value, call: GqaCall) -> ir.Graph:
+    tape = ir.tape.Tape()
+    query, key, value, past_key, past_value, _ = node.inputs
     outputs = tape.op_multi_out(
-        "GroupQueryAttention", [query, key, value, past_key, past_value, seqlens_k, total, cos, sin],
+        "GroupQueryAttention", [query, key, value, past_key, past_value, call.seqlens_k, call.total, cos, sin],
         {"num_heads": attrs.num_heads, "kv_num_heads": attrs.num_kv_heads, "do_rotary": 1,
          "rotary_interleaved": attrs.rope_interleaved, "scale": attrs.scale},
         domain="com.microsoft", num_outputs=3,
@@ -246,22 +269,23 @@ def _gqa_branch(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Val
     return ir.Graph([], outputs, nodes=tape.nodes, name=f"{node.name}_gqa")
 
 
-def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
-    """`If(decode or single row or fresh prefill) then GQA else decomposition`."""
+def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value,
+                   call: GqaCall | None = None) -> tuple[list[ir.Node], list[ir.Value], GqaCall]:
+    """`If(decode or single row or fresh prefill) then GQA else decomposition`. `call`: the values
+    an earlier layer's lowering computed (returned, so the pass hands them on); None computes them
+    here, in the main graph, where every later layer's `If` can read them."""
     query, past_lengths = node.inputs[0], node.inputs[5]
     assert query is not None and past_lengths is not None
     dec_nodes, dec_outputs = decompose(node, attrs)
     else_branch = ir.Graph([], dec_outputs, nodes=dec_nodes, name=f"{node.name}_decomposed")
-    then_branch = _gqa_branch(node, attrs, cos, sin)
     tape = ir.tape.Tape()
-    shape = tape.op("Shape", [query], {"start": 0, "end": 2})
-    batch_seq_one = tape.op("Equal", [shape, _ints(tape, 1, 1)])  # [batch == 1, seq == 1]
-    any_one = tape.op("ReduceMax", [tape.op("Cast", [batch_seq_one], {"to": ir.DataType.INT32})], {"keepdims": 0})
-    fresh = tape.op("Equal", [tape.op("ReduceMax", [past_lengths], {"keepdims": 0}), _const(tape, np.array(0, np.int32), "zero32")])
-    use_gqa = tape.op("Or", [tape.op("Cast", [any_one], {"to": ir.DataType.BOOL}), fresh])
-    outputs = tape.op_multi_out("If", [use_gqa], {"then_branch": then_branch, "else_branch": else_branch}, num_outputs=3)
+    if call is None:
+        call = gqa_call(tape, query, past_lengths)
+    then_branch = _gqa_branch(node, attrs, cos, sin, call)
+    outputs = tape.op_multi_out("If", [call.use_gqa], {"then_branch": then_branch, "else_branch": else_branch},
+                                num_outputs=3)
     # Branch outputs must declare their types for the checker; they mirror the op's own outputs.
     for branch in (then_branch, else_branch):
         for value, like in zip(branch.outputs, node.outputs):
             value.type = like.type
-    return list(tape.nodes), list(outputs)
+    return list(tape.nodes), list(outputs), call
