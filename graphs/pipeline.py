@@ -69,8 +69,8 @@ WEIGHT_QUANT_PASSES = {"fp8": ["quantize-fp8", "quantize-experts-fp8"], "int8-sq
                        "int8-wo": ["quantize-int8-wo", "quantize-experts-int8-wo"]}
 WEIGHT_QUANT_PASSES |= {"int4-awq": ["awq-scale", "quantize-int4", "quantize-experts-int4"],
                         "int4-rtn": ["quantize-int4", "quantize-experts-int4"]}
-# Precisions whose weight-only MatMuls `lower-quant-ort` turns into MatMulNBits (with --ort-kernels fast).
-# int8-sq's per-token form becomes ORT's integer GEMM (MatMulIntegerToFloat) in the same pass.
+# Precisions whose MatMuls `lower-quant-ort` turns into MatMulNBits (with --ort-kernels fast), or
+# int8-sq's per-token form into ORT's integer GEMM (MatMulIntegerToFloat, --ort-kernels integer).
 ORT_LOWERED_PRECISIONS = ("int8-wo", "int8-sq", "int4-awq", "int4-rtn")
 
 
@@ -98,7 +98,8 @@ def pipeline(backend: str, quant: QuantConfig | None = None) -> list[str]:
         weights = ["smooth-int8", *weights]
     # MatMulNBits after the attention lowering: the plugin op's shape inference (run by the checker
     # after every pass) needs typed inputs, and the checker cannot type a com.microsoft op's output.
-    fast = ["lower-quant-ort"] if quant.precision in ORT_LOWERED_PRECISIONS and quant.ort_kernels == "fast" else []
+    lowered = quant.precision in ORT_LOWERED_PRECISIONS and quant.ort_kernels in ("fast", "integer")
+    fast = ["lower-quant-ort"] if lowered else []
     return names[:lowering] + kv + weights + ["validate-quantization"] + names[lowering:lowering + 1] + fast + names[lowering + 1:]
 
 

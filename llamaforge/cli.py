@@ -350,14 +350,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--fp8-weights", choices=["per-tensor", "per-channel"],
                    help="fp8 weight scales: per tensor (TensorRT's form) or per output channel (ort only)")
     q.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize lm_head too (default: yes for int8-wo and int4-* with --ort-kernels fast unless the "
-                        "embeddings are tied, no otherwise; docs/quantization.md)")
+                   help="quantize lm_head too (default: yes for int8-wo, int4-* and per-token int8-sq with --ort-kernels "
+                        "fast unless the embeddings are tied, no otherwise; docs/quantization.md)")
     q.add_argument("--int4-block-size", type=int, default=128, choices=[32, 64, 128],
                    help="int4-*: input channels per weight scale (default 128; a weight it does not divide takes "
                         "the largest smaller size that does)")
-    q.add_argument("--ort-kernels", choices=["fast", "exact"], default="fast",
-                   help="int8-wo / int4-*: ONNX Runtime kernels. fast (default): MatMulNBits with int8 activations "
-                        "inside the kernel; exact: the Q/DQ graph's own numbers (docs/quantization.md)")
+    q.add_argument("--ort-kernels", choices=["fast", "integer", "exact"], default="fast",
+                   help="int8-wo / int8-sq / int4-*: ONNX Runtime kernels. fast (default): MatMulNBits with int8 "
+                        "activations inside the kernel; integer: int8-sq's per-token codes through "
+                        "MatMulIntegerToFloat; exact: the Q/DQ graph's own numbers (docs/quantization.md)")
     from llamaforge.build.trt_backend import ProfileLimits
 
     limits = ProfileLimits()

@@ -1,7 +1,9 @@
-"""`lower-quant-ort`: weight-only quantized MatMuls -> ONNX Runtime's `com.microsoft::MatMulNBits`.
+"""`lower-quant-ort`: quantized MatMuls -> ONNX Runtime's `com.microsoft::MatMulNBits` (or, for
+int8-sq with `--ort-kernels integer`, `MatMulIntegerToFloat`).
 
 Runs after `validate-quantization` (which checks the backend-neutral Q/DQ graph, the one TensorRT
-gets) and only in the ORT pipeline (`ORT_ONLY_PASSES`), with `--ort-kernels fast` (the default):
+gets) and only in the ORT pipeline (`ORT_ONLY_PASSES`), with `--ort-kernels fast` (the default) or
+`integer`:
 
     x -> MatMul <- DequantizeLinear <- W_q, scale      ==>      MatMulNBits(x, B, scales)
 
@@ -19,7 +21,14 @@ runs the DQ graph as written (see `recipes.ort_session_config`).
 
 int8-sq's per-token form (graphs/passes/quantize.py `insert_per_token_qdq`: x's per-token scale
 s = max|x_row| / 127 computed in the graph, QuantizeLinear -> DequantizeLinear on x, per-channel int8
-weight through DequantizeLinear) becomes ORT's integer GEMM with the same codes:
+weight through DequantizeLinear):
+
+  * `--ort-kernels fast` (the default): the MatMul reads x itself and becomes the int8 MatMulNBits
+    above, with the same weight codes. The kernel rounds x to int8 per token *and block* of
+    INT8_BLOCK_SIZE input channels, finer than the graph's per-token scale, in one fused op: the
+    per-token form costs ~10 graph ops per linear (~680 nodes on the 125M bench model against ~150),
+    and ran at half onnxruntime-genai's int8 speed (docs/benchmarks.md#make-bench-quant).
+  * `--ort-kernels integer`: ORT's integer GEMM with the graph's own codes:
 
     q = QuantizeLinear(x, s)                       (kept: int8 codes, as the DQ graph has them)
     a = Cast(Cast(q, int32) + 128, uint8)          (the same codes as uint8 with zero point 128)
@@ -136,7 +145,11 @@ class LowerQuantForORT(ir.passes.InPlacePass):
         graph = model.graph
         integer = [m for node in list(graph) if (m := per_token_int8(node)) is not None]
         for per_token in integer:
-            self._lower_per_token(graph, per_token)
+            if self.ctx.config.ort_kernels == "integer":
+                self._lower_per_token(graph, per_token)
+            else:  # fast: the kernel rounds x itself (per token and block), so it reads x, not its codes
+                per_token.matmul.replace_input_with(0, per_token.quantize.inputs[0])
+                graph.remove(per_token.act_dq, safe=True)  # the per-token scale's chain: the final clean's
         matches = [w for node in list(graph) if (w := weight_only(node)) is not None]
         for match in matches:
             self._lower(graph, match)

@@ -138,9 +138,8 @@ class SmoothQuant(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, stats = model.graph, self.ctx.stats
         groups = by_input(linears(graph, self.ctx))
-        if self.ctx.config.smooths_int8_wo and self.ctx.config.smoothquant_alpha is None:
-            # weight-only's smoothing serves the fast kernel's activation rounding, and the search covers
-            # the decoder layers: a quantized lm_head keeps its input as it is
+        if self.ctx.config.smoothquant_alpha is None:
+            # the alpha search covers the decoder layers: a quantized lm_head keeps its input as it is
             groups = [(x, g) for x, g in groups if all(lin.name != "lm_head" for lin in g)]
         for x, group in groups:
             alpha = self._alpha(group)
@@ -153,9 +152,6 @@ class SmoothQuant(ir.passes.InPlacePass):
         forced = self.ctx.config.smoothquant_alpha
         if forced is not None:
             return forced
-        if any(lin.name == "lm_head" for lin in group):
-            raise QuantizationError("lm_head: the SmoothQuant alpha search covers the decoder layers only; "
-                                    "--quantize-lm-head with int8-sq needs --smoothquant-alpha")
         alphas = {self.ctx.stats.searched_alpha(lin.name) for lin in group}
         if len(alphas) != 1:
             raise QuantizationError(f"{[lin.name for lin in group]} read one input but calibration searched different "

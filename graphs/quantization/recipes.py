@@ -43,9 +43,10 @@ from llamaforge.graphs.quantization.int4 import DEFAULT_INT4_BLOCK_SIZE, INT4_BL
 
 QUANT_PRECISIONS = ("fp8", "int8-sq", "int8-wo", *INT4_PRECISIONS)
 WEIGHT_ONLY_PRECISIONS = ("int8-wo", *INT4_PRECISIONS)
-# How ONNX Runtime runs the weight-only engines (graphs/passes/lower_quant_ort.py, docs/quantization.md):
-# fast = MatMulNBits with int8 activations inside the kernel, exact = the Q/DQ graph as written.
-ORT_KERNELS = ("fast", "exact")
+# How ONNX Runtime runs the int8 and int4 engines (graphs/passes/lower_quant_ort.py, docs/quantization.md):
+# fast = MatMulNBits with int8 activations inside the kernel (int8-sq's per-token form too);
+# integer = int8-sq only: MatMulIntegerToFloat on the per-token codes; exact = the Q/DQ graph as written.
+ORT_KERNELS = ("fast", "integer", "exact")
 KV_CACHE_QUANT = ("fp8",)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 INT8_MAX = 127.0  # symmetric: -127..127, so the range is the same both ways (TensorRT's convention)
@@ -85,7 +86,7 @@ class QuantConfig:
     quantize_lm_head: bool = False  # the build sets it per precision and model: with_lm_head_default
     quantize_router: bool = False
     int4_block_size: int = DEFAULT_INT4_BLOCK_SIZE  # int4-*: input channels per weight scale
-    ort_kernels: str = "fast"  # int8-wo / int4-*: ONNX Runtime kernels, see ORT_KERNELS
+    ort_kernels: str = "fast"  # int8-wo / int8-sq / int4-*: ONNX Runtime kernels, see ORT_KERNELS
     int8_activation: str = "per-token"  # int8-sq: per-token (dynamic) | static (per-tensor, calibrated)
     fp8_activation_scale: str = DEFAULT_FP8_ACTIVATION_SCALE  # fp8: amax | percentile | mse
     fp8_weight_scale: str = DEFAULT_FP8_WEIGHT_SCALE  # fp8: amax | mse
@@ -108,22 +109,35 @@ class QuantConfig:
             raise QuantizationError(f"--int4-block-size {self.int4_block_size} is not one of {list(INT4_BLOCK_SIZES)}")
         if self.ort_kernels not in ORT_KERNELS:
             raise QuantizationError(f"--ort-kernels {self.ort_kernels!r} is not one of {list(ORT_KERNELS)}")
+        if self.ort_kernels == "integer" and (self.precision != "int8-sq" or self.int8_activation != "per-token"):
+            raise QuantizationError(f"--ort-kernels integer is int8-sq's per-token integer GEMM; PRECISION="
+                                    f"{self.precision} --int8-activation {self.int8_activation} has no such form")
 
     @property
     def active(self) -> bool:
         return self.precision is not None or self.kv_cache is not None
 
     def with_lm_head_default(self, tied_embeddings: bool) -> QuantConfig:
-        """This config with `quantize_lm_head` at its measured default: on for the weight-only
-        precisions (int8-wo, int4-*) on ONNX Runtime's fast kernels, off otherwise. The head is the
+        """This config with `quantize_lm_head` at its measured default: on for the engines ONNX
+        Runtime runs on MatMulNBits (`runs_matmulnbits`: int8-wo, int4-*, per-token int8-sq, on the
+        fast kernels), off otherwise. The head is the
         largest single weight (a quarter of the bytes a decode step of the 125M bench model reads in
         int8, half in int4); left in fp32 those engines decoded at 0.54-0.60x onnxruntime-genai,
         which quantizes its head, and at 0.82-1.05x with it quantized, within every quality target
         (docs/benchmarks.md#make-bench-quant). Off where the head is tied to the embedding table, so
         the table stays stored once (share-tied-embedding), and for TensorRT (Model Optimizer's
         recipes keep lm_head unquantized by default)."""
-        on = self.precision in WEIGHT_ONLY_PRECISIONS and self.ort_kernels == "fast" and not tied_embeddings
+        on = self.runs_matmulnbits and not tied_embeddings
         return replace(self, quantize_lm_head=on)
+
+    @property
+    def runs_matmulnbits(self) -> bool:
+        """Whether ONNX Runtime runs this engine's linears as MatMulNBits at accuracy level 4 (int8
+        activations inside the kernel): the weight-only precisions and per-token int8-sq, on the
+        fast kernels. int8-sq then runs W8A8 as onnxruntime-genai's int8 does: its per-channel codes,
+        activations rounded per token and block of input channels (finer than per token)."""
+        per_token_sq = self.precision == "int8-sq" and self.int8_activation == "per-token"
+        return self.ort_kernels == "fast" and (self.precision in WEIGHT_ONLY_PRECISIONS or per_token_sq)
 
     @property
     def smooths_int8_wo(self) -> bool:

@@ -8,7 +8,8 @@ end to end on a tiny random-weight checkpoint: arithmetic, not quality.
   * `--ort-kernels fast` engines (MatMulNBits, accuracy level 4) equal the same oracle with each
     linear's input also rounded to int8 per token and block (scale amax / 127), which is what level 4
     computes (graphs/passes/lower_quant_ort.py; the unit test checks it one layer at a time);
-  * int8-sq fast (per-token int8 through MatMulIntegerToFloat) equals int8-sq exact to float rounding.
+  * int8-sq fast runs int8-wo's kernel on its own codes and equals the same level-4 oracle;
+  * int8-sq integer (per-token int8 through MatMulIntegerToFloat) equals int8-sq exact to float rounding.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def test_exact_int4_engine_matches_the_fake_quant_oracle(engine, ckpt: Path, pre
     assert engine_error < 0.01 * quant_error, (engine_error, quant_error)
 
 
-@pytest.mark.parametrize("precision", ["int4-rtn", "int4-awq", "int8-wo"])
+@pytest.mark.parametrize("precision", ["int4-rtn", "int4-awq", "int8-wo", "int8-sq"])
 def test_fast_engine_matches_the_oracle_with_level4_activation_rounding(engine, ckpt: Path, precision: str) -> None:  # type: ignore[no-untyped-def]
     from llamaforge.graphs.passes.lower_quant_ort import INT8_BLOCK_SIZE
 
@@ -153,11 +154,13 @@ def test_fast_engine_matches_the_oracle_with_level4_activation_rounding(engine, 
     assert "lower-quant-ort" in manifest["passes"] and manifest["quantization"]["ort_kernels"] == "fast"
     assert manifest["quantization"]["quantize_lm_head"]  # the default for an untied head on the fast kernels
     stats = CalibrationStats.load(fast / "calibration.safetensors") if precision != "int4-rtn" else None
-    if precision == "int8-wo":  # smoothed for the kernel's activation rounding (QuantConfig.smooths_int8_wo)
+    if precision.startswith("int8"):  # smoothed (int8-wo: for the kernel's activation rounding, smooths_int8_wo)
         assert stats is not None and len(stats.smoothquant_alpha) == 2 * 7
         assert manifest["quantization"]["scales"]["smoothquant"] == "searched per layer"
-    weights, block = ("int8", INT8_BLOCK_SIZE) if precision == "int8-wo" else ("int4", BLOCK)
-    exact = oracle_logits(ckpt, stats, weights, head=True)  # the Q/DQ graph's numbers
+    # int8-sq runs the same kernel on its per-channel codes: the per-token rounding of x in its Q/DQ
+    # graph becomes the kernel's finer per-token-and-block rounding (graphs/passes/lower_quant_ort.py).
+    weights, block = ("int8", INT8_BLOCK_SIZE) if precision.startswith("int8") else ("int4", BLOCK)
+    exact = oracle_logits(ckpt, stats, weights, head=True)  # the weights rounded, the activations not
     want = oracle_logits(ckpt, stats, weights, level4=block, head=True)
     kernel_error, engine_error = np.abs(want - exact).max(), np.abs(logits(fast) - want).max()
     assert kernel_error > 1e-3, "the activation rounding changed nothing: the test would prove nothing"
@@ -166,8 +169,8 @@ def test_fast_engine_matches_the_oracle_with_level4_activation_rounding(engine, 
 
 
 def test_int8_sq_integer_kernels_equal_the_qdq_engine(engine) -> None:  # type: ignore[no-untyped-def]
-    exact, fast = logits(engine("int8-sq", "exact")), logits(engine("int8-sq", "fast"))
-    np.testing.assert_allclose(fast, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    exact, integer = logits(engine("int8-sq", "exact")), logits(engine("int8-sq", "integer"))
+    np.testing.assert_allclose(integer, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
 
 
 def test_width_no_int4_block_divides_fails_before_export(tiny_builds: TinyBuilds, calib_file: Path,

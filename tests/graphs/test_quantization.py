@@ -39,8 +39,10 @@ PROMPT = np.array([[5, 77, 300, 12, 9, 410, 33, 2, 150, 600, 7, 88]], dtype=np.i
 def engines(ckpt: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engines")
     built = {}
-    # int8-sq: per-token activations and a searched alpha (the defaults); int8-sq-static: TensorRT's form
-    for name, precision, kv, options in [("fp32", "fp32", None, {}), ("fp8", "fp8", None, {}), ("int8-sq", "int8-sq", None, {}),
+    # int8-sq: per-token activations and a searched alpha (the defaults), on the integer GEMM whose numbers
+    # are the per-token oracle's (fast = MatMulNBits: test_int4_engines.py); int8-sq-static: TensorRT's form
+    for name, precision, kv, options in [("fp32", "fp32", None, {}), ("fp8", "fp8", None, {}),
+                                         ("int8-sq", "int8-sq", None, {"ort_kernels": "integer"}),
                                          ("int8-sq-static", "int8-sq", None, {"int8_activation": "static"}),
                                          # the Q/DQ graph the oracle describes (fast = MatMulNBits: test_lower_quant_ort.py)
                                          ("int8-wo", "int8-wo", None, {"ort_kernels": "exact"}),

@@ -226,7 +226,11 @@ def dequantized_weight(model: ir.Model) -> np.ndarray:
 
 
 def test_pipeline_lowers_only_for_ort_fast() -> None:
-    for precision in ("int8-wo", "int4-awq", "int4-rtn"):
+    integer = pipeline("ort", QuantConfig("int8-sq", ort_kernels="integer"))
+    assert "lower-quant-ort" in integer and "lower-quant-ort" not in pipeline("ort", QuantConfig("int8-sq", ort_kernels="exact"))
+    with pytest.raises(QuantizationError, match="--ort-kernels integer is int8-sq's per-token integer GEMM"):
+        QuantConfig("int8-wo", ort_kernels="integer")
+    for precision in ("int8-wo", "int8-sq", "int4-awq", "int4-rtn"):
         fast, exact = pipeline("ort", QuantConfig(precision)), pipeline("ort", QuantConfig(precision, ort_kernels="exact"))
         assert fast.index("lower-quant-ort") > fast.index("validate-quantization")
         assert "lower-quant-ort" not in exact and "lower-quant-ort" in ORT_ONLY_PASSES
@@ -275,12 +279,33 @@ def test_per_token_int8_sq_lowers_to_an_exact_integer_gemm() -> None:
     model = per_token_int8_sq()
     (want,) = run_ort(model, FEED)  # the Q/DQ graph as written: fp32 MatMuls of dequantized codes
     lowered = copy_model(model)
-    assert LowerQuantForORT(QuantContext(QuantConfig("int8-sq"), CalibrationStats()))(lowered).modified
+    assert LowerQuantForORT(QuantContext(QuantConfig("int8-sq", ort_kernels="integer"), CalibrationStats()))(lowered).modified
     counts = op_counts(lowered)
     assert counts[("com.microsoft", "MatMulIntegerToFloat")] == 3 and not counts[("", "DequantizeLinear")]
     assert counts[("", "QuantizeLinear")] == 3, "the per-token QuantizeLinear stays: it makes the codes"
     got = integer_session(lowered, exact_switch=True).run(None, FEED)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_per_token_int8_sq_on_the_fast_kernels_is_matmulnbits_on_its_codes() -> None:
+    """--ort-kernels fast: each linear reads x itself and becomes int8 MatMulNBits holding the Q/DQ
+    graph's weight codes (level 1 then computes x @ DQ(W) exactly); the per-token Q/DQ is gone once
+    the pipeline's final clean drops the unused scale chain."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    model = per_token_int8_sq()
+    assert LowerQuantForORT(QuantContext(QuantConfig("int8-sq"), CalibrationStats()), accuracy_level=1)(model).modified
+    RemoveUnusedNodesPass()(model)
+    counts = op_counts(model)
+    assert counts[("com.microsoft", "MatMulNBits")] == 3 and not counts[("com.microsoft", "MatMulIntegerToFloat")]
+    assert not counts[("", "QuantizeLinear")] and not counts[("", "DequantizeLinear")] and not counts[("", "ReduceMax")]
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert all(n.attributes.get_int("bits", 0) == 8 for n in nodes)
+    reference = per_token_int8_sq().graph
+    for node in nodes:  # the weight each computes with is the DQ graph's, codes and per-channel scales
+        (dq, _), = reference.initializers[node.name.removesuffix("/nbits")].uses()  # named after the codes
+        codes, scale = (v.const_value.numpy() for v in dq.inputs[:2])  # type: ignore[union-attr]
+        np.testing.assert_allclose(dequantized_weight(single_linear(model, node)), codes * scale, rtol=1e-6, atol=1e-7)
 
 
 def saturating_feed(model: ir.Model) -> dict[str, np.ndarray]:
@@ -298,7 +323,7 @@ def test_without_the_exact_switch_a_cpu_without_vnni_saturates() -> None:
         pytest.skip("this CPU has VNNI: its u8s8 kernel sums in int32 and cannot saturate")
     model = per_token_int8_sq()
     lowered = copy_model(model)
-    LowerQuantForORT(QuantContext(QuantConfig("int8-sq"), CalibrationStats()))(lowered)
+    LowerQuantForORT(QuantContext(QuantConfig("int8-sq", ort_kernels="integer"), CalibrationStats()))(lowered)
     feed = saturating_feed(model)
     exact = integer_session(lowered, exact_switch=True).run(None, feed)[0]
     fast = integer_session(lowered, exact_switch=False).run(None, feed)[0]
