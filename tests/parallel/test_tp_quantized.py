@@ -85,14 +85,6 @@ def test_tp_builds_it_cannot_do_are_refused_naming_why(options: dict, message: s
     assert not (tmp_path / "engine").exists()
 
 
-def test_quantized_moe_tp_is_refused(tmp_path: Path) -> None:
-    from tiny_models import make_llama4_checkpoint
-
-    ckpt = make_llama4_checkpoint(tmp_path / "ckpt", tiny_llama4_config(), seed=1)
-    with pytest.raises(BuildError, match="TP=2 PRECISION=int8-wo: quantized MoE experts are not sharded yet"):
-        build_engine(BuildOptions(checkpoint=ckpt, out=tmp_path / "engine", tp=2, precision="int8-wo"))
-
-
 @pytest.mark.slow
 def test_smoothed_int8_ranks_hold_the_unsharded_weight_scales_of_their_channels(checkpoint: Path, tmp_path: Path) -> None:
     """int8-wo on the fast kernels smooths first: every rank's per-output-channel weight scales are the
