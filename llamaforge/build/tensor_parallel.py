@@ -10,7 +10,9 @@ every rank, but for the logits width when N does not divide the vocabulary) and 
 rank, whose initializers are bound to its own slices, so its external data holds only its shard: each weight is read whole from the checkpoint, sliced, written
 and dropped, one at a time, and peak memory stays about the largest tensor. Calibration runs once
 on the unsharded model; each rank's quantization passes read its cut of the statistics
-(graphs/quantization/sharding.py). The whole directory is staged and renamed into place.
+(graphs/quantization/sharding.py). BACKEND=trt builds each rank's graph into rank{i}/engine.plan
+(`rank_plan`: TensorRT-LLM's plugin library loaded for the all-reduce). The whole directory is
+staged and renamed into place.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.builder import (
     CALIBRATION_FILE,
+    MODEL_FILE,
     BuildError,
     BuildOptions,
     _calibrate,
@@ -35,6 +38,7 @@ from llamaforge.build.builder import (
     quantized_manifest,
     write_graph,
 )
+from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, build_rank_plan
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.exporter import graph_template, timed
@@ -43,6 +47,7 @@ from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.graphs.quantization.calibrate import CalibrationText
 from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS, block_for
 from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, smoothing_factors
+from llamaforge.plugins.all_reduce import trt_plugin as trt_all_reduce
 from llamaforge.runtime.core.manifest import EngineManifest, TensorParallelInfo
 
 RANK_DIR = "rank{rank}"
@@ -54,10 +59,11 @@ def check_tp_options(opts: BuildOptions, config: ModelConfig, quant: QuantConfig
         check_shardable(config, opts.tp)
     except ShardingError as e:
         raise BuildError(f"TP: {e}") from None
-    if opts.backend == "trt":
-        raise BuildError(f"TP={opts.tp} BACKEND=trt: the trt pass pipeline maps the all-reduce to TensorRT-LLM's NCCL "
-                         "plugin (plugins/all_reduce/trt_plugin.py), but building a plan per rank with that plugin "
-                         "library is not wired into the build yet; use BACKEND=ort")
+    if opts.backend == "trt":  # before any work: each rank's plan needs TensorRT-LLM's all-reduce plugin
+        try:
+            trt_all_reduce.find_plugin_library()
+        except trt_all_reduce.PluginLibraryMissing as e:
+            raise BuildError(f"TP={opts.tp} BACKEND=trt: {e}") from None
     if quant.precision == "int8-sq" and quant.int8_activation == "static":
         raise BuildError(f"TP={opts.tp} PRECISION=int8-sq --int8-activation static: SmoothQuant changes a row-parallel "
                          "input's per-tensor maximum in ways one rank cannot see; use the per-token activations")
@@ -112,6 +118,19 @@ def tp_info(shard: RankShard, rank: int | None) -> TensorParallelInfo:
                               vocab_shards=[list(b) for b in vocab_shards(shard.config.vocab_size, shard.size)])
 
 
+def rank_plan(rank_dir: Path, config: ModelConfig, shard: RankShard, opts: BuildOptions, out: Path) -> dict[str, Any]:
+    """BACKEND=trt: rank `shard.rank`'s `engine.plan` from its graph (the all-reduce nodes already in
+    TensorRT-LLM's plugin form, `lower-all-reduce-trt`), next to it in rank{i}/; what its manifest records.
+    The engine being replaced carries each rank's timing cache in its own rank{i}/."""
+    previous = out / rank_dir.name / TIMING_CACHE_FILE
+    try:
+        return build_rank_plan(rank_dir / MODEL_FILE, rank_dir / PLAN_FILE, config.num_layers, shard.kv_heads,
+                               config.head_dim, trt_all_reduce.find_plugin_library(), opts.tensorrt,
+                               previous if previous.exists() else None)
+    except (TensorRTBuildError, trt_all_reduce.PluginLibraryMissing) as e:
+        raise BuildError(f"rank {shard.rank}: {e}") from None
+
+
 def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | None, quant: QuantConfig,
                     calib_text: CalibrationText | None, source: dict[str, Any], out: Path) -> Path:
     with staged_dir(out) as tmp:
@@ -136,6 +155,8 @@ def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | 
                                tensor_parallel=tp_info(shard, rank))
             if stats is not None:
                 manifest = quantized_manifest(manifest, quant, stats, opts.backend)
+            if opts.backend == "trt":
+                manifest = replace(manifest, tensorrt=rank_plan(rank_dir, config, shard, opts, out))
             manifest.write(rank_dir)
             if top is None:
                 top = manifest
