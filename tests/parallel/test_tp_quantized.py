@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from tiny_models import TinyBuilds, tiny_config, tiny_llama4_config
+from tiny_models import TinyBuilds, tiny_config
 from tp_runs import prompts, run_ranks
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
