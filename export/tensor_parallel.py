@@ -19,9 +19,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llamaforge.export.config import ModelConfig
+
+# MoE expert weights [E, in, out] (x @ W; gate_up_proj is [gate | up] along `out`), by name suffix
+EXPERT_WEIGHTS = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
 
 
 class ShardingError(ValueError):
@@ -114,7 +118,7 @@ class RankShard:
         """How the rank holds linear `linear` (checkpoint module name, e.g. model.layers.0.mlp.up_proj):
         ("out", [a, b)) for a column-parallel one (its output channels a..b-1), ("in", [a, b)) for a
         row-parallel one, None for a replicated one (the router)."""
-        if self.size == 1:
+        if self.size == 1 or linear.endswith(EXPERT_WEIGHTS):  # experts: `expert_out_columns`
             return None
         name = linear + ".weight"
         if linear.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "gate_proj", "up_proj")):
@@ -127,6 +131,16 @@ class RankShard:
         if linear == "lm_head":
             return "out", self.vocab_rows()
         return None
+
+    def expert_out_columns(self, linear: str) -> np.ndarray | None:
+        """The output channels the rank holds of MoE expert weight `linear` ([E, in, out], x @ W):
+        gate_up_proj (column-parallel) its gate columns then the same up columns, as `shard_tensor`
+        cuts them; None for down_proj (row-parallel: every output channel) and at TP=1."""
+        if self.size == 1 or not linear.endswith(EXPERT_WEIGHTS[0]):
+            return None
+        width = self.config.intermediate_size
+        a, b = self.ffn_columns(width)
+        return np.concatenate([np.arange(a, b), np.arange(width + a, width + b)])
 
     # -- checkpoint tensors --------------------------------------------------------------------
     def _ffn_width(self, name: str) -> int:
@@ -165,11 +179,11 @@ def _slice(shard: RankShard, name: str, t: torch.Tensor) -> torch.Tensor:
     if _ROW.search(name):
         a, b = shard.ffn_columns(shard._ffn_width(name))
         return t[:, a:b]
-    if name.endswith("feed_forward.experts.gate_up_proj"):  # [E, hidden, gate | up]: the same columns of each
+    if name.endswith(EXPERT_WEIGHTS[0]):  # [E, hidden, gate | up]: the same columns of each
         width = shard.config.intermediate_size
         a, b = shard.ffn_columns(width)
         return torch.cat([t[..., a:b], t[..., width + a:width + b]], dim=-1)
-    if name.endswith("feed_forward.experts.down_proj"):  # [E, intermediate, hidden]
+    if name.endswith(EXPERT_WEIGHTS[1]):  # [E, intermediate, hidden]
         a, b = shard.ffn_columns(shard.config.intermediate_size)
         return t[:, a:b]
     if name == "lm_head.weight":

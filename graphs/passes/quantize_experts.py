@@ -149,7 +149,11 @@ class QuantizeExperts(ir.passes.InPlacePass):
         fmt, name, source = self.fmt, old.name, old.const_value
         assert source is not None and name is not None
         amax = self._amax(old, source)
-        scale = scale_from_amax(amax if fmt.weight_per_channel else amax.max(axis=1), fmt.qmax)  # [E, out] | [E]
+        # fp8: per expert, over all its output channels (a TP rank's cut gate_up: the unsharded expert's max)
+        per_expert = self.ctx.stats.whole_expert_amax.get(name)
+        if per_expert is None:
+            per_expert = amax.max(axis=1)
+        scale = scale_from_amax(amax if fmt.weight_per_channel else per_expert, fmt.qmax)  # [E, out] | [E]
         broadcast = scale[:, None, :] if fmt.weight_per_channel else scale[:, None, None]
         quantized = register(graph, lazy_weight(f"{name}.{fmt.name}", [source], lambda w: fmt.quantize(w, broadcast),
                                                 fmt.weight_dtype, list(source.shape.numpy())))

@@ -212,6 +212,9 @@ class CalibrationStats:
     # rank and equal to the unsharded model's. Derived, never saved.
     whole_weight_amax: dict[str, float] = field(default_factory=dict)
     whole_act_amax: dict[str, float] = field(default_factory=dict)
+    # ... and a rank's column-parallel MoE expert weights ([E, in, out]): each expert's max |W| over
+    # all its output channels [E], so fp8's per-expert scale is the unsharded one. Derived, never saved.
+    whole_expert_amax: dict[str, np.ndarray] = field(default_factory=dict)
     # A TP build's row-parallel linears: the whole weight's per-output-channel amax after smoothing
     # (llamaforge/build/tensor_parallel.py reads it from the checkpoint), which `smoothed` installs in
     # place of the rank's re-measure of its own rows.

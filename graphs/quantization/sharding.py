@@ -4,9 +4,13 @@ cut along the channels the rank holds (docs/tensor_parallel.md#quantization-per-
   per output channel (weight_out_amax)      column-parallel linears: the rank's output channels
   per input channel (act_amax, weight_in_amax, awq_scale)   row-parallel linears: its input channels
   per tensor (K/V amax, searched alphas and clips)          shared: the same on every rank
+  MoE experts (weight_out_amax [E, out])   gate_up_proj: the rank's gate and up columns of every
+                                           expert; down_proj (row-parallel): whole, as are the
+                                           experts' input maxima (only their per-tensor max is used)
 
 A per-tensor scale (fp8 weights, static activation scales) must not shrink to the rank's part, so
 the whole linear's maxima are kept beside the cut vectors (`whole_weight_amax`, `whole_act_amax`).
+fp8's per-expert scale likewise keeps each expert's whole max (`whole_expert_amax`).
 So every weight scale of a rank is the unsharded model's scale of those channels, and every
 activation scale is the unsharded model's.
 """
@@ -32,6 +36,11 @@ def shard_stats(stats: CalibrationStats, shard: RankShard) -> CalibrationStats:
         out.whole_weight_amax[linear] = float(amax.max())
     for linear, amax in stats.act_amax.items():
         out.whole_act_amax[linear] = float(amax.max())
+    for linear, amax in stats.weight_out_amax.items():  # MoE experts [E, out]: gate_up's columns are cut
+        columns = shard.expert_out_columns(linear)
+        if columns is not None:
+            out.weight_out_amax[linear] = amax[:, columns].copy()
+            out.whole_expert_amax[linear] = amax.max(axis=1)
     for linear in set(stats.act_amax) | set(stats.weight_out_amax) | set(stats.weight_in_amax) | set(stats.awq_scale):
         channels = shard.linear_channels(linear)
         if channels is None:

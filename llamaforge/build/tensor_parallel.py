@@ -10,7 +10,9 @@ every rank, but for the logits width when N does not divide the vocabulary) and 
 rank, whose initializers are bound to its own slices, so its external data holds only its shard: each weight is read whole from the checkpoint, sliced, written
 and dropped, one at a time, and peak memory stays about the largest tensor. Calibration runs once
 on the unsharded model; each rank's quantization passes read its cut of the statistics
-(graphs/quantization/sharding.py). The whole directory is staged and renamed into place.
+(graphs/quantization/sharding.py). BACKEND=trt builds each rank's graph into rank{i}/engine.plan
+(`rank_plan`: TensorRT-LLM's plugin library loaded for the all-reduce). The whole directory is
+staged and renamed into place.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from llamaforge.build.atomic import staged_dir
 from llamaforge.build.builder import (
     CALIBRATION_FILE,
+    MODEL_FILE,
     BuildError,
     BuildOptions,
     _calibrate,
@@ -35,14 +38,16 @@ from llamaforge.build.builder import (
     quantized_manifest,
     write_graph,
 )
+from llamaforge.build.trt_backend import PLAN_FILE, TIMING_CACHE_FILE, TensorRTBuildError, build_rank_plan
 from llamaforge.export.checkpoint_base import Checkpoint
 from llamaforge.export.config import ModelConfig
 from llamaforge.export.exporter import graph_template, timed
-from llamaforge.export.tensor_parallel import RankShard, ShardingError, check_shardable, vocab_shards
+from llamaforge.export.tensor_parallel import EXPERT_WEIGHTS, RankShard, ShardingError, check_shardable, vocab_shards
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.graphs.quantization.calibrate import CalibrationText
-from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS
+from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS, block_for
 from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, smoothing_factors
+from llamaforge.plugins.all_reduce import trt_plugin as trt_all_reduce
 from llamaforge.runtime.core.manifest import EngineManifest, TensorParallelInfo
 
 RANK_DIR = "rank{rank}"
@@ -54,24 +59,35 @@ def check_tp_options(opts: BuildOptions, config: ModelConfig, quant: QuantConfig
         check_shardable(config, opts.tp)
     except ShardingError as e:
         raise BuildError(f"TP: {e}") from None
-    if opts.backend == "trt":
-        raise BuildError(f"TP={opts.tp} BACKEND=trt: the trt pass pipeline maps the all-reduce to TensorRT-LLM's NCCL "
-                         "plugin (plugins/all_reduce/trt_plugin.py), but building a plan per rank with that plugin "
-                         "library is not wired into the build yet; use BACKEND=ort")
-    if quant.precision is not None and config.is_moe:
-        raise BuildError(f"TP={opts.tp} PRECISION={quant.precision}: quantized MoE experts are not sharded yet "
-                         "(their statistics are per expert tensor); build Llama 4 TP engines unquantized")
+    if opts.backend == "trt":  # before any work: each rank's plan needs TensorRT-LLM's all-reduce plugin
+        try:
+            trt_all_reduce.find_plugin_library()
+        except trt_all_reduce.PluginLibraryMissing as e:
+            raise BuildError(f"TP={opts.tp} BACKEND=trt: {e}") from None
     if quant.precision == "int8-sq" and quant.int8_activation == "static":
         raise BuildError(f"TP={opts.tp} PRECISION=int8-sq --int8-activation static: SmoothQuant changes a row-parallel "
                          "input's per-tensor maximum in ways one rank cannot see; use the per-token activations")
     if quant.precision in INT4_PRECISIONS:
-        block = quant.int4_block_size
-        widths = {"q heads per rank x head_dim (o_proj's input)": config.q_size // opts.tp,
-                  "intermediate_size / TP (down_proj's input)": config.dense_intermediate_size // opts.tp}
-        bad = [f"{what} = {width}" for what, width in widths.items() if width % block]
-        if bad:
-            raise BuildError(f"TP={opts.tp} PRECISION={quant.precision}: --int4-block-size {block} does not divide "
-                             f"{'; '.join(bad)}: a rank's row-parallel input must hold whole blocks")
+        check_int4_blocks(opts.tp, config, quant)
+
+
+def check_int4_blocks(tp: int, config: ModelConfig, quant: QuantConfig) -> None:
+    """A row-parallel INT4 weight's blocks run along its input channels: each rank must hold whole
+    blocks of the block size TP=1 picks for the whole width (`int4.block_for`), or its blocks and
+    scales would not be TP=1's. That covers MoE experts' down_proj (their blocks are per expert)."""
+    widths = {"q heads per rank x head_dim (o_proj's input)": config.q_size}
+    if len(config.moe_layer_indices()) < config.num_layers:  # some layer has a dense MLP
+        widths["intermediate_size_mlp / TP (down_proj's input)"] = config.dense_intermediate_size
+    if config.is_moe:
+        widths["intermediate_size / TP (the experts' and the shared expert's down_proj input)"] = config.intermediate_size
+    bad = []
+    for what, width in widths.items():
+        block = block_for(width, quant.int4_block_size)
+        if block is not None and (width // tp) % block:  # None: TP=1 refuses it too, naming the weight
+            bad.append(f"{what} = {width // tp} is not a multiple of the block {block}")
+    if bad:
+        raise BuildError(f"TP={tp} PRECISION={quant.precision} --int4-block-size {quant.int4_block_size}: "
+                         f"{'; '.join(bad)}: a rank's row-parallel input must hold whole blocks")
 
 
 def row_parallel_smoothed_amax(stats: CalibrationStats, ckpt: Checkpoint, config: ModelConfig,
@@ -83,7 +99,10 @@ def row_parallel_smoothed_amax(stats: CalibrationStats, ckpt: Checkpoint, config
     the unsharded model's. Empty for the other precisions."""
     if quant.precision != "int8-sq" and not quant.smooths_int8_wo:
         return {}
-    linears = [f"model.layers.{i}.{name}" for i in range(config.num_layers) for name in ("self_attn.o_proj", "mlp.down_proj")]
+    # o_proj and every dense down_proj (Llama 4: `feed_forward.down_proj`, `feed_forward.shared_expert.down_proj`);
+    # the experts are never smoothed (graphs/passes/quantize_experts.py)
+    linears = sorted(name for name in stats.act_amax
+                     if name.endswith(("self_attn.o_proj", "down_proj")) and not name.endswith(EXPERT_WEIGHTS))
     out = {}
     for linear in tqdm(linears, desc="row-parallel scales", unit="weight", disable=os.environ.get("LLAMAFORGE_QUIET") == "1"):
         alpha = quant.smoothquant_alpha if quant.smoothquant_alpha is not None else stats.searched_alpha(linear)
@@ -97,6 +116,19 @@ def tp_info(shard: RankShard, rank: int | None) -> TensorParallelInfo:
     return TensorParallelInfo(size=shard.size, rank=rank, q_heads_per_rank=shard.q_heads,
                               kv_heads_per_rank=shard.kv_heads,
                               vocab_shards=[list(b) for b in vocab_shards(shard.config.vocab_size, shard.size)])
+
+
+def rank_plan(rank_dir: Path, config: ModelConfig, shard: RankShard, opts: BuildOptions, out: Path) -> dict[str, Any]:
+    """BACKEND=trt: rank `shard.rank`'s `engine.plan` from its graph (the all-reduce nodes already in
+    TensorRT-LLM's plugin form, `lower-all-reduce-trt`), next to it in rank{i}/; what its manifest records.
+    The engine being replaced carries each rank's timing cache in its own rank{i}/."""
+    previous = out / rank_dir.name / TIMING_CACHE_FILE
+    try:
+        return build_rank_plan(rank_dir / MODEL_FILE, rank_dir / PLAN_FILE, config.num_layers, shard.kv_heads,
+                               config.head_dim, trt_all_reduce.find_plugin_library(), opts.tensorrt,
+                               previous if previous.exists() else None)
+    except (TensorRTBuildError, trt_all_reduce.PluginLibraryMissing) as e:
+        raise BuildError(f"rank {shard.rank}: {e}") from None
 
 
 def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | None, quant: QuantConfig,
@@ -123,6 +155,8 @@ def build_tp_engine(opts: BuildOptions, config: ModelConfig, ckpt: Checkpoint | 
                                tensor_parallel=tp_info(shard, rank))
             if stats is not None:
                 manifest = quantized_manifest(manifest, quant, stats, opts.backend)
+            if opts.backend == "trt":
+                manifest = replace(manifest, tensorrt=rank_plan(rank_dir, config, shard, opts, out))
             manifest.write(rank_dir)
             if top is None:
                 top = manifest

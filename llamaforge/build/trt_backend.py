@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from llamaforge.plugins.all_reduce import trt_plugin as all_reduce_trt
 from llamaforge.plugins.attention import trt_plugin
 from llamaforge.plugins.cross_attention import trt_plugin as cross_trt_plugin
 
@@ -109,9 +110,10 @@ def tensorrt_version() -> str:
     return str(trt.__version__)
 
 
-# Each plugin op's TensorRT module: (its id, its name, the creator version tensorrt.plugin gives it).
+# Each plugin op's TensorRT creator: its id -> (its name, its version); the namespace is the id's prefix.
 PLUGINS = {trt_plugin.PLUGIN_ID: (trt_plugin.PLUGIN_NAME, trt_plugin.QDP_PLUGIN_VERSION),
-           cross_trt_plugin.PLUGIN_ID: (cross_trt_plugin.PLUGIN_NAME, cross_trt_plugin.QDP_PLUGIN_VERSION)}
+           cross_trt_plugin.PLUGIN_ID: (cross_trt_plugin.PLUGIN_NAME, cross_trt_plugin.QDP_PLUGIN_VERSION),
+           all_reduce_trt.PLUGIN_ID: (all_reduce_trt.PLUGIN_NAME, all_reduce_trt.PLUGIN_VERSION)}
 
 
 def register_plugins() -> None:
@@ -226,6 +228,22 @@ def build_plan(model_path: Path, plan_path: Path, num_layers: int, num_kv_heads:
     profiles = optimization_profiles(num_layers, num_kv_heads, head_dim, options.limits)
     return build_plan_with_profiles(model_path, plan_path, profiles, [trt_plugin.PLUGIN_ID], options,
                                     previous_timing_cache)
+
+
+def build_rank_plan(model_path: Path, plan_path: Path, num_layers: int, kv_heads_per_rank: int, head_dim: int,
+                    plugin_library: Path, options: TensorRTOptions,
+                    previous_timing_cache: Path | None = None) -> dict[str, Any]:
+    """`build_plan` for one tensor-parallel rank's graph: TensorRT-LLM's plugin library loaded and its
+    creators registered first (the ONNX parser imports each all-reduce node as `tensorrt_llm::AllReduce`
+    through them), the KV inputs' profiles at the rank's KV heads. The plan is built on the current
+    GPU; the plugin opens no NCCL communicator while building, so one GPU builds every rank's plan."""
+    try:
+        all_reduce_trt.load_plugin_library(plugin_library)
+    except all_reduce_trt.PluginLibraryMissing as e:
+        raise TensorRTBuildError(f"BACKEND=trt TP: {e}") from None
+    profiles = optimization_profiles(num_layers, kv_heads_per_rank, head_dim, options.limits)
+    return build_plan_with_profiles(model_path, plan_path, profiles, [trt_plugin.PLUGIN_ID, all_reduce_trt.PLUGIN_ID],
+                                    options, previous_timing_cache)
 
 
 def build_plan_with_profiles(model_path: Path, plan_path: Path, profiles: Sequence[Profile], plugin_ids: Sequence[str],

@@ -18,26 +18,27 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from llamaforge.runtime.core.engine import ort_providers
 from llamaforge.runtime.parallel.rank_engine import TensorParallelEngine, spawn_args, tensor_parallel_size
 from llamaforge.runtime.parallel.runner import TensorParallelRunner, run_worker
 from llamaforge.runtime.parallel.world import DEFAULT_TIMEOUT_S, RankFailure, init_world
 
 
 def start_rank(engine_dir: str | os.PathLike[str], threads: int | None = None,
-               timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+               timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "cpu") -> bool:
     """For a tensor-parallel engine: join the MPI job. On a rank >= 1, run its shard until rank 0
     stops (True: the process has served its part). False on rank 0 and for a single-process engine."""
     size = tensor_parallel_size(engine_dir)
     if size is None:
         return False
-    world = init_world(size, timeout_s, spawn_args(engine_dir, threads, timeout_s))
+    world = init_world(size, timeout_s, spawn_args(engine_dir, threads, timeout_s, device))
     world.install_failure_signal()
     if world.rank == 0:
         return False
     # SIGTERM/SIGINT reach every rank from mpiexec: rank 0 drains, then tells this one to stop.
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
-    engine = TensorParallelEngine(engine_dir, world, threads)
+    engine = TensorParallelEngine(engine_dir, world, threads, ort_providers(device))  # its own GPU: placement.py
     print(f"llama-forge: tensor-parallel rank {world.rank} of {world.size} (pid {os.getpid()}) running "
           f"{engine.dir}", flush=True)
     try:
@@ -86,6 +87,6 @@ def exit_after_failure() -> None:
         os._exit(0)
 
 
-if __name__ == "__main__":  # a rank spawned by an orchestrator (world.py init_world): ENGINE THREADS TIMEOUT
-    engine_dir, threads, timeout = sys.argv[1:4]
-    start_rank(engine_dir, int(threads) or None, float(timeout))
+if __name__ == "__main__":  # a rank spawned by an orchestrator (world.py init_world): ENGINE THREADS TIMEOUT DEVICE
+    engine_dir, threads, timeout, device = sys.argv[1:5]
+    start_rank(engine_dir, int(threads) or None, float(timeout), device)

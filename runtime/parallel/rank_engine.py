@@ -20,6 +20,7 @@ import numpy as np
 
 from llamaforge.runtime.core.engine import Engine, EngineError, read_manifest
 from llamaforge.runtime.parallel import collective
+from llamaforge.runtime.parallel.placement import place_providers, rank_device_id, uses_gpu, visible_gpu_count
 from llamaforge.runtime.parallel.world import DEFAULT_TIMEOUT_S, RankWorld, init_world
 
 
@@ -40,7 +41,10 @@ class TensorParallelEngine(Engine):
                               f"{len(tp.vocab_shards)} entries for {tp.size} ranks")
         self.world = world
         collective.bind_world(world)
-        super().__init__(top_dir / f"rank{world.rank}", threads, providers,
+        if uses_gpu(providers):  # each rank its own GPU: its local rank modulo the GPUs it sees
+            providers = place_providers(providers or (), rank_device_id(world.local_rank, visible_gpu_count()))
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        super().__init__(top_dir / f"rank{world.rank}", threads, self.providers,
                          session_options=collective.session_options(), tokenizer_dir=top_dir)
         mine = self.manifest.tensor_parallel
         if mine is None or mine.rank != world.rank or mine.size != tp.size:
@@ -78,9 +82,11 @@ def tensor_parallel_size(engine_dir: str | os.PathLike[str]) -> int | None:
     return None if tp is None else tp.size
 
 
-def spawn_args(engine_dir: str | os.PathLike[str], threads: int | None, timeout_s: float) -> list[str]:
-    """What a spawned rank is told (orchestrator mode): `launch.py ENGINE THREADS TIMEOUT`."""
-    return [str(Path(engine_dir).resolve()), str(threads or 0), repr(timeout_s)]
+def spawn_args(engine_dir: str | os.PathLike[str], threads: int | None, timeout_s: float,
+               device: str = "cpu") -> list[str]:
+    """What a spawned rank is told (orchestrator mode): `launch.py ENGINE THREADS TIMEOUT DEVICE`
+    (DEVICE cpu | gpu: rank 0's kind of execution provider; each rank then picks its own GPU)."""
+    return [str(Path(engine_dir).resolve()), str(threads or 0), repr(timeout_s), device]
 
 
 def open_engine(engine_dir: str | os.PathLike[str], threads: int | None = None,
@@ -90,7 +96,7 @@ def open_engine(engine_dir: str | os.PathLike[str], threads: int | None = None,
     size = tensor_parallel_size(engine_dir)
     if size is None:
         return Engine(engine_dir, threads=threads, providers=providers)
-    world = init_world(size, timeout_s, spawn_args(engine_dir, threads, timeout_s))
+    world = init_world(size, timeout_s, spawn_args(engine_dir, threads, timeout_s, "gpu" if uses_gpu(providers) else "cpu"))
     if world.rank != 0:
         raise EngineError(f"rank {world.rank} of a tensor-parallel job runs its shard (run_worker), not an engine core")
     return TensorParallelEngine(engine_dir, world, threads, providers)

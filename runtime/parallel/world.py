@@ -35,6 +35,7 @@ import numpy as np
 
 from llamaforge.runtime.core.engine import EngineError
 from llamaforge.runtime.core.requests import EngineUnavailable
+from llamaforge.runtime.parallel.placement import local_rank
 
 DEFAULT_TIMEOUT_S = 30.0  # how long one collective may wait for the other ranks
 
@@ -72,6 +73,7 @@ class RankWorld:
         self.spawned = False  # rank 0 of an orchestrator: it spawned the other ranks (init_world)
         self.closed = False  # the other ranks were told to exit (runner.py TensorParallelRunner.close)
         self.stats = CollectiveStats()
+        self.local_rank = 0  # this rank's index on its host, which picks its GPU (init_world sets it)
         self._listeners: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
 
@@ -202,6 +204,7 @@ def init_world(size: int, timeout_s: float = DEFAULT_TIMEOUT_S, spawn: Sequence[
             spawned = True
         _world = RankWorld(comm, timeout_s)
         _world.spawned = spawned
+        _world.local_rank = local_rank(comm)  # collective: every rank forms its world here (placement.py)
     elif _world.closed:
         raise EngineError("this process's tensor-parallel ranks were stopped with the engine core that ran them; "
                           "under mpiexec a process runs one engine core (restart the job)")

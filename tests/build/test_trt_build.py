@@ -27,7 +27,8 @@ from llamaforge.export.exporter import trace
 
 ROOT = Path(__file__).resolve().parents[2]
 TYPED_MODULES = ["llamaforge.build.trt_backend", "llamaforge.graphs.trt_ops", "llamaforge.plugins.attention.trt_plugin",
-                 "llamaforge.build.mllama_trt", "llamaforge.plugins.cross_attention.trt_plugin"]
+                 "llamaforge.build.mllama_trt", "llamaforge.plugins.cross_attention.trt_plugin",
+                 "llamaforge.plugins.all_reduce.trt_plugin", "llamaforge.build.tensor_parallel"]
 
 
 def test_profiles_cover_every_graph_input_with_consistent_shapes() -> None:

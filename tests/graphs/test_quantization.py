@@ -1,8 +1,7 @@
 """Quantization: calibration, the Q/DQ passes and their validator, the FP8 KV cache, quantized engines.
 
-Oracles are computed here: transformers' LlamaForCausalLM with the same fake-quant arithmetic
-applied in torch (weights replaced by their quantize-dequantize, inputs quantize-dequantized by
-forward hooks), and the attention reference with the same KV scales.
+Oracles: transformers' LlamaForCausalLM with the same fake-quant arithmetic applied in torch
+(tests/helpers/quant_oracle.py), and the attention reference with the same KV scales.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from quant_oracle import oracle_logits as oracle_for
 from tiny_models import load_hf_oracle, make_hf_checkpoint, tiny_config
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
@@ -53,76 +53,15 @@ def engines(ckpt: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFacto
     return built
 
 
+def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, activation: str = "per-token") -> np.ndarray:
+    return oracle_for(ckpt, stats, precision, PROMPT, activation)
+
+
 def prefill_logits(engine_dir: Path) -> np.ndarray:
     engine = Engine(engine_dir)
     past = engine.kv.empty(1, 32)
     logits, _ = engine.step(PROMPT, np.zeros(1, np.int32), past)
     return logits[0]
-
-
-# -- the torch oracle ---------------------------------------------------------------------------
-
-
-def fq_int8(x: torch.Tensor, scale: torch.Tensor, low: float = -127) -> torch.Tensor:
-    """Weights are stored in -127..127 (recipes.quantize_int8); an activation's QuantizeLinear
-    saturates to int8's -128..127 (low=-128), which a static scale reaches on values beyond the
-    calibration range."""
-    return torch.clamp(torch.round(x / scale), low, 127) * scale
-
-
-def fq_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(x / scale, -448, 448).to(torch.float8_e4m3fn).float() * scale
-
-
-def fq_int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """int8-sq's per-token activation scale, max(max|x_token| / 127, float32 tiny), as the graph computes it."""
-    return fq_int8(x, torch.clamp(x.abs().amax(-1, keepdim=True) / 127, min=torch.finfo(torch.float32).tiny))
-
-
-def oracle_logits(ckpt: Path, stats: CalibrationStats, precision: str | None, activation: str = "per-token") -> np.ndarray:
-    """transformers with fake quantization of every linear but lm_head, from the same statistics;
-    int8-sq smooths each group with the alpha calibration searched for it (recorded in the stats)."""
-    model = load_hf_oracle(ckpt)
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
-                  [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]]
-        names = {m: n for n, m in layer.named_modules()}
-        for group in groups:
-            keys = [f"model.layers.{i}.{names[m]}" for m in group]
-            a = torch.from_numpy(stats.act_amax[keys[0]])
-            s = torch.ones_like(a)
-            if precision == "int8-sq":  # SmoothQuant: x W^T = (x / s) (W diag(s))^T, s over the group's weights
-                alpha = stats.smoothquant_alpha[keys[0]]
-                assert all(stats.smoothquant_alpha[k] == alpha for k in keys)  # one input, one alpha
-                w_in = torch.stack([m.weight.abs().amax(0) for m in group]).amax(0)
-                s = (a.double() ** alpha / w_in.double() ** (1 - alpha)).float().clamp(1e-5, 1e5)
-            # q/k/v are one packed MatMul in the engine: one per-tensor fp8 scale for the three.
-            packed_amax = torch.stack([m.weight.abs().amax() for m in group]).amax()
-            for m in group:
-                with torch.no_grad():
-                    w = m.weight * s  # HF weight [out, in]: column j scaled by s_j
-                    if precision == "fp8":
-                        m.weight.copy_(fq_fp8(w, (packed_amax if len(group) == 3 else w.abs().amax()) / 448))
-                    elif precision in ("int8-sq", "int8-wo"):
-                        m.weight.copy_(fq_int8(w, w.abs().amax(1, keepdim=True) / 127))
-                act_scale = (a / s).amax() / (448 if precision == "fp8" else 127)
-                fq = fq_fp8 if precision == "fp8" else fq_int8
-
-                def pre(module, args, s=s, act_scale=act_scale, fq=fq):  # type: ignore[no-untyped-def]
-                    x = args[0] / s
-                    if precision == "int8-sq" and activation == "per-token":
-                        return (fq_int8_per_token(x),)
-                    if precision == "int8-sq":
-                        return (fq_int8(x, act_scale, low=-128),)
-                    return (fq(x, act_scale) if precision == "fp8" else x,)
-
-                hooks.append(m.register_forward_pre_hook(pre))
-    with torch.no_grad():
-        logits = model(torch.from_numpy(PROMPT)).logits[0].numpy()
-    for h in hooks:
-        h.remove()
-    return logits
 
 
 # -- building -------------------------------------------------------------------------------------

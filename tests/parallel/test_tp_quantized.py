@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from tiny_models import TinyBuilds, tiny_config, tiny_llama4_config
+from tiny_models import TinyBuilds, tiny_config
 from tp_runs import prompts, run_ranks
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
@@ -74,23 +74,14 @@ def test_quantized_tp2_computes_what_tp1_computes(case: str, checkpoint: Path, t
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(tp=3), "TP: ckpt: TP=3 does not divide num_heads=4"),
+    (dict(tp=3), "TP: ckpt: TP=3 does not divide num_heads=4"),  # BACKEND=trt: test_tp_trt.py
     (dict(tp=2, precision="int8-sq", int8_activation="static"), "--int8-activation static"),
-    (dict(tp=2, backend="trt"), None),  # refused: TensorRT missing here, or the TP plan build
 ])
-def test_tp_builds_it_cannot_do_are_refused_naming_why(options: dict, message: str | None, checkpoint: Path,
+def test_tp_builds_it_cannot_do_are_refused_naming_why(options: dict, message: str, checkpoint: Path,
                                                         tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match=message or "trt"):
+    with pytest.raises(BuildError, match=message):
         build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "engine", **options))
     assert not (tmp_path / "engine").exists()
-
-
-def test_quantized_moe_tp_is_refused(tmp_path: Path) -> None:
-    from tiny_models import make_llama4_checkpoint
-
-    ckpt = make_llama4_checkpoint(tmp_path / "ckpt", tiny_llama4_config(), seed=1)
-    with pytest.raises(BuildError, match="TP=2 PRECISION=int8-wo: quantized MoE experts are not sharded yet"):
-        build_engine(BuildOptions(checkpoint=ckpt, out=tmp_path / "engine", tp=2, precision="int8-wo"))
 
 
 @pytest.mark.slow
