@@ -62,13 +62,16 @@ class Row:
 
 
 ROWS = [Row("fp8", "fp8", target="fp8"), Row("int8-sq", "int8-sq", target="int8-sq"),
+        # the per-token integer GEMM (the graph's per-token numbers), next to the default fast kernel
+        Row("int8-sq integer", "int8-sq", {"ort_kernels": "integer"}),
         Row("int8-sq static", "int8-sq", {"int8_activation": "static"}),
         Row("int8-wo", "int8-wo", target="int8-wo"),
         # the Q/DQ graph's own numbers, next to the default fast kernels (MatMulNBits; graphs/passes/lower_quant_ort.py)
         Row("int8-wo exact", "int8-wo", {"ort_kernels": "exact"}),
         Row("int4-awq", "int4-awq", target="int4-awq"), Row("int4-rtn", "int4-rtn"),
-        # the LM head quantized too: the default of int8-wo / int4-* where embeddings are untied (not
-        # stdlib-5m's), as onnxruntime-genai's builder does; bench/quant_speed.py measures its speed
+        # the LM head quantized too: the default of int8-wo / int8-sq / int4-* where embeddings are untied
+        # (not stdlib-5m's), as onnxruntime-genai's builder does; bench/quant_speed.py measures its speed
+        Row("int8-sq +head", "int8-sq", {"quantize_lm_head": True}),
         Row("int8-wo +head", "int8-wo", {"quantize_lm_head": True}),
         Row("int4-awq +head", "int4-awq", {"quantize_lm_head": True})]
 FP8_SWEEP = [Row(f"fp8 act={a} w={w} {g}", "fp8", {"fp8_activation_scale": a, "fp8_weight_scale": w, "fp8_weights": g})

@@ -70,10 +70,12 @@ from quant_roofline import (
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work"
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
-OUR_PRECISIONS = ("fp32", "int8-wo", "int8-sq", "int4-awq", "int4-rtn", "int8-wo+fp32-head", "int4-awq+fp32-head")
-# int8-wo and int4-* quantize the (untied) LM head by default, as onnxruntime-genai's builder does
-# (llama.cpp: q8_0 in q8_0, q4_0 in Q6_K); "+fp32-head" keeps it in fp32, to show what that costs.
-EXTRA_BUILD_ARGS = {"+fp32-head": ["--no-quantize-lm-head"]}
+OUR_PRECISIONS = ("fp32", "int8-wo", "int8-sq", "int4-awq", "int4-rtn", "int8-wo+fp32-head", "int4-awq+fp32-head",
+                  "int8-sq+integer")
+# int8-wo, int8-sq and int4-* quantize the (untied) LM head by default on the fast kernels, as
+# onnxruntime-genai's builder does (llama.cpp: q8_0 in q8_0, q4_0 in Q6_K); "+fp32-head" keeps it in
+# fp32, to show what that costs; "+integer" is int8-sq's per-token MatMulIntegerToFloat form.
+EXTRA_BUILD_ARGS = {"+fp32-head": ["--no-quantize-lm-head"], "+integer": ["--ort-kernels", "integer"]}
 CLASS = {"fp32": "fp32", "int8-wo": "int8", "int8-sq": "int8", "int4-awq": "int4", "int4-rtn": "int4"}
 
 
