@@ -32,3 +32,17 @@ def run_ranks(engine: Path, batch: list[list[int]], tmp: Path, ranks: int) -> tu
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     result = np.load(out)
     return result["prefill"], result["tokens"]
+
+
+def assert_tp2_computes_what_tp1_computes(sharded: Path, single: Path, tmp: Path, seed: int, atol: float,
+                                          case: str) -> None:
+    """The TP=2 engine's prefill logits within `atol` of the TP=1 engine's on `prompts(seed)`, and its
+    greedy tokens identical."""
+    batch = prompts(seed)
+    tp_logits, tp_tokens = run_ranks(sharded, batch, tmp, 2)
+    one_logits, one_tokens = run_ranks(single, batch, tmp, 1)
+    for b, p in enumerate(batch):
+        diff = np.abs(tp_logits[b, :len(p)] - one_logits[b, :len(p)]).max()
+        print(f"{case} prompt {b}: max |TP=2 - TP=1| = {diff:.3e}")
+        assert diff <= atol, f"{case} prompt {b}: TP=2 prefill logits differ from TP=1 by {diff:.2e}"
+    np.testing.assert_array_equal(tp_tokens, one_tokens)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tiny_models import make_llama4_checkpoint, tiny_llama4_config
-from tp_runs import prompts, run_ranks
+from tp_runs import assert_tp2_computes_what_tp1_computes
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
 from llamaforge.build.tensor_parallel import check_int4_blocks
@@ -69,14 +69,7 @@ def test_quantized_moe_tp2_computes_what_tp1_computes(case: str, checkpoint: Pat
     options = CASES[case]
     sharded = build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "tp", tp=2, **options))
     single = build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "tp1", **options))
-    batch = prompts(seed=6)
-    tp_logits, tp_tokens = run_ranks(sharded, batch, tmp_path, 2)
-    one_logits, one_tokens = run_ranks(single, batch, tmp_path, 1)
-    for b, p in enumerate(batch):
-        diff = np.abs(tp_logits[b, :len(p)] - one_logits[b, :len(p)]).max()
-        print(f"{case} prompt {b}: max |TP=2 - TP=1| = {diff:.3e}")
-        assert diff <= ATOL, f"{case} prompt {b}: TP=2 prefill logits differ from TP=1 by {diff:.2e}"
-    np.testing.assert_array_equal(tp_tokens, one_tokens)
+    assert_tp2_computes_what_tp1_computes(sharded, single, tmp_path, 6, ATOL, case)
 
 
 def test_int4_experts_whose_rank_input_is_not_whole_blocks_are_refused() -> None:

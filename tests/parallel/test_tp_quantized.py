@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from tiny_models import TinyBuilds, tiny_config
-from tp_runs import prompts, run_ranks
+from tp_runs import assert_tp2_computes_what_tp1_computes
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
 from llamaforge.export.tensor_parallel import RankShard
@@ -64,13 +64,7 @@ def test_quantized_tp2_computes_what_tp1_computes(case: str, checkpoint: Path, t
     sharded = build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "tp", tp=2, **options))
     single = build_engine(BuildOptions(checkpoint=checkpoint, out=tmp_path / "tp1", **options))
     assert (sharded / "calibration.safetensors").is_file() and not (sharded / "rank0" / "calibration.safetensors").exists()
-    batch = prompts(seed=12)
-    tp_logits, tp_tokens = run_ranks(sharded, batch, tmp_path, 2)
-    one_logits, one_tokens = run_ranks(single, batch, tmp_path, 1)
-    for b, p in enumerate(batch):
-        diff = np.abs(tp_logits[b, :len(p)] - one_logits[b, :len(p)]).max()
-        assert diff <= ATOL, f"{case} prompt {b}: TP=2 prefill logits differ from TP=1 by {diff:.2e}"
-    np.testing.assert_array_equal(tp_tokens, one_tokens)
+    assert_tp2_computes_what_tp1_computes(sharded, single, tmp_path, 12, ATOL, case)
 
 
 @pytest.mark.parametrize("options,message", [
