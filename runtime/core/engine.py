@@ -168,7 +168,7 @@ class Engine:
         # Decode calls may update the cache arrays in place (see `decode_in_place`): only on the
         # CPU provider, where the arrays the engine core owns are the memory ORT reads and writes.
         self.decode_in_place = kv.decode_in_place and self.session.get_providers() == ["CPUExecutionProvider"]
-        self._in_place_binding: tuple[list[np.ndarray], Any] | None = None  # see decode_in_place_step
+        self._in_place_binding: tuple[list[np.ndarray], Any, Any] | None = None  # see decode_in_place_step
 
     def _feeds(self, input_ids: np.ndarray, past_lengths: np.ndarray,
                logits_index: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -242,8 +242,11 @@ class Engine:
         # step): wrapping and binding two OrtValues a layer costs about 5 us each, which on a small
         # model is several percent of a step. The binding holds the arrays, so they outlive it.
         bound = self._in_place_binding
+        shape = (input_ids.shape, None if logits_index is None else np.shape(logits_index))  # the logits' shape
         if bound is not None and len(bound[0]) == len(caches) and all(a is b for a, b in zip(bound[0], caches)):
             binding = bound[1]
+            if bound[2] != shape:  # the logits ORT allocated last time have the last call's shape
+                binding.bind_output(self.output_names[0])
         else:
             binding = self.session.io_binding()
             binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]
@@ -253,7 +256,7 @@ class Engine:
                 value = ort.OrtValue.ortvalue_from_numpy(cache)
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-            self._in_place_binding = (list(caches), binding)
+        self._in_place_binding = (list(caches), binding, shape)
         self._check_extra(extra_feeds)
         feeds = self._feeds(input_ids, past_lengths, logits_index)  # kept alive until the run is over
         feeds.update({k: np.ascontiguousarray(v) for k, v in (extra_feeds or {}).items()})

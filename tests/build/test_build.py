@@ -128,23 +128,27 @@ def test_decode_writes_the_new_token_into_the_cache_in_place(good_engine: Path) 
 def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_engine: Path) -> None:
     """Step after step on the same arrays (the decode batch's) the binding is kept; other arrays,
     and the first ones again, are bound anew: each call writes into, and reads, the caches it was
-    given, as the copying path does."""
+    given, as the copying path does. A verify row ([1, S] tokens) between decode steps on the same
+    arrays gets logits of its own shape, and the next decode step its own again."""
     engine = Engine(good_engine)
     rng = np.random.default_rng(2)
     spec = engine.kv
     pasts = [[rng.standard_normal((1, spec.num_kv_heads, 32, spec.head_dim)).astype(spec.dtype)
               for _ in range(2 * spec.num_layers)] for _ in range(2)]
-    lengths = np.array([9], np.int32)
+    lengths = [np.array([9], np.int32), np.array([9], np.int32)]
     copies = [[p.copy() for p in past] for past in pasts]
-    for step, which in enumerate((0, 0, 1, 0, 1)):
-        ids = rng.integers(3, 500, (1, 1))
-        want_logits, want_present = engine.step(ids, lengths + step, pasts[which])
-        got = engine.decode_in_place_step(ids, lengths + step, copies[which])
+    for which, width in ((0, 1), (0, 1), (0, 5), (0, 1), (1, 1), (0, 1), (1, 3), (1, 1)):
+        ids = rng.integers(3, 500, (1, width))
+        want_logits, want_present = engine.step(ids, lengths[which], pasts[which])
+        got = engine.decode_in_place_step(ids, lengths[which], copies[which])
+        assert got.shape == want_logits.shape == (1, width, engine.manifest.vocab_size)
         np.testing.assert_array_equal(got, want_logits)
+        end = int(lengths[which][0]) + width
         for cache, want in zip(copies[which], want_present):
-            np.testing.assert_array_equal(cache[:, :, : 10 + step], want[:, :, : 10 + step])
+            np.testing.assert_array_equal(cache[:, :, :end], want[:, :, :end])
         for past, cache in zip(pasts[which], copies[which]):
             past[:] = cache  # the reference path's next past is what was written
+        lengths[which] = lengths[which] + width
         assert engine._in_place_binding is not None and engine._in_place_binding[0][0] is copies[which][0]
 
 
