@@ -149,7 +149,7 @@ class LowerQuantForORT(ir.passes.InPlacePass):
                 self._lower_per_token(graph, per_token)
             else:  # fast: the kernel rounds x itself (per token and block), so it reads x, not its codes
                 per_token.matmul.replace_input_with(0, per_token.quantize.inputs[0])
-                graph.remove(per_token.act_dq, safe=True)  # the per-token scale's chain: the final clean's
+                graph.remove(per_token.act_dq, safe=True)  # Q and the scale chain: the pipeline's final clean
         matches = [w for node in list(graph) if (w := weight_only(node)) is not None]
         for match in matches:
             self._lower(graph, match)
