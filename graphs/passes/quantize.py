@@ -181,12 +181,47 @@ class SmoothQuant(ir.passes.InPlacePass):
         return True
 
 
+def _fold_into_gated_linear(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray,
+                            stats: CalibrationStats) -> bool:
+    """x = a * (h W_up), the SwiGLU product down_proj reads: x / s = a * (h (W_up diag(1/s))), so 1/s
+    goes exactly into the up projection's output columns, where the explicit Mul would cost a
+    kernel launch per layer and step. Only where x feeds nothing but `group` and W_up's output
+    feeds nothing but the product. (o_proj's input, the attention output, has no such weight that
+    is exact under grouped-query attention: one value head serves several query heads, whose
+    channels get different s. It keeps its Mul.)"""
+    product = x.producer()
+    if product is None or (product.op_type, product.domain) != ("Mul", "") or {n for n, _ in x.uses()} != {lin.node for lin in group}:
+        return False
+    for factor in sorted(product.inputs, key=lambda v: not linear_name_of(v).endswith("up_proj")):
+        up = factor.producer() if factor is not None else None
+        if factor is None or up is None or (up.op_type, up.domain) != ("MatMul", "") or len(factor.uses()) != 1:
+            continue
+        weight = up.inputs[1]
+        source = constant_input(weight)
+        if weight is None or source is None or source.shape.rank() != 2 or source.shape.numpy()[1] != len(s) or len(weight.uses()) != 1:
+            continue
+        scaled = lazy_weight(f"{weight.name}.smoothed", [source], lambda w: w / s[None, :].astype(w.dtype),
+                             source.dtype, list(source.shape.numpy()))
+        up.replace_input_with(1, register(graph, scaled))
+        drop_if_unused(graph, weight)
+        stats.output_scaled(linear_name(up))
+        return True
+    return False
+
+
+def linear_name_of(value: ir.Value | None) -> str:
+    """The linear that produces `value`, or "" (not a MatMul on a weight)."""
+    node = value.producer() if value is not None else None
+    return linear_name(node) if node is not None and node.op_type == "MatMul" and constant_input(node.inputs[1]) else ""
+
+
 def apply_smoothing(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray, stats: CalibrationStats) -> None:
     """x W = (x / s)(diag(s) W) for every linear of `group` (they all read `x`): 1/s folded into the
-    producing RMSNorm's weight when it feeds only this group, else an explicit Mul(x, 1/s); the
-    weight rows multiplied by s (lazily); `stats` updated to describe the smoothed model. Shared by
-    SmoothQuant and AWQ (graphs/passes/quantize_int4.py), which differ only in how s is chosen."""
-    if not SmoothQuant._fold_into_norm(graph, x, group, s):
+    producing RMSNorm's weight when it feeds only this group, or into the up projection's output
+    columns when x is the SwiGLU product, else an explicit Mul(x, 1/s); the weight rows multiplied by
+    s (lazily); `stats` updated to describe the smoothed model. Shared by SmoothQuant and AWQ
+    (graphs/passes/quantize_int4.py), which differ only in how s is chosen."""
+    if not SmoothQuant._fold_into_norm(graph, x, group, s) and not _fold_into_gated_linear(graph, x, group, s, stats):
         inv = register(graph, const_value(f"{group[0].name}.smooth_inv", (1.0 / s).astype(np.float32)))
         mul = ir.node("Mul", [x, inv], name=f"{group[0].name}/smooth")
         mul.outputs[0].name = f"{group[0].name}.input_smoothed"

@@ -317,6 +317,15 @@ class CalibrationStats:
             self.whole_weight_amax.pop(p, None)
             self.whole_act_amax.pop(p, None)
 
+    def output_scaled(self, linear: str) -> None:
+        """Record that `linear`'s weight columns were divided by a smoothing factor (SmoothQuant's 1/s
+        for the next linear's input, folded into this one's output): its weight statistics no longer
+        describe the weight, so the passes re-measure it. Its input is unchanged."""
+        for p in self._parts(linear):
+            self.weight_out_amax.pop(p, None)
+            self.weight_in_amax.pop(p, None)
+            self.whole_weight_amax.pop(p, None)
+
     # -- persistence (safetensors: what the TensorRT builder or a later build can reuse) ----------
     def save(self, path: Path) -> None:
         tensors = {f"act.{k}": v.astype(np.float32) for k, v in self.act_amax.items()}

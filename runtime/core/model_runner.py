@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,8 +63,15 @@ class DecodeBatch:
     arrays: list[np.ndarray]
     static_batch: int | None = None  # the scheduler's static batch these rows belong to
 
+    # The last views() result, while the arrays and the row count are the same: the same view objects
+    # step after step let the engine keep its in-place binding (Engine.decode_in_place_step).
+    _views: tuple[int, list[np.ndarray], list[np.ndarray]] | None = field(default=None, repr=False)
+
     def views(self) -> list[np.ndarray]:
-        return [a[: len(self.rows)] for a in self.arrays]
+        n, cached = len(self.rows), self._views
+        if cached is None or cached[0] != n or cached[1] is not self.arrays:
+            cached = self._views = (n, self.arrays, [a[:n] for a in self.arrays])
+        return cached[2]
 
     def reserve(self, num_rows: int, headroom: int) -> None:
         if num_rows > self.arrays[0].shape[0]:
@@ -261,7 +268,9 @@ class ModelRunner:
         count = 1 + len(seq.draft)
         batch, row_of = self._decode_rows([seq], static_batch, seq.num_computed + count)
         row = row_of[seq.seq_id]
-        arrays = [a[row : row + 1] for a in batch.arrays]  # one row of C-contiguous arrays: contiguous
+        # One row of C-contiguous arrays: contiguous. The batch's own views when it is that one row,
+        # so decode and verify calls alternating on one stream keep the engine's in-place binding.
+        arrays = batch.views() if len(batch.rows) == 1 else [a[row : row + 1] for a in batch.arrays]
         ids = np.array([[seq.tokens[seq.num_computed], *seq.draft]], np.int64)
         logits = self.engine.decode_in_place_step(ids, np.array([seq.num_computed], np.int32), arrays)
         self.kv.scatter([seq.seq_id], [seq.num_computed], [count], arrays)

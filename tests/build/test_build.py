@@ -129,7 +129,8 @@ def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_e
     """Step after step on the same arrays (the decode batch's) the binding is kept; other arrays,
     and the first ones again, are bound anew: each call writes into, and reads, the caches it was
     given, as the copying path does. A verify row ([1, S] tokens) between decode steps on the same
-    arrays gets logits of its own shape, and the next decode step its own again."""
+    arrays gets logits of its own shape, and the next decode step its own again. Each call's logits
+    are an array of its own, which later calls leave alone."""
     engine = Engine(good_engine)
     rng = np.random.default_rng(2)
     spec = engine.kv
@@ -137,10 +138,12 @@ def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_e
               for _ in range(2 * spec.num_layers)] for _ in range(2)]
     lengths = [np.array([9], np.int32), np.array([9], np.int32)]
     copies = [[p.copy() for p in past] for past in pasts]
+    returned: list[tuple[np.ndarray, np.ndarray]] = []  # every call's logits, and a copy taken then
     for which, width in ((0, 1), (0, 1), (0, 5), (0, 1), (1, 1), (0, 1), (1, 3), (1, 1)):
         ids = rng.integers(3, 500, (1, width))
         want_logits, want_present = engine.step(ids, lengths[which], pasts[which])
         got = engine.decode_in_place_step(ids, lengths[which], copies[which])
+        returned.append((got, got.copy()))
         assert got.shape == want_logits.shape == (1, width, engine.manifest.vocab_size)
         np.testing.assert_array_equal(got, want_logits)
         end = int(lengths[which][0]) + width
@@ -150,6 +153,8 @@ def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_e
             past[:] = cache  # the reference path's next past is what was written
         lengths[which] = lengths[which] + width
         assert engine._in_place_binding is not None and engine._in_place_binding[0][0] is copies[which][0]
+    for logits, then in returned:  # a later call never writes into logits handed out before
+        np.testing.assert_array_equal(logits, then)
 
 
 def test_rebuild_replaces_engine_atomically(good_ckpt: Path, good_engine: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ class StubEngine:
     def __init__(self, decode_in_place: bool) -> None:
         self.kv = SPEC
         self.decode_in_place = decode_in_place
+        self.in_place_caches: list[list[np.ndarray]] = []  # each in-place call's cache arrays
 
     def _check_rows(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray]) -> None:
         for row, length in enumerate(past_lengths):
@@ -57,6 +58,7 @@ class StubEngine:
                              caches: list[np.ndarray]) -> np.ndarray:
         self._check_rows(input_ids, past_lengths, caches)
         self._write(input_ids, past_lengths, caches)
+        self.in_place_caches.append(caches)
         return self._logits(input_ids, None)
 
 
@@ -90,6 +92,36 @@ def run(policy: str, max_tokens: list[int], condense: bool | None = None, in_pla
             rows.append(list(runner.decode_batch.rows))
     assert kv.all_free()
     return rows
+
+
+def test_decode_steps_on_unchanged_rows_pass_the_same_cache_arrays() -> None:
+    """The engine keeps its in-place binding only while the very same array objects come back, so a
+    decode batch whose rows and capacity do not change must hand over the same views each step, and
+    new ones when they change."""
+    kv = KVCacheManager(SPEC, budget_tokens=1024, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64), kv)
+    engine = StubEngine(True)
+    runner = ModelRunner(engine, kv, CoreStats(), max_num_seqs=2, prefill_padding_tokens=8,  # type: ignore[arg-type]
+                         condense_decode_rows=None)
+    scheduler.add(Sequence("s0", [10] * 5, 5, 5 + 80))  # crosses the first capacity (64 positions)
+    calls: list[tuple[int, int]] = []  # (rows, capacity) of each decode call
+    while scheduler.has_work():
+        out = scheduler.schedule()
+        for sampled in runner.execute(out):
+            for seq, _ in sampled:
+                seq.tokens.append(seq.tokens[0])  # the stub engine: every token of a sequence is its id
+                if len(seq.tokens) == seq.max_total:
+                    scheduler.finish(seq)
+        if out.decode:
+            assert runner.decode_batch is not None
+            calls.append((len(runner.decode_batch.rows), runner.decode_batch.capacity))
+        if len(calls) == 20:
+            scheduler.add(Sequence("s1", [11] * 3, 3, 3 + 4))  # a second row joins, then leaves
+    caches = engine.in_place_caches
+    assert len(set(calls)) >= 3, calls  # the row count and the capacity both changed
+    for i in range(1, len(calls)):
+        same = all(a is b for a, b in zip(caches[i - 1], caches[i]))
+        assert same == (calls[i] == calls[i - 1]), (i, calls[i - 1], calls[i])
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "copying"])

@@ -48,6 +48,24 @@ def test_kv_gather_scatter_round_trip() -> None:
     assert kv.all_free()
 
 
+def test_a_single_decode_token_lands_where_the_batched_scatter_puts_it() -> None:
+    """The one-sequence, one-token scatter (a single stream's decode step, plain indexing) writes
+    the same block slots as the fancy-indexed copy of several sequences, and refuses past the table."""
+    rng = np.random.default_rng(1)
+    presents = [rng.standard_normal((3, 2, 8, 4)).astype(np.float32) for _ in range(4)]
+    one, many = (KVCacheManager(SPEC, budget_tokens=64, block_size=4) for _ in range(2))
+    for kv in (one, many):
+        kv.grow("a", 7)
+        kv.grow("b", 2)
+    for pos in range(7):  # across a block boundary, from row 2 of the presents
+        one.scatter(["a"], [pos], [1], presents, rows=[2])
+    many.scatter(["a", "b"], [0, 0], [7, 2], presents, rows=[2, 0])
+    for got, want in zip(one.gather(["a"], 8), many.gather(["a"], 8)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(KVCacheFull):
+        one.scatter(["b"], [4], [1], presents)  # b holds one block = 4 positions
+
+
 def test_chunked_prefill_respects_token_budget_and_decodes_first() -> None:
     kv = KVCacheManager(SPEC, budget_tokens=1024, block_size=16)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32), kv)

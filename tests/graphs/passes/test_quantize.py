@@ -138,8 +138,10 @@ def test_smoothquant_folds_into_the_norm_and_keeps_the_function() -> None:
     verify(model, "smooth-int8")
     inits = model.graph.initializers
     assert "gamma" not in inits and "gamma.smoothed" in inits  # 1/s folded into the RMSNorm weight: no Mul
-    assert all(f"{name}.weight.T.smoothed" in inits for name in LINEARS)
-    assert op_counts(model)[("", "Mul")] == 2  # gate * up, and down_proj's explicit 1/s (its input is no norm)
+    # down_proj's 1/s folded into up_proj's output columns (its input is gate * up): no Mul either
+    assert all(f"{name}.weight.T.smoothed" in inits for name in LINEARS if not name.endswith("up_proj"))
+    assert f"{LAYER}.up_proj.weight.T.smoothed.smoothed" in inits
+    assert op_counts(model)[("", "Mul")] == 1  # gate * up only
     (got,) = run_ort(model, FEED)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     smoothed = ctx.stats.act_amax[f"{LAYER}.gate_proj"]

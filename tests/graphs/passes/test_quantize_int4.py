@@ -126,11 +126,15 @@ def test_awq_scales_fold_exactly_and_quantize_what_they_scaled() -> None:
     (after,) = run_ort(model, FEED)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)  # exact in real arithmetic
     counts = op_counts(model)
-    assert counts[("", "Mul")] == 2, "down_proj's input: an explicit Mul (gate*up is not a norm)"
+    assert counts[("", "Mul")] == 1, "down_proj's 1/s folded into up_proj's output columns: gate*up is the only Mul"
     assert "gamma.smoothed" in model.graph.initializers, "gate/up: 1/s folded into the RMSNorm weight"
-    smoothed = model.graph.initializers[f"{LAYER}.gate_proj.weight.T.smoothed"].const_value.numpy()
-    original = mlp_model().graph.initializers[f"{LAYER}.gate_proj.weight.T"].const_value.numpy()
-    np.testing.assert_allclose(smoothed, original * s_in[:, None], rtol=1e-6)
+    inits, original = model.graph.initializers, mlp_model().graph.initializers
+    def weight(name: str) -> np.ndarray:
+        return inits[name].const_value.numpy()  # type: ignore[no-any-return]
+    np.testing.assert_allclose(weight(f"{LAYER}.gate_proj.weight.T.smoothed"),
+                               original[f"{LAYER}.gate_proj.weight.T"].const_value.numpy() * s_in[:, None], rtol=1e-6)
+    np.testing.assert_allclose(weight(f"{LAYER}.up_proj.weight.T.smoothed.smoothed"),
+                               original[f"{LAYER}.up_proj.weight.T"].const_value.numpy() * s_in[:, None] / s_ffn[None, :], rtol=1e-6)
 
 
 def test_awq_without_scales_in_the_statistics_says_so() -> None:
