@@ -257,9 +257,34 @@ def gqa_call(tape: ir.tape.Tape, query: ir.Value, past_lengths: ir.Value) -> Gqa
     return GqaCall(use_gqa, seqlens_k, total)
 
 
-def _gqa_branch(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value, call: GqaCall) -> ir.Graph:
+def packed_qkv_split(node: ir.Node, attrs: AttentionAttrs) -> ir.Node | None:
+    """The Split that makes the op's query, key and value (in that order, last axis, [H*D, KVH*D,
+    KVH*D]) out of one packed tensor (`fuse-qkv`'s MatMul) and feeds nothing else, or None."""
+    split = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if split is None or (split.op_type, split.domain) != ("Split", "") or list(split.outputs) != list(node.inputs[:3]):
+        return None
+    if any({user for user, _ in v.uses()} != {node} for v in split.outputs) or len(split.inputs) != 2:
+        return None
+    packed, sizes = split.inputs
+    rank = packed.shape.rank() if packed is not None and packed.shape is not None else None
+    axis = split.attributes.get_int("axis", 0)
+    sizes_tensor = ir.convenience.get_const_tensor(sizes) if sizes is not None else None
+    h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
+    if axis != -1 and (rank is None or axis != rank - 1):  # the last axis (query is [B, S, H*D])
+        return None
+    if sizes_tensor is None or sizes_tensor.numpy().tolist() != [h * d, kvh * d, kvh * d]:
+        return None
+    return split
+
+
+def _gqa_branch(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value, call: GqaCall,
+                packed: ir.Value | None) -> ir.Graph:
+    """GQA on the op's query, key and value, or on `packed` ([q | k | v] on the last axis, key and value
+    left empty: the kernel splits it itself, as onnxruntime-genai's graphs feed it)."""
     tape = ir.tape.Tape()
     query, key, value, past_key, past_value, _ = node.inputs
+    if packed is not None:
+        query, key, value = packed, None, None
     outputs = tape.op_multi_out(
         "GroupQueryAttention", [query, key, value, past_key, past_value, call.seqlens_k, call.total, cos, sin],
         {"num_heads": attrs.num_heads, "kv_num_heads": attrs.num_kv_heads, "do_rotary": 1,
@@ -273,15 +298,25 @@ def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.
                    call: GqaCall | None = None) -> tuple[list[ir.Node], list[ir.Value], GqaCall]:
     """`If(decode or single row or fresh prefill) then GQA else decomposition`. `call`: the values
     an earlier layer's lowering computed (returned, so the pass hands them on); None computes them
-    here, in the main graph, where every later layer's `If` can read them."""
+    here, in the main graph, where every later layer's `If` can read them.
+
+    Where query, key and value are the three parts of one packed QKV projection, GQA reads the
+    packed tensor and the Split moves into the decomposition's branch: a decode step then runs no
+    Split at all (one kernel launch per layer and step fewer)."""
     query, past_lengths = node.inputs[0], node.inputs[5]
     assert query is not None and past_lengths is not None
+    split = packed_qkv_split(node, attrs)  # before `decompose`, whose nodes read query, key and value too
     dec_nodes, dec_outputs = decompose(node, attrs)
+    if split is not None:
+        graph = split.graph
+        assert graph is not None
+        graph.remove(split, safe=False)  # its outputs' only user, this op, is replaced by the If next
+        dec_nodes = [split, *dec_nodes]
     else_branch = ir.Graph([], dec_outputs, nodes=dec_nodes, name=f"{node.name}_decomposed")
     tape = ir.tape.Tape()
     if call is None:
-        call = gqa_call(tape, query, past_lengths)
-    then_branch = _gqa_branch(node, attrs, cos, sin, call)
+        call = gqa_call(tape, query if split is None else split.inputs[0], past_lengths)  # type: ignore[arg-type]
+    then_branch = _gqa_branch(node, attrs, cos, sin, call, None if split is None else split.inputs[0])
     outputs = tape.op_multi_out("If", [call.use_gqa], {"then_branch": then_branch, "else_branch": else_branch},
                                 num_outputs=3)
     # Branch outputs must declare their types for the checker; they mirror the op's own outputs.

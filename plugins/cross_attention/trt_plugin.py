@@ -8,7 +8,7 @@ with an ahead-of-time implementation, as `plugins/attention/trt_plugin.py` does 
   for activations and caches, an INT64 mask, linear layouts) and, as tactics, the tile
   configurations of `triton_kernels.CROSS_CONFIGS`.
 * `@trtp.aot_impl` compiles `triton_kernels._cross_attention_kernel` for the build GPU and returns
-  its PTX (Triton's hidden scratch parameters removed by the attention plugin's `aot_binary`) with
+  its PTX (Triton's hidden scratch parameters removed by `plugins/trt_aot.py`'s `aot_binary`) with
   symbolic launch parameters; the engine embeds it, so running it needs neither Python nor Triton.
 
 The ONNX parser finds the plugin from the node's op type (`CrossAttention`), its `plugin_namespace`
@@ -20,22 +20,23 @@ Importing this module needs neither TensorRT nor Triton; `register()` needs both
 
 from typing import Any
 
-from llamaforge.plugins.attention.trt_plugin import TensorRTUnavailable, aot_binary, tensorrt_modules
 from llamaforge.plugins.cross_attention.schema import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, CrossAttentionAttrs
+from llamaforge.plugins.trt_aot import (
+    QDP_PLUGIN_VERSION,
+    PluginRegistration,
+    TensorRTUnavailable,
+    aot_binary,
+    float_type_combinations,
+    launch_params,
+)
 
 # NB: no `from __future__ import annotations` here: tensorrt.plugin checks the decorated
 # functions' annotations against its own classes, so they must be real objects, not strings.
 
 PLUGIN_NAME = OP_TYPE
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-QDP_PLUGIN_VERSION = "1"  # tensorrt.plugin registers every plugin creator with version "1"
-__all__ = ["PLUGIN_ID", "PLUGIN_NAME", "QDP_PLUGIN_VERSION", "TensorRTUnavailable", "register", "scalar_args"]
-
-_registered = False
-
-
-def is_registered() -> bool:
-    return _registered
+__all__ = ["PLUGIN_ID", "PLUGIN_NAME", "QDP_PLUGIN_VERSION", "TensorRTUnavailable", "is_registered", "register",
+           "scalar_args"]
 
 
 def scalar_args(seq: Any, new: Any, capacity: Any, tiles: Any, attrs: CrossAttentionAttrs) -> list[Any]:
@@ -51,32 +52,6 @@ def scalar_args(seq: Any, new: Any, capacity: Any, tiles: Any, attrs: CrossAtten
         seq * tiles, tiles,  # cross_attention_mask [B, S, T]
         seq * (h * d), h * d,  # output
     ]
-
-
-def _triton_kernels() -> Any:
-    try:  # Triton is optional (a GPU build's, and the test extra's)
-        from llamaforge.plugins.cross_attention import triton_kernels
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"cannot register {PLUGIN_ID}: OpenAI Triton is not installed ({exc})") from exc
-    if triton_kernels.interpreting():
-        raise TensorRTUnavailable(f"cannot register {PLUGIN_ID}: TRITON_INTERPRET is set, and the interpreter "
-                                  "cannot compile kernels to PTX")
-    return triton_kernels
-
-
-def register() -> None:
-    """Register the plugin with TensorRT's plugin registry (idempotent). Raises TensorRTUnavailable
-    when TensorRT (the real library) or Triton is missing."""
-    global _registered
-    if _registered:
-        return
-    trt, trtp = tensorrt_modules()
-    tk = _triton_kernels()
-    if PLUGIN_VERSION != QDP_PLUGIN_VERSION:
-        raise TensorRTUnavailable(f"schema.PLUGIN_VERSION is {PLUGIN_VERSION!r} but tensorrt.plugin registers "
-                                  f"version {QDP_PLUGIN_VERSION!r}: the ONNX parser would not find the plugin")
-    _define(trt, trtp, tk)
-    _registered = True
 
 
 def _define(trt: Any, trtp: Any, tk: Any) -> None:
@@ -98,12 +73,7 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc, past_key: trtp.TensorDesc,
         past_value: trtp.TensorDesc, cross_attention_mask: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc],
     ) -> list[trtp.AutoTuneCombination]:
-        # Positions: 5 float inputs, the mask, 3 float outputs; one dtype across the floats.
-        half = trtp.AutoTuneCombination(", ".join(["FP16|BF16"] * 5 + ["INT64"] + ["FP16|BF16"] * 3), "LINEAR")
-        half.tactics(list(tk.FP16_TACTICS))
-        full = trtp.AutoTuneCombination(", ".join(["FP32"] * 5 + ["INT64"] + ["FP32"] * 3), "LINEAR")
-        full.tactics(list(tk.FP32_TACTICS))
-        return [half, full]
+        return float_type_combinations(trtp, tk, "INT64")  # cross_attention_mask
 
     @trtp.aot_impl(PLUGIN_ID)
     def cross_attention_aot_impl(
@@ -121,11 +91,20 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         batch, seq = query.shape_expr[0], query.shape_expr[1]
         new, capacity = key.shape_expr[1], past_key.shape_expr[2]
         tiles = cross_attention_mask.shape_expr[2]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(seq * attrs.group_size, config.block_m)
-        launch.grid_y = batch * attrs.num_kv_heads
-        launch.block_x = compiled.metadata.num_warps * 32
-        launch.shared_mem = compiled.metadata.shared
+        launch = launch_params(trtp, compiled, trtp.cdiv(seq * attrs.group_size, config.block_m), batch * attrs.num_kv_heads)
         extra_args = trtp.SymIntExprs.from_tuple(
             [trtp.SymInt32(e) for e in scalar_args(seq, new, capacity, tiles, attrs)])
         return name.encode(), ptx.encode(), launch, extra_args
+
+
+_registration = PluginRegistration(PLUGIN_ID, PLUGIN_VERSION, "llamaforge.plugins.cross_attention.triton_kernels", _define)
+
+
+def register() -> None:
+    """Register the plugin with TensorRT's plugin registry (idempotent). Raises TensorRTUnavailable
+    when TensorRT (the real library) or Triton is missing."""
+    _registration.register()
+
+
+def is_registered() -> bool:
+    return _registration.registered

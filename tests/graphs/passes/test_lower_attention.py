@@ -87,3 +87,64 @@ def test_a_lowering_that_misreads_the_attributes_is_caught(monkeypatch: pytest.M
         **{**vars(node_attrs(node)), "rope_theta": 500000.0}))
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         lower_and_check(plugin_model(), use_gqa=False, past=[0, 3])
+
+
+def packed_model(attrs: AttentionAttrs = ATTRS) -> ir.Model:
+    """The op fed by a Split of one packed [q | k | v] tensor, as `fuse-qkv` leaves a decoder layer."""
+    import onnx
+
+    proto = single_op_model(attrs)
+    graph = proto.graph
+    h, kvh, d = attrs.num_heads, attrs.num_kv_heads, attrs.head_dim
+    split = [
+        onnx.helper.make_node("Constant", [], ["qkv_sizes"], value=onnx.numpy_helper.from_array(
+            np.array([h * d, kvh * d, kvh * d], np.int64), "qkv_sizes")),
+        onnx.helper.make_node("Split", ["qkv", "qkv_sizes"], ["query", "key", "value"], axis=-1),
+    ]
+    nodes = split + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [i for i in graph.input if i.name not in ("query", "key", "value")]
+    del graph.input[:]
+    graph.input.extend([onnx.helper.make_tensor_value_info("qkv", onnx.TensorProto.FLOAT, ["b", "s", (h + 2 * kvh) * d]),
+                        *kept])
+    model = ir.serde.deserialize_model(proto)
+    model.metadata_props[MAX_POSITIONS_KEY] = "64"
+    return model
+
+
+@pytest.mark.parametrize("seq,past", [(1, [2, 7]), (5, [0, 0]), (5, [3]), (5, [0, 3])],
+                         ids=["decode:gqa", "fresh-prefill:gqa", "one-row-continued:gqa", "continued:decomposed"])
+def test_a_packed_qkv_feeds_gqa_whole_and_its_split_runs_only_in_the_decomposition(seq: int, past: list[int]) -> None:
+    """GroupQueryAttention reads the packed tensor itself (key and value left empty), so a decode step
+    runs no Split; the Split moves into the decomposition's branch. Both branches compute the
+    reference's output and caches."""
+    model = packed_model()
+    assert LowerAttentionForORT(use_gqa=True)(model).modified
+    verify(model, "lower-attention-ort")
+    assert "Split" not in {n.op_type for n in model.graph}, "the Split left the main graph"
+    (branch,) = [n for n in model.graph if n.op_type == "If"]
+    (gqa,) = list(branch.attributes["then_branch"].as_graph())
+    assert gqa.op_type == "GroupQueryAttention" and gqa.inputs[0] is model.graph.inputs[0]  # qkv itself
+    assert gqa.inputs[1] is None and gqa.inputs[2] is None
+    assert "Split" in {n.op_type for n in branch.attributes["else_branch"].as_graph()}
+    feeds = random_inputs(ATTRS, batch=len(past), seq=seq, capacity=16, past=past)
+    packed = np.concatenate([feeds["query"].numpy(), feeds["key"].numpy(), feeds["value"].numpy()], axis=-1)
+    got = run_ort(model, {"qkv": packed, **{k: v.numpy() for k, v in feeds.items() if k not in ("query", "key", "value")}})
+    want = reference.llama_attention(*feeds.values(), ATTRS)
+    np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-5)
+    for cache, expected in zip(got[1:], want[1:]):
+        for b, length in enumerate(past):
+            np.testing.assert_allclose(cache[b, :, : length + seq], expected[b, :, : length + seq].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_split_of_other_sizes_stays_where_it_is() -> None:
+    """Only the exact [H*D, KVH*D, KVH*D] split is taken over: GQA would read another one wrongly."""
+    model = packed_model()
+    sizes = next(n for n in model.graph if n.op_type == "Constant")
+    sizes.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.array([32, 64, 32], np.int64)))
+    LowerAttentionForORT(use_gqa=True)(model)
+    assert "Split" in {n.op_type for n in model.graph}
+    (branch,) = [n for n in model.graph if n.op_type == "If"]
+    (gqa,) = list(branch.attributes["then_branch"].as_graph())
+    assert gqa.inputs[1] is not None
