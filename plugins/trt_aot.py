@@ -83,6 +83,9 @@ class PluginRegistration:
         self.define(trt, trtp, kernels)
         self.registered = True
 
+    def is_registered(self) -> bool:
+        return self.registered
+
 
 def float_type_combinations(trtp: Any, kernels: Any, index_type: str) -> list[Any]:
     """The autotuner's type combinations of an op with five float inputs, one integer input

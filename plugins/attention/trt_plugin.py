@@ -117,15 +117,7 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs], aot_impl))
 
 
-
+# register(): idempotent; raises TensorRTUnavailable when TensorRT (the real library) or Triton is missing.
 _registration = PluginRegistration(PLUGIN_ID, PLUGIN_VERSION, "llamaforge.plugins.attention.triton_kernels", _define)
-
-
-def register() -> None:
-    """Register the plugin with TensorRT's plugin registry (idempotent). Raises TensorRTUnavailable
-    when TensorRT (the real library) or Triton is missing."""
-    _registration.register()
-
-
-def is_registered() -> bool:
-    return _registration.registered
+register = _registration.register
+is_registered = _registration.is_registered

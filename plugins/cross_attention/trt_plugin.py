@@ -97,14 +97,7 @@ def _define(trt: Any, trtp: Any, tk: Any) -> None:
         return name.encode(), ptx.encode(), launch, extra_args
 
 
+# register(): idempotent; raises TensorRTUnavailable when TensorRT (the real library) or Triton is missing.
 _registration = PluginRegistration(PLUGIN_ID, PLUGIN_VERSION, "llamaforge.plugins.cross_attention.triton_kernels", _define)
-
-
-def register() -> None:
-    """Register the plugin with TensorRT's plugin registry (idempotent). Raises TensorRTUnavailable
-    when TensorRT (the real library) or Triton is missing."""
-    _registration.register()
-
-
-def is_registered() -> bool:
-    return _registration.registered
+register = _registration.register
+is_registered = _registration.is_registered
