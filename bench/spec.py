@@ -50,11 +50,13 @@ TARGETS = {("editing", 1): 1.5, ("no-repeat", 1): 0.95}
 
 def editing_prompts(tokenizer: Any, n: int, file_tokens: int) -> list[list[int]]:
     """`n` prompts, each --file-tokens tokens of a standard-library module from one of its `def`
-    lines on, a blank line, and the first 16 of them again."""
-    from llamaforge.export.demo.tiny import stdlib_files
+    lines on, a blank line, and the first 16 of them again. The modules are stdlib-5m's held-out
+    ones, so the model has not been trained on the file it is asked to rewrite."""
+    from llamaforge.export.demo.train import split_files
 
     prompts = []
-    for path in stdlib_files():
+    _, held_out = split_files()
+    for path in held_out:
         text = path.read_text(encoding="utf-8", errors="replace")
         defs = [i + 1 for i in range(len(text)) if text.startswith("\ndef ", i)]
         if len(defs) < 3:
