@@ -122,9 +122,8 @@ class QuantConfig:
         Runtime runs on MatMulNBits (`runs_matmulnbits`: int8-wo, int4-*, per-token int8-sq, on the
         fast kernels), off otherwise. The head is the largest single weight (a quarter of the bytes
         a decode step of the 125M bench model reads in int8, half in int4); left in fp32 those
-        engines decoded at 0.52-0.60x onnxruntime-genai, which quantizes its head, and at
-        0.82-0.95x with it quantized, within every quality target
-        (docs/benchmarks.md#make-bench-quant). Off where the head is tied to the embedding table, so
+        engines decode at about 0.6x onnxruntime-genai, which quantizes its head, and near 1.0x with
+        it quantized, within every quality target (docs/benchmarks.md#make-bench-quant). Off where the head is tied to the embedding table, so
         the table stays stored once (share-tied-embedding), and for TensorRT (Model Optimizer's
         recipes keep lm_head unquantized by default)."""
         on = self.runs_matmulnbits and not tied_embeddings

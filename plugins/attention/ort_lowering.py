@@ -306,6 +306,7 @@ def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.
     query, past_lengths = node.inputs[0], node.inputs[5]
     assert query is not None and past_lengths is not None
     split = packed_qkv_split(node, attrs)  # before `decompose`, whose nodes read query, key and value too
+    packed = split.inputs[0] if split is not None else None
     dec_nodes, dec_outputs = decompose(node, attrs)
     if split is not None:
         graph = split.graph
@@ -314,9 +315,9 @@ def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.
         dec_nodes = [split, *dec_nodes]
     else_branch = ir.Graph([], dec_outputs, nodes=dec_nodes, name=f"{node.name}_decomposed")
     tape = ir.tape.Tape()
-    if call is None:
-        call = gqa_call(tape, query if split is None else split.inputs[0], past_lengths)  # type: ignore[arg-type]
-    then_branch = _gqa_branch(node, attrs, cos, sin, call, None if split is None else split.inputs[0])
+    if call is None:  # from a value of the main graph: the packed tensor, when the Split leaves it
+        call = gqa_call(tape, packed if packed is not None else query, past_lengths)
+    then_branch = _gqa_branch(node, attrs, cos, sin, call, packed)
     outputs = tape.op_multi_out("If", [call.use_gqa], {"then_branch": then_branch, "else_branch": else_branch},
                                 num_outputs=3)
     # Branch outputs must declare their types for the checker; they mirror the op's own outputs.
