@@ -111,6 +111,15 @@ def median_tok_s(samples: Iterable[Sample]) -> float:
     return float(statistics.median(rates))
 
 
+def paired_ratio(a: Sequence[Sample], b: Sequence[Sample]) -> float:
+    """The median over rounds of a's rate over b's in the same round (round i's samples are the
+    i-th of each): engines of a round run seconds apart, so the machine's slower drift cancels in
+    each pair, which a ratio of the two medians keeps."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio: needs one sample of each per round, got {len(a)} and {len(b)}")
+    return float(statistics.median(x.tok_s / y.tok_s for x, y in zip(a, b)))
+
+
 def roofline_fraction(step_bytes: int, tok_s: float, copy_bytes_per_s: float) -> float:
     """Weight bytes read per second at this decode rate over the copy bandwidth (read + write bytes
     per second of a large numpy copy, as bench/serve.py measures it)."""

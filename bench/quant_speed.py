@@ -19,9 +19,11 @@ Engines (each cached under bench/.work/; ours are rebuilt when the build's sourc
 Measurement: every engine decodes the same 64 prompt token ids then 128 new tokens, greedy, batch 1,
 with the same number of threads (default: every core; llama.cpp n_threads, ORT intra-op threads).
 Decode rate = 127 steps / (last token time - first token time): the prompt's evaluation is not in
-it. Every engine runs once untimed, then --rounds round-robin rounds (default 5, alternating
+it. Every engine runs once untimed, then --rounds round-robin rounds (default 7, alternating
 direction, a short pause between engines so no engine's spinning threads eat into the next one's
-time); the median round is reported, with the spread.
+time); the median round is reported, with the spread. Engines of one precision class (fp32, int8,
+int4) run next to each other in a round, and every ratio is the median over rounds of that round's
+ratio (`paired_ratio`): the machine's drift over a round cancels in each pair.
 
 Roofline: weight bytes a decode step reads (every weight once, one row of an embedding table that
 is only gathered; from the ONNX initializers or the GGUF tensors, as stored) x steps/s, over the
@@ -33,7 +35,7 @@ onnxruntime-genai at the same precision; llama.cpp ratios are printed against a 
 engine that misses one is profiled (ONNX Runtime's enable_profiling over 32 decode steps, kernel
 time per op type), next to onnxruntime-genai at the same precision.
 
-  python bench/quant_speed.py [--rounds 5] [--threads N] [--precisions fp32,int8-wo,...]
+  python bench/quant_speed.py [--rounds 7] [--threads N] [--precisions fp32,int8-wo,...]
                               [--skip-llamacpp] [--skip-genai] [--no-profile] [--json FILE]
 """
 
@@ -61,6 +63,7 @@ from quant_roofline import (
     gguf_step_bytes,
     median_tok_s,
     onnx_file_step_bytes,
+    paired_ratio,
     profile_by_op,
     roofline_fraction,
     round_orders,
@@ -377,7 +380,7 @@ def our_precisions(wanted: list[str] | None) -> list[str]:
 def main() -> int:  # noqa: C901 - one linear script: prepare, time, report
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=WORK)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--precisions", type=lambda s: s.split(","), default=None,
                     help=f"ours, comma-separated (default: each of {','.join(OUR_PRECISIONS)} the build accepts)")
@@ -439,6 +442,10 @@ def main() -> int:  # noqa: C901 - one linear script: prepare, time, report
                 runners.append(Llama(worker, llama_python, path, kind, args.threads, PROMPT_TOKENS + NEW_TOKENS + 64))
         if "fp32" not in engines:
             raise SystemExit("ours fp32 did not build: nothing to compare against\n" + "\n".join(notes))
+        # Engines of one precision class run next to each other in a round, so the ratios the
+        # targets read are of runs seconds apart (paired by round: `paired_ratio`).
+        classes = ("fp32", "int8", "int4")
+        runners.sort(key=lambda r: classes.index(r.precision) if r.precision in classes else len(classes))
         results = {r.name: Result(r) for r in runners}
         bw = [copy_bandwidth()]
         from tqdm import tqdm
@@ -479,11 +486,15 @@ def report(results: dict[str, Result], bw: float, bws: list[float], args: argpar
            prompt: list[int], engines: dict[str, Path], genai: dict[str, Path]) -> tuple[dict[str, Any], bool]:
     """Prints the table, the targets and the profiles of engines that miss one; returns the
     profiles and whether a target failed."""
-    base = results["ours fp32"].tok_s
+    base_r = results["ours fp32"]
     by = {(r.runner.family, r.runner.precision): r for r in results.values()}
+
+    def ratio(r: Result, other: Result) -> float:
+        return paired_ratio(r.samples, other.samples)
     print(f"\nsingle-stream decode, batch 1, greedy: {len(prompt)}-token prompt, {NEW_TOKENS} new tokens "
           f"({NEW_TOKENS - 1} decode steps timed, prompt evaluation excluded); {args.threads} threads each; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of {args.rounds} alternated rounds")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of {args.rounds} alternated rounds "
+          "(ratios: the median of each round's ratio)")
     print(f"copy bandwidth (numpy, 1 GiB, read + write): {bws[0] / 1e9:.1f} GB/s before the rounds, "
           f"{bws[1] / 1e9:.1f} GB/s after; roofline uses {bw / 1e9:.1f} GB/s")
     head = f"{'engine':<28}{'tok/s':>8}{'min-max':>14}{'ms/step':>9}{'vs our fp32':>12}{'vs genai':>10}{'vs llama.cpp':>13}" \
@@ -493,10 +504,10 @@ def report(results: dict[str, Result], bw: float, bws: list[float], args: argpar
         rates = [s.tok_s for s in r.samples]
         cls = r.runner.precision
         genai_r, llama_r = by.get(("onnxruntime-genai", cls)), by.get(("llama.cpp", cls))
-        vs_g = f"{r.tok_s / genai_r.tok_s:.2f}x" if genai_r and r.runner.family != "onnxruntime-genai" else ""
-        vs_l = f"{r.tok_s / llama_r.tok_s:.2f}x" if llama_r and r.runner.family != "llama.cpp" else ""
+        vs_g = f"{ratio(r, genai_r):.2f}x" if genai_r and r.runner.family != "onnxruntime-genai" else ""
+        vs_l = f"{ratio(r, llama_r):.2f}x" if llama_r and r.runner.family != "llama.cpp" else ""
         print(f"{name:<28}{r.tok_s:>8.1f}{f'{min(rates):.1f}-{max(rates):.1f}':>14}{1e3 / r.tok_s:>9.1f}"
-              f"{r.tok_s / base:>11.2f}x{vs_g:>10}{vs_l:>13}{r.runner.step_bytes / 1e6:>9.1f}"
+              f"{ratio(r, base_r):>11.2f}x{vs_g:>10}{vs_l:>13}{r.runner.step_bytes / 1e6:>9.1f}"
               f"{roofline_fraction(r.runner.step_bytes, r.tok_s, bw):>10.1%}{r.runner.disk_bytes / 1e6:>12.1f}")
     print("(MB/step: weight bytes a decode step reads as stored, one row of a gathered embedding table; the bench "
           "checkpoint has untied embeddings, so every engine holds the table and the LM head once each)")
@@ -515,11 +526,11 @@ def report(results: dict[str, Result], bw: float, bws: list[float], args: argpar
         if r.runner.family != "ours" or r.runner.precision == "fp32":
             continue
         cls = r.runner.precision
-        lines = [f"{r.runner.name} >= {SPEEDUP_FLOOR[cls]}x our fp32: {r.tok_s / base:.2f}x -> "
-                 f"{verdict(r.tok_s / base, SPEEDUP_FLOOR[cls])}"]
+        lines = [f"{r.runner.name} >= {SPEEDUP_FLOOR[cls]}x our fp32: {ratio(r, base_r):.2f}x -> "
+                 f"{verdict(ratio(r, base_r), SPEEDUP_FLOOR[cls])}"]
         g = by.get(("onnxruntime-genai", cls))
         lines.append(f"{r.runner.name} >= 1.0x onnxruntime-genai {cls}: "
-                     + (f"{r.tok_s / g.tok_s:.2f}x -> {verdict(r.tok_s / g.tok_s, 1.0)}" if g else "NOT MEASURED"))
+                     + (f"{ratio(r, g):.2f}x -> {verdict(ratio(r, g), 1.0)}" if g else "NOT MEASURED"))
         for line in lines:
             print(f"  {line}")
         failed |= any("FAIL" in line for line in lines)
@@ -529,9 +540,9 @@ def report(results: dict[str, Result], bw: float, bws: list[float], args: argpar
     for r in results.values():
         llama_r = by.get(("llama.cpp", r.runner.precision))
         if r.runner.family == "ours" and llama_r:
-            ratio = r.tok_s / llama_r.tok_s
-            print(f"  {r.runner.name} / {llama_r.runner.name}: {ratio:.2f}x -> {'met' if ratio >= 1.0 else 'not met'}")
-            if ratio < 1.0 and r not in missed:
+            vs = ratio(r, llama_r)
+            print(f"  {r.runner.name} / {llama_r.runner.name}: {vs:.2f}x -> {'met' if vs >= 1.0 else 'not met'}")
+            if vs < 1.0 and r not in missed:
                 missed.append(r)
     for n in notes:
         print(f"NOTE {n}")

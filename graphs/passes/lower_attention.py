@@ -7,6 +7,7 @@ import onnx_ir as ir
 from llamaforge.graphs.passes.plugin_node import drop_opset_if_unused, replace_plugin_node
 from llamaforge.plugins.attention import ort_lowering
 from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, AttentionAttrs
+from llamaforge.plugins.cross_attention.schema import OP_TYPE as CROSS_OP_TYPE
 
 
 def attention_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -21,20 +22,25 @@ MAX_POSITIONS_KEY = "llamaforge.max_positions"
 
 
 class LowerAttentionForORT(ir.passes.InPlacePass):
-    """Replace the plugin op for ONNX Runtime (see `plugins/attention/ort_lowering.py`): an `If`
-    between ORT's GroupQueryAttention kernel and a standard-op decomposition, or the decomposition
-    alone where GQA has no kernel (bf16) or `use_gqa=False`."""
+    """Replace the plugin op for ONNX Runtime (see `plugins/attention/ort_lowering.py`): ORT's
+    GroupQueryAttention kernel, or the decomposition alone where GQA has no kernel (bf16) or
+    `use_gqa=False`. GQA refuses a batch of rows that continue after a past; the runtime runs such a
+    call one row at a time (the manifest's `kv_cache.batched_continuation`). With `fallback`, and in a
+    Llama 3.2 Vision graph (whose calls carry per-row image inputs), each layer is instead an `If`
+    between GQA and the decomposition, which computes every call in one graph."""
 
-    def __init__(self, use_gqa: bool = True) -> None:
+    def __init__(self, use_gqa: bool = True, fallback: bool = False) -> None:
         super().__init__()
         self.use_gqa = use_gqa
+        self.fallback = fallback
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = attention_nodes(graph)
         max_positions = int(model.metadata_props.get(MAX_POSITIONS_KEY, "0"))
-        # One GqaCall per past_lengths input (one per graph): every layer's If reads the first's.
+        # One GqaCall per past_lengths input (one per graph): every layer reads the first's.
         calls: dict[int, ort_lowering.GqaCall] = {}
+        fallback = self.fallback or any(n.op_type == CROSS_OP_TYPE and n.domain == DOMAIN for n in graph)
         for node in nodes:
             attrs = node_attrs(node)
             dtype, _ = ort_lowering.activation_and_cache_types(node)
@@ -47,7 +53,7 @@ class LowerAttentionForORT(ir.passes.InPlacePass):
                 key = id(node.inputs[5])
                 new_nodes, outputs, calls[key] = ort_lowering.lower_with_gqa(
                     node, attrs, graph.initializers[cos.name], graph.initializers[sin.name],  # type: ignore[index]
-                    calls.get(key))
+                    calls.get(key), fallback)
             else:
                 new_nodes, outputs = ort_lowering.decompose(node, attrs)
             replace_plugin_node(graph, node, new_nodes, outputs, node.name or f"attention_{nodes.index(node)}")

@@ -138,22 +138,38 @@ def io_spec(proto_graph: onnx.GraphProto) -> tuple[list[TensorInfo], list[Tensor
     return [spec(v) for v in proto_graph.input], [spec(v) for v in proto_graph.output]
 
 
+def _cache_writers(graph: onnx.GraphProto) -> list[onnx.NodeProto | None]:
+    """The node that produces each present_key / present_value output (None where none does)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    return [producers.get(o.name) for o in graph.output if o.name.startswith(("present_key.", "present_value."))]
+
+
+def _is_gqa(node: onnx.NodeProto | None) -> bool:
+    return node is not None and (node.domain, node.op_type) == ("com.microsoft", "GroupQueryAttention")
+
+
 def decode_writes_cache_in_place(graph: onnx.GraphProto) -> bool:
     """Whether every layer's cache update, in a decode call (seq 1), is ORT's GroupQueryAttention:
-    the `If` lowering's then-branch (plugins/attention/ort_lowering.py), which decode calls always
-    take. That kernel writes the new token into the cache without copying the past when past and
-    present are one buffer, so the runtime may bind them together (runtime/core/engine.py)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    for output in graph.output:
-        if not output.name.startswith(("present_key.", "present_value.")):
-            continue
-        node = producers.get(output.name)
-        if node is None or node.op_type != "If":
+    the GQA node itself, or the fallback `If`'s then-branch (plugins/attention/ort_lowering.py),
+    which decode calls always take. That kernel writes the new token into the cache without copying
+    the past when past and present are one buffer, so the runtime may bind them together
+    (runtime/core/engine.py)."""
+    writers = _cache_writers(graph)
+    for node in writers:
+        if node is not None and node.op_type == "If":
+            then = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+            if then is None or not any(_is_gqa(n) for n in then.node):
+                return False
+        elif not _is_gqa(node):
             return False
-        then = next((a.g for a in node.attribute if a.name == "then_branch"), None)
-        if then is None or not any(n.op_type == "GroupQueryAttention" for n in then.node):
-            return False
-    return any(o.name.startswith("present_key.") for o in graph.output)
+    return bool(writers)
+
+
+def takes_batched_continuation(graph: onnx.GraphProto) -> bool:
+    """False when some layer's attention is a GroupQueryAttention node alone (no fallback `If`): the
+    kernel refuses a call of several rows that continue after a past, which the runtime then runs
+    one row at a time."""
+    return not any(_is_gqa(node) for node in _cache_writers(graph))
 
 
 def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
@@ -184,6 +200,7 @@ def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto
             present_outputs=["present_key.{layer}", "present_value.{layer}"],
             lengths_input="past_lengths",
             decode_in_place=decode_writes_cache_in_place(graph),
+            batched_continuation=None if takes_batched_continuation(graph) else False,
         ),
         special_tokens=SpecialTokens(config.bos_token_id, list(config.eos_token_id), config.pad_token_id),
         tokenizer=None if tokenizer.get("kind", "none") == "none" else

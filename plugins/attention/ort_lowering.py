@@ -203,8 +203,12 @@ def decompose(node: ir.Node, attrs: AttentionAttrs) -> tuple[list[ir.Node], list
 # -- GroupQueryAttention fast path ---------------------------------------------------------------
 # Measured by bench/attention_lowering.py: ORT's GQA kernel is 2.5-5x faster than the
 # decomposition on CPU, but it rejects rows that continue a prefill in a batch (batch > 1,
-# seq > 1, past > 0). So the lowering is an `If`: GQA whenever the call is a decode step, a single
-# row, or a fresh prefill, and the decomposition otherwise. Both honour the op's contract.
+# seq > 1, past > 0). By default the layer is the GQA node alone, as onnxruntime-genai's graphs
+# have it, and the engine's manifest says so (`kv_cache.batched_continuation` false): the runtime
+# runs such a call one row at a time (runtime/core/engine.py `Engine.step_with`). An `If` per
+# layer that falls back to the decomposition keeps every call in one graph, at the cost of running
+# each layer's attention as a subgraph: about 5-10% of an int8 decode step of the 125M bench model
+# on 2 cores (docs/benchmarks.md#make-bench-quant). `lower_with_gqa(fallback=True)` builds that.
 
 GQA_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
@@ -234,22 +238,26 @@ def rope_cache(attrs: AttentionAttrs, max_positions: int, dtype: ir.DataType, wh
 
 @dataclass(frozen=True)
 class GqaCall:
-    """What every layer's `If` and GQA node read that is the same in all layers of a call: whether
-    the kernel takes it, and GQA's `seqlens_k` / `total_sequence_length`. They depend only on the
-    call's shapes and `past_lengths`, so they are computed once per graph: per layer they were 11
-    small ops, about 130 op launches in a 12-layer decode step that genai's graph does not have."""
+    """What every layer's GQA node (and `If`, with the fallback) reads that is the same in all
+    layers of a call: GQA's `seqlens_k` / `total_sequence_length`, and whether the kernel takes the
+    call. They depend only on the call's shapes and `past_lengths`, so they are computed once per
+    graph: per layer they were 11 small ops, about 130 op launches in a 12-layer decode step that
+    genai's graph does not have."""
 
-    use_gqa: ir.Value  # BOOL scalar: decode, or a single row, or a fresh prefill
+    use_gqa: ir.Value | None  # BOOL scalar: decode, or a single row, or a fresh prefill (the fallback's If)
     seqlens_k: ir.Value  # INT32 [B]: past + new - 1 (GQA's convention)
     total: ir.Value  # INT32 scalar: the longest row's past + new
 
 
-def gqa_call(tape: ir.tape.Tape, query: ir.Value, past_lengths: ir.Value) -> GqaCall:
-    shape = tape.op("Shape", [query], {"start": 0, "end": 2})
-    batch_seq_one = tape.op("Equal", [shape, _ints(tape, 1, 1)])  # [batch == 1, seq == 1]
-    any_one = tape.op("ReduceMax", [tape.op("Cast", [batch_seq_one], {"to": ir.DataType.INT32})], {"keepdims": 0})
-    fresh = tape.op("Equal", [tape.op("ReduceMax", [past_lengths], {"keepdims": 0}), _const(tape, np.array(0, np.int32), "zero32")])
-    use_gqa = tape.op("Or", [tape.op("Cast", [any_one], {"to": ir.DataType.BOOL}), fresh])
+def gqa_call(tape: ir.tape.Tape, query: ir.Value, past_lengths: ir.Value, fallback: bool) -> GqaCall:
+    use_gqa = None
+    if fallback:
+        shape = tape.op("Shape", [query], {"start": 0, "end": 2})
+        batch_seq_one = tape.op("Equal", [shape, _ints(tape, 1, 1)])  # [batch == 1, seq == 1]
+        any_one = tape.op("ReduceMax", [tape.op("Cast", [batch_seq_one], {"to": ir.DataType.INT32})], {"keepdims": 0})
+        fresh = tape.op("Equal", [tape.op("ReduceMax", [past_lengths], {"keepdims": 0}),
+                                  _const(tape, np.array(0, np.int32), "zero32")])
+        use_gqa = tape.op("Or", [tape.op("Cast", [any_one], {"to": ir.DataType.BOOL}), fresh])
     seq = tape.op("Cast", [tape.op("Shape", [query], {"start": 1, "end": 2})], {"to": ir.DataType.INT32})
     lengths = tape.op("Add", [past_lengths, seq])
     seqlens_k = tape.op("Sub", [lengths, _const(tape, np.array([1], np.int32), "one")])
@@ -277,36 +285,48 @@ def packed_qkv_split(node: ir.Node, attrs: AttentionAttrs) -> ir.Node | None:
     return split
 
 
-def _gqa_branch(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value, call: GqaCall,
-                packed: ir.Value | None) -> ir.Graph:
+def _gqa(tape: ir.tape.Tape, node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value, call: GqaCall,
+         packed: ir.Value | None) -> list[ir.Value]:
     """GQA on the op's query, key and value, or on `packed` ([q | k | v] on the last axis, key and value
     left empty: the kernel splits it itself, as onnxruntime-genai's graphs feed it)."""
-    tape = ir.tape.Tape()
     query, key, value, past_key, past_value, _ = node.inputs
     if packed is not None:
         query, key, value = packed, None, None
-    outputs = tape.op_multi_out(
+    return list(tape.op_multi_out(
         "GroupQueryAttention", [query, key, value, past_key, past_value, call.seqlens_k, call.total, cos, sin],
         {"num_heads": attrs.num_heads, "kv_num_heads": attrs.num_kv_heads, "do_rotary": 1,
          "rotary_interleaved": attrs.rope_interleaved, "scale": attrs.scale},
         domain="com.microsoft", num_outputs=3,
-    )
-    return ir.Graph([], outputs, nodes=tape.nodes, name=f"{node.name}_gqa")
+    ))
 
 
 def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.Value,
-                   call: GqaCall | None = None) -> tuple[list[ir.Node], list[ir.Value], GqaCall]:
-    """`If(decode or single row or fresh prefill) then GQA else decomposition`. `call`: the values
-    an earlier layer's lowering computed (returned, so the pass hands them on); None computes them
-    here, in the main graph, where every later layer's `If` can read them.
+                   call: GqaCall | None = None, fallback: bool = False) -> tuple[list[ir.Node], list[ir.Value], GqaCall]:
+    """The GQA node, or with `fallback` `If(decode or single row or fresh prefill) then GQA else
+    decomposition`. `call`: the values an earlier layer's lowering computed (returned, so the pass
+    hands them on); None computes them here, in the main graph, where every later layer can read them.
 
     Where query, key and value are the three parts of one packed QKV projection, GQA reads the
-    packed tensor and the Split moves into the decomposition's branch: a decode step then runs no
-    Split at all (one kernel launch per layer and step fewer)."""
+    packed tensor: the Split goes (with the fallback, into the decomposition's branch), so a decode
+    step runs no Split at all (one kernel launch per layer and step fewer)."""
     query, past_lengths = node.inputs[0], node.inputs[5]
     assert query is not None and past_lengths is not None
     split = packed_qkv_split(node, attrs)  # before `decompose`, whose nodes read query, key and value too
     packed = split.inputs[0] if split is not None else None
+    tape = ir.tape.Tape()
+    if call is None:  # from a value of the main graph: the packed tensor, when the Split leaves it
+        call = gqa_call(tape, packed if packed is not None else query, past_lengths, fallback)
+    elif fallback and call.use_gqa is None:
+        raise ValueError(f"{node.name}: an earlier layer was lowered without the fallback, this one with it")
+    if not fallback:
+        if split is not None:
+            graph = split.graph
+            assert graph is not None
+            graph.remove(split, safe=False)  # its outputs' only user, this op, is replaced by GQA next
+        outputs = _gqa(tape, node, attrs, cos, sin, call, packed)
+        for value, like in zip(outputs, node.outputs):
+            value.type = like.type
+        return list(tape.nodes), outputs, call
     dec_nodes, dec_outputs = decompose(node, attrs)
     if split is not None:
         graph = split.graph
@@ -314,12 +334,12 @@ def lower_with_gqa(node: ir.Node, attrs: AttentionAttrs, cos: ir.Value, sin: ir.
         graph.remove(split, safe=False)  # its outputs' only user, this op, is replaced by the If next
         dec_nodes = [split, *dec_nodes]
     else_branch = ir.Graph([], dec_outputs, nodes=dec_nodes, name=f"{node.name}_decomposed")
-    tape = ir.tape.Tape()
-    if call is None:  # from a value of the main graph: the packed tensor, when the Split leaves it
-        call = gqa_call(tape, packed if packed is not None else query, past_lengths)
-    then_branch = _gqa_branch(node, attrs, cos, sin, call, packed)
-    outputs = tape.op_multi_out("If", [call.use_gqa], {"then_branch": then_branch, "else_branch": else_branch},
-                                num_outputs=3)
+    branch_tape = ir.tape.Tape()
+    then_branch = ir.Graph([], _gqa(branch_tape, node, attrs, cos, sin, call, packed), nodes=branch_tape.nodes,
+                           name=f"{node.name}_gqa")
+    assert call.use_gqa is not None
+    outputs = list(tape.op_multi_out("If", [call.use_gqa], {"then_branch": then_branch, "else_branch": else_branch},
+                                     num_outputs=3))
     # Branch outputs must declare their types for the checker; they mirror the op's own outputs.
     for branch in (then_branch, else_branch):
         for value, like in zip(branch.outputs, node.outputs):

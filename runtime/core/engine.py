@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,16 @@ from llamaforge.runtime.core.manifest import EngineManifest, ManifestError
 from llamaforge.runtime.core.tokenizer import Tokenizer, load_tokenizer
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class _InPlaceBinding:
+    """`Engine.decode_in_place_step`'s ONNX Runtime binding: the cache arrays bound as each layer's
+    past and present, and the buffers bound as the other inputs (refilled while shapes stay)."""
+
+    caches: list[np.ndarray]
+    binding: Any
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class EngineError(RuntimeError):
@@ -168,7 +178,8 @@ class Engine:
         # Decode calls may update the cache arrays in place (see `decode_in_place`): only on the
         # CPU provider, where the arrays the engine core owns are the memory ORT reads and writes.
         self.decode_in_place = kv.decode_in_place and self.session.get_providers() == ["CPUExecutionProvider"]
-        self._in_place_binding: tuple[list[np.ndarray], Any] | None = None  # see decode_in_place_step
+        self.batched_continuation = kv.batched_continuation is not False
+        self._in_place_binding: _InPlaceBinding | None = None  # see decode_in_place_step
         # The logits' element type and vocabulary width, where the graph fixes both (every engine we
         # build): decode_in_place_step then binds the logits output to an array of its own.
         logits_out = self.session.get_outputs()[0]
@@ -177,16 +188,19 @@ class Engine:
         self._logits_out: tuple[np.dtype, int] | None = (np.dtype(dtype), width) if dtype and isinstance(width, int) else None
 
     def _feeds(self, input_ids: np.ndarray, past_lengths: np.ndarray,
-               logits_index: np.ndarray | None) -> dict[str, np.ndarray]:
+               logits_index: np.ndarray | None, copy: bool = True) -> dict[str, np.ndarray]:
+        """The graph's token inputs in its types; C-contiguous unless not `copy` (then possibly a
+        broadcast view, for a caller that copies them into buffers of its own)."""
+        as_input = np.ascontiguousarray if copy else np.asarray
         feeds: dict[str, np.ndarray] = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "past_lengths": np.ascontiguousarray(past_lengths, dtype=np.int32),
+            "input_ids": as_input(input_ids, dtype=np.int64),
+            "past_lengths": as_input(past_lengths, dtype=np.int32),
         }
         if self.has_logits_index:
             if logits_index is None:  # every position
                 batch, seq = input_ids.shape
                 logits_index = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq))
-            feeds["logits_index"] = np.ascontiguousarray(logits_index, dtype=np.int64)
+            feeds["logits_index"] = as_input(logits_index, dtype=np.int64)
         return feeds
 
     def _select(self, logits: np.ndarray, logits_index: np.ndarray | None) -> np.ndarray:
@@ -208,6 +222,9 @@ class Engine:
                   logits_index: np.ndarray | None, extra_feeds: dict[str, np.ndarray] | None,
                   extra_outputs: Sequence[str] = ()) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """`step`, also returning the named `extra_outputs` (e.g. a vision model's present cross caches)."""
+        if not self.batched_continuation and input_ids.ndim == 2 and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 \
+                and np.any(np.asarray(past_lengths) > 0):
+            return self._step_rows(input_ids, past_lengths, past, logits_index, extra_feeds, extra_outputs)
         feeds = self._feeds(input_ids, past_lengths, logits_index)
         feeds.update(zip(self.past_names, past))
         self._check_extra(extra_feeds)
@@ -215,6 +232,41 @@ class Engine:
         outputs = self.session.run(["logits", *self.present_names, *extra_outputs], feeds)
         count = len(self.present_names)
         return self._select(outputs[0], logits_index), outputs[1 : 1 + count], outputs[1 + count :]
+
+    def _step_rows(self, input_ids: np.ndarray, past_lengths: np.ndarray, past: list[np.ndarray],
+                   logits_index: np.ndarray | None, extra_feeds: dict[str, np.ndarray] | None,
+                   extra_outputs: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """A call of several rows that continue after a past, on a graph whose attention is ORT's GQA
+        kernel alone (manifest `kv_cache.batched_continuation` false; the kernel refuses the call):
+        one call per row, the results stacked. Such calls are rare (a chunk after a cached prefix
+        runs alone; several speculative rows verified together), and each row still gets the fast
+        kernel."""
+        if extra_feeds or extra_outputs:  # built with the fallback (graphs/passes/lower_attention.py)
+            raise EngineError(f"{self.dir}: a batched continuation with per-row extra inputs needs an engine built "
+                              "with the attention fallback")
+        lengths = np.asarray(past_lengths)
+        batch, seq = input_ids.shape
+        index = np.broadcast_to(np.arange(seq), (batch, seq)) if logits_index is None else np.asarray(logits_index)
+        capacity = past[0].shape[2]
+        logits: np.ndarray | None = None
+        presents = [np.array(p) for p in past]
+        for b in range(batch):
+            # The op drops a row's tokens past the cache's capacity (a row padded to the call's widest
+            # one), and their logits are undefined; the kernel refuses them, so the row runs without.
+            n = min(seq, capacity - int(lengths[b]))
+            if n <= 0:
+                continue
+            row_logits, row_present, _ = self.step_with(input_ids[b : b + 1, :n], lengths[b : b + 1],
+                                                        [p[b : b + 1] for p in past], np.minimum(index[b : b + 1], n - 1),
+                                                        None, ())
+            if logits is None:
+                logits = np.zeros((batch, *row_logits.shape[1:]), row_logits.dtype)
+            logits[b] = row_logits[0]
+            for whole, row in zip(presents, row_present):
+                whole[b] = row[0]
+        if logits is None:
+            raise EngineError(f"{self.dir}: no row of the call has room in its cache ({capacity} positions)")
+        return logits, presents, []
 
     def _check_extra(self, extra_feeds: dict[str, np.ndarray] | None) -> None:
         if self.vision is not None and not extra_feeds:
@@ -248,9 +300,7 @@ class Engine:
         # step): wrapping and binding two OrtValues a layer costs about 5 us each, which on a small
         # model is several percent of a step. The binding holds the arrays, so they outlive it.
         bound = self._in_place_binding
-        if bound is not None and len(bound[0]) == len(caches) and all(a is b for a, b in zip(bound[0], caches)):
-            binding = bound[1]
-        else:
+        if bound is None or len(bound.caches) != len(caches) or not all(a is b for a, b in zip(bound.caches, caches)):
             binding = self.session.io_binding()
             binding.bind_output(self.output_names[0])  # first, so it is get_outputs()[0]; rebound below
             for past, present, cache in zip(self.past_names, self.present_names, caches):
@@ -259,11 +309,21 @@ class Engine:
                 value = ort.OrtValue.ortvalue_from_numpy(cache)
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-        self._in_place_binding = (list(caches), binding)
+            bound = self._in_place_binding = _InPlaceBinding(list(caches), binding)
+        binding = bound.binding
         self._check_extra(extra_feeds)
-        feeds = self._feeds(input_ids, past_lengths, logits_index)  # kept alive until the run is over
-        feeds.update({k: np.ascontiguousarray(v) for k, v in (extra_feeds or {}).items()})
-        for name, array in feeds.items():
+        # The token inputs go into buffers bound once and refilled while their shapes stay (every
+        # decode step of a batch): binding new arrays each call costs about 0.1 ms a step in ONNX
+        # Runtime, over 3% of a 125M model's int4 decode step on 2 cores (make bench-quant-speed).
+        for name, value in self._feeds(input_ids, past_lengths, logits_index, copy=False).items():
+            buffer = bound.inputs.get(name)
+            if buffer is not None and buffer.shape == value.shape and buffer.dtype == value.dtype:
+                np.copyto(buffer, value)
+            else:
+                buffer = bound.inputs[name] = np.array(value, order="C")
+                binding.bind_cpu_input(name, buffer)
+        extra = {k: np.ascontiguousarray(v) for k, v in (extra_feeds or {}).items()}  # kept alive until the run is over
+        for name, array in extra.items():
             binding.bind_cpu_input(name, array)
         # The logits go into a fresh array of this call's shape: binding it is cheaper than fetching
         # every output's OrtValue back (get_outputs wraps the 2 x layers caches too), and a new array

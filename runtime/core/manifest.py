@@ -71,6 +71,11 @@ class KVCacheInfo:
     present_outputs: list[str]
     lengths_input: str
     decode_in_place: bool = False  # every layer's decode update is ORT's in-place GQA kernel
+    # Whether one call may hold several rows that continue after a past (batch > 1, seq > 1, a past
+    # length > 0). False where attention is ORT's GQA kernel alone, which refuses that call: the
+    # runtime then runs it one row at a time (runtime/core/engine.py `Engine.step_with`). Absent
+    # (None) means true, as in every engine built before the field.
+    batched_continuation: bool | None = None
     quantization: KVQuantization | None = None
 
 

@@ -31,6 +31,7 @@ from quant_roofline import (
     gguf_step_bytes,
     median_tok_s,
     onnx_step_bytes,
+    paired_ratio,
     profile_by_op,
     roofline_fraction,
     round_orders,
@@ -139,6 +140,12 @@ def test_rates_ratios_and_verdicts() -> None:
     with pytest.raises(ValueError, match="copy bandwidth"):
         roofline_fraction(1, 1.0, 0.0)
     assert verdict(1.6, 1.6) == "PASS" and verdict(1.59, 1.6) == "FAIL"
+    # Rates a: 100, 50, 90 and b: 100, 25, 100 tok/s: the median of the rounds' ratios (1.0, 2.0,
+    # 0.9) is 1.0, where the ratio of the medians would be 0.9.
+    a, b = [Sample(1.0, 100), Sample(2.0, 100), Sample(1.0, 90)], [Sample(1.0, 100), Sample(4.0, 100), Sample(1.0, 100)]
+    assert paired_ratio(a, b) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one sample of each per round"):
+        paired_ratio(a, b[:2])
     assert first_divergence([1, 2, 3], [1, 2, 4]) == 2 and first_divergence([1, 2], [1, 2, 3]) == 2
 
 

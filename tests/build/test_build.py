@@ -102,6 +102,36 @@ def test_logits_index_computes_only_the_positions_asked_for(good_engine: Path) -
     np.testing.assert_allclose(some, every[[[0], [1]], [[6, 0], [2, 2]]], rtol=1e-5, atol=1e-5)
 
 
+def test_a_batched_continuation_runs_row_by_row_and_matches_a_fresh_prefill(good_engine: Path) -> None:
+    """Attention is ORT's GQA kernel alone (no fallback `If`), which refuses several rows continuing
+    after a past; the manifest says so and `Engine.step` runs such a call one row at a time. Its
+    logits and caches equal each row's prefill of all its tokens from position 0, for a row whose
+    last tokens overflow its cache too (the op drops them; their logits are undefined)."""
+    manifest = json.loads((good_engine / "manifest.json").read_text())
+    assert manifest["kv_cache"]["batched_continuation"] is False
+    graph = onnx.load(str(good_engine / "model.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "If"]
+    engine = Engine(good_engine)
+    rng = np.random.default_rng(4)
+    pasts, seq, capacity = [3, 0, 9, 30], 4, 32  # the last row has room for 2 of its 4 tokens
+    ids = rng.integers(3, 500, (len(pasts), max(pasts) + seq))
+    caches = engine.kv.empty(len(pasts), capacity)
+    for b, n in enumerate(pasts):  # each row's first n tokens, as a prefill of its own
+        if n:
+            _, present = engine.step(ids[b : b + 1, :n], np.zeros(1, np.int32), [c[b : b + 1] for c in caches])
+            for cache, p in zip(caches, present):
+                cache[b : b + 1] = p
+    step_ids = np.stack([ids[b, n : n + seq] for b, n in enumerate(pasts)])
+    logits, present = engine.step(step_ids, np.array(pasts, np.int32), caches)
+    assert logits.shape[:2] == (len(pasts), seq)
+    for b, n in enumerate(pasts):
+        end = min(n + seq, capacity)
+        want, want_present = engine.step(ids[b : b + 1, :end], np.zeros(1, np.int32), engine.kv.empty(1, capacity))
+        np.testing.assert_allclose(logits[b, : end - n], want[0, n:], rtol=1e-4, atol=1e-4)
+        for got, expected in zip(present, want_present):
+            np.testing.assert_allclose(got[b, :, :end], expected[0, :, :end], rtol=1e-5, atol=1e-5)
+
+
 def test_decode_writes_the_new_token_into_the_cache_in_place(good_engine: Path) -> None:
     """The decode fast path (past and present bound to one buffer) gives the copying path's logits
     and cache, writes only each row's new token, and is what the manifest allows for this engine."""
@@ -130,7 +160,8 @@ def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_e
     and the first ones again, are bound anew: each call writes into, and reads, the caches it was
     given, as the copying path does. A verify row ([1, S] tokens) between decode steps on the same
     arrays gets logits of its own shape, and the next decode step its own again. Each call's logits
-    are an array of its own, which later calls leave alone."""
+    are an array of its own, which later calls leave alone. The token inputs' buffers are refilled,
+    not bound anew, while the arrays and the shape stay."""
     engine = Engine(good_engine)
     rng = np.random.default_rng(2)
     spec = engine.kv
@@ -139,6 +170,7 @@ def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_e
     lengths = [np.array([9], np.int32), np.array([9], np.int32)]
     copies = [[p.copy() for p in past] for past in pasts]
     returned: list[tuple[np.ndarray, np.ndarray]] = []  # every call's logits, and a copy taken then
+    previous: tuple[int, int, np.ndarray] | None = None  # the last call's arrays, width and input_ids buffer
     for which, width in ((0, 1), (0, 1), (0, 5), (0, 1), (1, 1), (0, 1), (1, 3), (1, 1)):
         ids = rng.integers(3, 500, (1, width))
         want_logits, want_present = engine.step(ids, lengths[which], pasts[which])
@@ -152,7 +184,11 @@ def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_e
         for past, cache in zip(pasts[which], copies[which]):
             past[:] = cache  # the reference path's next past is what was written
         lengths[which] = lengths[which] + width
-        assert engine._in_place_binding is not None and engine._in_place_binding[0][0] is copies[which][0]
+        assert engine._in_place_binding is not None and engine._in_place_binding.caches[0] is copies[which][0]
+        ids_buffer = engine._in_place_binding.inputs["input_ids"]
+        if previous is not None and previous[:2] == (which, width):  # same arrays, same shape: refilled, not rebound
+            assert ids_buffer is previous[2]
+        previous = (which, width, ids_buffer)
     for logits, then in returned:  # a later call never writes into logits handed out before
         np.testing.assert_array_equal(logits, then)
 

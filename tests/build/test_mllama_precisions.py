@@ -161,6 +161,14 @@ def test_vision_graph_precision(engines: dict[str, Path], name: str) -> None:
     assert all((t.data_type != float_type) == quantized for t in cross), [(t.name, t.data_type) for t in cross]
 
 
+def test_a_vision_text_graph_keeps_the_attention_fallback(engines: dict[str, Path]) -> None:
+    """Its calls carry per-row image inputs, which the runtime's row-by-row continuation does not
+    split, so each self-attention layer is the `If` between GQA and the decomposition."""
+    assert "batched_continuation" not in json.loads((engines["int8-wo"] / "manifest.json").read_text())["kv_cache"]
+    graph = onnx.load(str(engines["int8-wo"] / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "If" for n in graph.node)
+
+
 def test_calibration_ran_with_image_states(engines: dict[str, Path], checkpoint: Path) -> None:
     """The cross-attention layers' k_proj/v_proj read the image states: their calibrated input
     maximum is the image states' own, channel by channel (zero states would give zeros)."""

@@ -155,6 +155,21 @@ def test_a_guided_mask_draws_from_the_allowed_tokens_renormalised(allowed_count:
     assert pick(logits, SamplingParams(temperature=1.0, top_k=5), np.random.default_rng(0), allowed=one).token == only
 
 
+def test_a_greedy_pick_with_bans_is_the_argmax_of_the_banned_row() -> None:
+    """The greedy pick skips the row's copy unless the argmax is banned; it must still pick what
+    banning first and then taking the argmax picks, ties included (argmax takes the first)."""
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        logits = rng.integers(0, 6, 40).astype(np.float32)  # few values: many ties with the max
+        banned = rng.choice(40, size=int(rng.integers(1, 6)), replace=False).tolist()
+        if trial % 50 == 0:
+            banned = list(range(40))  # everything banned
+        want = logits.copy()
+        want[banned] = -np.inf
+        got = pick(logits, SamplingParams(), np.random.default_rng(0), banned=banned, want_log_prob=False)
+        assert got.token == int(np.argmax(want)), (logits, banned)
+
+
 def test_bad_values_name_the_field() -> None:
     for kwargs, field in (({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
                           ({"min_p": 1.5}, "min_p"), ({"logit_bias": ((1, 101.0),)}, "logit_bias"),

@@ -1,7 +1,8 @@
 """`lower-attention-ort` (graphs/passes/lower_attention.py): every `llamaforge::LlamaAttention` node is
-replaced by standard/ORT ops (an `If` between GroupQueryAttention and the decomposition, or the
-decomposition alone), graph outputs keep their public names, and ONNX Runtime computes what the
-reference computes. The decomposition's numerics are covered case by case in tests/plugins."""
+replaced by standard/ORT ops (GroupQueryAttention alone, or with the fallback an `If` between it and
+the decomposition, or the decomposition alone), graph outputs keep their public names, and ONNX
+Runtime computes what the reference computes. The decomposition's numerics are covered case by case
+in tests/plugins; the runtime's row-by-row batched continuation in tests/build/test_build.py."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ def plugin_model(attrs: AttentionAttrs = ATTRS, max_positions: int | None = 64) 
     return model
 
 
-def lower_and_check(model: ir.Model, use_gqa: bool, past: list[int], attrs: AttentionAttrs = ATTRS) -> None:
+def lower_and_check(model: ir.Model, use_gqa: bool, past: list[int], attrs: AttentionAttrs = ATTRS,
+                    fallback: bool = True) -> None:
     """Run the pass and assert its promise: no plugin node or import left, com.microsoft imported
     exactly when GQA may be used, the outputs still named output/present_key/present_value, and
     the reference's output and (defined part of the) caches under ONNX Runtime."""
-    assert LowerAttentionForORT(use_gqa=use_gqa)(model).modified
+    assert LowerAttentionForORT(use_gqa=use_gqa, fallback=fallback)(model).modified
     verify(model, "lower-attention-ort")
     assert not any(domain == DOMAIN for domain, _ in op_counts(model)) and DOMAIN not in model.opset_imports
     assert ("com.microsoft" in model.opset_imports) == use_gqa
@@ -47,8 +49,25 @@ def lower_and_check(model: ir.Model, use_gqa: bool, past: list[int], attrs: Atte
                                        rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("past", [[0, 0], [3], [0, 3]], ids=["fresh-prefill", "one-row-continued", "continued"])
+def test_lowers_to_gqa_alone_which_refuses_only_a_batched_continuation(past: list[int]) -> None:
+    """By default each layer is the GQA node, as onnxruntime-genai's graphs have it. ORT's kernel
+    computes the reference for a fresh prefill and for one row continuing; a batch of rows continuing
+    after a past is the call it refuses, which the runtime runs one row at a time."""
+    model = plugin_model()
+    if past == [0, 3]:
+        LowerAttentionForORT()(model)
+        feeds = random_inputs(ATTRS, batch=2, seq=SEQ, capacity=16, past=past)
+        with pytest.raises(Exception, match="batch_size must be 1 when sequence_length > 1 and past context is given"):
+            run_ort(model, {k: v.numpy() for k, v in feeds.items()})
+    else:
+        lower_and_check(model, use_gqa=True, past=past, fallback=False)
+    counts = op_counts(model)
+    assert counts[("com.microsoft", "GroupQueryAttention")] == 1 and counts[("", "If")] == 0
+
+
 @pytest.mark.parametrize("past", [[0, 0], [0, 3]], ids=["fresh-prefill:gqa-branch", "continued:decomposed-branch"])
-def test_lowers_to_an_if_between_gqa_and_the_decomposition(past: list[int]) -> None:
+def test_the_fallback_lowers_to_an_if_between_gqa_and_the_decomposition(past: list[int]) -> None:
     model = plugin_model()
     lower_and_check(model, use_gqa=True, past=past)
     (branch,) = [n for n in model.graph if n.op_type == "If"]
@@ -113,21 +132,28 @@ def packed_model(attrs: AttentionAttrs = ATTRS) -> ir.Model:
     return model
 
 
-@pytest.mark.parametrize("seq,past", [(1, [2, 7]), (5, [0, 0]), (5, [3]), (5, [0, 3])],
-                         ids=["decode:gqa", "fresh-prefill:gqa", "one-row-continued:gqa", "continued:decomposed"])
-def test_a_packed_qkv_feeds_gqa_whole_and_its_split_runs_only_in_the_decomposition(seq: int, past: list[int]) -> None:
+@pytest.mark.parametrize("seq,past,fallback", [(1, [2, 7], True), (5, [0, 0], True), (5, [3], True), (5, [0, 3], True),
+                                                (1, [2, 7], False), (5, [0, 0], False), (5, [3], False)],
+                         ids=["decode:gqa", "fresh-prefill:gqa", "one-row-continued:gqa", "continued:decomposed",
+                              "decode:gqa-alone", "fresh-prefill:gqa-alone", "one-row-continued:gqa-alone"])
+def test_a_packed_qkv_feeds_gqa_whole_and_its_split_runs_only_in_the_decomposition(seq: int, past: list[int],
+                                                                                   fallback: bool) -> None:
     """GroupQueryAttention reads the packed tensor itself (key and value left empty), so a decode step
-    runs no Split; the Split moves into the decomposition's branch. Both branches compute the
-    reference's output and caches."""
+    runs no Split: it goes, or with the fallback moves into the decomposition's branch. Every lowering
+    computes the reference's output and caches."""
     model = packed_model()
-    assert LowerAttentionForORT(use_gqa=True)(model).modified
+    assert LowerAttentionForORT(use_gqa=True, fallback=fallback)(model).modified
     verify(model, "lower-attention-ort")
     assert "Split" not in {n.op_type for n in model.graph}, "the Split left the main graph"
-    (branch,) = [n for n in model.graph if n.op_type == "If"]
-    (gqa,) = list(branch.attributes["then_branch"].as_graph())
+    if fallback:
+        (branch,) = [n for n in model.graph if n.op_type == "If"]
+        (gqa,) = list(branch.attributes["then_branch"].as_graph())
+        assert "Split" in {n.op_type for n in branch.attributes["else_branch"].as_graph()}
+    else:
+        assert "If" not in {n.op_type for n in model.graph}
+        (gqa,) = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert gqa.op_type == "GroupQueryAttention" and gqa.inputs[0] is model.graph.inputs[0]  # qkv itself
     assert gqa.inputs[1] is None and gqa.inputs[2] is None
-    assert "Split" in {n.op_type for n in branch.attributes["else_branch"].as_graph()}
     feeds = random_inputs(ATTRS, batch=len(past), seq=seq, capacity=16, past=past)
     packed = np.concatenate([feeds["query"].numpy(), feeds["key"].numpy(), feeds["value"].numpy()], axis=-1)
     got = run_ort(model, {"qkv": packed, **{k: v.numpy() for k, v in feeds.items() if k not in ("query", "key", "value")}})
@@ -145,6 +171,5 @@ def test_a_split_of_other_sizes_stays_where_it_is() -> None:
     sizes.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.array([32, 64, 32], np.int64)))
     LowerAttentionForORT(use_gqa=True)(model)
     assert "Split" in {n.op_type for n in model.graph}
-    (branch,) = [n for n in model.graph if n.op_type == "If"]
-    (gqa,) = list(branch.attributes["then_branch"].as_graph())
+    (gqa,) = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert gqa.inputs[1] is not None
