@@ -191,10 +191,12 @@ def main() -> int:
     ckpt, engine = args.workdir / f"ckpt-bench-ctx{CONTEXT}", args.workdir / f"engine-bench-ctx{CONTEXT}"
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, "bench", max_position=CONTEXT)
-    if not (engine / "manifest.json").exists():
-        from llamaforge.build.builder import BuildOptions, build_engine
+    from engine_cache import ensure_engine
 
-        build_engine(BuildOptions(checkpoint=ckpt, out=engine, precision="fp32", backend="ort"))
+    from llamaforge.build.builder import BuildOptions, build_engine
+
+    ensure_engine(engine, f"{ckpt.resolve()}|fp32",
+                  lambda: build_engine(BuildOptions(checkpoint=ckpt, out=engine, precision="fp32", backend="ort")))
     from rich.console import Console
     from rich.table import Table
     from tqdm import tqdm

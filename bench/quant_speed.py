@@ -42,7 +42,6 @@ time per op type), next to onnxruntime-genai at the same precision.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -56,6 +55,7 @@ from typing import Any, Protocol
 import numpy as np
 
 # Sibling bench modules: the script's folder is on sys.path (and pytest's pythonpath has bench/).
+from engine_cache import STAMP, is_current, sources_fingerprint
 from quant_roofline import (
     OpTime,
     Sample,
@@ -92,7 +92,6 @@ SPEEDUP_FLOOR = {"int8": 1.6, "int4": 2.2}  # over our fp32
 PAUSE_S = 0.3  # between engines: lets ORT's / OpenMP's spinning worker threads go idle
 PROFILE_STEPS = 32
 # What a change to rebuilds our engines: the build's own sources.
-BUILD_SOURCES = ("export", "graphs", "plugins", "llamaforge")
 
 
 class Runner(Protocol):
@@ -109,24 +108,14 @@ class Runner(Protocol):
 
 # -- our engines -----------------------------------------------------------------------------------
 
-def sources_fingerprint(extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for top in BUILD_SOURCES:
-        for path in sorted((ROOT / top).rglob("*")):
-            if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
-                h.update(str(path.relative_to(ROOT)).encode())
-                h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def build_ours(ckpt: Path, label: str, out: Path, reuse: bool = False) -> str | None:
     """`llamaforge build` of the engine `label` names (cached by a fingerprint of the build's sources;
     `reuse`: any engine already built); None, or why it failed."""
     precision, extra = split_label(label)
-    stamp = out / ".bench-fingerprint"
+    stamp = out / STAMP
     fingerprint = sources_fingerprint(f"{ckpt.resolve()}|{precision}|{' '.join(extra)}")
-    if (out / "manifest.json").is_file() and stamp.is_file() and (reuse or stamp.read_text() == fingerprint):
-        if stamp.read_text() != fingerprint:
+    if (out / "manifest.json").is_file() and stamp.is_file() and (reuse or is_current(out, fingerprint)):
+        if not is_current(out, fingerprint):
             print(f"NOTE ours {label}: reusing an engine built from other sources than the tree's (--reuse-engines)")
         return None
     print(f"building ours {label}: llamaforge build --precision {precision} {' '.join(extra)}...", flush=True)

@@ -137,10 +137,12 @@ def prepare(work: Path, shape: str, genai: bool) -> tuple[Path, Path, Path | Non
     work.mkdir(parents=True, exist_ok=True)
     if not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, shape)
-    if not (engine / "manifest.json").exists():
-        from llamaforge.build.builder import BuildOptions, build_engine
+    from engine_cache import ensure_engine
 
-        build_engine(BuildOptions(checkpoint=ckpt, out=engine, precision="fp32", backend="ort"))
+    from llamaforge.build.builder import BuildOptions, build_engine
+
+    ensure_engine(engine, f"{ckpt.resolve()}|fp32",
+                  lambda: build_engine(BuildOptions(checkpoint=ckpt, out=engine, precision="fp32", backend="ort")))
     if not genai:
         return ckpt, engine, None, "skipped (--skip-genai)"
     try:

@@ -109,8 +109,8 @@ def timed(core: Any, prompts: list[list[int]], new: int, sampled: bool, concurre
 def verify_costs(engine_dir: Path, k: int, past: int = 200) -> list[tuple[int, float, float]]:
     """(rows, ms of a decode call, ms of a verify call of 1 + k tokens per row) at `past` tokens of
     context: the decode as the engine core runs it (in place), the verify as it runs for several
-    rows (`Engine.step`: the attention op's decomposition, since ORT's GQA kernel refuses rows of
-    several tokens after a past) and for one row (in place, on the GQA kernel). Best of 3 x 5."""
+    rows (`Engine.step`: one call per row, since ORT's GQA kernel refuses several rows of several
+    tokens after a past in one call) and for one row (in place, on the GQA kernel). Best of 3 x 5."""
     from llamaforge.runtime.core.engine import Engine
 
     engine = Engine(engine_dir)
@@ -153,18 +153,17 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("LLAMAFORGE_QUIET", "1")
+    from engine_cache import ensure_engine
     from rich.console import Console
     from rich.table import Table
     from tqdm import tqdm
 
+    from llamaforge.build.builder import BuildOptions, build_engine
     from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig, SpeculativeConfig
     from llamaforge.runtime.core.engine_core import EngineCore
 
-    engine = args.workdir / "stdlib-5m-fp32"
-    if not (engine / "manifest.json").exists():
-        from llamaforge.build.builder import BuildOptions, build_engine
-
-        build_engine(BuildOptions(checkpoint=args.checkpoint, out=engine, precision="fp32", backend="ort"))
+    engine = ensure_engine(args.workdir / "stdlib-5m-fp32", f"{args.checkpoint.resolve()}|fp32", lambda: build_engine(
+        BuildOptions(checkpoint=args.checkpoint, out=args.workdir / "stdlib-5m-fp32", precision="fp32", backend="ort")))
 
     def core(spec: bool) -> EngineCore:
         speculative = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k) if spec else SpeculativeConfig()

@@ -126,10 +126,12 @@ def main() -> int:
 
     ckpt, tp1, _, _ = prepare(args.workdir, args.shape, genai=False)
     tp2 = args.workdir / f"engine-{args.shape}-tp2"
-    if not (tp2 / "manifest.json").exists():
-        from llamaforge.build.builder import BuildOptions, build_engine
+    from engine_cache import ensure_engine
 
-        build_engine(BuildOptions(checkpoint=ckpt, out=tp2, precision="fp32", backend="ort", tp=2))
+    from llamaforge.build.builder import BuildOptions, build_engine
+
+    ensure_engine(tp2, f"{ckpt.resolve()}|fp32|tp2",
+                  lambda: build_engine(BuildOptions(checkpoint=ckpt, out=tp2, precision="fp32", backend="ort", tp=2)))
     manifest = json.loads((tp2 / "manifest.json").read_text())
     layers, hidden = manifest["config"]["num_layers"], manifest["config"]["hidden_size"]
     load = " ".join(open("/proc/loadavg").read().split()[:3])

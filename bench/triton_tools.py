@@ -344,11 +344,15 @@ def prepare_engine(work: Path) -> Path:
     """The default model (checkpoints/stdlib-5m) built as `make engine` builds it (fp32, ORT),
     cached under the work folder."""
     engine = work / "engine-stdlib-5m"
-    if not (engine / "manifest.json").exists():
-        print(f"building {engine} from {CHECKPOINT} ...", flush=True)
-        from llamaforge.build.builder import BuildOptions, build_engine
+    from engine_cache import ensure_engine
 
+    from llamaforge.build.builder import BuildOptions, build_engine
+
+    def build() -> None:
+        print(f"building {engine} from {CHECKPOINT} ...", flush=True)
         build_engine(BuildOptions(checkpoint=CHECKPOINT, out=engine, precision="fp32", backend="ort"))
+
+    ensure_engine(engine, f"{CHECKPOINT.resolve()}|fp32", build)
     return engine
 
 

@@ -240,8 +240,9 @@ class ModelRunner:
 
         A row that verifies `alone` (the step's only decode-phase sequence: single-stream serving)
         runs on its decode-batch row, updated in place as a decode step is (ORT's GQA kernel takes
-        one row of several tokens). Rows that verify together take the attention op's
-        decomposition, on caches gathered from blocks; their decode rows are dropped."""
+        one row of several tokens). Rows that verify together run on caches gathered from blocks,
+        one engine call per row where the engine's attention is the GQA kernel alone (`Engine.step`;
+        the kernel refuses several rows continuing in one call); their decode rows are dropped."""
         if alone and len(seqs) == 1 and self.engine.decode_in_place:
             return self._verify_in_place(seqs[0], static_batch)
         counts = [1 + len(s.draft) for s in seqs]
