@@ -166,10 +166,10 @@ def decode_writes_cache_in_place(graph: onnx.GraphProto) -> bool:
 
 
 def takes_batched_continuation(graph: onnx.GraphProto) -> bool:
-    """False when some layer's attention is a GroupQueryAttention node alone (no fallback `If`): the
-    kernel refuses a call of several rows that continue after a past, which the runtime then runs
-    one row at a time."""
-    return not any(_is_gqa(node) for node in _cache_writers(graph))
+    """False when some layer's attention is a GroupQueryAttention node in the main graph (no fallback
+    `If` around it): the kernel refuses a call of several rows that continue after a past, which
+    the runtime then runs one row at a time."""
+    return not any(_is_gqa(node) for node in graph.node)
 
 
 def manifest_for(config: ModelConfig, opts: BuildOptions, graph: onnx.GraphProto, tokenizer: dict[str, Any],
