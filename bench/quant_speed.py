@@ -91,7 +91,6 @@ LLAMA_OF = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 SPEEDUP_FLOOR = {"int8": 1.6, "int4": 2.2}  # over our fp32
 PAUSE_S = 0.3  # between engines: lets ORT's / OpenMP's spinning worker threads go idle
 PROFILE_STEPS = 32
-# What a change to rebuilds our engines: the build's own sources.
 
 
 class Runner(Protocol):
@@ -114,8 +113,9 @@ def build_ours(ckpt: Path, label: str, out: Path, reuse: bool = False) -> str | 
     precision, extra = split_label(label)
     stamp = out / STAMP
     fingerprint = sources_fingerprint(f"{ckpt.resolve()}|{precision}|{' '.join(extra)}")
-    if (out / "manifest.json").is_file() and stamp.is_file() and (reuse or is_current(out, fingerprint)):
-        if not is_current(out, fingerprint):
+    current = is_current(out, fingerprint)
+    if current or (reuse and (out / "manifest.json").is_file() and stamp.is_file()):
+        if not current:
             print(f"NOTE ours {label}: reusing an engine built from other sources than the tree's (--reuse-engines)")
         return None
     print(f"building ours {label}: llamaforge build --precision {precision} {' '.join(extra)}...", flush=True)
@@ -515,11 +515,13 @@ def report(results: dict[str, Result], bw: float, bws: list[float], args: argpar
         if r.runner.family != "ours" or r.runner.precision == "fp32":
             continue
         cls = r.runner.precision
-        lines = [f"{r.runner.name} >= {SPEEDUP_FLOOR[cls]}x our fp32: {ratio(r, base_r):.2f}x -> "
-                 f"{verdict(ratio(r, base_r), SPEEDUP_FLOOR[cls])}"]
+        vs_fp32 = ratio(r, base_r)
+        lines = [f"{r.runner.name} >= {SPEEDUP_FLOOR[cls]}x our fp32: {vs_fp32:.2f}x -> "
+                 f"{verdict(vs_fp32, SPEEDUP_FLOOR[cls])}"]
         g = by.get(("onnxruntime-genai", cls))
+        vs_genai = ratio(r, g) if g else None
         lines.append(f"{r.runner.name} >= 1.0x onnxruntime-genai {cls}: "
-                     + (f"{ratio(r, g):.2f}x -> {verdict(ratio(r, g), 1.0)}" if g else "NOT MEASURED"))
+                     + (f"{vs_genai:.2f}x -> {verdict(vs_genai, 1.0)}" if vs_genai is not None else "NOT MEASURED"))
         for line in lines:
             print(f"  {line}")
         failed |= any("FAIL" in line for line in lines)

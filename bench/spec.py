@@ -162,8 +162,9 @@ def main() -> int:
     from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig, SpeculativeConfig
     from llamaforge.runtime.core.engine_core import EngineCore
 
-    engine = ensure_engine(args.workdir / "stdlib-5m-fp32", f"{args.checkpoint.resolve()}|fp32", lambda: build_engine(
-        BuildOptions(checkpoint=args.checkpoint, out=args.workdir / "stdlib-5m-fp32", precision="fp32", backend="ort")))
+    engine = args.workdir / "stdlib-5m-fp32"
+    ensure_engine(engine, f"{args.checkpoint.resolve()}|fp32", lambda: build_engine(
+        BuildOptions(checkpoint=args.checkpoint, out=engine, precision="fp32", backend="ort")))
 
     def core(spec: bool) -> EngineCore:
         speculative = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k) if spec else SpeculativeConfig()
