@@ -23,14 +23,15 @@ from llamaforge.graphs.quantization.recipes import (
     CalibrationStats,
     QuantContext,
     QuantizationError,
+    ValueHeads,
     fp8_weight_scale,
     is_router,
     quantize_fp8,
     quantize_int8,
     scale_from_amax,
-    smoothing_factors,
+    smoothquant_factors,
 )
-from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE
+from llamaforge.plugins.attention.schema import DOMAIN, OP_TYPE, AttentionAttrs
 
 LOGITS = "logits"
 # Producers of a linear's input whose weight (input index) can absorb SmoothQuant's 1/s exactly.
@@ -125,8 +126,10 @@ class SmoothQuant(ir.passes.InPlacePass):
     int8 quantization. Exact in real arithmetic, so the model computes the same function.
 
     Where the input comes straight from an RMSNorm whose output feeds only these linears (q/k/v,
-    gate/up), 1/s is folded into the norm's weight; elsewhere (o_proj, down_proj) an explicit
-    Mul(x, 1/s) is inserted. Linears sharing an input share s (computed over all their weights).
+    gate/up), 1/s is folded into the norm's weight; into up_proj's output columns for down_proj;
+    into the value columns of the QKV weight for o_proj, whose statistics are first tied over the
+    query heads sharing a value head (recipes.ValueHeads), as calibration's search tied them (see
+    `apply_smoothing`). Linears sharing an input share s (computed over all their weights).
     alpha is `--smoothquant-alpha` when forced, else the one calibration's search chose for the
     group (graphs/quantization/search.py). The statistics in the context are updated to describe
     the smoothed model."""
@@ -145,7 +148,9 @@ class SmoothQuant(ir.passes.InPlacePass):
             alpha = self._alpha(group)
             a = np.maximum.reduce([stats.activation_amax(lin.name) for lin in group])
             w = np.maximum.reduce([stats.weight_amax_per_input(lin.name) for lin in group])
-            apply_smoothing(graph, x, group, smoothing_factors(a, w, alpha), stats)
+            attention = attention_producing(x)
+            s = smoothquant_factors(a, w, alpha, value_heads(attention) if attention is not None else None)
+            apply_smoothing(graph, x, group, s, stats)
         return ir.passes.PassResult(model, bool(groups))
 
     def _alpha(self, group: list[Linear]) -> float:
@@ -158,27 +163,28 @@ class SmoothQuant(ir.passes.InPlacePass):
                                     f"SmoothQuant alphas for them {sorted(alphas)}")
         return alphas.pop()
 
-    @staticmethod
-    def _fold_into_norm(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray) -> bool:
-        norm = x.producer()
-        if norm is None or x is not norm.outputs[0]:
-            return False
-        index = NORM_WEIGHT_INPUT.get((norm.domain, norm.op_type))
-        if norm.op_type == "Mul" and norm.domain == "":  # an unfused RMSNorm ends in weight * normalized
-            index = next((i for i, v in enumerate(norm.inputs) if (c := constant_input(v)) is not None
-                          and c.shape.numpy() == (len(s),)), None)
-        if index is None or len(norm.inputs) <= index:
-            return False
-        gamma = norm.inputs[index]
-        source = constant_input(gamma)
-        users = {node for node, _ in x.uses()}
-        if gamma is None or source is None or len(gamma.uses()) != 1 or users != {lin.node for lin in group}:
-            return False
-        folded = lazy_weight(f"{gamma.name}.smoothed", [source], lambda g: g / s.astype(g.dtype),
-                             source.dtype, list(source.shape.numpy()))
-        norm.replace_input_with(index, register(graph, folded))
-        drop_if_unused(graph, gamma)
-        return True
+
+def _fold_into_norm(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray, stats: CalibrationStats) -> bool:
+    """x = RMSNorm(h) * gamma feeding only `group`: 1/s goes into gamma."""
+    norm = x.producer()
+    if norm is None or x is not norm.outputs[0]:
+        return False
+    index = NORM_WEIGHT_INPUT.get((norm.domain, norm.op_type))
+    if norm.op_type == "Mul" and norm.domain == "":  # an unfused RMSNorm ends in weight * normalized
+        index = next((i for i, v in enumerate(norm.inputs) if (c := constant_input(v)) is not None
+                      and c.shape.numpy() == (len(s),)), None)
+    if index is None or len(norm.inputs) <= index:
+        return False
+    gamma = norm.inputs[index]
+    source = constant_input(gamma)
+    users = {node for node, _ in x.uses()}
+    if gamma is None or source is None or len(gamma.uses()) != 1 or users != {lin.node for lin in group}:
+        return False
+    folded = lazy_weight(f"{gamma.name}.smoothed", [source], lambda g: g / s.astype(g.dtype),
+                         source.dtype, list(source.shape.numpy()))
+    norm.replace_input_with(index, register(graph, folded))
+    drop_if_unused(graph, gamma)
+    return True
 
 
 def _fold_into_gated_linear(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray,
@@ -186,9 +192,7 @@ def _fold_into_gated_linear(graph: ir.Graph, x: ir.Value, group: list[Linear], s
     """x = a * (h W_up), the SwiGLU product down_proj reads: x / s = a * (h (W_up diag(1/s))), so 1/s
     goes exactly into the up projection's output columns, where the explicit Mul would cost a
     kernel launch per layer and step. Only where x feeds nothing but `group` and W_up's output
-    feeds nothing but the product. (o_proj's input, the attention output, has no such weight that
-    is exact under grouped-query attention: one value head serves several query heads, whose
-    channels get different s. It keeps its Mul.)"""
+    feeds nothing but the product."""
     product = x.producer()
     if product is None or (product.op_type, product.domain) != ("Mul", "") or {n for n, _ in x.uses()} != {lin.node for lin in group}:
         return False
@@ -209,6 +213,75 @@ def _fold_into_gated_linear(graph: ir.Graph, x: ir.Value, group: list[Linear], s
     return False
 
 
+def attention_producing(x: ir.Value) -> ir.Node | None:
+    """The self-attention op whose output `x` is, or None."""
+    node = x.producer()
+    if node is None or (node.domain, node.op_type) != (DOMAIN, OP_TYPE) or x is not node.outputs[0]:
+        return None
+    return node
+
+
+def value_heads(attention: ir.Node) -> ValueHeads:
+    attrs = AttentionAttrs.from_onnx_attributes({k: a.value for k, a in attention.attributes.items()})
+    return ValueHeads(attrs.head_dim, attrs.group_size)
+
+
+def _value_columns(v: ir.Value, width: int) -> tuple[ir.Node, slice] | None:
+    """(the MatMul computing `v`, v's columns of its weight): v_proj's own MatMul, or the last output of
+    the Split of fuse-qkv's packed MatMul (q, k, v in that order, so v is its last `width` columns).
+    None for any other producer (a bias Add, a TP rank's gather...)."""
+    node = v.producer()
+    if node is not None and (node.op_type, node.domain) == ("Split", "") and v is node.outputs[-1] and node.inputs[0] is not None:
+        matmul, packed = node.inputs[0].producer(), node.inputs[0]
+        if matmul is None or len(packed.uses()) != 1:
+            return None
+    else:
+        matmul, packed = node, v
+    if matmul is None or (matmul.op_type, matmul.domain) != ("MatMul", "") or matmul.outputs[0] is not packed:
+        return None
+    weight = constant_input(matmul.inputs[1])
+    if weight is None or weight.shape.rank() != 2 or len(v.uses()) != 1 or len(matmul.inputs[1].uses()) != 1:  # type: ignore[union-attr]
+        return None
+    columns = weight.shape.numpy()[1]
+    return (matmul, slice(columns - width, columns)) if columns >= width else None
+
+
+def _fold_into_value_projection(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray,
+                                stats: CalibrationStats) -> bool:
+    """x = attention(q, k, v), o_proj's input: channel d of query head h is a softmax-weighted sum of
+    channel d of value head h // group, so x / s = attention(q, k, v / s_v) when s is the same on
+    every query head of a group (s_v its value per value channel), and 1/s_v goes exactly into v's
+    columns of the (packed QKV) weight. Not with an fp8 KV cache: its V scale was measured on v as
+    it was. Stats: the QKV weight's are re-measured (its per-output-channel scales move with the
+    columns, so int8's and int4's rounding of it is unchanged)."""
+    attention = attention_producing(x)
+    if attention is None or {n for n, _ in x.uses()} != {lin.node for lin in group}:
+        return False
+    attrs = AttentionAttrs.from_onnx_attributes({k: a.value for k, a in attention.attributes.items()})
+    s_v = value_heads(attention).per_value_channel(s)
+    v = attention.inputs[2]
+    if attrs.kv_cache_quant != "none" or s_v is None or v is None or len(s_v) != attrs.num_kv_heads * attrs.head_dim:
+        return False
+    found = _value_columns(v, len(s_v))
+    if found is None:
+        return False
+    matmul, columns = found
+    weight = matmul.inputs[1]
+    source = constant_input(weight)
+    assert weight is not None and source is not None
+
+    def scaled(w: np.ndarray) -> np.ndarray:
+        out = w.copy()
+        out[:, columns] = w[:, columns] / s_v[None, :].astype(w.dtype)
+        return out
+
+    matmul.replace_input_with(1, register(graph, lazy_weight(f"{weight.name}.smoothed", [source], scaled, source.dtype,
+                                                             list(source.shape.numpy()))))
+    drop_if_unused(graph, weight)
+    stats.output_scaled(linear_name(matmul))
+    return True
+
+
 def linear_name_of(value: ir.Value | None) -> str:
     """The linear that produces `value`, or "" (not a MatMul on a weight)."""
     node = value.producer() if value is not None else None
@@ -217,11 +290,13 @@ def linear_name_of(value: ir.Value | None) -> str:
 
 def apply_smoothing(graph: ir.Graph, x: ir.Value, group: list[Linear], s: np.ndarray, stats: CalibrationStats) -> None:
     """x W = (x / s)(diag(s) W) for every linear of `group` (they all read `x`): 1/s folded into the
-    producing RMSNorm's weight when it feeds only this group, or into the up projection's output
-    columns when x is the SwiGLU product, else an explicit Mul(x, 1/s); the weight rows multiplied by
+    producing RMSNorm's weight when it feeds only this group, into the up projection's output
+    columns when x is the SwiGLU product, into the value projection's columns when x is the
+    attention output and s is tied over query heads, else an explicit Mul(x, 1/s); the weight rows multiplied by
     s (lazily); `stats` updated to describe the smoothed model. Shared by SmoothQuant and AWQ
     (graphs/passes/quantize_int4.py), which differ only in how s is chosen."""
-    if not SmoothQuant._fold_into_norm(graph, x, group, s) and not _fold_into_gated_linear(graph, x, group, s, stats):
+    if not any(fold(graph, x, group, s, stats) for fold in (_fold_into_norm, _fold_into_gated_linear,
+                                                             _fold_into_value_projection)):
         inv = register(graph, const_value(f"{group[0].name}.smooth_inv", (1.0 / s).astype(np.float32)))
         mul = ir.node("Mul", [x, inv], name=f"{group[0].name}/smooth")
         mul.outputs[0].name = f"{group[0].name}.input_smoothed"

@@ -3,8 +3,9 @@
   awq-scale      AWQ (Lin et al., 2024): x W = (x / s)(diag(s) W) with the per-input-channel s that
                  the calibration's search chose (graphs/quantization/awq.py, stored in the statistics),
                  applied exactly as SmoothQuant's smoothing is (`quantize.apply_smoothing`: 1/s folded
-                 into the RMSNorm weight in front of q/k/v and gate/up, an explicit Mul before o_proj
-                 and down_proj). Exact in real arithmetic; it only changes what rounds to int4.
+                 into the RMSNorm weight in front of q/k/v and gate/up, into up_proj's output columns
+                 for down_proj, into the value columns of the QKV weight for o_proj, whose s the search
+                 tied over query heads). Exact in real arithmetic; it only changes what rounds to int4.
                  lm_head (where it is quantized) and MoE experts are not searched: RTN.
   quantize-int4  every linear's weight W [in, out] stored as int4 with one float32 scale per block of
                  `int4_block_size` input channels and output channel, read through

@@ -15,7 +15,9 @@ Channels that carry large activations get their weight columns scaled up before 
 lose less to it; alpha = 0 (s = 1) is round-to-nearest, so the search never does worse than RTN on
 its own data. The chosen s goes into the calibration statistics (`CalibrationStats.awq_scale`,
 saved in the engine's calibration.safetensors); `graphs/passes/quantize_int4.py` folds 1/s into the
-preceding RMSNorm (or an explicit Mul) and s into the weight before quantizing it.
+weight before (the RMSNorm's, up_proj's columns, or the value columns for o_proj, whose mean|x| is
+first averaged over the query heads sharing a value head: recipes.ValueHeads) and s into the
+weight after, before quantizing it.
 
 Calibration (`calibrate.py`) hands this class every linear's input as the layer runs (`capture`) and
 the layer's weights afterwards (`finish`); inputs are kept for one layer only.
@@ -28,7 +30,7 @@ import torch
 
 from llamaforge.graphs.quantization.calibrate import CalibrationText, require_tokens
 from llamaforge.graphs.quantization.int4 import INT4_MAX, INT4_MIN, block_for
-from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantizationError
+from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantizationError, ValueHeads
 from llamaforge.graphs.quantization.search import GroupedInputs
 
 AWQ_GRID = 20  # llm-awq's n_grid: alpha = i / 20 for i in 0..19
@@ -69,11 +71,13 @@ def search_scale(x: torch.Tensor, weight: torch.Tensor, block_size: int, x_mean:
     return best[2], best[1], best[0], rtn_error
 
 
-def awq_search(block_size: int, calib: CalibrationText, tokens: torch.Tensor) -> AWQSearch:
-    """The int4-awq search for a build, after checking the calibration batch is large enough for it."""
+def awq_search(block_size: int, calib: CalibrationText, tokens: torch.Tensor,
+               value_heads: ValueHeads | None = None) -> AWQSearch:
+    """The int4-awq search for a build, after checking the calibration batch is large enough for it.
+    `value_heads`: the model's, so o_proj's scale is tied over query heads (recipes.ValueHeads)."""
     require_tokens(calib, tokens, MIN_AWQ_TOKENS, "AWQ's scale search (int4-awq)",
                    "Give CALIB= more text, or use PRECISION=int4-rtn (no search).")
-    return AWQSearch(block_size)
+    return AWQSearch(block_size, value_heads=value_heads)
 
 
 class AWQSearch(GroupedInputs):
@@ -81,8 +85,9 @@ class AWQSearch(GroupedInputs):
     each group's scale. Unlike the W8A8 searches it fits and scores on the same rows: AWQ's scale
     comes from mean|x| over every token, and alpha = 0 (RTN) is always a candidate."""
 
-    def __init__(self, block_size: int, grid: int = AWQ_GRID, max_tokens: int = AWQ_MAX_TOKENS, seed: int = 0) -> None:
-        super().__init__(max_tokens=max_tokens, seed=seed)
+    def __init__(self, block_size: int, grid: int = AWQ_GRID, max_tokens: int = AWQ_MAX_TOKENS, seed: int = 0,
+                 value_heads: ValueHeads | None = None) -> None:
+        super().__init__(max_tokens=max_tokens, seed=seed, value_heads=value_heads)
         self.block_size = block_size
         self.grid = grid
         self.errors: dict[str, tuple[float, float]] = {}  # group's first linear -> (AWQ error, RTN error)
@@ -98,7 +103,7 @@ class AWQSearch(GroupedInputs):
             if block is None:
                 raise QuantizationError(f"{prefix}{group[0]}.weight: {weight.shape[1]} input channels, no INT4 block size "
                                         "divides them")
-            x_mean = x.abs().mean(dim=0)
+            x_mean = self.tied(prefix + group[0], x.abs().mean(dim=0), np.mean)
             rows = x if x.shape[0] <= self.max_tokens else x[torch.randperm(x.shape[0], generator=generator)[: self.max_tokens]]
             s, alpha, error, rtn_error = search_scale(rows, weight, block, x_mean, self.grid)
             for name in group:

@@ -12,8 +12,8 @@ stored quantized with a DequantizeLinear in front of the MatMul.
             weight scales; activations per token, scale = max |x_token| / 127 computed in the graph
             (`--int8-activation per-token`, the default on ORT) or one calibrated per-tensor scale
             (`static`, the only form TensorRT builds); smoothing factors
-            s = amax_x^alpha / amax_w^(1 - alpha) folded into the preceding RMSNorm weights (else an
-            explicit Mul), alpha searched per layer on the calibration data by the layer's output
+            s = amax_x^alpha / amax_w^(1 - alpha) folded into the weight before (the RMSNorm's,
+            up_proj's columns, the value columns for o_proj; else an explicit Mul), alpha searched per layer on the calibration data by the layer's output
             error (graphs/quantization/search.py) unless `--smoothquant-alpha` forces one
   int8-wo   INT8 weight-only: per-output-channel weight scales, activations untouched
   int4-awq  INT4 weight-only (W4A16): symmetric block-wise weight scales along the input channels
@@ -39,6 +39,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llamaforge.export.config import ModelConfig
 from llamaforge.graphs.quantization.int4 import DEFAULT_INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, INT4_PRECISIONS
 
 QUANT_PRECISIONS = ("fp8", "int8-sq", "int8-wo", *INT4_PRECISIONS)
@@ -396,6 +397,55 @@ def smoothing_factors(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: floa
         s = np.power(a, alpha) / np.power(w, 1.0 - alpha)
     s = np.where((a > 0) & (w > 0) & np.isfinite(s), s, 1.0)
     return np.clip(s, 1e-5, 1e5).astype(np.float32)
+
+
+# The linear that reads a self-attention output (not Llama 3.2 Vision's cross-attention, whose
+# values come from the image states).
+ATTENTION_OUTPUT_LINEAR = ".self_attn.o_proj"
+
+
+def reads_attention_output(linear: str) -> bool:
+    return linear.endswith(ATTENTION_OUTPUT_LINEAR)
+
+
+@dataclass(frozen=True)
+class ValueHeads:
+    """o_proj's input channels as attention makes them: channel d of query head h is a softmax-weighted
+    sum of channel d of value head h // group (grouped-query attention). A per-channel factor on that
+    input equals a factor on the value projection's output columns only when it is the same on the
+    `group` query heads that read one value head; then SmoothQuant's and AWQ's 1/s go exactly into
+    the V columns of the packed QKV weight instead of an explicit Mul before o_proj (a kernel launch
+    per layer and decode step: ~8% of an int8 decode step on the 125M bench model). So the searches
+    and the passes tie o_proj's statistics over each such group before computing s from them."""
+
+    head_dim: int
+    group: int  # query heads per value head
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ValueHeads:
+        return cls(config.head_dim, config.num_heads // config.num_kv_heads)
+
+    def tie(self, per_channel: np.ndarray, reduce: Any = np.max) -> np.ndarray:
+        """[heads * head_dim] -> the same shape, each channel replaced by `reduce` over its group."""
+        c = per_channel.reshape(-1, self.group, self.head_dim)
+        return np.broadcast_to(reduce(c, axis=1, keepdims=True), c.shape).reshape(per_channel.shape).copy()
+
+    def per_value_channel(self, s: np.ndarray) -> np.ndarray | None:
+        """[kv_heads * head_dim]: s's value per value-head channel, or None when s is not tied."""
+        if s.size % (self.group * self.head_dim):
+            return None
+        c = s.reshape(-1, self.group, self.head_dim)
+        return c[:, 0].reshape(-1).copy() if bool((c == c[:, :1]).all()) else None
+
+
+def smoothquant_factors(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float,
+                        heads: ValueHeads | None) -> np.ndarray:
+    """SmoothQuant's s for one input group, the statistics first tied over query heads where the
+    input is the attention output (`heads`: the attention's; None elsewhere). The one definition the
+    pass and a TP build's unsharded weight scales both use."""
+    if heads is not None:
+        act_amax, weight_amax = heads.tie(act_amax), heads.tie(weight_amax)
+    return smoothing_factors(act_amax, weight_amax, alpha)
 
 
 def per_token_scale(x: np.ndarray) -> np.ndarray:

@@ -44,8 +44,10 @@ from llamaforge.graphs.quantization.recipes import (
     CalibrationStats,
     QuantConfig,
     QuantizationError,
+    ValueHeads,
     fp8_weight_scale,
     is_router,
+    reads_attention_output,
     smoothing_factors,
 )
 
@@ -90,11 +92,14 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 class GroupedInputs:
     """One layer's linear inputs, stored once per group of linears reading the same tensor (found
-    on the first chunk by equality, so no name pattern is assumed)."""
+    on the first chunk by equality, so no name pattern is assumed). `value_heads`: the model's
+    attention heads, so o_proj's per-channel statistics are tied over the query heads that share a
+    value head, as the passes tie them (recipes.ValueHeads); None leaves them as measured."""
 
-    def __init__(self, max_tokens: int = SEARCH_MAX_TOKENS, seed: int = 0) -> None:
+    def __init__(self, max_tokens: int = SEARCH_MAX_TOKENS, seed: int = 0, value_heads: ValueHeads | None = None) -> None:
         self.max_tokens = max_tokens
         self.seed = seed
+        self.value_heads = value_heads
         self.groups: list[list[str]] = []
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.report: dict[str, Any] = {}
@@ -132,6 +137,12 @@ class GroupedInputs:
     def forget(self) -> None:
         self.groups, self.inputs = [], {}
 
+    def tied(self, linear: str, per_channel: torch.Tensor, reduce: Any = np.max) -> torch.Tensor:
+        """`per_channel` statistics of `linear`'s input, tied over query heads if it reads the attention output."""
+        if self.value_heads is None or not reads_attention_output(linear):
+            return per_channel
+        return torch.from_numpy(self.value_heads.tie(per_channel.numpy(), reduce))
+
 
 class SmoothQuantSearch(GroupedInputs):
     """int8-sq: SmoothQuant's alpha per input group, by the group's int8 output error."""
@@ -144,8 +155,8 @@ class SmoothQuantSearch(GroupedInputs):
     def finish(self, prefix: str, weights: dict[str, torch.Tensor], stats: CalibrationStats) -> None:
         for group, _, fit, rows in self.group_inputs():
             w = [weights[f"{name}.weight"].float() for name in group]  # [out, in] each
-            a = fit.abs().amax(dim=0)
-            w_in = torch.stack([m.abs().amax(dim=0) for m in w]).amax(dim=0)
+            a = self.tied(prefix + group[0], fit.abs().amax(dim=0))
+            w_in = self.tied(prefix + group[0], torch.stack([m.abs().amax(dim=0) for m in w]).amax(dim=0))
             want = [rows @ m.T for m in w]
             errors = []
             for alpha in self.grid:
@@ -213,17 +224,19 @@ class FP8ScaleSearch(GroupedInputs):
         self.forget()
 
 
-def layer_search(quant: QuantConfig, calib: CalibrationText, tokens: torch.Tensor) -> LayerSearch | None:
+def layer_search(quant: QuantConfig, calib: CalibrationText, tokens: torch.Tensor,
+                 value_heads: ValueHeads | None = None) -> LayerSearch | None:
     """The search calibration runs for `quant` (None: amax statistics are all it needs), after
-    checking that the calibration batch is large enough for it."""
+    checking that the calibration batch is large enough for it. `value_heads`: the model's, so the
+    SmoothQuant search ties o_proj's statistics as the pass does (GroupedInputs)."""
     if quant.precision == "int8-sq" and quant.smoothquant_alpha is None:
         require_tokens(calib, tokens, MIN_SEARCH_TOKENS, "the SmoothQuant alpha search (int8-sq)",
                        "Give CALIB= more text, or force one alpha with --smoothquant-alpha.")
-        return SmoothQuantSearch(quant.int8_activation)
+        return SmoothQuantSearch(quant.int8_activation, value_heads=value_heads)
     if quant.smooths_int8_wo and quant.smoothquant_alpha is None:  # the kernel rounds activations per token
         require_tokens(calib, tokens, MIN_SEARCH_TOKENS, "the SmoothQuant alpha search (int8-wo, --ort-kernels fast)",
                        "Give CALIB= more text, force one alpha with --smoothquant-alpha, or use --ort-kernels exact.")
-        return SmoothQuantSearch("per-token")
+        return SmoothQuantSearch("per-token", value_heads=value_heads)
     if quant.precision == "fp8" and quant.fp8_activation_scale != "amax":
         require_tokens(calib, tokens, MIN_SEARCH_TOKENS, f"the fp8 {quant.fp8_activation_scale} activation scale search",
                        "Give CALIB= more text, or use --fp8-activation-scale amax.")

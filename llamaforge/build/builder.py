@@ -58,6 +58,7 @@ from llamaforge.graphs.quantization.recipes import (
     QuantConfig,
     QuantContext,
     QuantizationError,
+    ValueHeads,
     ort_session_config,
 )
 from llamaforge.graphs.quantization.search import backend_int8_activation, layer_search
@@ -245,12 +246,14 @@ def _calibration_text(opts: BuildOptions) -> CalibrationText:
         raise BuildError(str(e)) from None
 
 
-def layer_search_for(quant: QuantConfig | None, text: CalibrationText, tokens: Any) -> Any:
+def layer_search_for(quant: QuantConfig | None, text: CalibrationText, tokens: Any, config: ModelConfig) -> Any:
     """The per-layer search calibration runs for `quant`: AWQ's scales (int4-awq), SmoothQuant's alpha
-    or fp8's clip (graphs/quantization/search.py), or None."""
+    or fp8's clip (graphs/quantization/search.py), or None. Told `config`'s heads, so o_proj's factors
+    come out tied as the passes fold them (recipes.ValueHeads)."""
+    heads = ValueHeads.of(config)
     if quant is not None and quant.precision == "int4-awq":
-        return awq_search(quant.int4_block_size, text, tokens)
-    return layer_search(quant, text, tokens) if quant is not None else None
+        return awq_search(quant.int4_block_size, text, tokens, heads)
+    return layer_search(quant, text, tokens, heads) if quant is not None else None
 
 
 def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path, quant: QuantConfig | None = None) -> CalibrationStats:
@@ -263,7 +266,7 @@ def _calibrate(ckpt: Checkpoint, text: CalibrationText, tmp: Path, quant: QuantC
         raise BuildError(str(e)) from None
     print(f"calibration data: {text.source}")
     try:
-        stats = calibrate(ckpt, tokens, search=layer_search_for(quant, text, tokens))
+        stats = calibrate(ckpt, tokens, search=layer_search_for(quant, text, tokens, ckpt.config))
     except CalibrationError as e:
         raise BuildError(str(e)) from None
     stats.source = text.source

@@ -114,7 +114,7 @@ def _calibrate(ckpt: MllamaCheckpoint, text: CalibrationText, quant: QuantConfig
         tokens = calibration_batch(tokenizer, text, seq_len=min(256, ckpt.config.max_position_embeddings))
         print(f"calibration data: {text.source}; image states of generated images (graphs/quantization/mllama_images.py)")
         images = calibration_image_states(ckpt, ckpt.vision, ckpt.config.hidden_size, tokens)
-        stats = calibrate(ckpt, tokens, search=layer_search_for(quant, text, tokens), images=images)
+        stats = calibrate(ckpt, tokens, search=layer_search_for(quant, text, tokens, ckpt.config), images=images)
     except CalibrationError as e:
         raise BuildError(str(e)) from None
     stats.source = text.source

@@ -46,7 +46,13 @@ from llamaforge.export.tensor_parallel import EXPERT_WEIGHTS, RankShard, Shardin
 from llamaforge.export.tokenizer_files import copy_tokenizer
 from llamaforge.graphs.quantization.calibrate import CalibrationText
 from llamaforge.graphs.quantization.int4 import INT4_PRECISIONS, block_for
-from llamaforge.graphs.quantization.recipes import CalibrationStats, QuantConfig, smoothing_factors
+from llamaforge.graphs.quantization.recipes import (
+    CalibrationStats,
+    QuantConfig,
+    ValueHeads,
+    reads_attention_output,
+    smoothquant_factors,
+)
 from llamaforge.plugins.all_reduce import trt_plugin as trt_all_reduce
 from llamaforge.runtime.core.manifest import EngineManifest, TensorParallelInfo
 
@@ -106,7 +112,8 @@ def row_parallel_smoothed_amax(stats: CalibrationStats, ckpt: Checkpoint, config
     out = {}
     for linear in tqdm(linears, desc="row-parallel scales", unit="weight", disable=os.environ.get("LLAMAFORGE_QUIET") == "1"):
         alpha = quant.smoothquant_alpha if quant.smoothquant_alpha is not None else stats.searched_alpha(linear)
-        s = smoothing_factors(stats.activation_amax(linear), stats.weight_amax_per_input(linear), alpha)
+        s = smoothquant_factors(stats.activation_amax(linear), stats.weight_amax_per_input(linear), alpha,
+                                ValueHeads.of(config) if reads_attention_output(linear) else None)
         weight = ckpt.load(linear + ".weight").float().numpy()  # [out, in], as the fp32 graph holds it
         out[linear] = (np.abs(weight) * s[None, :]).max(axis=1)
     return out

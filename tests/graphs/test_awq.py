@@ -10,7 +10,7 @@ import torch
 from llamaforge.graphs.quantization.awq import MIN_AWQ_TOKENS, AWQSearch, awq_search, fake_int4, search_scale
 from llamaforge.graphs.quantization.calibrate import CalibrationError, CalibrationText
 from llamaforge.graphs.quantization.int4 import int4_scales, quantize_int4
-from llamaforge.graphs.quantization.recipes import CalibrationStats
+from llamaforge.graphs.quantization.recipes import CalibrationStats, ValueHeads
 
 
 def outlier_activations(tokens: int = 1024, width: int = 128, seed: int = 0) -> torch.Tensor:
@@ -72,3 +72,39 @@ def test_too_little_calibration_text_is_refused_naming_it() -> None:
                                                rf"\(int4-awq\) needs at least {MIN_AWQ_TOKENS}.*int4-rtn"):
         awq_search(128, calib, tokens)
     assert isinstance(awq_search(128, calib, torch.zeros(4, 256, dtype=torch.int64)), AWQSearch)
+
+
+def test_o_proj_scales_are_tied_over_the_query_heads_of_a_value_head() -> None:
+    """With the model's heads known, o_proj's scale is one value per value-head channel (so the pass
+    folds 1/s into the value columns); other groups, and o_proj without heads, keep per-channel s."""
+    heads = ValueHeads(head_dim=8, group=2)  # 4 query heads, 2 value heads: o_proj reads 32 channels
+    g = torch.Generator().manual_seed(6)
+    weights = {"self_attn.q_proj.weight": torch.randn(32, 64, generator=g),
+               "self_attn.o_proj.weight": torch.randn(64, 32, generator=g)}
+    scales = {}
+    for value_heads in (heads, None):
+        search, stats = AWQSearch(32, value_heads=value_heads), CalibrationStats()
+        x, h = outlier_activations(256, 64), outlier_activations(256, 32, seed=1)
+        h[:, 9] *= 20  # one channel of query head 1 only: its group partner (head 0, channel 1) is quiet
+        search.capture("self_attn.q_proj", x)
+        search.capture("self_attn.o_proj", h)
+        search.finish("model.layers.0.", weights, stats)
+        scales[value_heads] = stats.awq_scale["model.layers.0.self_attn.o_proj"]
+    tied, untied = scales[heads], scales[None]
+    assert heads.per_value_channel(untied) is None  # the loud channel and its partner differ...
+    per_value = heads.per_value_channel(tied)  # ...until tied: one factor per value channel
+    assert per_value is not None and per_value.shape == (16,)
+    np.testing.assert_array_equal(tied.reshape(2, 2, 8)[:, 0], tied.reshape(2, 2, 8)[:, 1])
+    assert tied[1] == tied[9] and tied[9] > np.median(tied)  # the partner shares the loud channel's factor
+
+
+def test_value_heads_tie_groups_query_heads_as_repeat_kv_does() -> None:
+    """Query head h reads value head h // group (transformers' repeat_kv): channels (h, d) with the
+    same h // group and d are tied; per_value_channel reads them back, or None if not tied."""
+    heads = ValueHeads(head_dim=2, group=3)
+    x = np.arange(12, dtype=np.float32)  # 6 query heads x 2 channels, 2 value heads
+    np.testing.assert_array_equal(heads.tie(x), [4, 5, 4, 5, 4, 5, 10, 11, 10, 11, 10, 11])
+    np.testing.assert_array_equal(heads.tie(x, np.mean), [2, 3, 2, 3, 2, 3, 8, 9, 8, 9, 8, 9])
+    np.testing.assert_array_equal(heads.per_value_channel(heads.tie(x)), [4, 5, 10, 11])
+    assert heads.per_value_channel(x) is None
+    assert heads.per_value_channel(np.ones(10, np.float32)) is None  # not a whole number of groups

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from quant_oracle import first_ambiguous_token, rounding_margin, smoothquant_factors
 from tiny_models import TinyBuilds, load_hf_oracle, tiny_config
 
 from llamaforge.build.builder import BuildError, BuildOptions, build_engine
@@ -63,20 +65,29 @@ def fake_int8(w: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(w / torch.where(amax > 0, amax / 127, torch.ones_like(amax))), -127, 127) * (amax / 127)
 
 
-def int8_activation_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+MIN_CHECKED = 4  # prompt tokens compared at least (every logit of each)
+
+
+def int8_activation_blocks(x: torch.Tensor, block: int, margins: list[torch.Tensor] | None = None) -> torch.Tensor:
     """MatMulNBits accuracy level 4's input rounding: int8, one scale amax / 127 per token and block
-    of `block` input channels (the last block zero-padded)."""
+    of `block` input channels (the last block zero-padded). `margins` gets, per token [batch, seq],
+    the smallest distance of a code from a rounding boundary (half-way between two codes)."""
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x, (0, -(-k // block) * block - k))
     blocks = padded.reshape(*x.shape[:-1], -1, block)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(blocks / scale) * scale).reshape(padded.shape)[..., :k]
+    codes = blocks / scale
+    if margins is not None:
+        margins.append(rounding_margin(codes.flatten(-2)))
+    return (torch.round(codes) * scale).reshape(padded.shape)[..., :k]
 
 
-def group_scale(stats: CalibrationStats | None, keys: list[str], group: list[torch.nn.Linear]) -> torch.Tensor:
+def group_scale(stats: CalibrationStats | None, keys: list[str], group: list[torch.nn.Linear],
+                tie_heads: Any = None) -> torch.Tensor:
     """The per-input-channel s of a group of linears reading one input: AWQ's (int4-awq), SmoothQuant's
-    from the searched alpha (int8-wo on the fast kernels), or none."""
+    from the searched alpha (int8-wo on the fast kernels; `tie_heads`: o_proj's, tied over query heads),
+    or none."""
     ones = torch.ones(group[0].in_features)
     if stats is None:
         return ones
@@ -85,16 +96,16 @@ def group_scale(stats: CalibrationStats | None, keys: list[str], group: list[tor
     if keys[0] in stats.smoothquant_alpha:  # x W^T = (x / s) (W diag(s))^T, s over the group's weights
         alpha = stats.smoothquant_alpha[keys[0]]
         assert all(stats.smoothquant_alpha[k] == alpha for k in keys)  # one input, one alpha
-        a = torch.from_numpy(stats.act_amax[keys[0]]).double()
-        w_in = torch.stack([m.weight.abs().amax(0) for m in group]).amax(0).double()
-        return (a ** alpha / w_in ** (1 - alpha)).float().clamp(1e-5, 1e5)
+        w_in = torch.stack([m.weight.abs().amax(0) for m in group]).amax(0)
+        return smoothquant_factors(torch.from_numpy(stats.act_amax[keys[0]]), w_in, alpha, tie_heads)
     return ones
 
 
 def oracle_logits(ckpt: Path, stats: CalibrationStats | None, weights: str | None, level4: int = 0,
-                  head: bool = False) -> np.ndarray:
+                  head: bool = False, margins: list[torch.Tensor] | None = None) -> np.ndarray:
     """`weights` None | "int4" | "int8"; `level4`: the MatMulNBits block whose int8 activation rounding
-    to emulate (0: none); `head`: lm_head quantized too (round to nearest, no smoothing)."""
+    to emulate (0: none), each rounding's margins appended to `margins`; `head`: lm_head quantized
+    too (round to nearest, no smoothing)."""
     model = load_hf_oracle(ckpt)
     hooks = []
     if head and weights is not None:
@@ -102,13 +113,13 @@ def oracle_logits(ckpt: Path, stats: CalibrationStats | None, weights: str | Non
             w = model.lm_head.weight
             w.copy_(fake_int4(w, BLOCK) if weights == "int4" else fake_int8(w))
         hooks.append(model.lm_head.register_forward_pre_hook(
-            lambda m, args: (int8_activation_blocks(args[0], level4) if level4 else args[0],)))
+            lambda m, args: (int8_activation_blocks(args[0], level4, margins) if level4 else args[0],)))
     for i, layer in enumerate(model.model.layers):
         names = {m: n for n, m in layer.named_modules()}
         for group in ([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
                       [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]):
             keys = [f"model.layers.{i}.{names[m]}" for m in group]
-            s = group_scale(stats, keys, group)
+            s = group_scale(stats, keys, group, model.config if group == [layer.self_attn.o_proj] else None)
             for module in group:
                 if weights is None:
                     continue
@@ -117,7 +128,7 @@ def oracle_logits(ckpt: Path, stats: CalibrationStats | None, weights: str | Non
 
                 def pre(m, args, s=s):  # type: ignore[no-untyped-def]
                     x = args[0] / s
-                    return (int8_activation_blocks(x, level4) if level4 else x,)
+                    return (int8_activation_blocks(x, level4, margins) if level4 else x,)
                 hooks.append(module.register_forward_pre_hook(pre))
     with torch.no_grad():
         out = model(torch.from_numpy(PROMPT)).logits[0].numpy()
@@ -161,11 +172,19 @@ def test_fast_engine_matches_the_oracle_with_level4_activation_rounding(engine, 
     # graph becomes the kernel's finer per-token-and-block rounding (graphs/passes/lower_quant_ort.py).
     weights, block = ("int8", INT8_BLOCK_SIZE) if precision.startswith("int8") else ("int4", BLOCK)
     exact = oracle_logits(ckpt, stats, weights, head=True)  # the weights rounded, the activations not
-    want = oracle_logits(ckpt, stats, weights, level4=block, head=True)
-    kernel_error, engine_error = np.abs(want - exact).max(), np.abs(logits(fast) - want).max()
+    margins: list[torch.Tensor] = []
+    want = oracle_logits(ckpt, stats, weights, level4=block, head=True, margins=margins)
+    # From the first token where some activation sits on a rounding boundary (within float noise),
+    # engine and oracle may round it differently (one code, seen on int4-awq's gate/up input at
+    # 2e-5 of a step from half-way), and attention carries that to every later token: compare the
+    # tokens before it, at least MIN_CHECKED of them.
+    checked = first_ambiguous_token(margins, PROMPT.shape[1])
+    assert checked >= MIN_CHECKED, f"rounding is ambiguous from token {checked}: choose another prompt"
+    kernel_error = np.abs(want - exact)[:checked].max()
+    engine_error = np.abs(logits(fast) - want)[:checked].max()
     assert kernel_error > 1e-3, "the activation rounding changed nothing: the test would prove nothing"
-    # Up to summation order; a rounding tie flipping one activation code is the most they can differ by.
-    assert engine_error < 0.05 * kernel_error, (engine_error, kernel_error)
+    # The same arithmetic up to summation order.
+    assert engine_error < 0.05 * kernel_error, (engine_error, kernel_error, checked)
 
 
 def test_int8_sq_integer_kernels_equal_the_qdq_engine(engine) -> None:  # type: ignore[no-untyped-def]

@@ -161,17 +161,37 @@ def test_smoothquant_folding_preserves_fp32_function(engines: dict[str, Path], c
     run_pipeline(model, passes, quant=QuantContext(QuantConfig("int8-sq"), stats), log=lambda _: None)
     folded = [n for n in model.graph.initializers if n.endswith("norm.weight.smoothed")]
     assert len(folded) == 2 * 2, folded  # input_layernorm (q/k/v) and post_attention_layernorm (gate/up) per layer
-    # o_proj's input keeps an explicit Mul (grouped-query attention: no weight takes its 1/s exactly);
-    # down_proj's goes into up_proj's output columns
-    assert [n.name for n in model.graph if n.op_type == "Mul" and n.name.endswith("/smooth")] == \
-        [f"model.layers.{i}.self_attn.o_proj/smooth" for i in range(2)]
+    # no explicit Mul: down_proj's 1/s goes into up_proj's output columns, o_proj's (tied over the two
+    # query heads of each value head, tiny_config's GQA) into the value columns of the packed QKV weight
+    assert not [n.name for n in model.graph if n.op_type == "Mul" and n.name.endswith("/smooth")]
     assert sum(n.endswith("up_proj.weight.T.smoothed.smoothed") for n in model.graph.initializers) == 2
+    assert sum(n.endswith("qkv_proj.weight.T.smoothed.smoothed") for n in model.graph.initializers) == 2
+    s = 1 / (stats.act_amax["model.layers.0.self_attn.o_proj"]
+             / CalibrationStats.load(engines["int8-sq"] / "calibration.safetensors").act_amax["model.layers.0.self_attn.o_proj"])
+    assert np.ptp(s) > 0.5  # a real rescaling the fold must get right, per value channel
     engine = tmp_path / "smoothed"
     import shutil
 
     shutil.copytree(engines["fp32"], engine)
     save_streaming(model, engine / "model.onnx")
     np.testing.assert_allclose(prefill_logits(engine), prefill_logits(engines["fp32"]), atol=2e-5, rtol=1e-5)
+
+
+def test_with_an_fp8_kv_cache_o_proj_keeps_its_smoothing_mul(engines: dict[str, Path], ckpt: Path) -> None:
+    """The fp8 cache's V scale was measured on V as the checkpoint computes it, so o_proj's 1/s cannot
+    move into the value columns: it stays an explicit Mul (q/k/v, gate/up and down_proj still fold)."""
+    from llamaforge.export.exporter import bind_weights, trace
+    from llamaforge.graphs.pipeline import run_pipeline
+
+    checkpoint = open_checkpoint(ckpt)
+    model = trace(checkpoint.config, "fp32")
+    bind_weights(model, checkpoint, torch.float32)
+    stats = CalibrationStats.load(engines["int8-sq"] / "calibration.safetensors")
+    passes = ["fold-weight-transposes", "clean", "fuse-qkv", "fuse-rmsnorm", "quantize-kv-fp8", "smooth-int8"]
+    run_pipeline(model, passes, quant=QuantContext(QuantConfig("int8-sq", kv_cache="fp8"), stats), log=lambda _: None)
+    assert [n.name for n in model.graph if n.op_type == "Mul" and n.name.endswith("/smooth")] == \
+        [f"model.layers.{i}.self_attn.o_proj/smooth" for i in range(2)]
+    assert not any(n.endswith("qkv_proj.weight.T.smoothed.smoothed") for n in model.graph.initializers)
 
 
 def test_fp8_kv_cache_matches_reference_with_same_scales() -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from quant_oracle import oracle_logits
+import torch
+from quant_oracle import first_ambiguous_token, oracle_logits
 from tiny_models import TinyBuilds, tiny_config
 from tp_runs import prompts, run_ranks
 
@@ -30,13 +31,15 @@ from llamaforge.graphs.quantization.recipes import CalibrationStats
 pytestmark = pytest.mark.slow  # two tiny engine builds and two MPI runs
 
 
-# Hidden 64 only. At hidden 256 (intermediate 512, head_dim 64, seed 11) the 7-token prompt meets the
-# bound (3.8e-6 against a quantization error of 0.36). On the 23-token prompt, positions 0-10 do too
-# (<= 4.3e-6), but from position 11 on the error is 0.04-0.12 (position 17: 4e-6). That is one
-# activation code at token 11 rounding the other way: a value on a rounding boundary, reached through
-# another float summation order (the all-reduce). Its effect then spreads to later tokens through
-# attention. A bound that admits such a flip needs the flip's own size, which is not derived here
-# (docs/tensor_parallel.md).
+# Hidden 64 only (at hidden 256, intermediate 512, head_dim 64, seed 11, the prompts meet the bound
+# too). The engines sum in other float orders than the oracle (ORT's kernels; at TP=2 the all-reduce),
+# so an activation sitting on a rounding boundary may get the other code in the engine: once seen
+# at token 11 of the 23-token prompt (errors 0.04-0.12 from there on, 4e-6 before), once at token
+# 15. Attention carries such a flip to every later token, so each prompt is compared on the tokens
+# before the first rounding the oracle found within quant_oracle.AMBIGUOUS_CODE of a boundary.
+MIN_CHECKED = 4
+
+
 @pytest.mark.parametrize("hidden", [64])
 def test_int8_sq_tp2_equals_the_oracle_that_rounds_per_rank(hidden: int, tiny_builds: TinyBuilds, tmp_path: Path) -> None:
     config = tiny_config()
@@ -52,11 +55,14 @@ def test_int8_sq_tp2_equals_the_oracle_that_rounds_per_rank(hidden: int, tiny_bu
     for b, p in enumerate(batch):
         prompt = np.array([p], dtype=np.int64)
         fp32 = oracle_logits(ckpt, stats, None, prompt)
-        want = {tp: oracle_logits(ckpt, stats, "int8-sq", prompt, tp=tp) for tp in (1, 2)}
+        margins: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+        want = {tp: oracle_logits(ckpt, stats, "int8-sq", prompt, tp=tp, margins=margins[tp]) for tp in (1, 2)}
+        checked = {tp: first_ambiguous_token(margins[tp], len(p)) for tp in (1, 2)}
+        assert min(checked.values()) >= MIN_CHECKED, (b, checked)
         got = {1: one_logits[b, :len(p)], 2: tp_logits[b, :len(p)]}
-        quant_error = {tp: np.abs(want[tp] - fp32).max() for tp in (1, 2)}
-        engine_error = {tp: np.abs(got[tp] - want[tp]).max() for tp in (1, 2)}
-        print(f"hidden {hidden} prompt {b}: |TP2 - TP1| engines {np.abs(got[2] - got[1]).max():.3e}, oracles "
+        quant_error = {tp: np.abs(want[tp] - fp32)[:checked[tp]].max() for tp in (1, 2)}
+        engine_error = {tp: np.abs(got[tp] - want[tp])[:checked[tp]].max() for tp in (1, 2)}
+        print(f"hidden {hidden} prompt {b}: tokens compared {checked}; |TP2 - TP1| engines {np.abs(got[2] - got[1]).max():.3e}, oracles "
               f"{np.abs(want[2] - want[1]).max():.3e}; quantization error TP1 {quant_error[1]:.3e} TP2 {quant_error[2]:.3e}; "
               f"engine vs its oracle TP1 {engine_error[1]:.3e} TP2 {engine_error[2]:.3e}")
         assert quant_error[2] > 1e-3, "the quantization changed nothing: the test would prove nothing"
