@@ -299,8 +299,12 @@ def test_gpu_grid(batch: int, context: int, group: int, head_dim: int) -> None:
         want = reference.llama_attention(*feeds.values(), attrs)
     for fused in (False, True):
         got = tk.prefill_attention(*feeds.values(), attrs, fused=fused)
+        # No atomics and no reads of what a launch writes: a second launch gives the same bits. (On
+        # an H200 with Triton 3.6 the fused launch did not, in rows continuing a past: docs/benchmarks.md.)
+        again = tk.prefill_attention(*feeds.values(), attrs, fused=fused)
+        assert torch.equal(got[0], again[0]), f"fused={fused}: two launches on the same inputs differ"
         assert_op_close(tuple(t.cpu() for t in got), tuple(t.cpu() for t in want), past, seq, atol=2e-2, rtol=2e-2)
-    del want, got
+    del want, got, again
     # Decode at the end of the context: contiguous, paged, and FP8.
     lens = [context - 13 * b for b in range(max(batch, 2))]
     dfeeds = to("cuda", random_inputs(attrs, len(lens), 1, context, [n - 1 for n in lens], seed=7, dtype=dtype))
@@ -313,10 +317,13 @@ def test_gpu_grid(batch: int, context: int, group: int, head_dim: int) -> None:
     pool_v, _ = paginate(pv.cpu(), lens, 16)
     got = tk.decode_attention(dfeeds["query"], pool_k.cuda(), pool_v.cuda(), seq_lens, attrs, block_tables=tables.cuda())
     torch.testing.assert_close(got.float().cpu(), dwant.float().cpu(), atol=2e-2, rtol=2e-2)
-    scale = float(pk.abs().max()) / 448.0
-    k8, v8 = (pk.float() / scale).to(torch.float8_e4m3fn), (pv.float() / scale).to(torch.float8_e4m3fn)
-    want8 = fp8_reference(dfeeds["query"].cpu(), k8.cpu(), v8.cpu(), scale, scale, lens, attrs)
-    got = tk.decode_attention(dfeeds["query"], k8.cuda(), v8.cuda(), seq_lens, attrs, k_scale=scale, v_scale=scale)
+    # Per-tensor amax scales, one for K and one for V (V's amax can exceed K's: one shared scale would
+    # overflow e4m3 to NaN), saturated as QuantizeLinear(saturate=1) does.
+    k_scale, v_scale = float(pk.abs().max()) / 448.0, float(pv.abs().max()) / 448.0
+    k8 = (pk.float() / k_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    v8 = (pv.float() / v_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    want8 = fp8_reference(dfeeds["query"].cpu(), k8.cpu(), v8.cpu(), k_scale, v_scale, lens, attrs)
+    got = tk.decode_attention(dfeeds["query"], k8.cuda(), v8.cuda(), seq_lens, attrs, k_scale=k_scale, v_scale=v_scale)
     torch.testing.assert_close(got.float().cpu(), want8.float(), atol=2e-2, rtol=2e-2)
 
 
