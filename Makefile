@@ -46,7 +46,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided bench-tp lint clean help
+.PHONY: venv engine export demo-model demo-copy-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided bench-tp lint clean help
 
 ## make help: this list
 help:
@@ -116,6 +116,10 @@ repo: $(VENV)/.installed
 ## make demo-model: retrain the default model (checkpoints/stdlib-5m) on this Python's stdlib sources (~15-20 min, 2 cores)
 demo-model: $(VENV)/.installed
 	$(BIN)/llamaforge train-demo --out checkpoints/stdlib-5m
+
+## make demo-copy-model: fine-tune stdlib-5m to copy what its prompt holds (checkpoints/stdlib-5m-copy, bench-spec's model; ~30 min, 2 cores)
+demo-copy-model: $(VENV)/.installed
+	$(PY) -m llamaforge.export.demo.copy_tune --base checkpoints/stdlib-5m --out checkpoints/stdlib-5m-copy
 
 ## make compare-trt [ENGINE=engines/MODEL] [ORT_ENGINE=ENGINE.ort]: polygraphy, TensorRT plan vs ONNX Runtime on the same inputs (GPU + TensorRT)
 ORT_ENGINE  ?= $(ENGINE).ort
@@ -200,7 +204,7 @@ bench-serve: $(VENV)/.installed $(VENV)/.bench-installed
 bench-prefix: $(VENV)/.installed
 	$(PY) bench/prefix.py
 
-## make bench-spec: speculative decoding (prompt lookup) on vs off on the trained stdlib-5m: an editing workload and a no-repeat one, 1 and 8 streams (tok/s, acceptance), and the verify call's cost
+## make bench-spec: speculative decoding (prompt lookup) on vs off on the trained stdlib-5m-copy: an editing workload and a no-repeat one, 1 and 8 streams (tok/s, acceptance), and the verify call's cost
 bench-spec: $(VENV)/.installed
 	$(PY) bench/spec.py
 

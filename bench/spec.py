@@ -1,10 +1,12 @@
 """make bench-spec: speculative decoding (prompt lookup) on against off, single stream and 8 streams.
 
-Model: `stdlib-5m` (checkpoints/stdlib-5m, the repo's trained 4.7M-parameter Llama-3-architecture
-model of Python's standard library; `make demo-model` retrains it), built once at fp32 under
---workdir. Speculation needs a model whose output really follows its input, so random weights
-cannot measure it. Requests go to an `EngineCore` in this process (the core of `llamaforge serve`),
-token ids in, timed where the streamed tokens arrive.
+Model: `stdlib-5m-copy` (checkpoints/stdlib-5m-copy: the repo's trained 4.7M-parameter
+Llama-3-architecture model of Python's standard library, fine-tuned to copy what its prompt holds;
+`make demo-copy-model` reproduces it, export/demo/copy_tune.py), built once at fp32 under
+--workdir; --checkpoint takes another (stdlib-5m itself never learned to copy). Speculation needs a
+model whose output really follows its input, so random weights cannot measure it. Requests go to an
+`EngineCore` in this process (the core of `llamaforge serve`), token ids in, timed where the
+streamed tokens arrive.
 
 Workloads (--new-tokens new tokens each, min_tokens = max_tokens so nothing stops early):
   * editing: the prompt holds --file-tokens tokens of a standard-library module from one of its
@@ -142,7 +144,7 @@ def verify_costs(engine_dir: Path, k: int, past: int = 200) -> list[tuple[int, f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / ".work" / "spec")
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "stdlib-5m")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "stdlib-5m-copy")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -162,7 +164,8 @@ def main() -> int:
     from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig, SpeculativeConfig
     from llamaforge.runtime.core.engine_core import EngineCore
 
-    engine = args.workdir / "stdlib-5m-fp32"
+    model = args.checkpoint.resolve().name
+    engine = args.workdir / f"{model}-fp32"
     ensure_engine(engine, f"{args.checkpoint.resolve()}|fp32", lambda: build_engine(
         BuildOptions(checkpoint=args.checkpoint, out=engine, precision="fp32", backend="ort")))
 
@@ -223,7 +226,7 @@ def main() -> int:
         for c in cores.values():
             c.stop()
 
-    table = Table(title=f"speculative decoding (prompt lookup, k={args.k}) on stdlib-5m fp32, {args.new_tokens} new "
+    table = Table(title=f"speculative decoding (prompt lookup, k={args.k}) on {model} fp32, {args.new_tokens} new "
                         f"tokens per request, {args.rounds} rounds; tok/s: medians")
     for col in ("workload", "streams", "off tok/s", "on tok/s", "on / off (median of pairs)", "acceptance", "accepted per verify",
                 "greedy tokens equal", "output = the file's"):
@@ -253,7 +256,7 @@ def main() -> int:
     costs = Table(title=f"verify call vs decode call, {1 + args.k} tokens per row after 200 of context (ms, best of 3x5)")
     for col in ("engine", "rows", "decode", "verify", "verify / decode"):
         costs.add_column(col, justify="left" if col == "engine" else "right")
-    engines = {"stdlib-5m fp32": engine}
+    engines = {f"{model} fp32": engine}
     if args.weight_bound:
         from serve import prepare  # bench/ is on sys.path: `python bench/spec.py`
 
