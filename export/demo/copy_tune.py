@@ -24,7 +24,6 @@ copy accuracy (teacher-forced, the file's next 64 tokens after its first 16 are 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,7 +37,14 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from llamaforge.export.demo.train import SEQ_LEN, evaluate, heldout_windows, split_files, token_stream
+from llamaforge.export.demo.train import (
+    SEQ_LEN,
+    evaluate,
+    heldout_windows,
+    save_checkpoint,
+    split_files,
+    token_stream,
+)
 
 NAME = "stdlib-5m-copy"
 
@@ -120,22 +126,17 @@ def copy_tune(opts: CopyTuneOptions) -> Path:
     print(f"held-out perplexity {ppl:.3f}; {elapsed / 60:.1f} min", file=sys.stderr)
 
     out = Path(opts.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(opts.base / name, tmp / name)
     record = {"name": NAME, "base": str(opts.base), "heldout_perplexity": round(ppl, 4),
               "command": f"make demo-copy-model  (= python -m llamaforge.export.demo.copy_tune --out {out})",
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
               "train_minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "numpy": np.__version__}
-    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"saved {out}", file=sys.stderr)
-    return out
+
+    def tokenizer_files(folder: Path) -> None:  # the base model's, unchanged
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(opts.base / name, folder / name)
+
+    return save_checkpoint(model, out, tokenizer_files, record)
 
 
 def main() -> None:

@@ -26,8 +26,10 @@ import sys
 import sysconfig
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,13 +170,6 @@ def train(opts: TrainOptions) -> Path:
     print(f"held-out perplexity {ppl:.3f} over {n_eval}x{SEQ_LEN} tokens; {elapsed / 60:.1f} min", file=sys.stderr)
 
     out = Path(opts.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
-         "model_max_length": config.max_position_embeddings}, indent=2) + "\n")
     record = {
         "name": NAME, "parameters": config.num_parameters(),
         "heldout_perplexity": round(ppl, 4), "heldout_eval": f"first {n_eval} windows of {SEQ_LEN} tokens",
@@ -186,6 +181,24 @@ def train(opts: TrainOptions) -> Path:
                    "heldout_tokens": int(len(held)), "heldout_rule": f"crc32(relative path) % {HELDOUT_EVERY} == 0"},
         "train_minutes": round(elapsed / 60, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
+
+    def tokenizer_files(folder: Path) -> None:
+        tok.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
+             "model_max_length": config.max_position_embeddings}, indent=2) + "\n")
+
+    return save_checkpoint(model, out, tokenizer_files, record)
+
+
+def save_checkpoint(model: torch.nn.Module, out: Path, tokenizer_files: Callable[[Path], None],
+                    record: dict[str, Any]) -> Path:
+    """The trained model in HF layout, its tokenizer files and `training.json` (the record), written
+    to a sibling temporary folder and renamed onto `out`, so a run cut short leaves `out` as it was."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # type: ignore[operator]
+    tokenizer_files(tmp)
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
