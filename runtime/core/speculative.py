@@ -52,38 +52,55 @@ class Proposer(Protocol):
     def forget(self, seq_id: str) -> None: ...
 
 
+@dataclass
+class _NgramIndex:
+    tokens: list[int]  # the sequence's token list (the object: it only ever grows)
+    # Each min_n-gram of the tokens before the last one -> the positions where it ends, ascending.
+    ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    upto: int = 0  # the n-grams ending before this position are in `ends`
+
+
 class NgramProposer:
-    """Prompt lookup over the sequence's own tokens (prompt and generated)."""
+    """Prompt lookup over the sequence's own tokens (prompt and generated). Each sequence keeps an
+    index of where its min_n-grams end, extended by the tokens added since its last proposal, so a
+    step costs a few dictionary operations, not a scan of the whole sequence."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         if not 1 <= min_n <= max_n:
             raise SpeculativeError(f"prompt_lookup_min ({min_n}) and prompt_lookup_max ({max_n}) must satisfy "
                                    "1 <= min <= max")
         self.min_n, self.max_n = min_n, max_n
+        self.indexes: dict[str, _NgramIndex] = {}
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
         tokens = seq.tokens
         last = len(tokens) - 1
         if last < self.min_n:
             return []
-        # Every earlier place of the last token ends a candidate match; extend each backwards. The
-        # longest match wins, and the most recent among equals (the likeliest to continue alike).
-        ends = np.flatnonzero(np.asarray(tokens[:last], dtype=np.int64) == tokens[last])
+        index = self.indexes.get(seq.seq_id)
+        if index is None or index.tokens is not tokens or index.upto > last:  # a new sequence under a reused id
+            index = self.indexes[seq.seq_id] = _NgramIndex(tokens, upto=self.min_n - 1)
+        m = self.min_n
+        for end in range(index.upto, last):
+            index.ends.setdefault(tuple(tokens[end - m + 1 : end + 1]), []).append(end)
+        index.upto = last
+        # Every earlier place of the last min_n-gram ends a candidate match; extend each backwards.
+        # The longest match wins, and the most recent among equals (the likeliest to continue alike).
         best_n, best_end = 0, -1
-        for end in ends[::-1].tolist():
-            n = 1
+        for end in reversed(index.ends.get(tuple(tokens[last - m + 1 :]), ())):
+            n = m
             while n < self.max_n and end - n >= 0 and tokens[end - n] == tokens[last - n]:
                 n += 1
             if n > best_n:
                 best_n, best_end = n, end
                 if n == self.max_n:
                     break
-        if best_n < self.min_n:
+        if best_n < m:
             return []
-        return list(tokens[best_end + 1 : best_end + 1 + k])
+        return tokens[best_end + 1 : best_end + 1 + k]
 
     def forget(self, seq_id: str) -> None:
-        pass
+        self.indexes.pop(seq_id, None)
 
 
 @dataclass
@@ -208,7 +225,9 @@ class Speculator:
             seq.draft = []
             if off or seq.in_prefill or seq.group is not None:  # beams advance together, one token a step
                 continue
-            back = self._backoff.setdefault(seq.seq_id, _Backoff())
+            back = self._backoff.get(seq.seq_id)
+            if back is None:  # (not setdefault: that would build a _Backoff every step)
+                back = self._backoff[seq.seq_id] = _Backoff()
             if back.idle:
                 back.idle -= 1
                 continue

@@ -37,6 +37,40 @@ def test_prompt_lookup_proposes_what_followed_the_most_recent_occurrence_of_the_
         NgramProposer(3, 2)
 
 
+def _lookup_by_scanning(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Prompt lookup by definition: of the earlier positions whose n-gram ending there equals the
+    sequence's last n tokens, the one with the longest such n (at most max_n, at least min_n) wins,
+    the most recent among equals; its continuation is the draft."""
+    last = len(tokens) - 1
+    best: tuple[int, int] = (0, -1)
+    for end in range(last):
+        n = 0
+        while n < max_n and end - n >= 0 and tokens[end - n] == tokens[last - n]:
+            n += 1
+        if n >= min_n and n >= best[0]:
+            best = (n, end)
+    return tokens[best[1] + 1 : best[1] + 1 + k] if best[0] else []
+
+
+@pytest.mark.parametrize("min_n,max_n", [(1, 3), (2, 4), (3, 3)])
+def test_prompt_lookup_indexed_as_the_sequence_grows_equals_a_scan_of_the_whole_sequence(min_n: int, max_n: int) -> None:
+    rng = np.random.default_rng(min_n * 10 + max_n)
+    ngram = NgramProposer(min_n, max_n)
+    for trial in range(6):
+        # A small vocabulary, so n-grams repeat; grown a token or a few at a time (as accepted drafts
+        # add several), asked at every length, under one reused sequence id.
+        seq = Sequence("s", rng.integers(0, 4, 5).tolist(), 5, 400)
+        proposed = 0
+        while len(seq.tokens) < 200:
+            got = ngram.propose(seq, 4)
+            assert got == _lookup_by_scanning(seq.tokens, 4, min_n, max_n), (trial, len(seq.tokens))
+            proposed += bool(got)
+            seq.tokens += rng.integers(0, 4, int(rng.integers(1, 4))).tolist()
+        assert proposed > 20
+    ngram.forget("s")
+    assert not ngram.indexes
+
+
 def test_the_scheduler_fits_drafts_into_the_budget_and_the_free_blocks() -> None:
     kv = KVCacheManager(SPEC, budget_tokens=64, block_size=4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6), kv)
