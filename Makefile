@@ -108,10 +108,10 @@ ENGINE_PATH ?=
 # OUT defaults to the engine directory for `make engine`; for `make repo` only an OUT given by the user counts.
 REPO_OUT    := $(if $(filter command line environment,$(origin OUT)),$(OUT))
 
-## make repo ENGINE=dir [NAME=variant] [OUT=triton_repo/NAME] [DEVICE=gpu|cpu] [GPUS=0,1] [ENGINE_PATH=dir as the server sees it] [DECOUPLED=true|false]: Triton model repository (triton_repo/README.md)
+## make repo ENGINE=dir [NAME=variant] [OUT=triton_repo/NAME] [DEVICE=gpu|cpu] [GPUS=0,1] [ENGINE_PATH=dir as the server sees it] [DECOUPLED=true|false] [REPO_ARGS="--speculative ngram ..."]: Triton model repository (triton_repo/README.md)
 repo: $(VENV)/.installed
 	$(BIN)/llamaforge repo $(ENGINE) $(if $(NAME),--name $(NAME)) $(if $(REPO_OUT),--out $(REPO_OUT)) \
-		--device $(DEVICE) --gpus $(GPUS) $(if $(ENGINE_PATH),--engine-path $(ENGINE_PATH)) $(DECOUPLED_ARG)
+		--device $(DEVICE) --gpus $(GPUS) $(if $(ENGINE_PATH),--engine-path $(ENGINE_PATH)) $(DECOUPLED_ARG) $(REPO_ARGS)
 
 ## make demo-model: retrain the default model (checkpoints/stdlib-5m) on this Python's stdlib sources (~15-20 min, 2 cores)
 demo-model: $(VENV)/.installed

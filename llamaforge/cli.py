@@ -197,8 +197,7 @@ def _core_config(args: argparse.Namespace) -> CoreConfig:
                       max_queue=args.max_queue,
                       speculative=SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.prompt_lookup_min,
                                                     args.prompt_lookup_max, args.draft_engine,
-                                                    args.speculative_disable_by_batch_size)
-                      if hasattr(args, "speculative") else SpeculativeConfig())
+                                                    args.speculative_disable_by_batch_size))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -247,11 +246,9 @@ def cmd_demo_outliers(args: argparse.Namespace) -> None:
     make_outlier_checkpoint(Path(args.out or DEFAULT_DIR), Path(args.source or STDLIB_5M), spikes=not args.no_spikes)
 
 
-def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: str, policy: bool,
-                        speculative: bool) -> None:
+def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: str, policy: bool) -> None:
     """The engine core settings, defaulting to runtime/core/config.py's (read by `_core_config`);
-    without `policy` the scheduling policy is the default one, and without `speculative` decoding
-    is not speculative (a Triton repository's config.pbtxt does not carry it)."""
+    without `policy` the scheduling policy is the default one."""
     from llamaforge.runtime.core.config import (
         SCHEDULING_POLICIES,
         CoreConfig,
@@ -268,8 +265,7 @@ def _add_core_arguments(p: argparse.ArgumentParser, kv_budget: str, queue_full: 
     p.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
                    help="tokens per engine step")
     p.add_argument("--max-queue", type=int, default=CoreConfig.max_queue, help=f"waiting requests before {queue_full}")
-    if speculative:  # without them, `_core_config` takes SpeculativeConfig's defaults (off)
-        _add_speculative_arguments(p)
+    _add_speculative_arguments(p)
     if policy:
         p.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
     else:
@@ -289,7 +285,8 @@ def _add_speculative_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup-max", type=int, default=SpeculativeConfig.prompt_lookup_max,
                    help="--speculative ngram: longest n-gram matched")
     p.add_argument("--draft-engine", default=SpeculativeConfig.draft_engine,
-                   help="--speculative draft: a smaller engine directory with the same tokenizer")
+                   help="--speculative draft: a smaller engine directory with the same tokenizer (repo: as the "
+                        "Triton server sees it, absolute or relative to the repository's root)")
     p.add_argument("--speculative-disable-by-batch-size", type=int, default=SpeculativeConfig.disable_by_batch_size,
                    help="no drafts in a step where this many sequences or more decode (0: never); the default "
                         "speculates only for a sequence decoding alone, where verifying is cheap on this backend")
@@ -408,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000,
                    help="OpenAI-compatible HTTP port, with /v2/health (default 8000; 0: a free one; -1: none)")
     _add_core_arguments(s, kv_budget="KV cache size in tokens", queue_full="RESOURCE_EXHAUSTED (HTTP 429)",
-                        policy=False, speculative=True)
+                        policy=False)
     s.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: ONNX Runtime's own choice, one per physical core)")
     s.add_argument("--max-message-mb", type=int, default=64,
@@ -441,8 +438,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", default="0", help="GPU ids for KIND_GPU, comma-separated (default 0)")
     r.add_argument("--instances", type=int, default=1, help="llama instances per GPU (each its own batch and KV)")
     r.add_argument("--text-instances", type=int, default=1, help="CPU instances of preprocessing/postprocessing/bls")
-    _add_core_arguments(r, kv_budget="KV cache size in tokens per llama instance", queue_full="UNAVAILABLE", policy=True,
-                        speculative=False)
+    _add_core_arguments(r, kv_budget="KV cache size in tokens per llama instance", queue_full="UNAVAILABLE", policy=True)
     _add_decoupled_argument(r, "llama and bls")
     r.set_defaults(fn=cmd_repo)
 

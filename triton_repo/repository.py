@@ -40,7 +40,7 @@ import llamaforge
 import llamaforge.runtime
 import llamaforge.triton_repo.models
 from llamaforge.build.atomic import staged_dir
-from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig
+from llamaforge.runtime.core.config import SCHEDULING_POLICIES, SPECULATIVE_METHODS, CoreConfig
 from llamaforge.runtime.core.engine import EngineError, read_manifest
 from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, declare_tensors
 from llamaforge.triton_repo.models.interfaces import (
@@ -93,6 +93,11 @@ def core_parameters(core: CoreConfig) -> dict[str, int | str | None]:
         "max_num_seqs": core.scheduler.max_num_seqs, "max_num_batched_tokens": core.scheduler.max_num_batched_tokens,
         "max_queue": core.max_queue, "scheduling_policy": core.scheduler.policy, "intra_op_threads": core.threads,
         "enable_kv_cache_reuse": "true" if core.kv.prefix_caching else "false",  # TensorRT-LLM's name
+        # Speculative decoding, under `llamaforge serve`'s names (runtime/core/config.py SpeculativeConfig).
+        "speculative": core.speculative.method, "num_speculative_tokens": core.speculative.num_speculative_tokens,
+        "prompt_lookup_min": core.speculative.prompt_lookup_min, "prompt_lookup_max": core.speculative.prompt_lookup_max,
+        "draft_engine_dir": core.speculative.draft_engine,
+        "speculative_disable_by_batch_size": core.speculative.disable_by_batch_size,
     }
 
 
@@ -105,6 +110,18 @@ def _check(opts: RepoOptions) -> None:
     policy = params.pop("scheduling_policy")
     if policy not in SCHEDULING_POLICIES:
         raise RepoError(f"scheduling policy {policy!r} is not one of {list(SCHEDULING_POLICIES)}")
+    method = params.pop("speculative")
+    if method is not None and method not in SPECULATIVE_METHODS:
+        raise RepoError(f"speculative method {method!r} is not one of {list(SPECULATIVE_METHODS)}")
+    if method == "draft" and not params["draft_engine_dir"]:
+        raise RepoError("speculative method 'draft' needs a draft engine (--draft-engine, the directory as the "
+                        "server sees it)")
+    if opts.core.speculative.prompt_lookup_min > opts.core.speculative.prompt_lookup_max:
+        raise RepoError(f"prompt_lookup_min ({opts.core.speculative.prompt_lookup_min}) is above prompt_lookup_max "
+                        f"({opts.core.speculative.prompt_lookup_max})")
+    disable_by_batch_size = params.pop("speculative_disable_by_batch_size")
+    if isinstance(disable_by_batch_size, int) and disable_by_batch_size < 0:
+        raise RepoError(f"speculative_disable_by_batch_size: must be >= 0 (0: never), got {disable_by_batch_size}")
     for key, value in {"instances": opts.instances, "text_instances": opts.text_instances, **params}.items():
         if isinstance(value, int) and value <= 0:
             raise RepoError(f"{key}: must be > 0, got {value}")
@@ -114,7 +131,6 @@ def _check(opts: RepoOptions) -> None:
         ("prefill_padding_tokens", opts.core.prefill_padding_tokens, defaults.prefill_padding_tokens),
         ("condense_decode_rows", opts.core.condense_decode_rows, defaults.condense_decode_rows),
         ("providers", opts.core.providers, defaults.providers),  # placement picks them per instance
-        ("speculative", opts.core.speculative, defaults.speculative),
     )
     for key, setting, default in uncarried:
         if setting != default:

@@ -54,7 +54,7 @@ class SpeculativeConfig:
     # No drafts in a step where this many sequences or more are decoding (vLLM's
     # speculative_disable_by_batch_size). Rows verified together run one engine call per row here
     # (ORT's GroupQueryAttention kernel refuses several rows of several tokens after a past in one
-    # call): 6-8x a decode call at 8 rows, 1.1-1.6x for one row alone (make bench-spec), so by
+    # call): 5-10x a decode call at 8 rows, 1.0-1.9x for one row alone (make bench-spec), so by
     # default only a sequence decoding alone speculates. 0: never disabled.
     disable_by_batch_size: int = 2
 

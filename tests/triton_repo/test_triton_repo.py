@@ -32,13 +32,13 @@ from tiny_models import load_hf_oracle, train_tiny_sentencepiece, train_tiny_tok
 from tritonclient.grpc import model_config_pb2 as mc
 
 from llamaforge import cli
-from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig
+from llamaforge.runtime.core.config import CoreConfig, KVCacheConfig, SchedulerConfig, SpeculativeConfig
 from llamaforge.runtime.core.detokenizer import IncrementalDetokenizer, decode_window, resume_point
 from llamaforge.runtime.core.engine import EngineError
 from llamaforge.runtime.core.tokenizer import load_tokenizer
 from llamaforge.runtime.serving.metrics import CORE_GAUGES, METRIC_NAMES, PREFIX
 from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, TEXT_MODEL
-from llamaforge.triton_repo.repository import PYTHON_MODELS, RepoOptions, model_configs, write_repo
+from llamaforge.triton_repo.repository import PYTHON_MODELS, RepoError, RepoOptions, model_configs, write_repo
 
 pb.install()
 from llamaforge.triton_repo.models import llama as llama_model  # noqa: E402 - needs the stand-in installed
@@ -552,9 +552,63 @@ def test_config_parameters_are_read_and_checked(server: Any) -> None:
     assert llama_model.core_config({"enable_kv_cache_reuse": "True"}, []).kv.prefix_caching is True
     assert llama_model.core_config({}, []).kv.prefix_caching is KVCacheConfig.prefix_caching
     for key, value in (("max_num_seqs", "many"), ("kv_budget_tokens", "0"), ("scheduling_policy", "fifo"),
-                       ("enable_kv_cache_reuse", "yes")):
+                       ("enable_kv_cache_reuse", "yes"), ("speculative", "medusa"), ("num_speculative_tokens", "0"),
+                       ("speculative_disable_by_batch_size", "-1")):
         with pytest.raises(EngineError, match=key):
             llama_model.core_config({key: value}, [])
+    with pytest.raises(EngineError, match="draft_engine_dir"):
+        llama_model.core_config({"speculative": "draft"}, [])
+
+
+@pytest.mark.parametrize("spec", [SpeculativeConfig(), SpeculativeConfig("ngram", 3, 1, 5, None, 0),
+                                  SpeculativeConfig("draft", 2, draft_engine="/engines/draft", disable_by_batch_size=4)],
+                         ids=["off", "ngram", "draft"])
+def test_speculative_settings_round_trip_through_config_pbtxt(spec: SpeculativeConfig) -> None:
+    core = CoreConfig(speculative=spec)
+    llama = model_configs(RepoOptions(engine=Path("unused"), device="cpu", core=core), "/engines/x")["llama"]
+    llama = text_format.Parse(text_format.MessageToString(llama), mc.ModelConfig())
+    params = {k: v.string_value for k, v in llama.parameters.items()}
+    assert llama_model.core_config(params, []).speculative == spec
+
+
+def test_the_generator_refuses_speculative_settings_a_server_would_refuse() -> None:
+    for spec, message in ((SpeculativeConfig("draft"), "draft engine"), (SpeculativeConfig("lookahead"), "lookahead"),
+                          (SpeculativeConfig("ngram", prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min"),
+                          (SpeculativeConfig("ngram", disable_by_batch_size=-1), "speculative_disable_by_batch_size"),
+                          (SpeculativeConfig("ngram", num_speculative_tokens=0), "num_speculative_tokens")):
+        with pytest.raises(RepoError, match=message):
+            model_configs(RepoOptions(engine=Path("unused"), core=CoreConfig(speculative=spec)), "/engines/x")
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_a_repository_generated_with_speculation_speculates_and_keeps_greedy_output(
+        built: tuple[Path, Path], server: Any, tmp_path: Path, method: str) -> None:
+    """Prompt lookup, and a draft engine given relative to the repository's root (the target's own
+    engine: its drafts are the target's greedy tokens)."""
+    out = tmp_path / "spec"
+    flags = ["--prompt-lookup-min", "1"] if method == "ngram" else ["--draft-engine", os.path.relpath(built[1], out)]
+    assert cli.main(["repo", str(built[1]), "--out", str(out), "--device", "cpu", "--max-num-seqs", "4",
+                     "--speculative", method, "--num-speculative-tokens", "3", *flags]) == 0
+    spec_server = pb.StandInServer(out)
+    try:
+        core = spec_server.models["llama"].core
+        assert core.speculator is not None and core.speculator.k == 3
+        if method == "draft":
+            assert core.speculator.proposer.engine.dir.resolve() == built[1].resolve()
+        ids = core.tokenizer.encode(PROMPTS[1] * 3, add_bos=True, allow_special=True)  # repeats: something to look up
+        request = {"input_ids": np.array([ids], np.int32), "request_output_len": np.array([[NEW_TOKENS]], np.int32),
+                   "exclude_input_in_output": np.array([[True]]), "return_perf_metrics": np.array([[True]])}
+        calls = {name: s.infer("llama", request).wait() for name, s in (("plain", server), ("spec", spec_server))}
+        for name, call in calls.items():
+            assert not call.errors, (name, [e.message() for e in call.errors])
+        tokens = {name: [t for o in call.outputs for t in o["output_ids"].reshape(-1).tolist()]
+                  for name, call in calls.items()}
+        assert tokens["spec"] == tokens["plain"] and len(tokens["plain"]) == NEW_TOKENS
+        last = calls["spec"].outputs[-1]
+        assert int(last["total_draft_tokens"][0][0]) > 0 and int(last["total_accepted_draft_tokens"][0][0]) > 0
+        assert int(calls["plain"].outputs[-1]["total_draft_tokens"][0][0]) == 0
+    finally:
+        spec_server.stop()
 
 
 def test_gpu_placement_needs_cuda_onnxruntime_and_agreeing_device_ids() -> None:
@@ -599,6 +653,7 @@ def test_repo_cli_replaces_atomically_and_refuses_bad_engines(built: tuple[Path,
 
 
 def test_make_repo_passes_its_variables() -> None:
-    r = subprocess.run(["make", "-n", "repo", "ENGINE=engines/x", "NAME=n", "OUT=/tmp/o", "DEVICE=cpu"], cwd=ROOT,
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(["make", "-n", "repo", "ENGINE=engines/x", "NAME=n", "OUT=/tmp/o", "DEVICE=cpu",
+                        "REPO_ARGS=--speculative ngram"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "llamaforge repo engines/x --name n --out /tmp/o" in r.stdout and "--device cpu" in r.stdout
+    assert "--speculative ngram" in r.stdout

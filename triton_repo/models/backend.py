@@ -18,7 +18,7 @@ from llamaforge.runtime.core.requests import QueueFullError, RequestError
 from llamaforge.runtime.core.tokenizer import Tokenizer, load_tokenizer
 from llamaforge.triton_repo.models.interfaces import LLAMA_TO_ENSEMBLE
 
-__all__ = ["parameters", "engine_dir", "load_engine_tokenizer", "input_tensors", "output_tensors", "error_response",
+__all__ = ["parameters", "engine_dir", "repository_path", "load_engine_tokenizer", "input_tensors", "output_tensors", "error_response",
            "request_parameters", "decoupled", "FINAL"]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -42,10 +42,13 @@ def engine_dir(params: Mapping[str, str], args: Mapping[str, str]) -> Path:
     value = params.get("engine_dir", "").strip()
     if not value:
         raise EngineError(f"model '{args.get('model_name')}': config.pbtxt parameter 'engine_dir' is missing or empty")
+    return repository_path(value, args)
+
+
+def repository_path(value: str, args: Mapping[str, str]) -> Path:
+    """A path from a config.pbtxt parameter: absolute, or relative to the model repository's root."""
     path = Path(value)
-    if not path.is_absolute():
-        path = Path(args["model_repository"]).parent / path
-    return path
+    return path if path.is_absolute() else Path(args["model_repository"]).parent / path
 
 
 def load_engine_tokenizer(path: Path) -> Tokenizer:

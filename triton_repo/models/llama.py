@@ -40,6 +40,10 @@ config.pbtxt parameters (all strings; triton_repo/repository.py writes them):
     scheduling_policy       inflight | static
     enable_kv_cache_reuse   true | false: prefix caching, as TensorRT-LLM's tensorrt_llm model names it ("" : true)
     intra_op_threads        ONNX Runtime threads ("" : ONNX Runtime's default)
+    speculative             ngram | draft: speculative decoding ("" : off); with
+    num_speculative_tokens, prompt_lookup_min, prompt_lookup_max, speculative_disable_by_batch_size
+                            (0: never), draft_engine_dir (absolute, or relative to the repository root),
+                            as `llamaforge serve` names them ("" : SpeculativeConfig's defaults)
     gpu_device_ids          GPUs this model may run on, comma-separated ("" : any); an instance that
                             Triton placed elsewhere (instance_group `gpus`) fails to load
 
@@ -60,7 +64,14 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig, KVCacheConfig, SchedulerConfig
+from llamaforge.runtime.core.config import (
+    SCHEDULING_POLICIES,
+    SPECULATIVE_METHODS,
+    CoreConfig,
+    KVCacheConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from llamaforge.runtime.core.detokenizer import resume_point
 from llamaforge.runtime.core.engine import EngineError, ort_providers
 from llamaforge.runtime.core.engine_core import EngineCore
@@ -88,7 +99,7 @@ def core_config(params: dict[str, str], providers: list[Any]) -> CoreConfig:
     """CoreConfig from config.pbtxt parameters (triton_repo/repository.py `core_parameters`); an empty
     or absent one is the default; a bad value is an error naming the parameter."""
 
-    def integer(key: str) -> int | None:
+    def integer(key: str, least: int = 1) -> int | None:
         value = params.get(key, "").strip()
         if not value:
             return None
@@ -96,8 +107,8 @@ def core_config(params: dict[str, str], providers: list[Any]) -> CoreConfig:
             n = int(value)
         except ValueError:
             raise EngineError(f"config.pbtxt parameter '{key}': {value!r} is not an integer") from None
-        if n <= 0:
-            raise EngineError(f"config.pbtxt parameter '{key}': must be > 0, got {n}")
+        if n < least:
+            raise EngineError(f"config.pbtxt parameter '{key}': must be >= {least}, got {n}")
         return n
 
     policy = params.get("scheduling_policy", "").strip() or SchedulerConfig.policy
@@ -107,12 +118,26 @@ def core_config(params: dict[str, str], providers: list[Any]) -> CoreConfig:
     reuse = params.get("enable_kv_cache_reuse", "").strip().lower()
     if reuse not in ("", "true", "false"):
         raise EngineError(f"config.pbtxt parameter 'enable_kv_cache_reuse': {reuse!r} is not 'true' or 'false'")
+    method = params.get("speculative", "").strip() or None
+    if method is not None and method not in SPECULATIVE_METHODS:
+        raise EngineError(f"config.pbtxt parameter 'speculative': {method!r} is not "
+                          + " or ".join(repr(m) for m in SPECULATIVE_METHODS) + " (empty: off)")
+    draft_engine = params.get("draft_engine_dir", "").strip() or None
+    if method == "draft" and draft_engine is None:
+        raise EngineError("config.pbtxt parameter 'draft_engine_dir': speculative 'draft' needs a draft engine "
+                          "directory")
+    disable_by_batch_size = integer("speculative_disable_by_batch_size", least=0)  # 0: never disabled
+    spec = SpeculativeConfig
     return CoreConfig(
         KVCacheConfig(budget_tokens=integer("kv_budget_tokens"), budget_bytes=integer("kv_budget_bytes"),
                       prefix_caching=KVCacheConfig.prefix_caching if not reuse else reuse == "true"),
         SchedulerConfig(max_num_seqs=integer("max_num_seqs") or SchedulerConfig.max_num_seqs,
                         max_num_batched_tokens=integer("max_num_batched_tokens") or SchedulerConfig.max_num_batched_tokens,
                         policy=policy),
+        speculative=SpeculativeConfig(
+            method, integer("num_speculative_tokens") or spec.num_speculative_tokens,
+            integer("prompt_lookup_min") or spec.prompt_lookup_min, integer("prompt_lookup_max") or spec.prompt_lookup_max,
+            draft_engine, spec.disable_by_batch_size if disable_by_batch_size is None else disable_by_batch_size),
         max_queue=integer("max_queue") or CoreConfig.max_queue, threads=integer("intra_op_threads"),
         providers=tuple(providers),
     )
@@ -215,6 +240,8 @@ class TritonPythonModel:
         params = backend.parameters(args)
         providers = placement(params, args)
         config = core_config(params, providers)
+        if config.speculative.draft_engine is not None:  # relative: to the repository's root, as engine_dir
+            config.speculative.draft_engine = str(backend.repository_path(config.speculative.draft_engine, args))
         labels = {"model": args.get("model_name", "llama"), "version": args.get("model_version", "1"),
                   "instance": args.get("model_instance_name", "0")}
         self.core: EngineClient = EngineCore(backend.engine_dir(params, args), config)
