@@ -72,7 +72,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -82,15 +81,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from llamaforge.runtime.core.requests import GenerationOutput, OutputSink, QueueFullError, RequestError, RequestHandle
 from llamaforge.runtime.serving.admission import SHUTTING_DOWN, Admission, DrainResult, Ticket
 from llamaforge.runtime.serving.engine_client import EngineClient
+from llamaforge.runtime.serving.grpc_stream import POLL_S, InferStream, Refused
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
 from llamaforge.runtime.serving.model_stats import InferStats, RequestTimer
 from llamaforge.runtime.serving.protocol import (
-    FINAL_PARAM,
-    BeamResponseBuilder,
     ModelContext,
     ParsedRequest,
-    ResponseBuilder,
     encode_response,
     parse_request,
     response_builder,
@@ -102,18 +99,7 @@ __all__ = ["InferenceServer", "InferenceServicer", "DEFAULT_MAX_MESSAGE_BYTES", 
 
 SERVER_NAME = "llama-forge"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 DEFAULT_DRAIN_TIMEOUT_S = 30.0  # Triton's --exit-timeout-secs and Kubernetes' terminationGracePeriodSeconds
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, admitted: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        # Rows of the refused request the core had already taken: the caller cancels them once
-        # it has stopped listening to them.
-        self.admitted = admitted
 
 
 _Rows = list[tuple[ParsedRequest, RequestHandle]]
@@ -165,21 +151,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _resolve(self, name: str, version: str) -> ModelSpec:
         spec = self.models.get(name)
         if spec is None:
-            raise _Refused(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model '{name}' (served: "
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model '{name}' (served: "
                                                        f"{', '.join(sorted(self.models))})")
         if version not in ("", "1"):
-            raise _Refused(grpc.StatusCode.NOT_FOUND, f"model_version: version '{version}' of model '{name}' is "
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"model_version: version '{version}' of model '{name}' is "
                                                        "not found (served: '1'; '' means the latest)")
         return spec
 
     def _new_id(self) -> str:
         return uuid.uuid4().hex
 
-    def _submit(self, request: pb.ModelInferRequest, streaming_rpc: bool, timer: RequestTimer,
-                sink: Callable[[ParsedRequest], OutputSink], ticket: Ticket) -> _Rows:
-        """Resolve, parse and submit every row of the request; raises _Refused with the status to
+    def submit_rows(self, request: pb.ModelInferRequest, streaming_rpc: bool, timer: RequestTimer,
+                    sink: Callable[[ParsedRequest], OutputSink], ticket: Ticket) -> _Rows:
+        """Resolve, parse and submit every row of the request; raises Refused with the status to
         answer (every row is checked before any is submitted; rows taken before the core refused
-        one are in `_Refused.admitted`). `sink`, given a row's parsed request, makes the sink its
+        one are in `Refused.admitted`). `sink`, given a row's parsed request, makes the sink its
         outputs go to (see RequestHandle); `ticket` records the core ids of the rows submitted."""
         spec = self._resolve(request.model_name, request.model_version)
         rows: _Rows = []
@@ -192,30 +178,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                "per request), so it cannot stream; send "
                                                f"{field_name}=false, or serve it decoupled (--decoupled)")
             timer.submitted()
-            sinks = [sink(parsed) for parsed in parsed_rows]  # all before any row can end: see _Stream
+            sinks = [sink(parsed) for parsed in parsed_rows]  # all before any row can end: see InferStream
             for parsed, row_sink in zip(parsed_rows, sinks):
                 rows.append((parsed, self.core.submit(parsed.generation, row_sink)))
                 ticket.rows.append(parsed.generation.request_id)
         except RequestError as e:  # the core can refuse a later row (a guide that does not compile)
             if self.metrics:
                 self.metrics.on_invalid()
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e),
-                           tuple(p.generation.request_id for p, _ in rows)) from None
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e),
+                          tuple(p.generation.request_id for p, _ in rows)) from None
         except QueueFullError as e:
             if self.metrics:
                 self.metrics.on_rejected()
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {e}",
-                           tuple(p.generation.request_id for p, _ in rows)) from None
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {e}",
+                          tuple(p.generation.request_id for p, _ in rows)) from None
         if self.metrics:
             for parsed, _ in rows:
                 self.metrics.on_admitted(len(parsed.generation.prompt_ids))
         return rows
 
-    def _cancel(self, request_ids: Iterable[str]) -> None:
+    def cancel_ids(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self.core.cancel(rid)
 
-    def _record(self, model: str, ok: bool, timer: RequestTimer) -> None:
+    def record(self, model: str, ok: bool, timer: RequestTimer) -> None:
         """Statistics of an admitted request that has ended."""
         st = self.stats.get(model)
         if st is not None:
@@ -223,7 +209,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.metrics:
             self.metrics.on_request_done((time.monotonic_ns() - timer.received) / 1e9)
 
-    def _record_refused(self, request: pb.ModelInferRequest, timer: RequestTimer) -> None:
+    def record_refused(self, request: pb.ModelInferRequest, timer: RequestTimer) -> None:
         """A request answered with an error before it reached the core counts as failed in the model
         version it named, as in Triton (a version that does not exist has no statistics)."""
         st = self.stats.get(request.model_name)
@@ -248,14 +234,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
         try:
             spec = self._resolve(request.name, request.version)
-        except _Refused as e:
+        except Refused as e:
             context.abort(e.code, e.message)
         return model_metadata(spec, request.name)
 
     def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
         try:
             spec = self._resolve(request.name, request.version)
-        except _Refused as e:
+        except Refused as e:
             context.abort(e.code, e.message)
         return pb.ModelConfigResponse(config=model_config(spec, request.name, decoupled=self.decoupled))
 
@@ -263,7 +249,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             try:
                 self._resolve(request.name, request.version)
-            except _Refused as e:
+            except Refused as e:
                 context.abort(e.code, e.message)
             names = [request.name]
         else:
@@ -298,15 +284,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def sink(parsed: ParsedRequest) -> OutputSink:
             return lambda out: outputs.put((parsed.batch_index, out))
         try:
-            rows = self._submit(request, streaming_rpc=False, timer=timer, sink=sink, ticket=ticket)
-        except _Refused as e:
-            self._cancel(e.admitted)
-            self._record_refused(request, timer)
+            rows = self.submit_rows(request, streaming_rpc=False, timer=timer, sink=sink, ticket=ticket)
+        except Refused as e:
+            self.cancel_ids(e.admitted)
+            self.record_refused(request, timer)
             context.abort(e.code, e.message)
 
         def unfinished() -> list[str]:
             return [p.generation.request_id for p, h in rows if not h.done.is_set()]
-        context.add_callback(lambda: self._cancel(unfinished()))
+        context.add_callback(lambda: self.cancel_ids(unfinished()))
         # One builder per sequence of each row (n > 1: several, by sequence_index; a row's beams share
         # one, which stacks them on the beam axis); a unary response stacks the builders as rows.
         beams = {parsed.batch_index for parsed, _ in rows if parsed.generation.beam_width > 1}
@@ -315,10 +301,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ends: dict[tuple[int, int], GenerationOutput] = {}
         while len(ends) < sum(parsed.generation.n for parsed, _ in rows):
             try:
-                row, out = outputs.get(timeout=_POLL_S)
+                row, out = outputs.get(timeout=POLL_S)
             except queue.Empty:
                 if not context.is_active():
-                    self._cancel(unfinished())
+                    self.cancel_ids(unfinished())
                 continue
             timer.output(out)
             with timer.building():
@@ -333,7 +319,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     response = encode_response(stack_rows([b.whole_tensors() for _, b in sorted(builders.items())]),
                                                rows[0][0], request.model_name)
-        self._record(request.model_name, not failed, timer)
+        self.record(request.model_name, not failed, timer)
         name = request.id or rows[0][0].generation.request_id
         if any(out.finish_reason == "cancelled" for out in failed):
             context.abort(grpc.StatusCode.CANCELLED, f"request {name} was cancelled")
@@ -344,242 +330,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
-        if self.admission.draining:  # a new stream; requests on a stream already open: _Stream.start
+        if self.admission.draining:  # a new stream; requests on a stream already open: InferStream.start
             _abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if self.unavailable is not None:
             _abort(context, grpc.StatusCode.UNAVAILABLE, self.unavailable)
-        stream = _Stream(self, context)
+        stream = InferStream(self, context)
         context.add_callback(stream.cancel_all)
         reader = threading.Thread(target=stream.read, args=(request_iterator,), name="grpc-stream-reader", daemon=True)
         reader.start()
         yield from stream.responses()
-
-
-_READER_DONE = object()
-
-
-@dataclass(eq=False)
-class _StreamGroup:
-    """The rows of one request on a stream: its final flag and statistics wait for the last one."""
-
-    request: pb.ModelInferRequest
-    timer: RequestTimer
-    ticket: Ticket
-    open_rows: int = 0  # rows admitted and not yet ended
-    failed: bool = False
-
-
-@dataclass(eq=False)
-class _StreamRequest:
-    """One sequence of one row of a request on a stream, as the stream's sender sees it (a row has
-    one, or n with num_return_sequences / beams; `row_open` counts the row's sequences not ended)."""
-
-    group: _StreamGroup
-    parsed: ParsedRequest
-    builder: ResponseBuilder | BeamResponseBuilder
-    row_open: list[int]
-    ended: bool = False
-
-    @property
-    def request(self) -> pb.ModelInferRequest:
-        return self.group.request
-
-    @property
-    def timer(self) -> RequestTimer:
-        return self.group.timer
-
-
-class _Stream:
-    """One ModelStreamInfer call. A reader thread takes requests and submits them; the core hands
-    every request's outputs to one queue (a sink called in the core's thread, not a thread per
-    request); the RPC's generator turns them into responses and yields them."""
-
-    def __init__(self, servicer: InferenceServicer, context: Any) -> None:
-        self.servicer = servicer
-        self.context = context
-        self.out: queue.Queue[Any] = queue.Queue()  # responses, (_StreamRequest, output), _READER_DONE
-        self.lock = threading.Lock()
-        self.active: set[str] = set()  # ids of started requests not yet ended, for cancel_all
-        self.started = 0  # requests admitted; with `ended`, tells the generator when all are done
-        self.ended = 0
-        self.closed = False
-        self.tickets: set[Ticket] = set()  # of requests not yet answered (see admission.py)
-
-    def read(self, request_iterator: Any) -> None:
-        try:
-            for request in request_iterator:
-                self.start(request)
-        except Exception:  # noqa: BLE001 - the client went away: nothing more will come
-            pass
-        finally:
-            self.out.put(_READER_DONE)
-
-    def start(self, request: pb.ModelInferRequest) -> None:
-        refusal = self.servicer.unavailable
-        ticket = self.servicer.admission.admit() if refusal is None else None
-        if ticket is None:  # draining: this request is refused, the stream and its running requests go on
-            self.out.put(self.error(request, refusal or SHUTTING_DOWN))
-            return
-        with self.lock:
-            self.tickets.add(ticket)
-        timer = RequestTimer()
-        group = _StreamGroup(request, timer, ticket)
-        entries: list[_StreamRequest] = []
-
-        def sink(parsed: ParsedRequest) -> OutputSink:
-            n = parsed.generation.n
-            if parsed.generation.beam_width > 1:
-                return beam_sink(parsed, n)
-            row_open = [n]
-            states = [_StreamRequest(group, parsed, ResponseBuilder(parsed, request.model_name), row_open)
-                      for _ in range(n)]
-            with self.lock:
-                entries.extend(states)
-                group.open_rows += n
-
-            def put(out: GenerationOutput) -> None:
-                timer.output(out)
-                self.out.put((states[out.sequence_index], out))
-            return put
-
-        def beam_sink(parsed: ParsedRequest, n: int) -> OutputSink:
-            """A row's beams answer once, stacked (TensorRT-LLM's beam search response): the core
-            sends every beam's final output together; the last one sends the response."""
-            state = _StreamRequest(group, parsed, BeamResponseBuilder(parsed, request.model_name), [1])
-            with self.lock:
-                entries.append(state)
-                group.open_rows += 1
-            arrived = [0]
-
-            def put(out: GenerationOutput) -> None:
-                timer.output(out)
-                arrived[0] += out.finished
-                if arrived[0] < n:
-                    state.builder.add(out)
-                else:
-                    self.out.put((state, out))
-            return put
-
-        try:
-            rows = self.servicer._submit(request, streaming_rpc=True, timer=timer, sink=sink, ticket=ticket)
-        except Exception as e:  # noqa: BLE001 - one bad request must not end the stream
-            with self.lock:  # rows the core took before refusing one: their outputs are dropped
-                for state in entries:
-                    state.ended = True
-            if isinstance(e, _Refused):
-                self.servicer._cancel(e.admitted)
-            self.release(ticket)
-            self.servicer._record_refused(request, timer)
-            message = e.message if isinstance(e, _Refused) else f"internal error: {e!r}"
-            self.out.put(self.error(request, message))
-            return
-        ids = [parsed.generation.request_id for parsed, _ in rows]
-        with self.lock:
-            self.started += len(entries)
-            for state in entries:
-                if not state.ended:  # its last output may already have been sent
-                    self.active.add(state.parsed.generation.request_id)
-            closed = self.closed
-        if closed:  # cancel_all has run: nobody will answer these
-            self.servicer._cancel(ids)
-            self.release(ticket)
-
-    def release(self, ticket: Ticket) -> None:
-        with self.lock:
-            self.tickets.discard(ticket)
-        ticket.release()
-
-    def error(self, request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-        if request.id:  # tritonclient hands a stream callback only the message
-            message = f"{message} (request id '{request.id}')"
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version or "1", id=request.id))
-
-    def responses_for(self, st: _StreamRequest, out: GenerationOutput) -> list[pb.ModelStreamInferResponse]:
-        """The responses one core output makes: a piece of the stream (stream=true), the whole
-        answer (stream=false, at the end), an empty final response, or the error it ended with."""
-        if st.ended:  # failed while building an earlier response, or refused: already answered
-            return []
-        responses = []
-        parsed, group, failure = st.parsed, st.group, None
-        completed = not out.finished or out.finish_reason in ("stop", "length")  # else: cancelled or failed
-        # A non-decoupled model sends its one response final, with no empty final response.
-        empty_final = parsed.empty_final and self.servicer.decoupled
-        # The request's last response: this row's last, when no other row is still open.
-        last_row = out.finished and group.open_rows == 1
-        try:
-            with st.timer.building():
-                if completed and parsed.stream:
-                    resp = st.builder.piece(out, out.finished and last_row and not empty_final)
-                    if resp is not None:
-                        responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-                elif completed:
-                    st.builder.add(out)
-                    if out.finished:
-                        resp = st.builder.whole()
-                        resp.parameters[FINAL_PARAM].bool_param = last_row and not empty_final
-                        responses.append(pb.ModelStreamInferResponse(infer_response=resp))
-                if completed and last_row and empty_final:
-                    responses.append(pb.ModelStreamInferResponse(infer_response=st.builder.empty_final()))
-        except Exception as e:  # noqa: BLE001 - report it on the stream rather than leave the client waiting
-            self.servicer.core.cancel(parsed.generation.request_id)
-            failure = f"internal error: {e!r}"
-        if out.finished or failure is not None:
-            ok = failure is None and completed
-            if not ok:
-                if failure is None:
-                    failure = f"request {out.finish_reason}" + (f": {out.error}" if out.error else "")
-                responses.append(self.error(st.request, failure))
-            with self.lock:
-                st.ended = True
-                self.ended += 1
-                st.row_open[0] -= 1
-                if not st.row_open[0]:
-                    self.active.discard(parsed.generation.request_id)
-                group.open_rows -= 1
-                group.failed = group.failed or not ok
-                request_done = group.open_rows == 0
-            if request_done:
-                self.servicer._record(st.request.model_name, not group.failed, st.timer)
-        return responses
-
-    def cancel_all(self) -> None:
-        """The stream has ended (or its client has gone): cancel what runs, give back every ticket."""
-        with self.lock:
-            self.closed = True
-            ids = list(self.active)
-            tickets, self.tickets = self.tickets, set()
-        for rid in ids:
-            self.servicer.core.cancel(rid)
-        for ticket in tickets:
-            ticket.release()
-
-    def responses(self) -> Any:
-        reader_done = False
-        try:
-            while True:
-                try:
-                    item = self.out.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if not self.context.is_active():
-                        return
-                    continue
-                if item is _READER_DONE:
-                    reader_done = True
-                elif isinstance(item, tuple):
-                    yield from self.responses_for(*item)
-                    group = item[0].group
-                    if group.open_rows == 0:  # the request's last response has gone to the transport
-                        self.release(group.ticket)
-                else:
-                    yield item
-                if reader_done:
-                    with self.lock:
-                        idle = self.ended == self.started
-                    if idle and self.out.empty():
-                        return
-        finally:  # returned, or closed by gRPC when the RPC ended: nothing more will be answered
-            self.cancel_all()
 
 
 def address(host: str, port: int) -> str:
