@@ -17,7 +17,8 @@ from tritonclient.grpc import service_pb2 as pb
 from llamaforge.runtime.core.requests import GenerationOutput, OutputSink
 from llamaforge.runtime.serving.admission import SHUTTING_DOWN, Ticket
 from llamaforge.runtime.serving.model_stats import RequestTimer
-from llamaforge.runtime.serving.protocol import FINAL_PARAM, BeamResponseBuilder, ParsedRequest, ResponseBuilder
+from llamaforge.runtime.serving.protocol import ParsedRequest
+from llamaforge.runtime.serving.responses import FINAL_PARAM, BeamResponseBuilder, ResponseBuilder
 
 if TYPE_CHECKING:  # the servicer creates streams; this module only calls back into it
     from llamaforge.runtime.serving.server import InferenceServicer

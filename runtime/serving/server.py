@@ -85,14 +85,8 @@ from llamaforge.runtime.serving.grpc_stream import POLL_S, InferStream, Refused
 from llamaforge.runtime.serving.metrics import ServerMetrics
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL, TOKEN_MODEL, ModelSpec, model_config, model_metadata
 from llamaforge.runtime.serving.model_stats import InferStats, RequestTimer
-from llamaforge.runtime.serving.protocol import (
-    ModelContext,
-    ParsedRequest,
-    encode_response,
-    parse_request,
-    response_builder,
-    stack_rows,
-)
+from llamaforge.runtime.serving.protocol import ModelContext, ParsedRequest, parse_request
+from llamaforge.runtime.serving.responses import encode_response, response_builder, responses_per_row, stack_rows
 from llamaforge.runtime.serving.security import ApiKeyInterceptor, TlsConfig
 
 __all__ = ["InferenceServer", "InferenceServicer", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_DRAIN_TIMEOUT_S", "address"]
@@ -297,7 +291,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # one, which stacks them on the beam axis); a unary response stacks the builders as rows.
         beams = {parsed.batch_index for parsed, _ in rows if parsed.generation.beam_width > 1}
         builders = {(parsed.batch_index, i): response_builder(parsed, request.model_name)
-                    for parsed, _ in rows for i in range(1 if parsed.batch_index in beams else parsed.generation.n)}
+                    for parsed, _ in rows for i in range(responses_per_row(parsed))}
         ends: dict[tuple[int, int], GenerationOutput] = {}
         while len(ends) < sum(parsed.generation.n for parsed, _ in rows):
             try:

@@ -39,7 +39,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llamaforge.runtime.serving.model_interface import TEXT_MODEL
-from llamaforge.runtime.serving.protocol import split_rows, stack_arrays
+from llamaforge.runtime.serving.protocol import split_rows
+from llamaforge.runtime.serving.responses import stack_arrays
 from llamaforge.triton_repo.models import backend
 from llamaforge.triton_repo.models.interfaces import (
     ECHOED,

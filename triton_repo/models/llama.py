@@ -17,7 +17,7 @@ come (no dynamic batching; our scheduler batches), each with its own batch dimen
 tensors with its `batch_index`), and TRITONSERVER_RESPONSE_COMPLETE_FINAL comes with the last
 response of the request's last row to end. A row with num_return_sequences n sends each of its n
 sequences' responses through that sequence's own `_InFlight` (its own detokenization window,
-tagged by `sequence_index`); a beam search answers once with its beams stacked (protocol.py
+tagged by `sequence_index`); a beam search answers once with its beams stacked (responses.py
 `BeamResponseBuilder`, TensorRT-LLM's form). A row that fails ends the request: the others are
 cancelled and the error is the final response.
 
@@ -77,15 +77,13 @@ from llamaforge.runtime.core.engine import EngineError, ort_providers
 from llamaforge.runtime.core.engine_core import EngineCore
 from llamaforge.runtime.core.requests import GenerationOutput, QueueFullError, RequestError
 from llamaforge.runtime.serving.engine_client import EngineClient
-from llamaforge.runtime.serving.protocol import (
+from llamaforge.runtime.serving.protocol import ModelContext, ParsedRequest, parse_batch, split_rows
+from llamaforge.runtime.serving.responses import (
     BeamResponseBuilder,
-    ModelContext,
-    ParsedRequest,
     ResponseBuilder,
     output_tensors,
-    parse_batch,
     response_builder,
-    split_rows,
+    responses_per_row,
     stack_arrays,
 )
 from llamaforge.triton_repo.models import backend
@@ -304,11 +302,10 @@ class TritonPythonModel:
         sequences: list[list[_InFlight]] = []  # each row's
         group = _Request(request, sender, 0, [])
         for parsed, row in zip(rows, row_tensors):
-            beams = parsed.generation.beam_width > 1
             sequences.append([_InFlight(group, parsed, response_builder(parsed, "llama"),
                                         _ContextWindow(self.core.tokenizer, parsed.generation.stop_words),
                                         _echo(row), sequence_index=i)
-                              for i in range(1 if beams else parsed.generation.n)])
+                              for i in range(responses_per_row(parsed))])
             group.rows.extend(sequences[-1])
         group.open_rows = len(group.rows)
         with self._lock:  # before submit: a sink may run (and end its row) before submit returns
