@@ -46,7 +46,7 @@ endif
 # The demo models are not released models, so they are not in the registry: the checkpoint alone defines them.
 MODEL_ARG := $(if $(filter demo-tiny stdlib-5m,$(MODEL)),,--model $(MODEL))
 
-.PHONY: venv engine export demo-model demo-copy-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided bench-tp lint clean help
+.PHONY: venv engine export demo-model demo-copy-model generate serve compare-trt repo variants passes test bench-export bench-attention bench-kernels bench-serve bench-kv bench-quant bench-quant-speed bench-moe bench-moe-quant bench-triton-tools bench-openai bench-guided bench-tp bench-prefix bench-spec bench-sampling lint clean help
 
 ## make help: this list
 help:
@@ -207,6 +207,10 @@ bench-prefix: $(VENV)/.installed
 ## make bench-spec: speculative decoding (prompt lookup) on vs off on the trained stdlib-5m-copy: an editing workload and a no-repeat one, 1 and 8 streams (tok/s, acceptance), and the verify call's cost
 bench-spec: $(VENV)/.installed
 	$(PY) bench/spec.py
+
+## make bench-sampling: the host cost of one token's pick from one row of logits at vocab 32000 and 128256 (greedy, log probs, temperature, top_p) against the same steps in plain NumPy, with and without the core's malloc thresholds
+bench-sampling: $(VENV)/.installed
+	$(PY) bench/sampling.py
 
 ## make bench-openai: the OpenAI HTTP/SSE route under AIPerf (pinned, own venv in bench/.work) vs the same load over gRPC streaming, concurrency 1-16: tok/s, TTFT, ITL (target HTTP >= 0.95x gRPC)
 bench-openai: $(VENV)/.installed

@@ -26,6 +26,7 @@ from llamaforge.runtime.core.beam_search import BeamSearch, BeamStep
 from llamaforge.runtime.core.config import CoreConfig
 from llamaforge.runtime.core.cross_attention import CrossAttentionInputs, RequestImages
 from llamaforge.runtime.core.engine import Engine, EngineError
+from llamaforge.runtime.core.host_memory import retain_freed_memory
 from llamaforge.runtime.core.kv_cache import KVCacheManager
 from llamaforge.runtime.core.model_runner import ModelRunner, padding_groups
 from llamaforge.runtime.core.output_processor import CoreObserver, OutputProcessor, RequestState
@@ -64,6 +65,7 @@ class EngineCore:
     def __init__(self, engine_dir: str | os.PathLike[str], config: CoreConfig | None = None,
                  observer: CoreObserver | None = None) -> None:
         self.config = config or CoreConfig()
+        retain_freed_memory()  # the step loop's vocabulary-sized arrays: host_memory.py says why
         # A tensor-parallel engine opens its rank 0 here, and runs its steps on every rank (runtime/parallel/).
         self.engine: Engine = open_engine(engine_dir, threads=self.config.threads, providers=self.config.providers)
         self.manifest = self.engine.manifest

@@ -137,23 +137,49 @@ def adjusted_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray
 
 def sampling_distribution(x: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Step 5 for sampling: the probabilities [V] a token is drawn from, given `adjusted_logits`."""
+    # One new array, then every step in place: a fresh temporary of the vocabulary's size is new
+    # memory each time, and its page faults cost more than the arithmetic (1.7 -> 0.25 ms at vocab
+    # 128256 on a 2-core VM, the same values).
     x = x / params.temperature
     if params.min_p > 0.0:  # p < min_p * p_max  <=>  x < x_max + log(min_p)
-        x = np.where(x < x.max() + np.log(params.min_p), -np.inf, x)
+        x[x < x.max() + np.log(params.min_p)] = -np.inf
     if 0 < params.top_k < x.size:
         kth = np.partition(x, -params.top_k)[-params.top_k]
-        x = np.where(x < kth, -np.inf, x)
-    probs = np.exp(x - x.max())
+        x[x < kth] = -np.inf
+    x -= x.max()
+    probs = np.exp(x, out=x)
     probs /= probs.sum()
     if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = cumulative - probs[order] < params.top_p  # always keeps the most likely token
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
+        mask = np.ones(probs.size, dtype=bool)
+        mask[top_p_kept(probs, params.top_p)] = False
+        probs[mask] = 0.0
         probs /= probs.sum()
     return probs
+
+
+# The float64 rounding of a prefix sum taken back off (cumulative - p) is within 2 eps of the sum
+# before it for values up to 1; a margin of 4 eps keeps the candidates' decision the full sort's.
+_TOP_P_MARGIN = 4 * float(np.finfo(np.float64).eps)
+
+
+def top_p_kept(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The ids top-p (nucleus) sampling keeps: the most likely tokens, in order (ties: the lower id
+    first), while the mass before each is under `top_p`; the most likely is always kept.
+
+    Sorting the vocabulary costs 14 ms at vocab 128256 (4 ms at 32000) a token. The kept tokens
+    are a descending prefix, so they are among any candidates {p >= cut} whose mass reaches top_p:
+    every token at least a thousandth as likely as the most likely one (a few hundred for a trained
+    model), widened a thousandfold twice while their mass may fall short, then everything. The
+    candidates' order and prefix sums are the full sort's (a stable sort, a sequential cumsum), so
+    the result is exactly that of sorting everything."""
+    top = float(probs.max())
+    for cut in (top * 1e-3, top * 1e-6, top * 1e-9, 0.0):
+        candidates = np.flatnonzero(probs >= cut)
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        cumulative = np.cumsum(probs[order])
+        if cumulative[-1] >= top_p + _TOP_P_MARGIN or candidates.size == probs.size:
+            break
+    return order[cumulative - probs[order] < top_p]
 
 
 def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, *,
@@ -200,18 +226,28 @@ def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, *
         k = int(np.argmax(x))
         if not want:
             return Pick(_token(k, support))
-        log_probs = x - _logsumexp(x)
+        x -= _logsumexp(x)  # x is adjusted_logits' copy: the log probs in place
+        log_probs = x
     else:
         probs = sampling_distribution(x, params)
-        k = int(rng.choice(probs.size, p=probs))
+        k = draw(probs, rng)
         if not want:
             return Pick(_token(k, support))
         with np.errstate(divide="ignore"):  # a truncated token's log prob is -inf
-            log_probs = np.log(probs)
+            log_probs = np.log(probs, out=probs)  # probs is sampling_distribution's own array
     top = top_log_probs(log_probs, top_logprobs)
     if support is not None:
         top = tuple((int(support[i]), lp) for i, lp in top)
     return Pick(_token(k, support), float(log_probs[k]), top)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from `probs` [V]: what `rng.choice(V, p=probs)` draws (the inverse CDF of one
+    uniform, so the same token from the same generator state), without choice's checks of `p`,
+    which cost as much as the draw (at vocab 128256, 930 -> 480 us a sampled token)."""
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(np.searchsorted(cdf, rng.random(), side="right"))
 
 
 def _token(k: int, support: np.ndarray | None) -> int:
@@ -241,4 +277,5 @@ def top_log_probs(log_probs: np.ndarray, k: int) -> tuple[tuple[int, float], ...
 
 def _logsumexp(x: np.ndarray) -> float:
     m = float(np.max(x))
-    return m + float(np.log(np.sum(np.exp(x - m))))
+    e = x - m
+    return m + float(np.log(np.sum(np.exp(e, out=e))))

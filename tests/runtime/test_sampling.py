@@ -24,9 +24,11 @@ from llamaforge.runtime.core.requests import GenerationOutput, GenerationRequest
 from llamaforge.runtime.core.sampling import (
     SamplingParams,
     adjusted_logits,
+    draw,
     pick,
     sampling_distribution,
     top_log_probs,
+    top_p_kept,
 )
 
 V = 640
@@ -168,6 +170,48 @@ def test_a_greedy_pick_with_bans_is_the_argmax_of_the_banned_row() -> None:
         want[banned] = -np.inf
         got = pick(logits, SamplingParams(), np.random.default_rng(0), banned=banned, want_log_prob=False)
         assert got.token == int(np.argmax(want)), (logits, banned)
+
+
+@pytest.mark.parametrize("vocab", [7, 4096, 128256])
+def test_a_draw_is_numpys_choice_from_the_same_generator_state(vocab: int) -> None:
+    """`draw` replaces `rng.choice(V, p=probs)` (half its cost at Llama 3's vocabulary): the same
+    tokens from the same seeds, for full distributions and truncated ones (zeros: top-k, top-p)."""
+    g = np.random.default_rng(vocab)
+    for trial in range(40):
+        x = g.standard_normal(vocab) * g.uniform(0.5, 4.0)
+        if trial % 2:
+            x[g.permutation(vocab)[: vocab // 2]] = -np.inf  # truncated: half the tokens have probability 0
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        ours, numpys = np.random.default_rng(trial), np.random.default_rng(trial)
+        drawn = [draw(probs, ours) for _ in range(25)]
+        assert drawn == [int(numpys.choice(vocab, p=probs)) for _ in range(25)], trial
+        assert all(probs[t] > 0 for t in drawn)
+
+
+def _top_p_by_sorting_everything(probs: np.ndarray, top_p: float) -> np.ndarray:
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    return np.sort(order[cumulative - probs[order] < top_p])
+
+
+@pytest.mark.parametrize("vocab", [5, 4096, 128256])
+def test_top_p_from_candidates_keeps_exactly_what_sorting_the_vocabulary_keeps(vocab: int) -> None:
+    g = np.random.default_rng(vocab)
+    for trial in range(60 if vocab < 100_000 else 15):  # (the reference sorts 128256 ids in 14 ms)
+        scale = (0.3, 1.0, 4.0, 12.0)[trial % 4]  # flat to peaked (a trained model's are peaked)
+        x = g.standard_normal(vocab) * scale
+        if trial % 3 == 0:
+            x = np.round(x, 1)  # ties, at the boundary too
+        if trial % 5 == 0:
+            x[g.permutation(vocab)[: vocab // 3]] = -np.inf  # top-k / min-p truncated: zeros
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        for top_p in (1e-9, 0.1, 0.5, 0.9, 0.95, 0.999999, 1 - 1e-16):
+            got = top_p_kept(probs, top_p)
+            assert got.size >= 1 and probs[got].max() == probs.max()
+            np.testing.assert_array_equal(np.sort(got), _top_p_by_sorting_everything(probs, top_p),
+                                          err_msg=f"trial {trial} top_p {top_p}")
 
 
 def test_bad_values_name_the_field() -> None:
