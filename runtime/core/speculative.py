@@ -63,7 +63,7 @@ class _NgramIndex:
 class NgramProposer:
     """Prompt lookup over the sequence's own tokens (prompt and generated). Each sequence keeps an
     index of where its min_n-grams end, extended by the tokens added since its last proposal, so a
-    step costs a few dictionary operations, not a scan of the whole sequence."""
+    step visits only the earlier places of its last min_n-gram, not the whole sequence."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         if not 1 <= min_n <= max_n:
