@@ -153,6 +153,15 @@ def test_decode_writes_the_new_token_into_the_cache_in_place(good_engine: Path) 
             np.testing.assert_array_equal(got[row, :, n + 1 :], before[row, :, n + 1 :])
     with pytest.raises(EngineError, match=r"input_ids \[batch, 1\]"):
         engine.decode_in_place_step(np.ones((4, 2), np.int64), lengths, caches)
+    # A graph that leaves the logits' width open (no engine we build does) has its logits fetched
+    # from ONNX Runtime instead of written into an array bound for them: the same values.
+    open_width = Engine(good_engine)
+    open_width._logits_out = None
+    caches = [p.copy() for p in past]
+    np.testing.assert_array_equal(open_width.decode_in_place_step(ids, lengths, caches), want_logits)
+    for got, want in zip(caches, want_present):
+        for row, n in enumerate(lengths):
+            np.testing.assert_array_equal(got[row, :, : n + 1], want[row, :, : n + 1])
 
 
 def test_in_place_decode_keeps_its_binding_only_for_the_same_cache_arrays(good_engine: Path) -> None:
