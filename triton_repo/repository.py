@@ -40,7 +40,7 @@ import llamaforge
 import llamaforge.runtime
 import llamaforge.triton_repo.models
 from llamaforge.build.atomic import staged_dir
-from llamaforge.runtime.core.config import SCHEDULING_POLICIES, SPECULATIVE_METHODS, CoreConfig
+from llamaforge.runtime.core.config import SCHEDULING_POLICIES, CoreConfig, SpeculativeError
 from llamaforge.runtime.core.engine import EngineError, read_manifest
 from llamaforge.runtime.serving.model_interface import MAX_BATCH_SIZE, declare_tensors
 from llamaforge.triton_repo.models.interfaces import (
@@ -110,18 +110,12 @@ def _check(opts: RepoOptions) -> None:
     policy = params.pop("scheduling_policy")
     if policy not in SCHEDULING_POLICIES:
         raise RepoError(f"scheduling policy {policy!r} is not one of {list(SCHEDULING_POLICIES)}")
-    method = params.pop("speculative")
-    if method is not None and method not in SPECULATIVE_METHODS:
-        raise RepoError(f"speculative method {method!r} is not one of {list(SPECULATIVE_METHODS)}")
-    if method == "draft" and not params["draft_engine_dir"]:
-        raise RepoError("speculative method 'draft' needs a draft engine (--draft-engine, the directory as the "
-                        "server sees it)")
-    if opts.core.speculative.prompt_lookup_min > opts.core.speculative.prompt_lookup_max:
-        raise RepoError(f"prompt_lookup_min ({opts.core.speculative.prompt_lookup_min}) is above prompt_lookup_max "
-                        f"({opts.core.speculative.prompt_lookup_max})")
-    disable_by_batch_size = params.pop("speculative_disable_by_batch_size")
-    if isinstance(disable_by_batch_size, int) and disable_by_batch_size < 0:
-        raise RepoError(f"speculative_disable_by_batch_size: must be >= 0 (0: never), got {disable_by_batch_size}")
+    try:  # the engine core's own check, here so a repository Triton would refuse is never written
+        opts.core.speculative.check()
+    except SpeculativeError as e:
+        raise RepoError(str(e)) from None
+    for name in ("speculative", "speculative_disable_by_batch_size"):  # checked above (the latter may be 0)
+        params.pop(name)
     for key, value in {"instances": opts.instances, "text_instances": opts.text_instances, **params}.items():
         if isinstance(value, int) and value <= 0:
             raise RepoError(f"{key}: must be > 0, got {value}")

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -41,6 +40,7 @@ from llamaforge.export.demo.train import (
     SEQ_LEN,
     evaluate,
     heldout_windows,
+    optimizer_step,
     save_checkpoint,
     split_files,
     token_stream,
@@ -94,15 +94,9 @@ def run_stage(model: torch.nn.Module, stream: torch.Tensor, bos: int, sep: list[
             else:
                 start = int(torch.randint(0, len(stream) - SEQ_LEN - 1, (1,), generator=gen))
                 rows.append(stream[start:start + SEQ_LEN + 1])
-        x = torch.stack(rows)
         for group in opt.param_groups:
             group["lr"] = opts.lr * min(1.0, step / opts.warmup)
-        loss = F.cross_entropy(model(input_ids=x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{optimizer_step(model, opt, torch.stack(rows)):.3f}")
 
 
 def copy_tune(opts: CopyTuneOptions) -> Path:

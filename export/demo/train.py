@@ -111,6 +111,18 @@ def _lr(opts: TrainOptions, step: int) -> float:
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    """One step of next-token training on `batch` [B, SEQ_LEN + 1] (inputs and their targets),
+    gradients clipped to norm 1.0; returns the loss."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.item())
+
+
 def evaluate(model: torch.nn.Module, windows: np.ndarray) -> float:
     """Perplexity of next-token prediction over the windows (every position but the first)."""
     model.eval()
@@ -158,13 +170,7 @@ def train(opts: TrainOptions) -> Path:
             group["lr"] = _lr(opts, step)
         starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (opts.batch,), generator=gen)
         batch = torch.stack([stream[s: s + SEQ_LEN + 1] for s in starts.tolist()])
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{optimizer_step(model, opt, batch):.3f}")
     ppl = evaluate(model, eval_windows)
     elapsed = time.time() - t0
     print(f"held-out perplexity {ppl:.3f} over {n_eval}x{SEQ_LEN} tokens; {elapsed / 60:.1f} min", file=sys.stderr)

@@ -38,6 +38,16 @@ class SchedulerConfig:
 SPECULATIVE_METHODS = ("ngram", "draft")
 
 
+class SpeculativeError(ValueError):
+    """A speculative decoding setting out of bounds, or a draft engine that cannot serve."""
+
+
+def check_prompt_lookup(min_n: int, max_n: int) -> None:
+    if not 1 <= min_n <= max_n:
+        raise SpeculativeError(f"prompt_lookup_min ({min_n}) and prompt_lookup_max ({max_n}) must satisfy "
+                               "1 <= min <= max")
+
+
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding (runtime/core/speculative.py). `method`: None (off), "ngram" (prompt
@@ -57,6 +67,21 @@ class SpeculativeConfig:
     # call): 5-10x a decode call at 8 rows, 1.0-1.9x for one row alone (make bench-spec), so by
     # default only a sequence decoding alone speculates. 0: never disabled.
     disable_by_batch_size: int = 2
+
+    def check(self) -> None:
+        """Raise SpeculativeError naming the first setting out of bounds: what the engine core
+        checks at start, and `llamaforge repo` before it writes the settings into config.pbtxt."""
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise SpeculativeError(f"speculative method {self.method!r} is not one of {list(SPECULATIVE_METHODS)}")
+        if self.method == "draft" and not self.draft_engine:
+            raise SpeculativeError("speculative method 'draft' needs a draft engine (draft_engine: an engine "
+                                   "directory with the target's tokenizer)")
+        if self.num_speculative_tokens < 1:
+            raise SpeculativeError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.disable_by_batch_size < 0:
+            raise SpeculativeError(f"speculative_disable_by_batch_size must be >= 0 (0: never), got "
+                                   f"{self.disable_by_batch_size}")
+        check_prompt_lookup(self.prompt_lookup_min, self.prompt_lookup_max)
 
 
 @dataclass

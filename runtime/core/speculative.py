@@ -37,14 +37,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llamaforge.runtime.core.config import SPECULATIVE_METHODS, SpeculativeConfig
+from llamaforge.runtime.core.config import SpeculativeConfig, SpeculativeError, check_prompt_lookup
 from llamaforge.runtime.core.scheduler import Sequence
 
 MAX_BACKOFF_STEPS = 64
-
-
-class SpeculativeError(ValueError):
-    pass
 
 
 class Proposer(Protocol):
@@ -66,9 +62,7 @@ class NgramProposer:
     step visits only the earlier places of its last min_n-gram, not the whole sequence."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
-        if not 1 <= min_n <= max_n:
-            raise SpeculativeError(f"prompt_lookup_min ({min_n}) and prompt_lookup_max ({max_n}) must satisfy "
-                                   "1 <= min <= max")
+        check_prompt_lookup(min_n, max_n)
         self.min_n, self.max_n = min_n, max_n
         self.indexes: dict[str, _NgramIndex] = {}
 
@@ -189,11 +183,8 @@ class Speculator:
     """Proposals for the running sequences, capped and backed off; `record` tells it what was accepted."""
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, context_length: int) -> None:
-        if config.num_speculative_tokens < 1:
-            raise SpeculativeError(f"num_speculative_tokens must be >= 1, got {config.num_speculative_tokens}")
+        config.check()
         self.k = config.num_speculative_tokens
-        if config.disable_by_batch_size < 0:
-            raise SpeculativeError(f"disable_by_batch_size must be >= 0, got {config.disable_by_batch_size}")
         self.disable_by_batch_size = config.disable_by_batch_size
         self.proposer = proposer
         self.context_length = context_length
@@ -205,14 +196,12 @@ class Speculator:
                     tokenizer: Any = None, threads: int | None = None) -> Speculator | None:
         if config.method is None:
             return None
-        if config.method not in SPECULATIVE_METHODS:
-            raise SpeculativeError(f"speculative method {config.method!r} is not one of {list(SPECULATIVE_METHODS)}")
+        config.check()  # before a draft engine is opened
         proposer: Proposer
         if config.method == "ngram":
             proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         else:
-            if not config.draft_engine:
-                raise SpeculativeError("speculative method 'draft' needs draft_engine (an engine directory)")
+            assert config.draft_engine is not None  # checked
             proposer = DraftProposer(config.draft_engine, vocab_size, threads, tokenizer)
         return cls(config, proposer, context_length)
 
